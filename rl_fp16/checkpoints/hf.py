@@ -1,0 +1,277 @@
+"""Hugging Face safetensors <-> Flax params, both directions.
+
+`to_hf_state_dict` gives the tensors a Hugging Face `*ForCausalLM` (and vLLM) expects, in memory;
+`save_hf` writes them as a model directory (atomically); `load_hf` reads one back (any stored dtype,
+single or sharded safetensors) into float32 params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Iterator, Mapping
+
+import jax
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from rl_fp16.models.config import ModelConfig
+from rl_fp16.precision import dtype_name, to_dtype
+
+Params = dict[str, Any]
+
+_LINEARS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SHARD_RE = re.compile(r"model-\d+-of-\d+\.safetensors$")
+
+
+def _linear_bias(config: ModelConfig, module: str, proj: str) -> bool:
+  if module == "mlp":
+    return config.mlp_bias
+  return config.o_bias if proj == "o_proj" else config.qkv_bias
+
+
+def hf_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+  """HF tensor name -> (path into our params, HF shape, transposed?) for every tensor of a config."""
+  d, v = config.hidden_size, config.vocab_size
+  h, kv, hd, inter = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                      config.intermediate_size)
+  out_in = {"q_proj": (h * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d),
+            "o_proj": (d, h * hd), "gate_proj": (inter, d), "up_proj": (inter, d),
+            "down_proj": (d, inter)}
+  layout = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), (v, d), False),
+            "model.norm.weight": (("norm", "scale"), (d,), False)}
+  for i in range(config.num_hidden_layers):
+    ours, hf = f"layers_{i}", f"model.layers.{i}"
+    layout[f"{hf}.input_layernorm.weight"] = ((ours, "input_layernorm", "scale"), (d,), False)
+    layout[f"{hf}.post_attention_layernorm.weight"] = (
+        (ours, "post_attention_layernorm", "scale"), (d,), False)
+    for module, projs in _LINEARS.items():
+      for proj in projs:
+        layout[f"{hf}.{module}.{proj}.weight"] = ((ours, module, proj, "kernel"), out_in[proj],
+                                                  True)
+        if _linear_bias(config, module, proj):
+          layout[f"{hf}.{module}.{proj}.bias"] = ((ours, module, proj, "bias"),
+                                                  (out_in[proj][0],), False)
+    if config.qk_norm:
+      for norm in ("q_norm", "k_norm"):
+        layout[f"{hf}.self_attn.{norm}.weight"] = ((ours, "self_attn", norm, "scale"), (hd,),
+                                                   False)
+  if not config.tie_word_embeddings:
+    layout["lm_head.weight"] = (("lm_head", "kernel"), (v, d), True)
+  return layout
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+  dtype = to_dtype(dtype)
+  return np.dtype(ml_dtypes.bfloat16) if dtype_name(dtype) == "bfloat16" else np.dtype(dtype)
+
+
+def _get(params: Params, path: tuple[str, ...]) -> Any:
+  node = params
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      raise KeyError(f"params lack {'/'.join(path)}")
+    node = node[key]
+  return node
+
+
+def _flat_paths(params: Params, prefix=()) -> Iterator[tuple[str, ...]]:
+  for key, value in params.items():
+    if isinstance(value, Mapping):
+      yield from _flat_paths(value, prefix + (key,))
+    else:
+      yield prefix + (key,)
+
+
+def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
+                     ) -> dict[str, np.ndarray]:
+  """Our params -> {HF tensor name: numpy array [HF shape] in `dtype`} (bfloat16 via ml_dtypes).
+
+  Raises ValueError naming the tensor when a parameter is missing, unexpected or mis-shaped.
+  """
+  np_dtype = _numpy_dtype(dtype)
+  layout = hf_layout(config)
+  expected_paths = {path for path, _, _ in layout.values()}
+  unexpected = sorted("/".join(p) for p in _flat_paths(params) if p not in expected_paths)
+  if unexpected:
+    raise ValueError(f"params hold tensors the {config.model_type} config does not use: "
+                     f"{unexpected[:5]}")
+  host = jax.device_get(params)
+  state = {}
+  for name, (path, hf_shape, transposed) in layout.items():
+    try:
+      value = np.asarray(_get(host, path), np.float32)
+    except KeyError as e:
+      raise ValueError(f"Missing parameter {'/'.join(path)} (HF tensor {name})") from e
+    if transposed:
+      value = value.T
+    if value.shape != hf_shape:
+      raise ValueError(f"Parameter {'/'.join(path)} has HF shape {value.shape}, expected "
+                       f"{hf_shape} for tensor {name}")
+    state[name] = np.ascontiguousarray(value.astype(np_dtype))
+  return state
+
+
+def from_hf_state_dict(config: ModelConfig, state: Mapping[str, Any]) -> Params:
+  """{HF tensor name: array} -> our float32 params. Errors name the missing/unexpected tensor.
+
+  A checkpoint with tied embeddings may still store `lm_head.weight` (transformers sometimes
+  does); it must then equal the embedding and is dropped.
+  """
+  layout = hf_layout(config)
+  names = set(state)
+  if config.tie_word_embeddings and "lm_head.weight" in names:
+    names.discard("lm_head.weight")
+  missing = sorted(set(layout) - names)
+  if missing:
+    raise ValueError(f"Checkpoint is missing tensor(s) {missing[:5]}"
+                     f"{' and more' if len(missing) > 5 else ''}")
+  unexpected = sorted(n for n in names - set(layout) if not n.endswith("rotary_emb.inv_freq"))
+  if unexpected:
+    raise ValueError(f"Checkpoint has unexpected tensor(s) {unexpected[:5]} for a "
+                     f"{config.model_type} config")
+  params: Params = {}
+  for name, (path, hf_shape, transposed) in layout.items():
+    value = np.asarray(state[name])
+    if tuple(value.shape) != hf_shape:
+      raise ValueError(f"Tensor {name} has shape {tuple(value.shape)}, expected {hf_shape}")
+    value = value.astype(np.float32)
+    if transposed:
+      value = value.T
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.ascontiguousarray(value)
+  return params
+
+
+def _safetensors_files(path: str) -> list[str]:
+  single = os.path.join(path, SAFETENSORS_SINGLE)
+  index = os.path.join(path, SAFETENSORS_INDEX)
+  if os.path.exists(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ValueError(f"Corrupt safetensors index {index}: {e}") from e
+    return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+  if os.path.exists(single):
+    return [single]
+  shards = sorted(f for f in os.listdir(path) if _SHARD_RE.match(f))
+  if shards:
+    return [os.path.join(path, f) for f in shards]
+  raise FileNotFoundError(f"No {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or shards in {path}")
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a model directory (single file or shards) as numpy arrays, stored dtype."""
+  state = {}
+  for file in _safetensors_files(path):
+    if not os.path.exists(file):
+      raise FileNotFoundError(f"Safetensors shard {file} named in the index does not exist")
+    try:
+      with safetensors.safe_open(file, framework="np") as f:
+        for name in f.keys():
+          state[name] = f.get_tensor(name)
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+      raise ValueError(f"Corrupt safetensors file {file}: {e}") from e
+  return state
+
+
+def load_hf(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
+  """Reads a Hugging Face model directory into (ModelConfig, float32 params)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"Hugging Face model directory {path} does not exist")
+  config = ModelConfig.from_hf(path)
+  return config, from_hf_state_dict(config, read_safetensors(path))
+
+
+def save_hf(path: str | os.PathLike, config: ModelConfig, params: Params, *,
+            dtype: Any = "float32", tokenizer_dir: str | os.PathLike | None = None,
+            max_shard_bytes: int | None = None) -> str:
+  """Writes a Hugging Face model directory that transformers and vLLM load.
+
+  The directory is built next to `path` and renamed into place, so a crash never leaves a
+  half-written model; an existing directory at `path` is replaced.
+
+  Args:
+    dtype: stored dtype ("float32", "bfloat16", "float16"); also written as the config's dtype.
+    tokenizer_dir: a directory whose tokenizer files (tokenizer.json, tokenizer_config.json,
+      special_tokens_map.json, ...) are copied alongside.
+    max_shard_bytes: when set, shards as `model-0000i-of-0000n.safetensors` with an index.
+  Returns:
+    The path written.
+  """
+  path = os.fspath(path)
+  state = to_hf_state_dict(config, params, dtype)
+  parent = os.path.dirname(os.path.abspath(path)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config.to_hf(dtype_name(to_dtype(dtype))), f, indent=2)
+    _write_safetensors(tmp, state, max_shard_bytes)
+    if tokenizer_dir is not None:
+      copy_tokenizer_files(tokenizer_dir, tmp)
+    if os.path.exists(path):
+      old = f"{tmp}.old"
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json",
+                   "chat_template.jinja")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+  """Copies the tokenizer files present in `src` to `dst`; errors when there are none."""
+  copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(src, name))]
+  if not copied:
+    raise FileNotFoundError(f"No tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) in {src}")
+  for name in copied:
+    shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+  return copied
+
+
+def _write_safetensors(directory: str, state: dict[str, np.ndarray],
+                       max_shard_bytes: int | None) -> None:
+  metadata = {"format": "pt"}
+  if not max_shard_bytes:
+    safetensors.numpy.save_file(state, os.path.join(directory, SAFETENSORS_SINGLE), metadata)
+    return
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, value in state.items():
+    if shards[-1] and size + value.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = value
+    size += value.nbytes
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    safetensors.numpy.save_file(shard, os.path.join(directory, file), metadata)
+    weight_map.update({name: file for name in shard})
+  index = {"metadata": {"total_size": int(sum(v.nbytes for v in state.values()))},
+           "weight_map": weight_map}
+  with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
+    json.dump(index, f, indent=2)

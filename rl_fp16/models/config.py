@@ -1,0 +1,224 @@
+"""`ModelConfig`: the subset of a Hugging Face `config.json` our decoder needs.
+
+Families: `qwen2` (q/k/v bias), `llama` (optional `attention_bias` / `mlp_bias`, `llama3` RoPE
+scaling) and `qwen3` (per-head q/k RMSNorm, explicit `head_dim`). Grouped-query attention with any
+ratio, tied or untied embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+MODEL_TYPES = ("qwen2", "llama", "qwen3")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder hyperparameters, named as in Hugging Face configs."""
+
+  model_type: str
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None  # hashable form of the HF dict
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  max_position_embeddings: int = 4096
+  hidden_act: str = "silu"
+  initializer_range: float = 0.02
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+
+  def __post_init__(self):
+    if self.model_type not in MODEL_TYPES:
+      raise ValueError(f"Unknown model_type {self.model_type!r}; allowed: {list(MODEL_TYPES)}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.head_dim is None:
+      if self.hidden_size % self.num_attention_heads:
+        raise ValueError(
+            f"ModelConfig.num_attention_heads={self.num_attention_heads} does not divide "
+            f"hidden_size={self.hidden_size} (give head_dim explicitly for Qwen3-style configs)")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"ModelConfig.num_key_value_heads={self.num_key_value_heads} does not divide "
+          f"num_attention_heads={self.num_attention_heads}")
+    if self.hidden_act != "silu":
+      raise ValueError(f"ModelConfig.hidden_act {self.hidden_act!r} is not supported; allowed: silu")
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    rope_type = self.rope_dict.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+      raise ValueError(f"ModelConfig.rope_scaling rope_type {rope_type!r} is not supported; "
+                       f"allowed: {list(ROPE_TYPES)}")
+
+  @property
+  def rope_dict(self) -> dict[str, Any]:
+    return dict(self.rope_scaling or ())
+
+  @property
+  def qk_norm(self) -> bool:
+    """Qwen3 normalises each query and key head with an RMSNorm before RoPE."""
+    return self.model_type == "qwen3"
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    if self.eos_token_id is None:
+      return ()
+    if isinstance(self.eos_token_id, int):
+      return (self.eos_token_id,)
+    return tuple(self.eos_token_id)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  # ------------------------------------------------------------------ Hugging Face mapping ----
+
+  @classmethod
+  def from_hf(cls, config: dict[str, Any] | str | os.PathLike) -> "ModelConfig":
+    """Reads a Hugging Face config dict, `config.json` path or model directory.
+
+    Accepts both the transformers 4.x keys (`rope_theta`, `rope_scaling`) and the transformers 5
+    `rope_parameters` dict.
+    """
+    if not isinstance(config, dict):
+      path = os.fspath(config)
+      if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"No Hugging Face config at {path}")
+      with open(path) as f:
+        try:
+          config = json.load(f)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"Corrupt Hugging Face config {path}: {e}") from e
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+      raise ValueError(f"Unknown model_type {model_type!r} in Hugging Face config; "
+                       f"allowed: {list(MODEL_TYPES)}")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in config]
+    if missing:
+      raise ValueError(f"Hugging Face config lacks required fields {missing}")
+    rope = dict(config.get("rope_parameters") or {})
+    if config.get("rope_scaling"):
+      rope.update(config["rope_scaling"])
+    if "type" in rope and "rope_type" not in rope:
+      rope["rope_type"] = rope.pop("type")
+    rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", "default")
+    rope_scaling = None if rope_type == "default" else rope
+    if model_type == "qwen2":
+      qkv_bias, o_bias = True, False
+    else:
+      qkv_bias = o_bias = bool(config.get("attention_bias", False))
+    heads = config["num_attention_heads"]
+    return cls(
+        model_type=model_type,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim"),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(config.get("mlp_bias", False)),
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        hidden_act=config.get("hidden_act", "silu"),
+        initializer_range=config.get("initializer_range", 0.02),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=config.get("eos_token_id"),
+        pad_token_id=config.get("pad_token_id"),
+    )
+
+  def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
+    """A Hugging Face `config.json` dict (transformers 5 layout) that transformers and vLLM load."""
+    if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias):
+      raise ValueError("A qwen2 config needs qkv_bias=True and o_bias=False to be expressible in "
+                       "Hugging Face's Qwen2 layout")
+    if self.model_type != "qwen2" and self.qkv_bias != self.o_bias:
+      raise ValueError(f"{self.model_type} has one attention_bias flag for q/k/v/o; got "
+                       f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+    rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+    if self.rope_scaling:
+      rope.update(self.rope_dict)
+    out = {
+        "architectures": [ARCHITECTURES[self.model_type]],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads,
+        "head_dim": self.head_dim,
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_parameters": rope,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "max_position_embeddings": self.max_position_embeddings,
+        "hidden_act": self.hidden_act,
+        "initializer_range": self.initializer_range,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+                        else self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        "use_cache": True,
+    }
+    if self.model_type == "qwen2":
+      out.update(use_sliding_window=False, sliding_window=None)
+    else:
+      out["attention_bias"] = self.qkv_bias
+    if self.model_type == "llama":
+      out["mlp_bias"] = self.mlp_bias
+    return out
+
+  def num_params(self, *, include_embeddings: bool = True) -> int:
+    """Parameter count, as Hugging Face reports it (tied embeddings counted once)."""
+    d, h, kv, hd = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads,
+                    self.head_dim)
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    if self.qkv_bias:
+      attn += h * hd + 2 * kv * hd
+    if self.o_bias:
+      attn += d
+    if self.qk_norm:
+      attn += 2 * hd
+    mlp = 3 * d * self.intermediate_size
+    if self.mlp_bias:
+      mlp += 2 * self.intermediate_size + d
+    layer = attn + mlp + 2 * d
+    total = self.num_hidden_layers * layer + d
+    if include_embeddings:
+      total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+    return total

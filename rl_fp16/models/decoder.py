@@ -1,0 +1,407 @@
+"""The Flax (linen) decoder: one module, two forward paths.
+
+* Full-sequence causal forward (the training engine): `forward`, `token_logprobs`.
+* KV-cache forward for incremental decoding (the JAX inference engine): `init_cache`,
+  `forward_cached`.
+
+Parameters are a plain nested dict (no `{"params": ...}` wrapper) whose names mirror Hugging Face's:
+
+    embed_tokens/embedding [V, D]
+    layers_{i}/input_layernorm/scale [D]
+    layers_{i}/self_attn/{q,k,v,o}_proj/kernel [in, out] (+ bias [out])
+    layers_{i}/self_attn/{q,k}_norm/scale [head_dim]          (qwen3)
+    layers_{i}/post_attention_layernorm/scale [D]
+    layers_{i}/mlp/{gate,up,down}_proj/kernel [in, out] (+ bias)
+    norm/scale [D]
+    lm_head/kernel [D, V]                                      (untied only)
+
+Every matmul takes inputs in the policy's compute dtype; weights are first rounded to the policy's
+param dtype (the engine's storage) and then to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rl_fp16.models.config import ModelConfig
+from rl_fp16.precision import DtypePolicy, cast_floating
+
+Params = dict[str, Any]
+
+
+def _weight(x: jax.Array, policy: DtypePolicy) -> jax.Array:
+  return x.astype(policy.param_dtype).astype(policy.compute_dtype)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel + bias in the compute dtype; kernel is [in, out] (HF weight transposed)."""
+
+  features: int
+  use_bias: bool
+  policy: DtypePolicy
+  init_std: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.normal(self.init_std),
+                        (x.shape[-1], self.features), jnp.float32)
+    y = jnp.matmul(x.astype(self.policy.compute_dtype), _weight(kernel, self.policy))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + _weight(bias, self.policy)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with statistics in `policy.norm_dtype`; the scale multiplies in the compute dtype."""
+
+  eps: float
+  policy: DtypePolicy
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    stats = x.astype(self.policy.norm_dtype)
+    variance = jnp.mean(jnp.square(stats), axis=-1, keepdims=True)
+    normed = (stats * jax.lax.rsqrt(variance + self.eps)).astype(self.policy.compute_dtype)
+    return _weight(scale, self.policy) * normed
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """float32 [head_dim // 2] inverse frequencies, with `llama3` scaling when configured."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  rope = config.rope_dict
+  if rope.get("rope_type") == "llama3":
+    factor = rope["factor"]
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_len = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates x [B, T, H, Dh] by positions [B, T] (half-split layout, as Hugging Face Qwen/Llama).
+
+  Angles and cos/sin are computed in float32 and rounded to x's dtype, as transformers does.
+  """
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           policy: DtypePolicy) -> jax.Array:
+  """Grouped-query attention.
+
+  Args:
+    q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] (compute dtype).
+    mask: bool [B, T, S], True where query t may attend to key s.
+  Returns:
+    [B, T, H, Dh] in the compute dtype. Scores and softmax run in `policy.softmax_dtype`.
+  """
+  b, t, h, dh = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=policy.softmax_dtype)
+  scores = scores.astype(policy.softmax_dtype) * jnp.asarray(dh ** -0.5, policy.softmax_dtype)
+  big_negative = jnp.finfo(policy.softmax_dtype).min
+  scores = jnp.where(mask[:, None, None, :, :], scores, big_negative)
+  probs = jax.nn.softmax(scores, axis=-1).astype(policy.compute_dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=policy.softmax_dtype)
+  return out.astype(policy.compute_dtype).reshape(b, t, h, dh)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+  policy: DtypePolicy
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+    cfg, pol = self.config, self.policy
+    h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    std = cfg.initializer_range
+    b, t, _ = x.shape
+    q = Linear(h * dh, cfg.qkv_bias, pol, std, name="q_proj")(x).reshape(b, t, h, dh)
+    k = Linear(kv * dh, cfg.qkv_bias, pol, std, name="k_proj")(x).reshape(b, t, kv, dh)
+    v = Linear(kv * dh, cfg.qkv_bias, pol, std, name="v_proj")(x).reshape(b, t, kv, dh)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.rms_norm_eps, pol, name="q_norm")(q)
+      k = RMSNorm(cfg.rms_norm_eps, pol, name="k_norm")(k)
+    inv_freq = rope_inv_freq(cfg)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    new_cache = None
+    if layer_cache is not None:
+      cache_k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                             (0, cache_index, 0, 0))
+      cache_v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                             (0, cache_index, 0, 0))
+      new_cache = {"k": cache_k, "v": cache_v}
+      k, v = cache_k.astype(pol.compute_dtype), cache_v.astype(pol.compute_dtype)
+    out = attend(q, k, v, mask, pol).reshape(b, t, h * dh)
+    out = Linear(cfg.hidden_size, cfg.o_bias, pol, std, name="o_proj")(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+  policy: DtypePolicy
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, pol = self.config, self.policy
+    std, inter, bias = cfg.initializer_range, cfg.intermediate_size, cfg.mlp_bias
+    gate = Linear(inter, bias, pol, std, name="gate_proj")(x)
+    up = Linear(inter, bias, pol, std, name="up_proj")(x)
+    return Linear(cfg.hidden_size, bias, pol, std, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+  policy: DtypePolicy
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+    cfg, pol = self.config, self.policy
+    attn_out, new_cache = Attention(cfg, pol, name="self_attn")(
+        RMSNorm(cfg.rms_norm_eps, pol, name="input_layernorm")(x), positions, mask, layer_cache,
+        cache_index)
+    x = x + attn_out
+    x = x + MLP(cfg, pol, name="mlp")(RMSNorm(cfg.rms_norm_eps, pol,
+                                              name="post_attention_layernorm")(x))
+    return x, new_cache
+
+
+class Decoder(nn.Module):
+  """Causal LM. `__call__` returns (logits [B, T, V] in the output dtype, new cache, residuals)."""
+
+  config: ModelConfig
+  policy: DtypePolicy
+
+  @nn.compact
+  def __call__(self, tokens, positions, mask, cache=None, cache_index=None):
+    cfg, pol = self.config, self.policy
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32,
+                     embedding_init=nn.initializers.normal(cfg.initializer_range),
+                     name="embed_tokens")
+    x = _weight(embed.embedding, pol)[tokens]
+    residuals = [x]
+    new_layers = []
+    for i in range(cfg.num_hidden_layers):
+      layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
+      x, new_layer_cache = DecoderLayer(cfg, pol, name=f"layers_{i}")(x, positions, mask,
+                                                                      layer_cache, cache_index)
+      residuals.append(x)
+      new_layers.append(new_layer_cache)
+    x = RMSNorm(cfg.rms_norm_eps, pol, name="norm")(x)
+    if cfg.tie_word_embeddings:
+      head = _weight(embed.embedding, pol).T
+    else:
+      head = _weight(LMHead(cfg, name="lm_head")(), pol)
+    logits = jnp.matmul(x, head, preferred_element_type=pol.output_dtype).astype(pol.output_dtype)
+    new_cache = None
+    if cache is not None:
+      new_cache = {"k": jnp.stack([c["k"] for c in new_layers]),
+                   "v": jnp.stack([c["v"] for c in new_layers])}
+    return logits, new_cache, residuals
+
+
+class LMHead(nn.Module):
+  """Holds the untied output projection kernel [D, V]."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self):
+    cfg = self.config
+    return self.param("kernel", nn.initializers.normal(cfg.initializer_range),
+                      (cfg.hidden_size, cfg.vocab_size), jnp.float32)
+
+
+# ------------------------------------------------------------------------- public functions ----
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+  """Random float32 parameters: normal(initializer_range) weights, zero biases, unit norms."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  mask = jnp.ones((1, 1, 1), bool)
+  variables = Decoder(config, DtypePolicy()).init(rng, tokens, jnp.zeros((1, 1), jnp.int32), mask)
+  return jax.tree_util.tree_map(lambda x: x, _to_dict(variables["params"]))
+
+
+def _to_dict(tree):
+  """Plain nested dicts all the way down (flax may hand back FrozenDict)."""
+  if hasattr(tree, "items"):
+    return {k: _to_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+  """int32 [B, T]: 0, 1, 2, ... over the real tokens (left padding gets position 0)."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+  """bool [B, T, T]: key s is visible to query t when s <= t and s is a real token."""
+  t = attention_mask.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def _apply(config, policy, params, tokens, positions, mask, cache=None, cache_index=None):
+  params = cast_floating(params, policy.param_dtype)
+  return Decoder(config, policy).apply({"params": params}, tokens, positions, mask, cache,
+                                       cache_index)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"))
+def _forward(config, policy, params, tokens, attention_mask, positions):
+  logits, _, _ = _apply(config, policy, params, tokens, positions, causal_mask(attention_mask))
+  return logits
+
+
+def _prepare(tokens, attention_mask, positions):
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(tokens)
+  attention_mask = jnp.asarray(attention_mask, jnp.int32)
+  if attention_mask.shape != tokens.shape:
+    raise ValueError(f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}")
+  if positions is None:
+    positions = default_positions(attention_mask)
+  positions = jnp.asarray(positions, jnp.int32)
+  if positions.shape != tokens.shape:
+    raise ValueError(f"positions shape {positions.shape} != tokens shape {tokens.shape}")
+  return tokens, attention_mask, positions
+
+
+def forward(config: ModelConfig, params: Params, tokens, *, policy: DtypePolicy,
+            attention_mask=None, positions=None) -> jax.Array:
+  """Full-sequence causal forward (the training engine).
+
+  Args:
+    tokens: int [B, T]; left- or right-padded.
+    attention_mask: int/bool [B, T], 1 on real tokens (default: all ones).
+    positions: int [B, T] RoPE positions (default: running count of real tokens, so left padding
+      does not shift positions).
+  Returns:
+    logits [B, T, V] in `policy.output_dtype`.
+  """
+  tokens, attention_mask, positions = _prepare(tokens, attention_mask, positions)
+  return _forward(config, policy, params, tokens, attention_mask, positions)
+
+
+def logprobs_from_logits(logits: jax.Array, targets: jax.Array, *, dtype=jnp.float32,
+                         temperature: float = 1.0) -> jax.Array:
+  """log softmax(logits / temperature)[targets], computed in `dtype`, returned as float32."""
+  logits = logits.astype(dtype)
+  if temperature != 1.0:
+    logits = logits / jnp.asarray(temperature, dtype)
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
+
+
+def entropy_from_logits(logits: jax.Array, *, dtype=jnp.float32,
+                        temperature: float = 1.0) -> jax.Array:
+  """Entropy [...] of softmax(logits / temperature), float32."""
+  logits = logits.astype(dtype)
+  if temperature != 1.0:
+    logits = logits / jnp.asarray(temperature, dtype)
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1).astype(jnp.float32)
+
+
+def shifted_logprobs(logits: jax.Array, tokens: jax.Array, attention_mask: jax.Array, *,
+                     dtype, temperature: float = 1.0, with_entropy: bool = False):
+  """Aligns next-token log-probs with the tokens: entry t is log p(tokens[t] | tokens[<t]).
+
+  Entry 0 and padded entries are 0. Returns logp [B, T] float32 (and entropy [B, T] when asked).
+  """
+  logp = logprobs_from_logits(logits[:, :-1], tokens[:, 1:], dtype=dtype, temperature=temperature)
+  valid = (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)
+  logp = jnp.pad(jnp.where(valid, logp, 0.0), ((0, 0), (1, 0)))
+  if not with_entropy:
+    return logp
+  entropy = entropy_from_logits(logits[:, :-1], dtype=dtype, temperature=temperature)
+  entropy = jnp.pad(jnp.where(valid, entropy, 0.0), ((0, 0), (1, 0)))
+  return logp, entropy
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "temperature"))
+def _token_logprobs(config, policy, params, tokens, attention_mask, positions, temperature):
+  logits = _forward(config, policy, params, tokens, attention_mask, positions)
+  return shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype,
+                          temperature=temperature)
+
+
+def token_logprobs(config: ModelConfig, params: Params, tokens, *, policy: DtypePolicy,
+                   attention_mask=None, positions=None, temperature: float = 1.0) -> jax.Array:
+  """Per-token log-probabilities from the full-sequence forward.
+
+  Returns:
+    float32 [B, T]: entry t is log p(tokens[t] | tokens[<t]) under softmax(logits / temperature),
+    with the log-softmax in `policy.logsoftmax_dtype`. Entry 0 (no context) and entries where
+    the token or its predecessor is padding are 0.
+  """
+  tokens, attention_mask, positions = _prepare(tokens, attention_mask, positions)
+  return _token_logprobs(config, policy, params, tokens, attention_mask, positions,
+                         float(temperature))
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype) -> dict[str, jax.Array]:
+  """Zeroed KV cache {"k", "v"}: [layers, B, max_len, kv_heads, head_dim] in `dtype`."""
+  shape = (config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads,
+           config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array,
+                   cache: dict[str, jax.Array], cache_index: jax.Array, kv_mask: jax.Array, *,
+                   policy: DtypePolicy) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """KV-cache forward for incremental decoding (jittable; call it inside a jitted loop).
+
+  Args:
+    tokens: int32 [B, t] new tokens, written to cache slots [cache_index, cache_index + t).
+    positions: int32 [B, t] their RoPE positions.
+    cache: from `init_cache` (or a previous call).
+    cache_index: int32 scalar, the first slot to write.
+    kv_mask: bool/int [B, S] over all cache slots: 1 where the slot holds a real token (slots not
+      yet written may be 1: causality hides them).
+  Returns:
+    (logits [B, t, V] in the output dtype, updated cache).
+  """
+  t = tokens.shape[1]
+  max_len = cache["k"].shape[2]
+  query_slot = cache_index + jnp.arange(t)
+  visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [t, S]
+  mask = visible[None] & kv_mask.astype(bool)[:, None, :]
+  logits, new_cache, _ = _apply(config, policy, params, tokens, positions, mask, cache,
+                                cache_index)
+  return logits, new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"))
+def residual_stream(config: ModelConfig, policy: DtypePolicy, params: Params, tokens: jax.Array,
+                    attention_mask: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+  """Residual stream after the embedding and after each layer ([L + 1] x [B, T, D]) and logits."""
+  positions = default_positions(attention_mask)
+  logits, _, residuals = _apply(config, policy, params, tokens, positions,
+                                causal_mask(attention_mask))
+  return residuals, logits
