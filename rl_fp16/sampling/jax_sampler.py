@@ -1,0 +1,184 @@
+"""The in-process JAX inference engine: jitted batched KV-cache decoding.
+
+Shapes are bucketed (prompt length to a multiple of `prompt_bucket`, batch to a multiple of
+`batch_bucket`) so that a training loop does not recompile at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rl_fp16.models import ModelConfig, default_positions, forward_cached, init_cache
+from rl_fp16.precision import DtypePolicy
+from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Decoding settings shared by the samplers."""
+
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0  # 0: off
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0, got {self.temperature} (greedy decoding is not "
+                       "an RL sampling distribution)")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+def process_logits(logits: jax.Array, *, temperature, top_p, top_k: int,
+                   use_top_p: bool) -> jax.Array:
+  """float32 [B, V] logits of the distribution actually sampled from.
+
+  Temperature first, then top-k, then top-p (nucleus); removed entries are -inf, so
+  `log_softmax` of the result is the renormalised distribution over the kept set.
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if use_top_p:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p  # the top token is always kept
+    cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return max(multiple, -(-x // multiple) * multiple)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "top_k",
+                                             "use_top_p", "eos_ids"))
+def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, prompt_mask, rng,
+            temperature, top_p, *, max_new_tokens: int, top_k: int, use_top_p: bool,
+            eos_ids: tuple[int, ...]):
+  """Prefill + while-loop decode. Returns (response_tokens, logp, response_mask, hit_eos)."""
+  batch, prompt_len = prompt_tokens.shape
+  cache = init_cache(config, batch, prompt_len + max_new_tokens, policy.compute_dtype)
+  kv_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+  positions = default_positions(prompt_mask)
+  logits, cache = forward_cached(config, params, prompt_tokens, positions, cache,
+                                 jnp.asarray(0, jnp.int32), kv_mask, policy=policy)
+  next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  def sample(logits_last, key):
+    processed = process_logits(logits_last, temperature=temperature, top_p=top_p, top_k=top_k,
+                               use_top_p=use_top_p)
+    token = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
+    logp_all = jax.nn.log_softmax(processed, axis=-1)
+    return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+
+  def body(carry):
+    step, cache, logits_last, done, out_tokens, out_logp, out_mask, rng = carry
+    rng, key = jax.random.split(rng)
+    token, logp = sample(logits_last, key)
+    active = ~done
+    out_tokens = out_tokens.at[:, step].set(jnp.where(active, token, 0))
+    out_logp = out_logp.at[:, step].set(jnp.where(active, logp, 0.0))
+    out_mask = out_mask.at[:, step].set(active.astype(jnp.int32))
+    done = done | (active & jnp.any(token[:, None] == eos[None, :], axis=1))
+    new_logits, cache = forward_cached(config, params, token[:, None],
+                                       (next_position + step)[:, None], cache,
+                                       prompt_len + step, kv_mask, policy=policy)
+    return step + 1, cache, new_logits[:, -1], done, out_tokens, out_logp, out_mask, rng
+
+  def cond(carry):
+    step, done = carry[0], carry[3]
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  init = (jnp.asarray(0, jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
+          jnp.zeros((batch, max_new_tokens), jnp.int32),
+          jnp.zeros((batch, max_new_tokens), jnp.float32),
+          jnp.zeros((batch, max_new_tokens), jnp.int32), rng)
+  _, _, _, done, out_tokens, out_logp, out_mask, _ = jax.lax.while_loop(cond, body, init)
+  return out_tokens, out_logp, out_mask, done
+
+
+def pad_prompts(prompt_token_ids: Sequence[Sequence[int]], n: int, *, prompt_bucket: int = 16,
+                batch_bucket: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Repeats each prompt n times (grouped) and left-pads to a bucketed length.
+
+  Returns prompt_tokens int32 [B', P], prompt_mask int32 [B', P], prompt_index int32 [B] where
+  B = len(prompts) * n and B' >= B is B rounded up to `batch_bucket` (extra rows are copies).
+  """
+  if not prompt_token_ids:
+    raise ValueError("No prompts given")
+  if n < 1:
+    raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
+  for i, p in enumerate(prompt_token_ids):
+    if len(p) == 0:
+      raise ValueError(f"Prompt {i} is empty; every prompt needs at least one token")
+  prompt_index = np.repeat(np.arange(len(prompt_token_ids), dtype=np.int32), n)
+  rows = len(prompt_index)
+  padded_rows = _round_up(rows, batch_bucket)
+  width = _round_up(max(len(p) for p in prompt_token_ids), prompt_bucket)
+  tokens = np.zeros((padded_rows, width), np.int32)
+  mask = np.zeros((padded_rows, width), np.int32)
+  for row in range(padded_rows):
+    prompt = prompt_token_ids[prompt_index[min(row, rows - 1)]]
+    tokens[row, width - len(prompt):] = prompt
+    mask[row, width - len(prompt):] = 1
+  return tokens, mask, prompt_index
+
+
+def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[int]], *,
+             policy: DtypePolicy, n: int, sampling: SamplingConfig, rng: jax.Array,
+             eos_token_ids: Sequence[int] | None = None, prompt_bucket: int = 16,
+             batch_bucket: int = 1) -> Rollout:
+  """Samples `n` responses per prompt with the in-process JAX engine.
+
+  Runs in the sampler's dtype policy (weights rounded to `policy.param_dtype`, activations and the
+  KV cache in `policy.compute_dtype`). `logp_sampler` is the log-probability of each sampled token
+  under the distribution it was drawn from: softmax of the temperature-scaled logits, renormalised
+  over the top-k / top-p set when those are on. Deterministic for a fixed `rng`.
+
+  Args:
+    prompt_token_ids: list of token-id lists (unpadded).
+    eos_token_ids: tokens that end a response (default: the config's eos ids).
+  Returns:
+    A `Rollout` with len(prompts) * n rows grouped by prompt.
+  """
+  vocab = config.vocab_size
+  for i, p in enumerate(prompt_token_ids):
+    bad = [t for t in p if not 0 <= int(t) < vocab]
+    if bad:
+      raise ValueError(f"Prompt {i} has token ids {bad[:5]} outside [0, {vocab})")
+  eos = tuple(int(t) for t in (config.eos_token_ids if eos_token_ids is None else eos_token_ids))
+  prompt_tokens, prompt_mask, prompt_index = pad_prompts(
+      prompt_token_ids, n, prompt_bucket=prompt_bucket, batch_bucket=batch_bucket)
+  out_tokens, out_logp, out_mask, hit_eos = _decode(
+      config, policy, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), rng,
+      jnp.asarray(sampling.temperature, jnp.float32), jnp.asarray(sampling.top_p, jnp.float32),
+      max_new_tokens=sampling.max_new_tokens, top_k=sampling.top_k,
+      use_top_p=sampling.top_p < 1.0, eos_ids=eos)
+  rows = len(prompt_index)
+  out_tokens, out_logp, out_mask, hit_eos = jax.device_get((out_tokens, out_logp, out_mask,
+                                                            hit_eos))
+  return Rollout(
+      prompt_tokens=prompt_tokens[:rows],
+      prompt_mask=prompt_mask[:rows],
+      response_tokens=np.asarray(out_tokens[:rows], np.int32),
+      response_mask=np.asarray(out_mask[:rows], np.int32),
+      logp_sampler=np.asarray(out_logp[:rows], np.float32),
+      finish_reasons=tuple(FINISH_EOS if e else FINISH_LENGTH for e in hit_eos[:rows]),
+      prompt_index=prompt_index,
+  )
