@@ -1,0 +1,298 @@
+"""Policy-gradient losses with and without training-inference mismatch correction.
+
+Every loss is a pure, jittable function of per-token arrays of shape [B, T] (see DESIGN.md,
+"Algorithms"):
+
+- ``logp``: log pi of each sampled token under the current parameters (the one differentiated).
+- ``logp_old``: log pi under the parameters that generated the batch (trainer recompute).
+- ``logp_sampler``: log mu, recorded by the inference engine at sampling time.
+- ``mask``: 1 on response tokens, 0 on padding.
+
+Notation: ``r_t = exp(logp - logp_old)``, ``rho_t = exp(logp_old - logp_sampler)``,
+``rho = exp(sum_t (logp_old - logp_sampler))`` over a sequence's tokens, ``C`` a cap, ``sg`` stop-
+gradient. Every importance-sampling (IS) weight is wrapped in ``sg``.
+
+Numerics: the losses are computed in float32 whatever the input dtype. Values at masked-out
+positions are replaced by 0.0 before any arithmetic, so padding may hold anything (even inf/NaN).
+Log-ratios are summed in log space and clamped at ``MAX_LOG_WEIGHT`` before exponentiating, so
+extreme ratios stay finite; a ratio above the clamp gets no gradient. A masked-out IS weight (MIS)
+is an exact 0.0, not a product with a non-finite value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+ALGORITHMS = (
+    "grpo",
+    "grpo_token_tis",
+    "grpo_token_mis",
+    "grpo_seq_mis",
+    "gspo",
+    "pg",
+    "pg_seq_is",
+    "pg_seq_tis",
+    "pg_seq_mis",
+)
+
+AGGREGATIONS = (
+    "token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_mean",
+    "token_sum_norm",
+)
+
+# Metric keys returned by `policy_loss` for every algorithm (0.0 where one does not apply).
+METRIC_NAMES = (
+    "train/clip_frac",
+    "train/ratio_mean",
+    "is/token_weight_mean",
+    "is/seq_weight_mean",
+    "is/frac_truncated",
+    "is/frac_masked",
+)
+
+# Log-ratios are clamped here before exponentiating: exp(80) ~ 5.5e34 < float32 max ~ 3.4e38.
+MAX_LOG_WEIGHT = 80.0
+
+_PPO_ALGORITHMS = ("grpo", "grpo_token_tis", "grpo_token_mis", "grpo_seq_mis")
+_PG_ALGORITHMS = ("pg", "pg_seq_is", "pg_seq_tis", "pg_seq_mis")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Hyper-parameters of `policy_loss`; frozen and hashable, so it can be a static jit argument.
+
+  Attributes:
+    clip_eps_low: PPO clip, lower side: r_t is clipped to [1 - clip_eps_low, 1 + clip_eps_high].
+    clip_eps_high: PPO clip, upper side.
+    token_is_cap: C for the token-level IS weights (GRPO-Token-TIS / -MIS).
+    seq_is_cap: C for the sequence-level IS weights (GRPO-Seq-MIS, PG-Seq-TIS / -MIS).
+    gspo_eps_low: GSPO clip, lower side: s is clipped to [1 - gspo_eps_low, 1 + gspo_eps_high].
+    gspo_eps_high: GSPO clip, upper side.
+    aggregation: how per-token losses become a scalar; one of `AGGREGATIONS`.
+    max_response_len: the constant length of Dr.GRPO's ``token_sum_norm``; required by it only.
+  """
+
+  clip_eps_low: float = 0.2
+  clip_eps_high: float = 0.2
+  token_is_cap: float = 2.0
+  seq_is_cap: float = 10.0
+  gspo_eps_low: float = 3e-4
+  gspo_eps_high: float = 4e-4
+  aggregation: str = "token_mean"
+  max_response_len: int | None = None
+
+  def __post_init__(self):
+    _check_aggregation(self.aggregation, self.max_response_len)
+    for name in ("token_is_cap", "seq_is_cap"):
+      value = getattr(self, name)
+      if not value > 0:
+        raise ValueError(f"LossConfig.{name} must be > 0, got {value}")
+    for name in ("clip_eps_low", "clip_eps_high", "gspo_eps_low", "gspo_eps_high"):
+      value = getattr(self, name)
+      if not value >= 0:
+        raise ValueError(f"LossConfig.{name} must be >= 0, got {value}")
+
+
+def _check_aggregation(aggregation, max_response_len):
+  """Raises ValueError for an unknown aggregation or a missing / bad max_response_len."""
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"Unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+  if max_response_len is not None and (
+      isinstance(max_response_len, bool) or not isinstance(max_response_len, numbers.Integral)
+      or max_response_len <= 0):
+    raise ValueError(f"max_response_len must be a positive int or None, got {max_response_len!r}")
+  if aggregation == "token_sum_norm" and max_response_len is None:
+    raise ValueError("aggregation 'token_sum_norm' (Dr.GRPO) needs max_response_len, got None")
+
+
+def _exp_clamped(log_value):
+  """exp(min(log_value, MAX_LOG_WEIGHT)): finite in float32 for any finite input."""
+  return jnp.exp(jnp.minimum(log_value, MAX_LOG_WEIGHT))
+
+
+def _masked_mean(values, valid):
+  """Mean of ``values`` over ``valid`` entries (0.0 when none); float32 scalar."""
+  total = jnp.sum(jnp.where(valid, values, 0.0))
+  count = jnp.sum(valid.astype(jnp.float32))
+  return (total / jnp.maximum(count, 1.0)).astype(jnp.float32)
+
+
+def aggregate(per_token_loss, mask, aggregation, *, max_response_len=None):
+  """Reduces a per-token loss to a scalar.
+
+  Args:
+    per_token_loss: float [B, T].
+    mask: [B, T], nonzero on tokens that count. Masked-out entries are ignored (even if non-finite).
+    aggregation: one of `AGGREGATIONS`:
+      ``token_mean``: sum(L * M) / max(sum(M), 1);
+      ``seq_mean_token_sum``: mean over sequences with >= 1 token of sum_t L * M;
+      ``seq_mean_token_mean``: mean over those sequences of sum_t L * M / n_tokens;
+      ``token_sum_norm`` (Dr.GRPO): sum(L * M) / (B * max_response_len).
+    max_response_len: the constant of ``token_sum_norm``.
+
+  Returns:
+    float32 scalar. Fully masked rows contribute nothing; an all-masked batch gives 0.0.
+  """
+  _check_aggregation(aggregation, max_response_len)
+  valid = jnp.asarray(mask) > 0
+  per_token_loss = jnp.where(valid, jnp.asarray(per_token_loss, jnp.float32), 0.0)
+  tokens_per_seq = jnp.sum(valid.astype(jnp.float32), axis=1)
+  num_nonempty_seqs = jnp.maximum(jnp.sum((tokens_per_seq > 0).astype(jnp.float32)), 1.0)
+  if aggregation == "token_mean":
+    loss = jnp.sum(per_token_loss) / jnp.maximum(jnp.sum(tokens_per_seq), 1.0)
+  elif aggregation == "seq_mean_token_sum":
+    loss = jnp.sum(per_token_loss) / num_nonempty_seqs
+  elif aggregation == "seq_mean_token_mean":
+    seq_means = jnp.sum(per_token_loss, axis=1) / jnp.maximum(tokens_per_seq, 1.0)
+    loss = jnp.sum(seq_means) / num_nonempty_seqs
+  else:  # token_sum_norm
+    loss = jnp.sum(per_token_loss) / (per_token_loss.shape[0] * max_response_len)
+  return loss.astype(jnp.float32)
+
+
+def _ppo_term(ratio, advantages, eps_low, eps_high):
+  """PPO clipped surrogate f_t = min(r A, clip(r, 1 - eps_low, 1 + eps_high) A).
+
+  Returns:
+    f: float32 [B, T]; clipped: bool [B, T], True where the clipped branch is the smaller one (the
+    token gets no gradient).
+  """
+  clipped_ratio = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+  unclipped_term = ratio * advantages
+  clipped_term = clipped_ratio * advantages
+  return jnp.minimum(unclipped_term, clipped_term), clipped_term < unclipped_term
+
+
+def policy_loss(name, *, logp, logp_old, logp_sampler, advantages, mask, config=LossConfig()):
+  """Policy loss ``name`` aggregated by ``config.aggregation``.
+
+  Per-token losses (A = advantage, broadcast over tokens when sequence-level):
+
+  - ``grpo``: -f_t, the PPO clipped surrogate without mismatch correction.
+  - ``grpo_token_tis``: -min(rho_t, C) f_t, C = ``token_is_cap``.
+  - ``grpo_token_mis``: -rho_t 1{rho_t <= C} f_t, C = ``token_is_cap``.
+  - ``grpo_seq_mis``: -rho 1{rho <= C} f_t, C = ``seq_is_cap``.
+  - ``gspo``: the GSPO-token form. s = exp(mean_t (logp - logp_old)) over the sequence's tokens,
+    s_t = sg(s) exp(logp_t - sg(logp_t)) (value s, d s_t / d logp_t = s), and the per-token loss
+    is -min(s_t A, clip(s_t, 1 - gspo_eps_low, 1 + gspo_eps_high) A). For sequence-level A every
+    token of a sequence holds the sequence-form value -min(s A, clip(s) A), and the mean over its
+    tokens has the sequence form's gradient; so under ``seq_mean_token_mean`` value and gradient
+    equal GSPO's sequence form exactly (other aggregations weight sequences differently).
+  - ``pg``: -A logp (vanilla REINFORCE, no IS).
+  - ``pg_seq_is``: -w A logp with w = exp(sum_t (sg(logp) - logp_sampler)).
+  - ``pg_seq_tis``: -min(w, C) A logp, C = ``seq_is_cap``.
+  - ``pg_seq_mis``: -w 1{w <= C} A logp, C = ``seq_is_cap``.
+
+  Args:
+    name: one of `ALGORITHMS` (static under jit).
+    logp: float [B, T], differentiated.
+    logp_old: float [B, T].
+    logp_sampler: float [B, T].
+    advantages: float [B] (sequence-level) or [B, T] (token-level).
+    mask: [B, T], nonzero on response tokens (bool, int or float 0/1).
+    config: a `LossConfig` (static under jit).
+
+  Returns:
+    (loss, metrics): loss a float32 scalar; metrics a dict with exactly the keys `METRIC_NAMES`,
+    each a float32 scalar: ``train/clip_frac`` (fraction of tokens where the PPO or GSPO clip is
+    active), ``train/ratio_mean`` (mean r_t over tokens), ``is/token_weight_mean`` (mean applied
+    token IS weight, after truncation / masking), ``is/seq_weight_mean`` (mean applied sequence IS
+    weight over non-empty sequences), ``is/frac_truncated`` (TIS: fraction of tokens or sequences
+    whose weight exceeds C), ``is/frac_masked`` (MIS: likewise). Keys that do not apply are 0.0.
+
+  Raises:
+    ValueError: unknown ``name``, or arrays of the wrong shape.
+  """
+  if name not in ALGORITHMS:
+    raise ValueError(f"Unknown policy loss {name!r}; allowed: {', '.join(ALGORITHMS)}")
+  if not isinstance(config, LossConfig):
+    raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+  mask = jnp.asarray(mask)
+  if mask.ndim != 2:
+    raise ValueError(f"mask must be 2-D [B, T], got shape {mask.shape}")
+  for arg_name, array in (("logp", logp), ("logp_old", logp_old), ("logp_sampler", logp_sampler)):
+    if jnp.shape(array) != mask.shape:
+      raise ValueError(f"{arg_name} has shape {jnp.shape(array)}, but mask has shape {mask.shape}; "
+                       "they must agree")
+  advantages = jnp.asarray(advantages, jnp.float32)
+  if advantages.shape == mask.shape[:1]:
+    advantages = jnp.broadcast_to(advantages[:, None], mask.shape)
+  elif advantages.shape != mask.shape:
+    raise ValueError(f"advantages has shape {advantages.shape}; expected [B] = {mask.shape[:1]} or "
+                     f"[B, T] = {mask.shape}")
+
+  valid = mask > 0
+  # Zero every masked-out value first, so padding (even inf/NaN) never reaches the arithmetic.
+  logp = jnp.where(valid, jnp.asarray(logp, jnp.float32), 0.0)
+  logp_old = jnp.where(valid, jnp.asarray(logp_old, jnp.float32), 0.0)
+  logp_sampler = jnp.where(valid, jnp.asarray(logp_sampler, jnp.float32), 0.0)
+  advantages = jnp.where(valid, advantages, 0.0)
+  tokens_per_seq = jnp.sum(valid.astype(jnp.float32), axis=1)
+  nonempty = tokens_per_seq > 0
+
+  ratio = _exp_clamped(logp - logp_old)
+  zero = jnp.zeros((), jnp.float32)
+  metrics = dict.fromkeys(METRIC_NAMES, zero)
+  metrics["train/ratio_mean"] = _masked_mean(ratio, valid)
+
+  if name in _PPO_ALGORITHMS:
+    ppo_term, clipped = _ppo_term(ratio, advantages, config.clip_eps_low, config.clip_eps_high)
+    metrics["train/clip_frac"] = _masked_mean(clipped.astype(jnp.float32), valid)
+    if name == "grpo":
+      is_weight = jnp.ones_like(ratio)
+    elif name in ("grpo_token_tis", "grpo_token_mis"):
+      token_weight = jax.lax.stop_gradient(_exp_clamped(logp_old - logp_sampler))
+      over_cap = token_weight > config.token_is_cap
+      if name == "grpo_token_tis":
+        is_weight = jnp.minimum(token_weight, config.token_is_cap)
+        metrics["is/frac_truncated"] = _masked_mean(over_cap.astype(jnp.float32), valid)
+      else:
+        is_weight = jnp.where(over_cap, 0.0, token_weight)
+        metrics["is/frac_masked"] = _masked_mean(over_cap.astype(jnp.float32), valid)
+      metrics["is/token_weight_mean"] = _masked_mean(is_weight, valid)
+    else:  # grpo_seq_mis
+      seq_weight = jax.lax.stop_gradient(
+          _exp_clamped(jnp.sum(logp_old - logp_sampler, axis=1)))
+      over_cap = seq_weight > config.seq_is_cap
+      applied_seq_weight = jnp.where(over_cap, 0.0, seq_weight)
+      metrics["is/frac_masked"] = _masked_mean(over_cap.astype(jnp.float32), nonempty)
+      metrics["is/seq_weight_mean"] = _masked_mean(applied_seq_weight, nonempty)
+      is_weight = jnp.broadcast_to(applied_seq_weight[:, None], ratio.shape)
+    per_token_loss = -is_weight * ppo_term
+
+  elif name == "gspo":
+    log_seq_ratio = jnp.sum(logp - logp_old, axis=1) / jnp.maximum(tokens_per_seq, 1.0)
+    seq_ratio = _exp_clamped(jax.lax.stop_gradient(log_seq_ratio))
+    token_seq_ratio = seq_ratio[:, None] * jnp.exp(logp - jax.lax.stop_gradient(logp))
+    gspo_term, clipped = _ppo_term(
+        token_seq_ratio, advantages, config.gspo_eps_low, config.gspo_eps_high)
+    metrics["train/clip_frac"] = _masked_mean(clipped.astype(jnp.float32), valid)
+    per_token_loss = -gspo_term
+
+  else:  # pg family
+    if name == "pg":
+      seq_weight = jnp.ones_like(tokens_per_seq)
+    else:
+      raw_seq_weight = jax.lax.stop_gradient(
+          _exp_clamped(jnp.sum(logp - logp_sampler, axis=1)))
+      over_cap = raw_seq_weight > config.seq_is_cap
+      if name == "pg_seq_is":
+        seq_weight = raw_seq_weight
+      elif name == "pg_seq_tis":
+        seq_weight = jnp.minimum(raw_seq_weight, config.seq_is_cap)
+        metrics["is/frac_truncated"] = _masked_mean(over_cap.astype(jnp.float32), nonempty)
+      else:  # pg_seq_mis
+        seq_weight = jnp.where(over_cap, 0.0, raw_seq_weight)
+        metrics["is/frac_masked"] = _masked_mean(over_cap.astype(jnp.float32), nonempty)
+      metrics["is/seq_weight_mean"] = _masked_mean(seq_weight, nonempty)
+    per_token_loss = -seq_weight[:, None] * advantages * logp
+
+  loss = aggregate(per_token_loss, valid, config.aggregation,
+                   max_response_len=config.max_response_len)
+  return loss, metrics
