@@ -1,0 +1,508 @@
+"""Sampling engine backed by a real vLLM engine running in this process.
+
+The sampler starts ``vllm.LLM`` on a Hugging Face model directory (``config.json`` plus
+safetensors), samples from token-id prompts and returns a ``Rollout`` whose ``logp_sampler`` is
+vLLM's own log-probability of each sampled token. Weights are then pushed in memory
+(``update_weights``) or re-read from a directory (``update_weights_from_dir``).
+
+Log-probabilities. The engine runs with ``logprobs_mode="processed_logprobs"``: vLLM's sampler
+(``vllm/v1/sample/sampler.py``) divides the float32 logits by the temperature, applies top-k/top-p,
+and returns ``log_softmax`` of exactly the logits it then samples from. The default
+``"raw_logprobs"`` is ``log_softmax`` of the logits *before* temperature, i.e. not the
+distribution the token was drawn from when ``temperature != 1`` (measured: at T = 0.7 the same
+token reads -0.495 raw vs -0.179 processed). So ``logp_sampler`` is ``log_softmax(logits / T)``
+at the sampled token; the trainer must scale its logits by the same ``1 / T`` to compare.
+Top-p / top-k are refused: processed log-probs are then renormalised over the kept tokens, which
+shifts every importance ratio by ``log(kept mass)`` against the trainer's full softmax.
+Greedy decoding (``temperature == 0``) samples from a point mass, so ``logp_sampler`` is 0.
+
+Process-global state. vLLM must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here
+before vLLM is imported if unset); scripts that use it need ``if __name__ == "__main__":``. vLLM
+reseeds Python's, NumPy's and torch's global RNGs with ``VllmConfig.seed`` when an engine starts.
+Two engines can start and sample side by side in one process, but shutting one down (``close``,
+or garbage collection) tears down vLLM's process-global distributed groups under the other, whose
+next ``generate`` then fails with "AssertionError: pipeline model parallel group is not
+initialized". Hence one open ``VllmSampler`` per process: close the first before starting another.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import gc
+import json
+import os
+import pathlib
+import time
+from typing import Any, Iterator, Mapping, Sequence
+import weakref
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import safetensors  # pylint: disable=g-import-not-at-top
+import torch  # pylint: disable=g-import-not-at-top
+import vllm  # pylint: disable=g-import-not-at-top
+from vllm import platforms as vllm_platforms  # pylint: disable=g-import-not-at-top
+
+from rl_fp16.sampling import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOGPROBS_MODE = "processed_logprobs"
+# vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
+_GREEDY_TEMPERATURE = 1e-5
+_VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+# Open samplers in this process; see the module docstring for why there is at most one.
+_OPEN_SAMPLERS: weakref.WeakSet[VllmSampler] = weakref.WeakSet()
+
+
+@dataclasses.dataclass(frozen=True)
+class VllmConfig:
+  """Sampler-side engine settings.
+
+  Attributes:
+    dtype: engine compute and weight dtype, one of "float32", "bfloat16", "float16".
+    max_model_len: longest prompt + response the engine accepts.
+    seed: engine seed (also reseeds the process-global RNGs, see the module docstring).
+    gpu_memory_utilization: fraction of GPU memory vLLM may use (GPU only).
+    cpu_kv_cache_space_gib: KV-cache size in GiB on CPU machines (passed as vLLM's
+      ``kv_cache_memory_bytes``; a ``VLLM_CPU_KVCACHE_SPACE`` set in the environment wins). None
+      lets vLLM size it from free memory.
+    tensor_parallel_size: vLLM tensor parallelism (only 1 is tested).
+    enable_sleep_mode: allow ``sleep`` / ``wake_up`` to free accelerator memory between rollouts
+      when trainer and sampler share a GPU. vLLM supports it on CUDA, ROCm and XPU only; on CPU
+      the sampler refuses it.
+    enforce_eager: run without CUDA graphs / torch.compile (faster start, slower decode).
+    max_num_seqs: most sequences the engine decodes at once.
+  """
+
+  dtype: str = "bfloat16"
+  max_model_len: int = 2048
+  seed: int = 0
+  gpu_memory_utilization: float = 0.5
+  cpu_kv_cache_space_gib: float | None = 1
+  tensor_parallel_size: int = 1
+  enable_sleep_mode: bool = False
+  enforce_eager: bool = True
+  max_num_seqs: int = 256
+
+  def __post_init__(self):
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"VllmConfig.dtype is {self.dtype!r}; allowed: {', '.join(_DTYPES)}")
+    for name in ("max_model_len", "tensor_parallel_size", "max_num_seqs"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"VllmConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if not 0 < self.gpu_memory_utilization <= 1:
+      raise ValueError("VllmConfig.gpu_memory_utilization must be in (0, 1], got "
+                       f"{self.gpu_memory_utilization}")
+    if self.cpu_kv_cache_space_gib is not None and self.cpu_kv_cache_space_gib <= 0:
+      raise ValueError("VllmConfig.cpu_kv_cache_space_gib must be > 0 or None, got "
+                       f"{self.cpu_kv_cache_space_gib}")
+
+
+def _read_hf_config(model_dir: pathlib.Path) -> dict[str, Any]:
+  path = model_dir / "config.json"
+  if not path.is_file():
+    raise ValueError(f"{model_dir} is not a Hugging Face model directory: no config.json")
+  config = json.loads(path.read_text())
+  text_config = config.get("text_config") or {}
+  if "vocab_size" not in config and "vocab_size" in text_config:
+    config = {**config, "vocab_size": text_config["vocab_size"]}
+  return config
+
+
+def _safetensors_shapes(model_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
+  """Tensor name -> shape of every tensor in a directory's safetensors files (headers only)."""
+  files = sorted(model_dir.glob("*.safetensors"))
+  if not files:
+    raise ValueError(f"{model_dir} has no *.safetensors files")
+  shapes = {}
+  for file in files:
+    with safetensors.safe_open(str(file), framework="pt") as f:
+      for name in f.keys():
+        shapes[name] = tuple(f.get_slice(name).get_shape())
+  return shapes
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+  return tuple(int(d) for d in value.shape)
+
+
+def _to_engine_tensor(name: str, value: Any, dtype: torch.dtype) -> torch.Tensor:
+  """A numpy array (ml_dtypes bfloat16 included) or torch tensor as a torch tensor in ``dtype``."""
+  if isinstance(value, torch.Tensor):
+    tensor = value.detach()
+  else:
+    array = np.asarray(value)
+    if array.dtype.name == "bfloat16":  # ml_dtypes.bfloat16, as JAX hands it out.
+      tensor = torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    elif np.issubdtype(array.dtype, np.floating):
+      tensor = torch.from_numpy(np.ascontiguousarray(array))
+    else:
+      raise ValueError(f"tensor {name!r} has dtype {array.dtype}; expected a floating dtype")
+  if not tensor.is_floating_point():
+    raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; expected a floating dtype")
+  return tensor.to(dtype=dtype).contiguous()
+
+
+class VllmSampler:
+  """A vLLM engine in this process that samples ``Rollout``s and takes weight updates.
+
+  Attributes:
+    model_dir: the directory the engine was started on.
+    config: the engine settings.
+    last_sync_s: wall seconds of the last weight update (validation, conversion and reload), or
+      None before the first one.
+  """
+
+  def __init__(self, model_dir: str | os.PathLike[str], config: VllmConfig = VllmConfig()):
+    self.model_dir = pathlib.Path(model_dir)
+    self.config = config
+    self.last_sync_s: float | None = None
+    self._llm = None
+    self._hf_config = _read_hf_config(self.model_dir)
+    self._expected_shapes = _safetensors_shapes(self.model_dir)
+    self._vocab_size = int(self._hf_config["vocab_size"])
+    self._dtype = _DTYPES[config.dtype]
+    platform = vllm_platforms.current_platform
+    if config.enable_sleep_mode and not platform.is_sleep_mode_available():
+      raise ValueError("VllmConfig.enable_sleep_mode needs a CUDA, ROCm or XPU device; vLLM has "
+                       f"no sleep mode on this platform ({platform.device_type})")
+    open_dirs = [s.model_dir for s in _OPEN_SAMPLERS if not s.closed]
+    if open_dirs:
+      raise RuntimeError(
+          f"a VllmSampler on {open_dirs[0]} is still open in this process; close() it first: vLLM "
+          "keeps its distributed groups in process globals and shutting one in-process engine "
+          "down breaks any other")
+    kwargs = dict(
+        model=str(self.model_dir),
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        seed=config.seed,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enable_sleep_mode=config.enable_sleep_mode,
+        enforce_eager=config.enforce_eager,
+        max_num_seqs=config.max_num_seqs,
+        logprobs_mode=_LOGPROBS_MODE,
+        # Prompts arrive as token ids and responses leave as token ids: no tokenizer needed.
+        skip_tokenizer_init=True,
+        # Ignore the directory's generation_config.json (its EOS ids and max_new_tokens would
+        # otherwise change every request behind the caller's back).
+        generation_config="vllm",
+    )
+    if platform.is_cpu():
+      if config.cpu_kv_cache_space_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(config.cpu_kv_cache_space_gib * 2**30)
+    else:
+      kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    self._llm = vllm.LLM(**kwargs)
+    _OPEN_SAMPLERS.add(self)
+
+  def __enter__(self) -> VllmSampler:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  @property
+  def closed(self) -> bool:
+    return self._llm is None
+
+  @property
+  def llm(self) -> vllm.LLM:
+    """The underlying ``vllm.LLM``."""
+    if self._llm is None:
+      raise RuntimeError("this VllmSampler is closed")
+    return self._llm
+
+  def generate(self,
+               prompt_token_ids: Sequence[Sequence[int]],
+               *,
+               n: int,
+               max_new_tokens: int,
+               temperature: float = 1.0,
+               top_p: float = 1.0,
+               top_k: int = -1,
+               seed: int | None = None,
+               eos_token_id: int | None = None) -> rollout_lib.Rollout:
+    """Samples ``n`` responses per prompt.
+
+    Args:
+      prompt_token_ids: one list of token ids per prompt.
+      n: samples per prompt; rows ``[i * n, (i + 1) * n)`` of the result belong to prompt ``i``.
+      max_new_tokens: response budget; the result has exactly this many response columns.
+      temperature: sampling temperature; 0 is greedy decoding.
+      top_p: must be 1 (see the module docstring).
+      top_k: must be -1 or 0 (disabled).
+      seed: base seed; row ``i * n + j`` is sampled with seed ``seed + i * n + j``, so results do
+        not depend on batching. None uses the engine's global RNG stream.
+      eos_token_id: token that ends a response (kept in it, finish reason "eos"). None: no token
+        stops a response, all run to ``max_new_tokens``.
+
+    Returns:
+      The ``Rollout``: left-padded prompts of the longest prompt's length, responses right-padded
+      to ``max_new_tokens``, ``logp_sampler`` from vLLM.
+    """
+    llm = self.llm
+    prompts = self._check_prompts(prompt_token_ids, max_new_tokens)
+    if n < 1:
+      raise ValueError(f"n must be >= 1, got {n}")
+    if temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p != 1.0 or top_k not in (-1, 0):
+      raise ValueError(
+          f"top_p={top_p}, top_k={top_k}: truncated sampling is not supported. vLLM's log-probs "
+          "are then renormalised over the kept tokens, so they differ from the trainer's "
+          "full-softmax log-probs by log(kept mass) and every importance ratio is biased; use "
+          "top_p=1.0 and top_k=-1")
+    if eos_token_id is not None and not 0 <= eos_token_id < self._vocab_size:
+      raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, "
+                       f"{self._vocab_size})")
+    greedy = temperature < _GREEDY_TEMPERATURE
+    # vLLM refuses n > 1 with greedy decoding, so greedy sends each prompt n times with n = 1.
+    copies, per_request = (n, 1) if greedy else (1, n)
+    params = [
+        vllm.SamplingParams(
+            n=per_request,
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            # vLLM adds the sample index j to a request's seed.
+            seed=None if seed is None else seed + i * n,
+            logprobs=0,  # The sampled token only.
+            flat_logprobs=True,
+            detokenize=False,
+            # EOS is the caller's: no tokenizer or generation-config EOS stops a response.
+            ignore_eos=True,
+            stop_token_ids=None if eos_token_id is None else [eos_token_id],
+        ) for i in range(len(prompts)) for _ in range(copies)
+    ]
+    requests = [{"prompt_token_ids": p} for p in prompts for _ in range(copies)]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    if len(outputs) != len(requests):
+      raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(requests)} requests")
+    completions = []
+    for k, output in enumerate(outputs):
+      samples = sorted(output.outputs, key=lambda c: c.index)
+      if len(samples) != per_request:
+        raise RuntimeError(f"vLLM returned {len(samples)} samples for request {k}, expected "
+                           f"{per_request}")
+      completions += samples
+
+    b, p_len, t_len = len(prompts) * n, max(len(p) for p in prompts), max_new_tokens
+    prompt_tokens = np.zeros((b, p_len), np.int32)
+    prompt_mask = np.zeros((b, p_len), np.int32)
+    response_tokens = np.zeros((b, t_len), np.int32)
+    response_mask = np.zeros((b, t_len), np.int32)
+    logp_sampler = np.zeros((b, t_len), np.float32)
+    finish_reasons = []
+    for row, completion in enumerate(completions):
+      prompt = prompts[row // n]
+      prompt_tokens[row, p_len - len(prompt):] = prompt
+      prompt_mask[row, p_len - len(prompt):] = 1
+      tokens = list(completion.token_ids)
+      if not 0 < len(tokens) <= t_len:
+        raise RuntimeError(f"vLLM returned {len(tokens)} tokens for row {row}, expected 1 to "
+                           f"{t_len}")
+      response_tokens[row, :len(tokens)] = tokens
+      response_mask[row, :len(tokens)] = 1
+      if not greedy:
+        logp_sampler[row, :len(tokens)] = _sampled_logprobs(completion.logprobs, tokens, row)
+      finish_reasons.append(_finish_reason(completion, tokens, eos_token_id, row))
+    return rollout_lib.Rollout(
+        prompt_tokens=prompt_tokens,
+        prompt_mask=prompt_mask,
+        response_tokens=response_tokens,
+        response_mask=response_mask,
+        logp_sampler=logp_sampler,
+        finish_reasons=tuple(finish_reasons),
+        prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), n),
+    )
+
+  def update_weights(self, hf_state_dict: Mapping[str, np.ndarray | torch.Tensor]) -> float:
+    """Pushes Hugging Face-named weights into the engine in memory.
+
+    Every tensor of the model directory must be given with its shape, and nothing else (with tied
+    embeddings, an ``lm_head.weight`` equal to ``model.embed_tokens.weight`` is also accepted and
+    dropped). This is checked before anything reaches the engine; on a problem a ValueError names
+    each offending tensor and the engine keeps its weights. Values are cast to the engine dtype.
+
+    Args:
+      hf_state_dict: tensor name -> numpy array (float32, float16 or ml_dtypes bfloat16) or torch
+        tensor.
+
+    Returns:
+      Wall seconds the update took (also kept in ``last_sync_s``).
+    """
+    start = time.perf_counter()
+    llm = self.llm
+    if not isinstance(hf_state_dict, collections.abc.Mapping):
+      raise TypeError(f"hf_state_dict must be a mapping, got {type(hf_state_dict).__name__}")
+    names = self._check_state_dict(hf_state_dict)
+    dtype = self._dtype
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+      for name in names:
+        yield name, _to_engine_tensor(name, hf_state_dict[name], dtype)
+
+    # In-process (tensor_parallel_size 1) the worker consumes the generator directly, converting
+    # one tensor at a time; worker processes need the arguments materialised to pickle them.
+    iterator = weights() if self.config.tensor_parallel_size == 1 else list(weights())
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iterator})
+    self._reset_prefix_cache()
+    self.last_sync_s = time.perf_counter() - start
+    return self.last_sync_s
+
+  def update_weights_from_dir(self, model_dir: str | os.PathLike[str]) -> float:
+    """Reloads the engine's weights from a Hugging Face directory (same tensor names and shapes).
+
+    Uses vLLM's ``reload_weights(weights_path=...)``, which reads the directory's safetensors
+    and also points the engine's model path at ``model_dir``.
+
+    Returns:
+      Wall seconds the reload took (also kept in ``last_sync_s``).
+    """
+    start = time.perf_counter()
+    llm = self.llm
+    model_dir = pathlib.Path(model_dir)
+    shapes = _safetensors_shapes(model_dir)
+    problems = self._shape_problems(shapes, f"in {model_dir}")
+    if problems:
+      raise ValueError(f"cannot reload weights from {model_dir}:\n  " + "\n  ".join(problems))
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+    self._reset_prefix_cache()
+    self.last_sync_s = time.perf_counter() - start
+    return self.last_sync_s
+
+  def sleep(self, level: int = 1) -> None:
+    """Frees accelerator memory (needs ``enable_sleep_mode``).
+
+    Level 1 offloads weights to host memory and drops the KV cache; level 2 drops both, so
+    ``update_weights`` must follow ``wake_up``.
+    """
+    if not self.config.enable_sleep_mode:
+      raise RuntimeError("sleep() needs VllmConfig.enable_sleep_mode=True")
+    self.llm.sleep(level=level)
+
+  def wake_up(self) -> None:
+    """Re-allocates what ``sleep`` freed."""
+    if not self.config.enable_sleep_mode:
+      raise RuntimeError("wake_up() needs VllmConfig.enable_sleep_mode=True")
+    self.llm.wake_up()
+
+  def close(self) -> None:
+    """Shuts the engine down and releases its memory; safe to call twice."""
+    if self._llm is None:
+      return
+    llm, self._llm = self._llm, None
+    _OPEN_SAMPLERS.discard(self)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+  def _check_prompts(self, prompt_token_ids: Sequence[Sequence[int]],
+                     max_new_tokens: int) -> list[list[int]]:
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(prompt_token_ids, np.ndarray):
+      prompt_token_ids = prompt_token_ids.tolist()
+    prompts = [[int(t) for t in p] for p in prompt_token_ids]
+    if not prompts:
+      raise ValueError("prompt_token_ids is empty")
+    for i, prompt in enumerate(prompts):
+      if not prompt:
+        raise ValueError(f"prompt {i} is empty")
+      if min(prompt) < 0 or max(prompt) >= self._vocab_size:
+        raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, "
+                         f"{self._vocab_size}): min {min(prompt)}, max {max(prompt)}")
+      if len(prompt) + max_new_tokens > self.config.max_model_len:
+        raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens="
+                         f"{max_new_tokens} that exceeds max_model_len={self.config.max_model_len}")
+    return prompts
+
+  def _check_state_dict(self, state_dict: Mapping[str, Any]) -> list[str]:
+    """Validates names and shapes; returns the names to send. Raises ValueError on any problem."""
+    names = list(state_dict)
+    problems = []
+    tied_head = "lm_head.weight"
+    if (self._hf_config.get("tie_word_embeddings") and tied_head in state_dict and
+        tied_head not in self._expected_shapes):
+      embed = state_dict.get("model.embed_tokens.weight")
+      head = state_dict[tied_head]
+      if (embed is not None and _shape_of(embed) == _shape_of(head) and
+          (embed is head or np.array_equal(_as_numpy(embed), _as_numpy(head)))):
+        names.remove(tied_head)
+      else:
+        problems.append(f"tensor '{tied_head}' differs from 'model.embed_tokens.weight' but the "
+                        "model ties word embeddings (tie_word_embeddings=true in config.json)")
+    shapes = {}
+    for name in names:
+      value = state_dict[name]
+      if not hasattr(value, "shape"):
+        problems.append(f"tensor {name!r} is a {type(value).__name__}, not an array")
+        continue
+      shapes[name] = _shape_of(value)
+      kind = value.dtype
+      if isinstance(kind, torch.dtype):
+        floating = kind.is_floating_point
+      else:
+        kind = np.dtype(kind)
+        floating = kind.name == "bfloat16" or np.issubdtype(kind, np.floating)
+      if not floating:
+        problems.append(f"tensor {name!r} has dtype {kind}; expected a floating dtype")
+    problems += self._shape_problems(shapes, "in the state dict")
+    if problems:
+      raise ValueError("weight update refused, nothing was sent to the engine:\n  " +
+                       "\n  ".join(problems))
+    return [n for n in names if n in shapes]
+
+  def _shape_problems(self, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[str]:
+    """Describes every missing, unexpected or mis-shaped tensor against the model directory."""
+    expected = self._expected_shapes
+    problems = [f"missing tensor {name!r} (expected shape {shape})"
+                for name, shape in expected.items() if name not in shapes]
+    problems += [f"unexpected tensor {name!r} with shape {shape} {where}: the model in "
+                 f"{self.model_dir} has no such tensor" for name, shape in shapes.items()
+                 if name not in expected]
+    for name, shape in shapes.items():
+      if name in expected and shape != expected[name]:
+        msg = f"tensor {name!r} has shape {shape}, expected {expected[name]}"
+        if name in _VOCAB_TENSORS and shape and shape[0] != expected[name][0]:
+          msg += f" (vocabulary size {shape[0]} != {self._vocab_size})"
+        problems.append(msg)
+    return problems
+
+  def _reset_prefix_cache(self) -> None:
+    # Cached KV blocks were computed with the old weights.
+    if not self.llm.reset_prefix_cache():
+      raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+  if isinstance(value, torch.Tensor):
+    return value.detach().float().cpu().numpy()
+  return np.asarray(value, dtype=np.float32)
+
+
+def _sampled_logprobs(logprobs: Any, tokens: list[int], row: int) -> list[float]:
+  """The sampled token's log-prob at each position of a completion (``flat_logprobs`` layout)."""
+  if logprobs is None or len(logprobs) != len(tokens):
+    raise RuntimeError(f"vLLM returned no log-prob for some tokens of row {row}")
+  values = []
+  for t, token in enumerate(tokens):
+    for k in range(logprobs.start_indices[t], logprobs.end_indices[t]):
+      if logprobs.token_ids[k] == token:
+        values.append(logprobs.logprobs[k])
+        break
+    else:
+      raise RuntimeError(f"vLLM returned no log-prob for token {token} at row {row}, step {t}")
+  return values
+
+
+def _finish_reason(completion: Any, tokens: list[int], eos_token_id: int | None,
+                   row: int) -> str:
+  if completion.finish_reason == "length":
+    return rollout_lib.FINISH_LENGTH
+  if completion.finish_reason == "stop" and eos_token_id is not None and tokens[-1] == eos_token_id:
+    return rollout_lib.FINISH_EOS
+  raise RuntimeError(f"row {row} finished with vLLM reason {completion.finish_reason!r} "
+                     f"(stop_reason {completion.stop_reason!r}); expected EOS or length")
