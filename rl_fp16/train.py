@@ -1,4 +1,4 @@
-"""Pure step functions: `sft_step` (supervised) and `rl_train_step` (policy-gradient update).
+"""Pure step functions (`sft_step`, `rl_train_step`) and the RL iteration that composes them.
 
 Every step takes and returns a `TrainState`. Params and optimizer state are float32 master copies;
 the forward/backward runs in the trainer policy's compute dtype. With a loss scale (fp16), the
@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from rl_fp16 import precision
+from rl_fp16 import advantages as advantages_lib
+from rl_fp16 import mismatch, objectives, precision
 from rl_fp16.checkpoints.train_state import TrainState
-from rl_fp16.models import ModelConfig, default_positions, forward, shifted_logprobs
+from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
 from rl_fp16.models.decoder import _forward
 from rl_fp16.precision import DtypePolicy
+from rl_fp16.sampling.engines import batched_token_logprobs
+from rl_fp16.sampling.jax_sampler import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +112,161 @@ def sft_step(config: ModelConfig, policy: DtypePolicy, optimizer: optax.Gradient
   """One supervised update on `batch` (see `sft_loss`). Pure; the input state is donated."""
   return apply_gradients(state, optimizer, functools.partial(sft_loss, config=config,
                                                              policy=policy), batch)
+
+
+# ------------------------------------------------------------------------------------ RL ----
+
+
+def rl_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy: DtypePolicy,
+            algorithm: str, loss_config: objectives.LossConfig, temperature: float):
+  """The policy loss of `objectives.policy_loss` on one minibatch, plus entropy.
+
+  batch (full sequences, prompt + response, all [B, S] unless noted): tokens int32,
+  attention_mask int32, loss_mask int32 (1 on response tokens), logp_old float32 (trainer at the
+  sampling parameters), logp_sampler float32 (the engine's), advantages float32 [B].
+  """
+  tokens, attention_mask = batch["tokens"], batch["attention_mask"]
+  logits = _forward(config, policy, params, tokens, attention_mask,
+                    default_positions(attention_mask))
+  logp, entropy = shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype,
+                                   temperature=temperature, with_entropy=True)
+  mask = batch["loss_mask"]
+  loss, metrics = objectives.policy_loss(
+      algorithm, logp=logp, logp_old=batch["logp_old"], logp_sampler=batch["logp_sampler"],
+      advantages=batch["advantages"], mask=mask, config=loss_config)
+  maskf = mask.astype(jnp.float32)
+  metrics = dict(metrics)
+  metrics["train/entropy"] = (entropy * maskf).sum() / jnp.maximum(maskf.sum(), 1.0)
+  return loss, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "optimizer", "algorithm",
+                                             "loss_config", "temperature"), donate_argnums=(3,))
+def rl_train_step(config: ModelConfig, policy: DtypePolicy,
+                  optimizer: optax.GradientTransformation, state: TrainState,
+                  batch: dict[str, jax.Array], *, algorithm: str,
+                  loss_config: objectives.LossConfig, temperature: float = 1.0
+                  ) -> tuple[TrainState, dict]:
+  """One policy-gradient update on a minibatch (see `rl_loss`). Pure; the state is donated."""
+  loss_fn = functools.partial(rl_loss, config=config, policy=policy, algorithm=algorithm,
+                              loss_config=loss_config, temperature=temperature)
+  return apply_gradients(state, optimizer, loss_fn, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """What one RL iteration does."""
+
+  algorithm: str = "grpo"
+  advantage: str = "grpo"
+  loss: objectives.LossConfig = objectives.LossConfig()
+  samples_per_prompt: int = 8
+  num_minibatches: int = 2
+  epochs: int = 1
+  temperature: float = 1.0
+  max_new_tokens: int = 256
+  prompt_bucket: int = 32  # prompts are left-padded to a multiple of this (fewer recompilations)
+
+  def __post_init__(self):
+    if self.algorithm not in objectives.ALGORITHMS:
+      raise ValueError(f"Unknown algorithm {self.algorithm!r}; allowed: "
+                       f"{list(objectives.ALGORITHMS)}")
+    if self.advantage not in advantages_lib.ADVANTAGE_ESTIMATORS:
+      raise ValueError(f"Unknown advantage {self.advantage!r}; allowed: "
+                       f"{list(advantages_lib.ADVANTAGE_ESTIMATORS)}")
+    if self.num_minibatches < 1 or self.epochs < 1 or self.samples_per_prompt < 2:
+      raise ValueError(f"Need num_minibatches >= 1, epochs >= 1 and samples_per_prompt >= 2; got "
+                       f"{self.num_minibatches}, {self.epochs}, {self.samples_per_prompt}")
+
+
+def rollout_batch(rollout, logp_old: np.ndarray, advantages: np.ndarray) -> dict[str, np.ndarray]:
+  """A rollout as the full-sequence arrays `rl_loss` takes (prompt columns carry no loss)."""
+  tokens, attention_mask, loss_mask = rollout.full_sequence()
+  prompt_zeros = np.zeros(rollout.prompt_tokens.shape, np.float32)
+  return {
+      "tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
+      "logp_old": np.concatenate([prompt_zeros, logp_old], axis=1).astype(np.float32),
+      "logp_sampler": np.concatenate([prompt_zeros, rollout.logp_sampler], axis=1
+                                     ).astype(np.float32),
+      "advantages": np.asarray(advantages, np.float32),
+  }
+
+
+def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy,
+                 optimizer: optax.GradientTransformation, engine, prompts: list[list[int]],
+                 reward_fn, rl_config: RLConfig, seed: int) -> tuple[TrainState, dict[str, float]]:
+  """sample -> reward -> advantage -> trainer logp_old -> minibatch updates -> weight sync.
+
+  Args:
+    engine: an `rl_fp16.sampling.engines` engine holding the current params.
+    prompts: token-id prompts for this step (one group of `samples_per_prompt` each).
+    reward_fn: (rollout) -> float32 [B] rewards.
+    seed: sampling seed of this step (and of the minibatch shuffle).
+  Returns:
+    The new state and a flat dict of this step's metrics (DESIGN.md names).
+  """
+  n = rl_config.samples_per_prompt
+  times = {}
+  start = time.perf_counter()
+  rollout = engine.generate(prompts, n=n, sampling=SamplingConfig(
+      max_new_tokens=rl_config.max_new_tokens, temperature=rl_config.temperature), seed=seed)
+  rollout = rollout.with_prompt_width(rl_config.prompt_bucket)
+  times["time/sample_s"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  rewards = np.asarray(reward_fn(rollout), np.float32)
+  advantages = np.asarray(advantages_lib.compute_advantages(rl_config.advantage,
+                                                            jnp.asarray(rewards), n))
+  times["time/score_s"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  logp_old = batched_token_logprobs(model_config, state.params, rollout, policy=trainer_policy,
+                                    temperature=rl_config.temperature)
+  times["time/logp_s"] = time.perf_counter() - start
+  mismatch_metrics = mismatch.mismatch_metrics(logp_old, rollout.logp_sampler,
+                                               rollout.response_mask)
+
+  start = time.perf_counter()
+  batch = rollout_batch(rollout, logp_old, advantages)
+  rows = rollout.batch_size
+  if rows % rl_config.num_minibatches:
+    raise ValueError(f"{rows} rollouts do not split into {rl_config.num_minibatches} minibatches")
+  size = rows // rl_config.num_minibatches
+  order_rng = np.random.default_rng(seed)
+  update_metrics = []
+  for _ in range(rl_config.epochs):
+    order = order_rng.permutation(rows)
+    for k in range(rl_config.num_minibatches):
+      idx = order[k * size:(k + 1) * size]
+      minibatch = {key: value[idx] for key, value in batch.items()}
+      state, metrics = rl_train_step(model_config, trainer_policy, optimizer, state, minibatch,
+                                     algorithm=rl_config.algorithm, loss_config=rl_config.loss,
+                                     temperature=rl_config.temperature)
+      update_metrics.append(jax.device_get(metrics))
+  times["time/update_s"] = time.perf_counter() - start
+
+  times["time/sync_s"] = engine.update_params(state.params)
+
+  out: dict[str, float] = {}
+  for key in update_metrics[0]:
+    values = np.array([float(m[key]) for m in update_metrics])
+    out[key] = float(values.sum() if key == "train/skipped" else np.nanmean(values)
+                     if np.isfinite(values).any() else np.nan)
+  out["train/skipped_steps"] = out.pop("train/skipped")
+  out["train/loss_scale"] = float(update_metrics[-1]["train/loss_scale"])
+  out.update(mismatch_metrics)
+  lengths = rollout.response_lengths
+  out.update({
+      "reward/mean": float(rewards.mean()),
+      "reward/accuracy": float((rewards > 0.5).mean()),
+      "reward/std": float(rewards.std()),
+      "response/length_mean": float(lengths.mean()),
+      "response/length_max": float(lengths.max()),
+      "response/truncated_frac": float(np.mean([r == "length" for r in rollout.finish_reasons])),
+      "advantage/zero_std_groups": float(np.mean(rewards.reshape(-1, n).std(axis=1) == 0)),
+  })
+  out.update(times)
+  total = sum(times.values())
+  out["time/step_s"] = total
+  out["perf/tokens_per_s"] = float(lengths.sum() / max(total, 1e-9))
+  return state, out

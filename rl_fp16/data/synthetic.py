@@ -21,6 +21,8 @@ right integer, 0.0 otherwise (no marker, junk after the answer, or a truncated r
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -186,3 +188,25 @@ def score(problem_or_answer: Problem | str | int, response: str, *,
   if predicted is None:
     return 0.0
   return 1.0 if int(predicted) == int(reference) else 0.0
+
+
+TASK_CONFIG_FILE = "task_config.json"
+
+
+def save_task_config(directory: str, config: SyntheticTaskConfig) -> str:
+  """Writes `task_config.json` beside a model so that its prompts can be re-created."""
+  path = os.path.join(directory, TASK_CONFIG_FILE)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(dataclasses.asdict(config), f, indent=2)
+  os.replace(tmp, path)
+  return path
+
+
+def load_task_config(directory: str) -> SyntheticTaskConfig:
+  """Reads the `task_config.json` written by `save_task_config`."""
+  path = os.path.join(directory, TASK_CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No {TASK_CONFIG_FILE} in {directory}")
+  with open(path) as f:
+    return SyntheticTaskConfig(**json.load(f))

@@ -3,4 +3,5 @@
 from rl_fp16.models.config import ModelConfig
 from rl_fp16.models.decoder import (causal_mask, default_positions, entropy_from_logits, forward,
                                     forward_cached, init_cache, init_params, logprobs_from_logits,
-                                    residual_stream, shifted_logprobs, token_logprobs)
+                                    residual_stream, residual_stream_cached, shifted_logprobs,
+                                    token_logprobs)

@@ -405,3 +405,29 @@ def residual_stream(config: ModelConfig, policy: DtypePolicy, params: Params, to
   logits, _, residuals = _apply(config, policy, params, tokens, positions,
                                 causal_mask(attention_mask))
   return residuals, logits
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"))
+def residual_stream_cached(config: ModelConfig, policy: DtypePolicy, params: Params,
+                           tokens: jax.Array, attention_mask: jax.Array
+                           ) -> tuple[jax.Array, jax.Array]:
+  """Like `residual_stream`, but through the KV-cache path, one token at a time.
+
+  Returns residuals [L + 1, B, T, D] and logits [B, T, V]: what the inference engine computes when
+  it decodes these tokens incrementally.
+  """
+  batch, length = tokens.shape
+  cache = init_cache(config, batch, length, policy.compute_dtype)
+  positions = default_positions(attention_mask)
+
+  def step(cache, index):
+    token = jax.lax.dynamic_slice_in_dim(tokens, index, 1, axis=1)
+    position = jax.lax.dynamic_slice_in_dim(positions, index, 1, axis=1)
+    visible = ((jnp.arange(length)[None, None, :] <= index)
+               & attention_mask.astype(bool)[:, None, :])
+    logits, new_cache, residuals = _apply(config, policy, params, token, position, visible, cache,
+                                          index)
+    return new_cache, (jnp.stack(residuals)[:, :, 0], logits[:, 0])
+
+  _, (residuals, logits) = jax.lax.scan(step, cache, jnp.arange(length))
+  return jnp.transpose(residuals, (1, 2, 0, 3)), jnp.transpose(logits, (1, 0, 2))

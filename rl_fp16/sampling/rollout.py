@@ -71,3 +71,14 @@ class Rollout:
     loss_mask = np.concatenate([np.zeros_like(self.prompt_mask), self.response_mask],
                                axis=1).astype(np.int32)
     return tokens, attention_mask, loss_mask
+
+  def with_prompt_width(self, multiple: int) -> "Rollout":
+    """The same rollout with prompts left-padded to a multiple of `multiple` columns, so that the
+    trainer sees few distinct shapes (each new shape is a recompilation)."""
+    width = self.prompt_tokens.shape[1]
+    target = max(multiple, -(-width // multiple) * multiple)
+    if target == width:
+      return self
+    pad = ((0, 0), (target - width, 0))
+    return dataclasses.replace(self, prompt_tokens=np.pad(self.prompt_tokens, pad),
+                               prompt_mask=np.pad(self.prompt_mask, pad))

@@ -1,0 +1,262 @@
+r"""Offline training-inference mismatch: sample with an engine, re-score with the trainer.
+
+For each precision pair (trainer-sampler), the engine samples responses in the sampler's dtype and
+the trainer recomputes their log-probabilities in its dtype. Writes to the run directory:
+`metrics.json` (one flat dict per pair), `tokens.csv` (per-token values), `plots/` (pi vs mu
+scatter, per-sequence log(pi/mu) against length with the fitted slope, mean |delta log p| by
+position, the per-layer view) and prints a summary table.
+
+    python -m experiments.offline_mismatch --config=experiments/configs/offline_mismatch.py
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+from experiments import common
+from rl_fp16 import mismatch
+from rl_fp16.precision import get_policy, get_precision_pair
+from rl_fp16.sampling.engines import batched_token_logprobs, make_engine
+from rl_fp16.sampling.jax_sampler import SamplingConfig
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+
+SUMMARY_COLUMNS = (
+    ("logp_diff_mean", "mismatch/logp_diff_mean"),
+    ("logp_diff_max", "mismatch/logp_diff_max"),
+    ("prob_diff_mean", "mismatch/prob_diff_mean"),
+    ("prob_diff_max", "mismatch/prob_diff_max"),
+    ("kl_k1", "mismatch/kl_k1"),
+    ("kl_k3", "mismatch/kl_k3"),
+    ("seq_abs_log_ratio", "mismatch/seq_log_ratio_abs_mean"),
+    ("slope_per_1k", "mismatch/seq_log_ratio_slope_per_1k"),
+)
+
+
+def measure_pair(config, model, pair_name: str, prompts, workdir: str) -> dict:
+  """Samples with the engine in the sampler dtype; returns arrays and metrics for one pair."""
+  pair = get_precision_pair(pair_name)
+  sampling = SamplingConfig(max_new_tokens=config.max_new_tokens,
+                            temperature=config.temperature)
+  start = time.perf_counter()
+  engine = make_engine(config.engine, model.config, model.params, pair.sampler, workdir=workdir,
+                       tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
+                       max_model_len=common.max_model_len(prompts, config.max_new_tokens),
+                       seed=config.seed)
+  try:
+    rollout = engine.generate(prompts, n=config.samples_per_prompt, sampling=sampling,
+                              seed=config.seed)
+  finally:
+    engine.close()
+  sample_s = time.perf_counter() - start
+  logp_trainer = batched_token_logprobs(model.config, model.params, rollout,
+                                        policy=pair.trainer, temperature=config.temperature)
+  metrics = mismatch.mismatch_metrics(logp_trainer, rollout.logp_sampler, rollout.response_mask)
+  metrics["time/sample_s"] = sample_s
+  metrics["response/length_mean"] = float(rollout.response_lengths.mean())
+  return {"rollout": rollout, "logp_trainer": logp_trainer, "metrics": metrics}
+
+
+def write_tokens_csv(path: str, results: dict[str, dict]) -> None:
+  """One row per response token: pair, row, position, token, logp_trainer, logp_sampler."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["precision", "row", "position", "token", "logp_trainer", "logp_sampler"])
+    for name, result in results.items():
+      rollout, logp_trainer = result["rollout"], result["logp_trainer"]
+      rows, positions = np.nonzero(rollout.response_mask)
+      for r, t in zip(rows, positions):
+        writer.writerow([name, int(r), int(t), int(rollout.response_tokens[r, t]),
+                         f"{logp_trainer[r, t]:.9g}", f"{rollout.logp_sampler[r, t]:.9g}"])
+  os.replace(tmp, path)
+
+
+def layer_view(model, results: dict[str, dict], num_sequences: int) -> dict[str, list[float]]:
+  """Relative error of each layer's residual stream (and the logits) against fp32.
+
+  Uses the fp32 pair's sampled sequences (or the first pair's), for the full-sequence path and
+  the KV-cache path of our decoder in bf16 and fp16. Keys like "bf16/full", "fp16/kv_cache"; each
+  value has one entry per layer boundary (embedding, layer 1..L) and the logits last.
+  """
+  from rl_fp16.models import residual_stream, residual_stream_cached  # pylint: disable=g-import-not-at-top
+
+  source = results.get("fp32") or next(iter(results.values()))
+  tokens, attention_mask, _ = source["rollout"].full_sequence()
+  tokens, attention_mask = tokens[:num_sequences], attention_mask[:num_sequences]
+  valid = attention_mask.astype(bool)
+  ref_res, ref_logits = residual_stream(model.config, get_policy("fp32"), model.params, tokens,
+                                        attention_mask)
+  ref = [np.asarray(r)[valid] for r in ref_res] + [np.asarray(ref_logits)[valid]]
+
+  def rel_errors(layers):
+    return [float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+            for a, b in zip(layers, ref)]
+
+  view = {}
+  for name in ("bf16", "fp16"):
+    policy = get_policy(name, "sampler")
+    res, logits = residual_stream(model.config, policy, model.params, tokens, attention_mask)
+    view[f"{name}/full"] = rel_errors([np.asarray(r, np.float32)[valid] for r in res]
+                                      + [np.asarray(logits, np.float32)[valid]])
+    res, logits = residual_stream_cached(model.config, policy, model.params, tokens,
+                                         attention_mask)
+    view[f"{name}/kv_cache"] = rel_errors([np.asarray(r, np.float32)[valid] for r in res]
+                                          + [np.asarray(logits, np.float32)[valid]])
+  return view
+
+
+def make_plots(plots_dir: str, results: dict[str, dict], view: dict | None) -> list[str]:
+  """Scatter, sequence log-ratio vs length, |delta log p| by position, and the layer view."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(plots_dir, exist_ok=True)
+  names = list(results)
+  written = []
+
+  fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    r = results[name]
+    mask = r["rollout"].response_mask > 0
+    p_sampler = np.exp(r["rollout"].logp_sampler[mask])
+    p_trainer = np.exp(r["logp_trainer"][mask])
+    ax.scatter(p_sampler, p_trainer, s=2, alpha=0.3)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_title(f"{name}: mean|pi-mu|={np.abs(p_trainer - p_sampler).mean():.2e}")
+    ax.set_xlabel("mu (sampler probability)")
+    ax.set_ylabel("pi (trainer probability)")
+  fig.tight_layout()
+  written.append(_save(fig, os.path.join(plots_dir, "scatter_pi_vs_mu.png")))
+
+  fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False,
+                           sharey=True)
+  for ax, name in zip(axes[0], names):
+    r = results[name]
+    log_ratio, length = mismatch.sequence_log_ratios(r["logp_trainer"], r["rollout"].logp_sampler,
+                                                     r["rollout"].response_mask)
+    slope = r["metrics"]["mismatch/seq_log_ratio_slope_per_1k"]
+    ax.scatter(length, log_ratio, s=6, alpha=0.6)
+    if len(set(length.tolist())) > 1:
+      fit = np.polyfit(length, log_ratio, 1)
+      xs = np.array([length.min(), length.max()])
+      ax.plot(xs, np.polyval(fit, xs), "r-", lw=1)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_title(f"{name}: slope {slope:+.3f} per 1K tokens")
+    ax.set_xlabel("response length (tokens)")
+  axes[0][0].set_ylabel("sum_t log(pi/mu)")
+  fig.tight_layout()
+  written.append(_save(fig, os.path.join(plots_dir, "seq_log_ratio_vs_length.png")))
+
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  for name in names:
+    r = results[name]
+    by_pos, count = mismatch.log_ratio_by_position(r["logp_trainer"], r["rollout"].logp_sampler,
+                                                   r["rollout"].response_mask)
+    keep = count > 0
+    ax.plot(np.nonzero(keep)[0], by_pos[keep], label=name, lw=1)
+  ax.set_yscale("log")
+  ax.set_xlabel("response position")
+  ax.set_ylabel("mean |log pi - log mu|")
+  ax.legend()
+  fig.tight_layout()
+  written.append(_save(fig, os.path.join(plots_dir, "delta_logp_by_position.png")))
+
+  if view:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, errors in view.items():
+      ax.plot(range(len(errors)), errors, marker="o", ms=3, label=key,
+              ls="-" if key.endswith("full") else "--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(errors)))
+    ax.set_xticklabels(["emb"] + [f"L{i}" for i in range(1, len(errors) - 1)] + ["logits"])
+    ax.set_ylabel("relative error vs fp32")
+    ax.set_title("Where the disagreement enters (our decoder)")
+    ax.legend()
+    fig.tight_layout()
+    written.append(_save(fig, os.path.join(plots_dir, "layer_view.png")))
+  return written
+
+
+def _save(fig, path: str) -> str:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def format_table(results: dict[str, dict]) -> str:
+  header = ["precision"] + [name for name, _ in SUMMARY_COLUMNS]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, r in results.items():
+    cells = [f"{r['metrics'][key]:.3g}" for _, key in SUMMARY_COLUMNS]
+    lines.append("| " + " | ".join([name] + cells) + " |")
+  return "\n".join(lines)
+
+
+def run(config) -> dict:
+  """Runs the measurement; returns {"metrics": {pair: dict}, "layer_view": ..., "run_dir": ...}."""
+  model = common.load_policy_model(config.model, seed=config.seed)
+  prompts = model.make_prompts(config.num_prompts, seed=config.seed)
+  run_dir = os.path.abspath(config.output_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+  print(f"model: {model.description}")
+  print(f"engine: {config.engine}; {len(prompts)} prompts x {config.samples_per_prompt} samples, "
+        f"up to {config.max_new_tokens} new tokens, T={config.temperature}")
+  pairs = [p.strip() for p in config.precisions.split(",") if p.strip()]
+  for p in pairs:
+    get_precision_pair(p)  # fail before any work on a bad name
+  results = {}
+  for pair in common.progress(pairs, desc="precision pairs"):
+    results[pair] = measure_pair(config, model, pair, prompts, workdir=run_dir)
+    m = results[pair]["metrics"]
+    print(f"  {pair}: mean|dlogp|={m['mismatch/logp_diff_mean']:.3g} "
+          f"k1={m['mismatch/kl_k1']:.3g} sample {m['time/sample_s']:.1f}s")
+  view = layer_view(model, results, config.layer_view_sequences) if config.layer_view else None
+  summary = {"model": model.description, "engine": config.engine,
+             "metrics": {k: r["metrics"] for k, r in results.items()}, "layer_view": view}
+  if "bf16" in results and "fp16" in results:
+    bf16, fp16 = results["bf16"]["metrics"], results["fp16"]["metrics"]
+    summary["fp16_over_bf16_reduction"] = {
+        key: bf16[key] / fp16[key] if fp16[key] else float("inf")
+        for key in ("mismatch/logp_diff_mean", "mismatch/prob_diff_mean", "mismatch/kl_k1",
+                    "mismatch/kl_k3", "mismatch/seq_log_ratio_abs_mean")}
+  common.write_json_atomic(os.path.join(run_dir, "metrics.json"), summary)
+  write_tokens_csv(os.path.join(run_dir, "tokens.csv"), results)
+  plots = make_plots(os.path.join(run_dir, "plots"), results, view)
+  table = format_table(results)
+  print("\n" + table)
+  if "fp16_over_bf16_reduction" in summary:
+    red = summary["fp16_over_bf16_reduction"]
+    print(f"\nFP16 over BF16: mean|dlogp| {red['mismatch/logp_diff_mean']:.1f}x smaller, "
+          f"KL k3 {red['mismatch/kl_k3']:.1f}x smaller")
+  if view:
+    print("\nper-layer relative error vs fp32 (embedding, layers..., logits):")
+    for key, errors in view.items():
+      print(f"  {key:>14}: " + " ".join(f"{e:.1e}" for e in errors))
+  print(f"\nwrote {run_dir}: metrics.json, tokens.csv, " + ", ".join(
+      os.path.relpath(p, run_dir) for p in plots))
+  summary["run_dir"] = run_dir
+  summary["table"] = table
+  return summary
+
+
+def main(argv):
+  del argv
+  common.quiet_logs()
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,119 @@
+r"""Trains the tiny base model: a small Qwen2 that is partly competent at the synthetic task.
+
+Supervised training (`sft_step`) on freshly generated problems until held-out pass@1 (sampled at
+temperature 1 with the JAX engine) reaches `target_pass_rate`, then writes a Hugging Face
+directory (safetensors, config.json, tokenizer, task_config.json, pretrain_log.json) that
+transformers and vLLM load as is.
+
+    python -m experiments.pretrain_base --config=experiments/configs/pretrain_base.py
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from experiments import common
+from rl_fp16.checkpoints import save_hf
+from rl_fp16.checkpoints.train_state import TrainState
+from rl_fp16.data import synthetic, tokenizer as tokenizer_lib
+from rl_fp16.data.tasks import SyntheticTask
+from rl_fp16.models import ModelConfig, init_params
+from rl_fp16.precision import default_loss_scale_config, get_policy, init_loss_scale
+from rl_fp16.sampling.engines import JaxEngine
+from rl_fp16.sampling.jax_sampler import SamplingConfig
+from rl_fp16.train import OptimizerConfig, make_optimizer, sft_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+
+
+def make_task(config) -> SyntheticTask:
+  task_config = synthetic.SyntheticTaskConfig(min_terms=config.task_min_terms,
+                                              max_terms=config.task_max_terms)
+  return SyntheticTask(task_config, tokenizer_lib.build_tokenizer())
+
+
+def make_model_config(config, tok) -> ModelConfig:
+  return ModelConfig(
+      model_type="qwen2", vocab_size=tok.vocab_size, hidden_size=config.hidden_size,
+      intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+      num_attention_heads=config.num_attention_heads,
+      num_key_value_heads=config.num_key_value_heads, qkv_bias=True, tie_word_embeddings=True,
+      max_position_embeddings=config.max_position_embeddings, rms_norm_eps=1e-6,
+      initializer_range=0.02, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+      pad_token_id=tok.pad_id)
+
+
+def pass_rate(task: SyntheticTask, model_config, params, problems, *, seed: int,
+              max_new_tokens: int) -> float:
+  """Mean reward of one temperature-1 sample per problem (JAX engine, fp32)."""
+  engine = JaxEngine(model_config, params, get_policy("fp32", "sampler"),
+                     eos_token_ids=[task.tokenizer.eos_id])
+  rollout = engine.generate(task.prompt_ids(problems), n=1, seed=seed,
+                            sampling=SamplingConfig(max_new_tokens=max_new_tokens))
+  return float(task.rewards(problems, rollout).mean())
+
+
+def train(config) -> dict:
+  task = make_task(config)
+  tok = task.tokenizer
+  model_config = make_model_config(config, tok)
+  policy = get_policy(config.precision)
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=config.learning_rate,
+                                             warmup_steps=config.warmup_steps))
+  state = TrainState.create(init_params(model_config, jax.random.key(config.seed)), optimizer,
+                            loss_scale=init_loss_scale(default_loss_scale_config(policy)),
+                            seed=config.seed)
+  seq_len = int(-(-task.max_sequence_len() // 32) * 32)
+  eval_problems = task.problems(config.eval_problems, seed=config.seed + 999_999)
+  max_new_tokens = seq_len
+  print(f"model: {model_config.num_params() / 1e6:.2f}M params; seq_len {seq_len}; "
+        f"target pass@1 {config.target_pass_rate}")
+  log = []
+  start = time.time()
+  rate = 0.0
+  bar = common.progress(range(1, config.max_steps + 1), desc="pretrain")
+  for step in bar:
+    problems = task.problems(config.batch_size, seed=config.seed * 1_000_003 + step)
+    state, metrics = sft_step(model_config, policy, optimizer, state,
+                              task.sft_batch(problems, seq_len))
+    if step % 20 == 0:
+      bar.set_postfix(loss=f"{float(metrics['train/loss']):.3f}",
+                      tok_acc=f"{float(metrics['sft/token_accuracy']):.3f}", pass1=f"{rate:.2f}")
+    if step % config.eval_every == 0 or step == config.max_steps:
+      rate = pass_rate(task, model_config, state.params, eval_problems, seed=step,
+                       max_new_tokens=max_new_tokens)
+      entry = {"step": step, "loss": float(metrics["train/loss"]),
+               "token_accuracy": float(metrics["sft/token_accuracy"]), "pass_at_1": rate,
+               "minutes": (time.time() - start) / 60}
+      log.append(entry)
+      print(f"\nstep {step}: loss {entry['loss']:.4f} token acc {entry['token_accuracy']:.4f} "
+            f"held-out pass@1 {rate:.3f} ({entry['minutes']:.1f} min)")
+      if rate >= config.target_pass_rate or entry["minutes"] > config.max_minutes:
+        break
+  out = save_hf(config.output_dir, model_config, state.params, dtype="float32")
+  tok.save(out)
+  synthetic.save_task_config(out, task.config)
+  common.write_json_atomic(os.path.join(out, "pretrain_log.json"),
+                           {"config": config.to_dict(), "log": log,
+                            "made_by": "python -m experiments.pretrain_base "
+                                       "--config=experiments/configs/pretrain_base.py"})
+  print(f"wrote {out} (held-out pass@1 {rate:.3f} after {log[-1]['step']} steps)")
+  return {"output_dir": out, "pass_at_1": rate, "log": log}
+
+
+def main(argv):
+  del argv
+  common.quiet_logs()
+  train(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

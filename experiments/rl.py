@@ -1,0 +1,172 @@
+r"""RL fine-tuning with a chosen algorithm, precision pair and engine.
+
+    python -m experiments.rl --config=experiments/configs/sanity.py \
+        --config.algorithm=grpo_token_tis --config.precision=fp16
+
+Each step: sample with the engine in the sampler's precision -> rewards -> advantages -> trainer
+logp_old -> minibatch updates -> weight sync. Writes one run directory (config.json,
+metrics.jsonl, TensorBoard events, orbax checkpoints, plots/). Re-running the same command
+resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+from experiments import common
+from rl_fp16 import objectives, results
+from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
+from rl_fp16.data import perfectible
+from rl_fp16.data.tasks import SyntheticTask, problem_from_record
+from rl_fp16.precision import (default_loss_scale_config, get_policy, get_precision_pair,
+                               init_loss_scale)
+from rl_fp16.sampling.engines import JaxEngine, make_engine
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+PERFECTIBLE_FILE = "perfectible.jsonl"
+
+
+def run_dir_for(config) -> str:
+  return os.path.abspath(config.output_dir.format(**{k: config[k] for k in (
+      "algorithm", "precision", "seed", "engine", "advantage")}))
+
+
+def load_task(model) -> SyntheticTask:
+  if model.tokenizer_dir is None:
+    raise ValueError(f"RL needs a model with a tokenizer and task_config.json; got "
+                     f"{model.description}. Train one with experiments.pretrain_base.")
+  from rl_fp16.data import synthetic, tokenizer  # pylint: disable=g-import-not-at-top
+  return SyntheticTask(synthetic.load_task_config(model.tokenizer_dir),
+                       tokenizer.load_tokenizer(model.tokenizer_dir))
+
+
+def load_or_build_subset(config, model, task: SyntheticTask, run_dir: str):
+  """The perfectible problems: shipped with the model, cached in the run dir, or built now."""
+  for path in (os.path.join(model.tokenizer_dir, PERFECTIBLE_FILE),
+               os.path.join(run_dir, PERFECTIBLE_FILE)):
+    if os.path.exists(path):
+      records, rates = perfectible.read_subset(path)
+      return [problem_from_record(r) for r in records], rates, path
+  pc = config.perfectible
+  print(f"building the perfectible subset: {pc.pool} problems x {pc.k} samples (fp32 JAX engine)")
+  engine = JaxEngine(model.config, model.params, get_policy("fp32", "sampler"),
+                     eos_token_ids=model.eos_token_ids)
+  subset, rates = task.pass_rates_subset(engine, task.problems(pc.pool, seed=config.seed + 77),
+                                         k=pc.k, low=pc.low, high=pc.high,
+                                         max_new_tokens=config.max_new_tokens, seed=config.seed)
+  path = os.path.join(run_dir, PERFECTIBLE_FILE)
+  perfectible.write_subset(path, subset, rates)
+  return subset, rates, path
+
+
+def make_rl_config(config) -> RLConfig:
+  loss = objectives.LossConfig(max_response_len=config.max_new_tokens, **config.loss.to_dict())
+  return RLConfig(algorithm=config.algorithm, advantage=config.advantage, loss=loss,
+                  samples_per_prompt=config.samples_per_prompt,
+                  num_minibatches=config.num_minibatches, epochs=config.epochs,
+                  temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+
+
+def step_problems(subset, step: int, prompts_per_step: int, seed: int):
+  """The problems of a step: epochs over the subset, each in a seeded random order."""
+  per_epoch = max(len(subset) // prompts_per_step, 1)
+  epoch, index = divmod(step, per_epoch)
+  order = np.random.default_rng(seed * 7919 + epoch).permutation(len(subset))
+  chosen = order[index * prompts_per_step:(index + 1) * prompts_per_step]
+  if len(chosen) < prompts_per_step:  # tiny subsets: wrap around
+    chosen = np.resize(order, prompts_per_step)
+  return [subset[i] for i in chosen]
+
+
+def run(config) -> dict:
+  rl_config = make_rl_config(config)
+  pair = get_precision_pair(config.precision)
+  run_dir = run_dir_for(config)
+  os.makedirs(run_dir, exist_ok=True)
+  model = common.load_policy_model(config.model, seed=config.seed)
+  task = load_task(model)
+  subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
+  if len(subset) < 1:
+    raise ValueError(f"The perfectible subset is empty ({subset_path}); widen "
+                     "--config.perfectible.low/high or use a stronger base model")
+
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=config.learning_rate,
+                                             grad_clip=config.grad_clip))
+  state = TrainState.create(model.params, optimizer, seed=config.seed,
+                            loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
+  checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
+  updates_per_step = rl_config.num_minibatches * rl_config.epochs
+  start_step = 0
+  if checkpointer.latest_step() is not None:
+    state, _ = checkpointer.restore(state)
+    start_step = int(state.step) // updates_per_step
+    print(f"resuming {run_dir} from the checkpoint after RL step {start_step}")
+  # Metrics are logged at steps 1..steps; a checkpoint after step k keeps lines 1..k.
+  writer = results.RunWriter(run_dir, config.to_dict(), resume=True, resume_step=start_step + 1)
+
+  print(f"model: {model.description}")
+  print(f"run: {config.algorithm} / {config.precision} / engine {config.engine} / seed "
+        f"{config.seed}; {len(subset)} perfectible problems (mean base pass rate "
+        f"{np.mean(rates):.2f}) from {subset_path}")
+  engine = make_engine(config.engine, model.config, state.params, pair.sampler,
+                       workdir=run_dir, tokenizer_dir=model.tokenizer_dir,
+                       eos_token_ids=model.eos_token_ids,
+                       max_model_len=task.max_sequence_len() + config.max_new_tokens,
+                       seed=config.seed)
+  history = []
+  started = time.time()
+  try:
+    bar = common.progress(range(start_step, config.steps), desc=f"{config.algorithm}/"
+                          f"{config.precision}", initial=start_step, total=config.steps)
+    for step in bar:
+      problems = step_problems(subset, step, config.prompts_per_step, config.seed)
+      state, metrics = rl_iteration(
+          state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
+          engine=engine, prompts=task.prompt_ids(problems),
+          reward_fn=lambda rollout, problems=problems: task.rewards(problems, rollout),
+          rl_config=rl_config, seed=config.seed * 1_000_003 + step)
+      metrics["train/updates"] = float(state.step)
+      writer.write(step + 1, metrics)
+      history.append(metrics)
+      bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                      mismatch=f"{metrics['mismatch/prob_diff_mean']:.1e}",
+                      len=f"{metrics['response/length_mean']:.0f}")
+      if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+        checkpointer.save(state, extra={"rl_step": step + 1})
+  finally:
+    engine.close()
+    writer.close()
+    checkpointer.close()
+  frame = results.read_metrics(run_dir)
+  summary = {
+      "run_dir": run_dir,
+      "final_reward": float(frame["reward/mean"].iloc[-1]),
+      "best_reward": float(frame["reward/mean"].max()),
+      "mean_prob_diff": float(frame["mismatch/prob_diff_mean"].mean()),
+      "minutes": (time.time() - started) / 60,
+  }
+  results.plot_curves(frame.assign(precision=config.precision, algorithm=config.algorithm),
+                      "reward/mean", path=os.path.join(run_dir, "plots", "reward.png"))
+  print(f"done: final reward {summary['final_reward']:.3f}, best {summary['best_reward']:.3f}, "
+        f"mean |pi-mu| {summary['mean_prob_diff']:.2e} ({summary['minutes']:.1f} min) -> "
+        f"{run_dir}")
+  return summary
+
+
+def main(argv):
+  del argv
+  common.quiet_logs()
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

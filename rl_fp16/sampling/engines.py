@@ -1,0 +1,169 @@
+"""One rollout interface over the two inference engines.
+
+An engine is built from our params and a sampler `DtypePolicy`, samples `Rollout`s, and takes new
+params at every weight sync:
+
+    engine = make_engine("vllm", model_config, params, policy, workdir=run_dir)
+    rollout = engine.generate(prompts, n=8, sampling=SamplingConfig(...), seed=step)
+    sync_seconds = engine.update_params(new_params)
+    engine.close()
+
+`"jax"` is the in-process JAX sampler (KV-cache forward of our decoder); `"vllm"` is real vLLM,
+started from a Hugging Face directory written by `save_hf` and synced in memory with
+`to_hf_state_dict` afterwards. vLLM serves in the policy's compute dtype with its own kernels, so
+the policy's per-op dtypes (norm, softmax, logits) do not apply to it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from rl_fp16.checkpoints import save_hf, to_hf_state_dict
+from rl_fp16.models import ModelConfig, token_logprobs
+from rl_fp16.precision import DtypePolicy, cast_floating, dtype_name
+from rl_fp16.sampling import jax_sampler
+from rl_fp16.sampling.jax_sampler import SamplingConfig
+from rl_fp16.sampling.rollout import Rollout
+
+ENGINES = ("jax", "vllm")
+
+
+class Engine(Protocol):
+  name: str
+  policy: DtypePolicy
+
+  def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int,
+               sampling: SamplingConfig, seed: int) -> Rollout:
+    ...
+
+  def update_params(self, params: Any) -> float:
+    ...
+
+  def close(self) -> None:
+    ...
+
+
+class JaxEngine:
+  """The in-process JAX sampler holding its own copy of the weights in `policy.param_dtype`."""
+
+  name = "jax"
+
+  def __init__(self, model_config: ModelConfig, params: Any, policy: DtypePolicy, *,
+               eos_token_ids: Sequence[int] | None = None, prompt_bucket: int = 16,
+               batch_bucket: int = 8):
+    self.model_config, self.policy = model_config, policy
+    self.eos_token_ids = eos_token_ids
+    self.prompt_bucket, self.batch_bucket = prompt_bucket, batch_bucket
+    self.params = None
+    self.last_sync_s = self.update_params(params)
+
+  def update_params(self, params: Any) -> float:
+    """Copies the trainer's params into the engine's storage dtype; returns seconds."""
+    start = time.perf_counter()
+    self.params = jax.block_until_ready(cast_floating(params, self.policy.param_dtype))
+    self.last_sync_s = time.perf_counter() - start
+    return self.last_sync_s
+
+  def generate(self, prompt_token_ids, *, n, sampling, seed) -> Rollout:
+    return jax_sampler.generate(self.model_config, self.params, prompt_token_ids,
+                                policy=self.policy, n=n, sampling=sampling,
+                                rng=jax.random.key(seed), eos_token_ids=self.eos_token_ids,
+                                prompt_bucket=self.prompt_bucket, batch_bucket=self.batch_bucket)
+
+  def close(self) -> None:
+    self.params = None
+
+
+class VllmEngine:
+  """Real vLLM in this process, fed by checkpoint conversion."""
+
+  name = "vllm"
+
+  def __init__(self, model_config: ModelConfig, params: Any, policy: DtypePolicy, *,
+               workdir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+               eos_token_ids: Sequence[int] | None = None, max_model_len: int = 2048,
+               seed: int = 0, **vllm_options):
+    from rl_fp16.sampling.vllm_sampler import VllmConfig, VllmSampler  # heavy import
+
+    self.model_config, self.policy = model_config, policy
+    self.dtype = dtype_name(policy.compute_dtype)
+    eos = list(model_config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    if len(eos) > 1:
+      raise ValueError(f"The vLLM engine stops on one eos token id, got {eos}")
+    self.eos_token_id = eos[0] if eos else None
+    self.model_dir = os.path.join(os.fspath(workdir), f"vllm_init_{self.dtype}")
+    start = time.perf_counter()
+    save_hf(self.model_dir, model_config, params, dtype=self.dtype, tokenizer_dir=tokenizer_dir)
+    self.sampler = VllmSampler(self.model_dir, VllmConfig(dtype=self.dtype,
+                                                          max_model_len=max_model_len,
+                                                          seed=seed, **vllm_options))
+    self.start_s = time.perf_counter() - start
+    self.last_sync_s = 0.0
+
+  def update_params(self, params: Any) -> float:
+    """Pushes params in memory (`to_hf_state_dict` -> vLLM reload); returns seconds."""
+    start = time.perf_counter()
+    self.sampler.update_weights(to_hf_state_dict(self.model_config, params, self.dtype))
+    self.last_sync_s = time.perf_counter() - start
+    return self.last_sync_s
+
+  def update_params_from_dir(self, params: Any, directory: str | os.PathLike) -> float:
+    """The fallback sync: write an HF directory and have vLLM re-read it; returns seconds."""
+    start = time.perf_counter()
+    save_hf(directory, self.model_config, params, dtype=self.dtype)
+    self.sampler.update_weights_from_dir(os.fspath(directory))
+    self.last_sync_s = time.perf_counter() - start
+    return self.last_sync_s
+
+  def generate(self, prompt_token_ids, *, n, sampling, seed) -> Rollout:
+    if sampling.top_k or sampling.top_p < 1.0:
+      raise ValueError(
+          f"top_k={sampling.top_k} / top_p={sampling.top_p} with vLLM: its log-probs would be "
+          "renormalised over the kept tokens, shifting importance ratios; use top_k=0, top_p=1")
+    return self.sampler.generate(prompt_token_ids, n=n, max_new_tokens=sampling.max_new_tokens,
+                                 temperature=sampling.temperature, seed=seed,
+                                 eos_token_id=self.eos_token_id)
+
+  def close(self) -> None:
+    self.sampler.close()
+
+
+def make_engine(name: str, model_config: ModelConfig, params: Any, policy: DtypePolicy,
+                **kwargs) -> Engine:
+  """`name` in ("jax", "vllm"); kwargs go to the engine (vLLM needs `workdir`)."""
+  if name == "jax":
+    kwargs = {k: v for k, v in kwargs.items()
+              if k in ("eos_token_ids", "prompt_bucket", "batch_bucket")}
+    return JaxEngine(model_config, params, policy, **kwargs)
+  if name == "vllm":
+    kwargs.pop("prompt_bucket", None)
+    kwargs.pop("batch_bucket", None)
+    return VllmEngine(model_config, params, policy, **kwargs)
+  raise ValueError(f"Unknown engine {name!r}; allowed: {list(ENGINES)}")
+
+
+def batched_token_logprobs(model_config: ModelConfig, params: Any, rollout: Rollout, *,
+                           policy: DtypePolicy, temperature: float = 1.0,
+                           batch_size: int = 64) -> np.ndarray:
+  """The trainer's log-probs of a rollout's response tokens, float32 [B, T] aligned with
+  `rollout.logp_sampler` (0 on padding), computed `batch_size` rows at a time."""
+  tokens, attention_mask, _ = rollout.full_sequence()
+  prompt_len = rollout.prompt_tokens.shape[1]
+  rows = tokens.shape[0]
+  out = []
+  for start in range(0, rows, batch_size):
+    chunk = slice(start, min(start + batch_size, rows))
+    t, m = tokens[chunk], attention_mask[chunk]
+    pad = batch_size - t.shape[0] if rows > batch_size else 0
+    if pad:
+      t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
+      m = np.concatenate([m, np.repeat(m[-1:], pad, 0)])
+    logp = np.asarray(token_logprobs(model_config, params, t, policy=policy, attention_mask=m,
+                                     temperature=temperature))
+    out.append(logp[:t.shape[0] - pad, prompt_len:])
+  return np.concatenate(out) * rollout.response_mask

@@ -1,0 +1,119 @@
+"""The RL step and iteration, and the experiment's resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from rl_fp16 import objectives
+from rl_fp16.checkpoints.train_state import TrainState
+from rl_fp16.data import synthetic, tokenizer
+from rl_fp16.data.tasks import SyntheticTask
+from rl_fp16.checkpoints import load_hf
+from rl_fp16.precision import default_loss_scale_config, get_precision_pair, init_loss_scale
+from rl_fp16.sampling.engines import JaxEngine
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DESIGN_NAMES = ("reward/mean", "reward/accuracy", "response/length_mean",
+                "mismatch/prob_diff_mean", "mismatch/prob_diff_max", "mismatch/kl_k1",
+                "mismatch/kl_k3", "mismatch/seq_log_ratio_mean", "is/token_weight_max",
+                "is/seq_weight_p99", "is/frac_truncated", "is/frac_masked", "train/loss",
+                "train/grad_norm", "train/loss_scale", "train/skipped_steps", "train/clip_frac",
+                "train/entropy", "time/sample_s", "time/update_s", "time/sync_s",
+                "perf/tokens_per_s", "time/score_s", "time/logp_s")
+
+
+def _setup(model_dir, precision, algorithm):
+  config, params = load_hf(model_dir)
+  task = SyntheticTask(synthetic.load_task_config(model_dir), tokenizer.load_tokenizer(model_dir))
+  pair = get_precision_pair(precision)
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
+  state = TrainState.create(params, optimizer, seed=0,
+                            loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
+  engine = JaxEngine(config, params, pair.sampler, eos_token_ids=[task.tokenizer.eos_id])
+  rl_config = RLConfig(algorithm=algorithm, samples_per_prompt=4, num_minibatches=2,
+                       max_new_tokens=24,
+                       loss=objectives.LossConfig(max_response_len=24))
+  return config, task, pair, optimizer, state, engine, rl_config
+
+
+@pytest.mark.parametrize("algorithm,precision", [("grpo", "bf16"), ("grpo_token_tis", "fp16"),
+                                                 ("gspo", "fp32"), ("pg_seq_is", "bf16-fp16")])
+def test_rl_iteration_updates_and_logs(tiny_task_model_dir, algorithm, precision):
+  config, task, pair, optimizer, state, engine, rl_config = _setup(tiny_task_model_dir, precision,
+                                                                   algorithm)
+  problems = task.problems(2, seed=0)
+  # A reward that varies within groups, so advantages are non-zero even for an untrained model.
+  reward_fn = lambda rollout: (rollout.response_lengths % 2).astype(np.float32)
+  before = jax.tree_util.tree_map(np.asarray, state.params)
+  state, metrics = rl_iteration(state, model_config=config, trainer_policy=pair.trainer,
+                                optimizer=optimizer, engine=engine,
+                                prompts=task.prompt_ids(problems), reward_fn=reward_fn,
+                                rl_config=rl_config, seed=0)
+  assert set(DESIGN_NAMES) <= set(metrics)
+  assert int(state.step) == 2  # two minibatch updates
+  assert metrics["train/skipped_steps"] == 0
+  assert np.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
+  changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, np.asarray(b)), before,
+                                   state.params)
+  assert any(jax.tree_util.tree_leaves(changed))
+  # The engine was synced: it now holds the updated params (in its storage dtype).
+  np.testing.assert_array_equal(
+      np.asarray(engine.params["norm"]["scale"]),
+      np.asarray(state.params["norm"]["scale"]).astype(pair.sampler.param_dtype))
+  if precision == "fp16":
+    assert metrics["train/loss_scale"] == 2.0**15
+  if precision == "fp32":
+    assert metrics["mismatch/logp_diff_max"] < 1e-4
+
+
+def test_rl_config_errors():
+  with pytest.raises(ValueError, match="'ppo'.*grpo"):
+    RLConfig(algorithm="ppo")
+  with pytest.raises(ValueError, match="'rloo'"):
+    RLConfig(advantage="rloo")
+
+
+def _rl_command(model_dir, out_dir, steps):
+  return [sys.executable, "-m", "experiments.rl", "--config=experiments/configs/sanity.py",
+          f"--config.model={model_dir}", "--config.engine=jax", f"--config.steps={steps}",
+          "--config.prompts_per_step=2", "--config.samples_per_prompt=4",
+          "--config.max_new_tokens=24", "--config.checkpoint_every=1",
+          "--config.learning_rate=1e-3", f"--config.output_dir={out_dir}"]
+
+
+def _metrics(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [{k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))} for row in rows]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_identically(tiny_task_model_dir, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  steps = 4
+  reference = tmp_path / "reference"
+  subprocess.run(_rl_command(tiny_task_model_dir, reference, steps), cwd=REPO, env=env,
+                 check=True, capture_output=True)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_rl_command(tiny_task_model_dir, killed, steps), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  metrics_file = killed / "metrics.jsonl"
+  while time.time() < deadline:
+    if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert len(_metrics(killed)) < steps  # it really died mid-run
+  subprocess.run(_rl_command(tiny_task_model_dir, killed, steps), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  assert _metrics(killed) == _metrics(reference)
