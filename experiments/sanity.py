@@ -1,0 +1,63 @@
+r"""The README's main job: the sanity experiment in BF16 and in FP16, then a comparison.
+
+Runs `experiments.rl` once per precision in `--compare` (same algorithm, seed and data), prints
+final and best reward and the mismatch of each, and plots reward and mismatch curves side by side.
+
+    python -m experiments.sanity --config=experiments/configs/sanity.py [--compare=bf16,fp16]
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import common
+from experiments import rl
+from rl_fp16 import results
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=False)
+_COMPARE = flags.DEFINE_list("compare", ["bf16", "fp16"], "Precisions to run and compare.")
+
+
+def compare(config, precisions) -> dict:
+  summaries = {}
+  run_dirs = []
+  for precision in precisions:
+    run_config = copy.deepcopy(config)
+    run_config.precision = precision
+    summaries[precision] = rl.run(run_config)
+    run_dirs.append(summaries[precision]["run_dir"])
+  experiment_dir = os.path.commonpath(run_dirs)
+  frame = results.load_runs(experiment_dir, settings=["algorithm", "precision", "seed"])
+  frame = frame[frame["run"].isin([os.path.relpath(d, experiment_dir) for d in run_dirs])]
+  plots = os.path.join(experiment_dir, "plots")
+  os.makedirs(plots, exist_ok=True)
+  for metric, name in (("reward/mean", "reward"), ("mismatch/prob_diff_mean", "mismatch"),
+                       ("mismatch/kl_k3", "kl_k3")):
+    results.plot_curves(frame, metric, hue="precision", col="algorithm",
+                        logy=metric.startswith("mismatch"),
+                        path=os.path.join(plots, f"compare_{name}_{config.algorithm}.png"))
+  print(f"\n{config.algorithm}, seed {config.seed}, {config.steps} steps, engine {config.engine}:")
+  print(f"{'precision':>10} {'final reward':>13} {'best reward':>12} {'mean |pi-mu|':>13} "
+        f"{'minutes':>8}")
+  for precision, s in summaries.items():
+    print(f"{precision:>10} {s['final_reward']:>13.3f} {s['best_reward']:>12.3f} "
+          f"{s['mean_prob_diff']:>13.2e} {s['minutes']:>8.1f}")
+  print(f"plots: {plots}")
+  return summaries
+
+
+def main(argv):
+  del argv
+  common.quiet_logs()
+  compare(_CONFIG.value, _COMPARE.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
