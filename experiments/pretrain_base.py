@@ -20,7 +20,8 @@ from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
-from rl_fp16.checkpoints import save_hf
+from rl_fp16 import results
+from rl_fp16.checkpoints import load_hf, save_hf
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.data import synthetic, tokenizer as tokenizer_lib
 from rl_fp16.data.tasks import SyntheticTask
@@ -67,7 +68,14 @@ def train(config) -> dict:
   policy = get_policy(config.precision)
   optimizer = make_optimizer(OptimizerConfig(learning_rate=config.learning_rate,
                                              warmup_steps=config.warmup_steps))
-  state = TrainState.create(init_params(model_config, jax.random.key(config.seed)), optimizer,
+  if config.init_from:  # continue training an earlier run's output
+    loaded_config, params = load_hf(config.init_from)
+    if loaded_config != model_config:
+      raise ValueError(f"--config.init_from={config.init_from} has config {loaded_config}, "
+                       f"expected {model_config}")
+  else:
+    params = init_params(model_config, jax.random.key(config.seed))
+  state = TrainState.create(params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(policy)),
                             seed=config.seed)
   seq_len = int(-(-task.max_sequence_len() // 32) * 32)
@@ -76,6 +84,11 @@ def train(config) -> dict:
   print(f"model: {model_config.num_params() / 1e6:.2f}M params; seq_len {seq_len}; "
         f"target pass@1 {config.target_pass_rate}")
   log = []
+  if config.init_from:
+    previous = os.path.join(config.init_from, "pretrain_log.json")
+    if os.path.exists(previous):
+      log = list(results.read_json(previous)["log"])
+  step_offset = log[-1]["step"] if log else 0
   start = time.time()
   rate = 0.0
   bar = common.progress(range(1, config.max_steps + 1), desc="pretrain")
@@ -89,11 +102,11 @@ def train(config) -> dict:
     if step % config.eval_every == 0 or step == config.max_steps:
       rate = pass_rate(task, model_config, state.params, eval_problems, seed=step,
                        max_new_tokens=max_new_tokens)
-      entry = {"step": step, "loss": float(metrics["train/loss"]),
+      entry = {"step": step_offset + step, "loss": float(metrics["train/loss"]),
                "token_accuracy": float(metrics["sft/token_accuracy"]), "pass_at_1": rate,
-               "minutes": (time.time() - start) / 60}
+               "minutes": (time.time() - start) / 60, "init_from": config.init_from or None}
       log.append(entry)
-      print(f"\nstep {step}: loss {entry['loss']:.4f} token acc {entry['token_accuracy']:.4f} "
+      print(f"\nstep {step_offset + step}: loss {entry['loss']:.4f} token acc {entry['token_accuracy']:.4f} "
             f"held-out pass@1 {rate:.3f} ({entry['minutes']:.1f} min)")
       if rate >= config.target_pass_rate or entry["minutes"] > config.max_minutes:
         break

@@ -7,6 +7,10 @@ Each step: sample with the engine in the sampler's precision -> rewards -> advan
 logp_old -> minibatch updates -> weight sync. Writes one run directory (config.json,
 metrics.jsonl, TensorBoard events, orbax checkpoints, plots/). Re-running the same command
 resumes from the last checkpoint.
+
+LoRA RL (`--config.lora.enabled=True`, or experiments/configs/lora.py): the train state and its
+checkpoints hold only the adapters (and their optimizer state); the frozen base is reloaded from
+the model directory on every start and the engine gets the merged weights.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 import numpy as np
 
@@ -24,8 +29,9 @@ from rl_fp16 import objectives, results
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data import perfectible
 from rl_fp16.data.tasks import SyntheticTask, problem_from_record
-from rl_fp16.precision import (default_loss_scale_config, get_policy, get_precision_pair,
-                               init_loss_scale)
+from rl_fp16.models import lora as lora_lib
+from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_policy,
+                               get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.engines import JaxEngine, make_engine
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
 
@@ -48,6 +54,19 @@ def load_task(model) -> SyntheticTask:
                        tokenizer.load_tokenizer(model.tokenizer_dir))
 
 
+def build_subset(model, task: SyntheticTask, *, pool: int, k: int, low: float, high: float,
+                 max_new_tokens: int, seed: int):
+  """The perfectible subset of `pool` fresh problems: pass rate over k samples in [low, high].
+
+  Sampled with the fp32 JAX engine at temperature 1, so the subset does not depend on the
+  precision under study.
+  """
+  engine = JaxEngine(model.config, model.params, get_policy("fp32", "sampler"),
+                     eos_token_ids=model.eos_token_ids, batch_bucket=64)
+  return task.pass_rates_subset(engine, task.problems(pool, seed=seed + 77), k=k, low=low,
+                                high=high, max_new_tokens=max_new_tokens, seed=seed)
+
+
 def load_or_build_subset(config, model, task: SyntheticTask, run_dir: str):
   """The perfectible problems: shipped with the model, cached in the run dir, or built now."""
   for path in (os.path.join(model.tokenizer_dir, PERFECTIBLE_FILE),
@@ -57,14 +76,19 @@ def load_or_build_subset(config, model, task: SyntheticTask, run_dir: str):
       return [problem_from_record(r) for r in records], rates, path
   pc = config.perfectible
   print(f"building the perfectible subset: {pc.pool} problems x {pc.k} samples (fp32 JAX engine)")
-  engine = JaxEngine(model.config, model.params, get_policy("fp32", "sampler"),
-                     eos_token_ids=model.eos_token_ids)
-  subset, rates = task.pass_rates_subset(engine, task.problems(pc.pool, seed=config.seed + 77),
-                                         k=pc.k, low=pc.low, high=pc.high,
-                                         max_new_tokens=config.max_new_tokens, seed=config.seed)
+  subset, rates = build_subset(model, task, pool=pc.pool, k=pc.k, low=pc.low, high=pc.high,
+                               max_new_tokens=config.max_new_tokens, seed=config.seed)
   path = os.path.join(run_dir, PERFECTIBLE_FILE)
   perfectible.write_subset(path, subset, rates)
   return subset, rates, path
+
+
+def make_lora_config(config) -> lora_lib.LoraConfig | None:
+  """`config.lora` as a `LoraConfig`, or None when absent or not enabled."""
+  lora = config.get("lora")
+  if lora is None or not lora.enabled:
+    return None
+  return lora_lib.LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
 
 
 def make_rl_config(config) -> RLConfig:
@@ -72,7 +96,8 @@ def make_rl_config(config) -> RLConfig:
   return RLConfig(algorithm=config.algorithm, advantage=config.advantage, loss=loss,
                   samples_per_prompt=config.samples_per_prompt,
                   num_minibatches=config.num_minibatches, epochs=config.epochs,
-                  temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+                  temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                  lora=make_lora_config(config))
 
 
 def step_problems(subset, step: int, prompts_per_step: int, seed: int):
@@ -100,23 +125,42 @@ def run(config) -> dict:
 
   optimizer = make_optimizer(OptimizerConfig(learning_rate=config.learning_rate,
                                              grad_clip=config.grad_clip))
-  state = TrainState.create(model.params, optimizer, seed=config.seed,
+  base_params, trainable = None, model.params
+  if rl_config.lora is not None:
+    # The frozen base, held like full fine-tuning's master weights (the trainer's param dtype);
+    # the train state (and so every checkpoint) holds only the adapters.
+    base_params = cast_floating(model.params, pair.trainer.param_dtype)
+    trainable = lora_lib.init_lora(rl_config.lora, base_params,
+                                   jax.random.key(config.seed + 1_000_033))
+  state = TrainState.create(trainable, optimizer, seed=config.seed,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
   updates_per_step = rl_config.num_minibatches * rl_config.epochs
   start_step = 0
   if checkpointer.latest_step() is not None:
-    state, _ = checkpointer.restore(state)
+    try:
+      state, _ = checkpointer.restore(state)
+    except (ValueError, KeyError) as e:
+      raise ValueError(
+          f"The checkpoint in {checkpointer.directory} does not fit this run's train state "
+          f"(LoRA {'on' if rl_config.lora else 'off'}: {rl_config.lora}); was it written with "
+          "another --config.lora? Use another --config.output_dir.") from e
     start_step = int(state.step) // updates_per_step
     print(f"resuming {run_dir} from the checkpoint after RL step {start_step}")
   # Metrics are logged at steps 1..steps; a checkpoint after step k keeps lines 1..k.
   writer = results.RunWriter(run_dir, config.to_dict(), resume=True, resume_step=start_step + 1)
 
   print(f"model: {model.description}")
+  if rl_config.lora is not None:
+    lc = rl_config.lora
+    print(f"LoRA: rank {lc.rank}, alpha {lc.alpha}, targets {list(lc.targets)}; "
+          f"{lora_lib.num_params(state.params):,} trainable params (base frozen)")
   print(f"run: {config.algorithm} / {config.precision} / engine {config.engine} / seed "
         f"{config.seed}; {len(subset)} perfectible problems (mean base pass rate "
         f"{np.mean(rates):.2f}) from {subset_path}")
-  engine = make_engine(config.engine, model.config, state.params, pair.sampler,
+  policy_params = (state.params if base_params is None
+                   else lora_lib.merge_lora(base_params, state.params, rl_config.lora))
+  engine = make_engine(config.engine, model.config, policy_params, pair.sampler,
                        workdir=run_dir, tokenizer_dir=model.tokenizer_dir,
                        eos_token_ids=model.eos_token_ids,
                        max_model_len=task.max_sequence_len() + config.max_new_tokens,
@@ -132,7 +176,7 @@ def run(config) -> dict:
           state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
           engine=engine, prompts=task.prompt_ids(problems),
           reward_fn=lambda rollout, problems=problems: task.rewards(problems, rollout),
-          rl_config=rl_config, seed=config.seed * 1_000_003 + step)
+          rl_config=rl_config, seed=config.seed * 1_000_003 + step, base_params=base_params)
       metrics["train/updates"] = float(state.step)
       writer.write(step + 1, metrics)
       history.append(metrics)

@@ -168,6 +168,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
   write_text_atomic(path, text + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+  """Reads a JSON file written by `write_json_atomic`; errors name the file."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no JSON file at {path!r}")
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"corrupt JSON file {path!r}: {e}") from e
+
+
 # ------------------------------------------------------------------------------------------------
 # Steps, metric values and metrics.jsonl lines.
 

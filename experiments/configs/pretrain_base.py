@@ -29,5 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.target_pass_rate = 0.35
   config.max_minutes = 22.0
   config.precision = "fp32"
+  # A directory written by an earlier run to continue from (same architecture); "" = from scratch.
+  config.init_from = ""
   config.output_dir = "experiments/assets/tiny_base"
   return config

@@ -35,6 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Perfectible subset: problems the base model solves with pass rate in [low, high] over k
   # samples (fp32 JAX engine). A model directory may ship it as perfectible.jsonl.
   config.perfectible = ml_collections.ConfigDict(dict(pool=256, k=16, low=0.2, high=0.8))
+  # LoRA RL: train rank-`rank` adapters on the listed projections, the base frozen (see
+  # experiments/configs/lora.py). Disabled: full fine-tuning.
+  config.lora = ml_collections.ConfigDict(dict(
+      enabled=False, rank=1, alpha=2.0,
+      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
   config.checkpoint_every = 10
   config.output_dir = "runs/sanity/{algorithm}_{precision}_seed{seed}"
   return config
