@@ -1,0 +1,218 @@
+"""The XManager launch scripts: job lists (--dry_run), sweep helpers, and a real local sweep."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import pytest
+
+from launch import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RL = ("--override=engine=jax", "--override=steps=2", "--override=prompts_per_step=2",
+           "--override=samples_per_prompt=4", "--override=max_new_tokens=24")
+
+
+def _launch(script, *args, timeout=60):
+  """Runs `python -m launch.SCRIPT ARGS...` from the repository root."""
+  return subprocess.run([sys.executable, "-m", f"launch.{script}", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _jobs_of(dry_run_output):
+  """{job name: (run_dir, command)} from a --dry_run listing."""
+  jobs, lines = {}, dry_run_output.splitlines()
+  for index, line in enumerate(lines):
+    if line.startswith("["):
+      name = line.split("] ", 1)[1]
+      run_dir = lines[index + 1].removeprefix("  run_dir: ")
+      command = lines[index + 2].removeprefix("  command: ")
+      jobs[name] = (run_dir, command)
+  return jobs
+
+
+@pytest.fixture(name="parsed_flags")
+def _parsed_flags():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def test_sweep_choices_match_the_library():
+  from rl_fp16 import objectives, precision  # pylint: disable=g-import-not-at-top
+  assert sweep.ALGORITHMS == tuple(objectives.ALGORITHMS)
+  assert set(sweep.PRECISIONS) == set(precision.PRESETS)
+
+
+def test_make_jobs_names_dirs_and_flags(tmp_path):
+  variants = [{"algorithm": "grpo", "precision": p, "seed": 0} for p in ("bf16", "bf16-fp16")]
+  jobs = sweep.make_jobs(variants, module=sweep.RL_MODULE, config_file=sweep.RL_CONFIG,
+                         experiment_dir=str(tmp_path), overrides={"steps": "10"})
+  assert [job.name for job in jobs] == ["grpo_bf16_seed0", "grpo_bf16-fp16_seed0"]
+  assert jobs[1].run_dir == str(tmp_path / "grpo_bf16-fp16_seed0")
+  assert jobs[1].flags() == [
+      f"--config={REPO}/experiments/configs/sanity.py", "--config.algorithm=grpo",
+      "--config.precision=bf16-fp16", "--config.seed=0", "--config.steps=10",
+      f"--config.output_dir={tmp_path}/grpo_bf16-fp16_seed0"]
+  assert jobs[0].command()[:3] == [sys.executable, "-m", "experiments.rl"]
+  assert jobs[0].command("vertex")[3] == "--config=/rl_fp16/experiments/configs/sanity.py"
+
+
+def test_make_jobs_errors(tmp_path):
+  variant = {"algorithm": "grpo", "precision": "fp16", "seed": 0}
+  kwargs = dict(module=sweep.RL_MODULE, config_file=sweep.RL_CONFIG, experiment_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="varies"):
+    sweep.make_jobs([variant], overrides={"precision": "bf16"}, **kwargs)
+  with pytest.raises(ValueError, match="output_dir"):
+    sweep.make_jobs([variant], overrides={"output_dir": "/x"}, **kwargs)
+  with pytest.raises(ValueError, match="both get run name"):
+    sweep.make_jobs([variant, dict(variant)], **kwargs)
+  with pytest.raises(ValueError, match="needs 'engine'"):
+    sweep.make_jobs([variant], name="{engine}", **kwargs)
+  with pytest.raises(ValueError, match="not a plain directory name"):
+    sweep.make_jobs([{**variant, "algorithm": "a/b"}], **kwargs)
+  with pytest.raises(ValueError, match="no jobs"):
+    sweep.make_jobs([], **kwargs)
+
+
+def test_parse_overrides():
+  assert sweep.parse_overrides(["steps=10", "config.engine=jax", "--config.loss.x=a=b"]) == {
+      "steps": "10", "engine": "jax", "loss.x": "a=b"}
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    sweep.parse_overrides(["steps"])
+
+
+@pytest.mark.slow  # Importing Vertex AI's client library alone takes tens of seconds.
+@pytest.mark.parametrize("executor", ["vertex", "kubernetes"])
+def test_cloud_jobs_build_without_launching(parsed_flags, executor):
+  del parsed_flags
+  job = sweep.make_jobs([{"algorithm": "gspo", "precision": "fp16", "seed": 1}],
+                        module=sweep.RL_MODULE, config_file=sweep.RL_CONFIG,
+                        experiment_dir="/gcs/bucket/runs")[0]
+  xm_executor = sweep.make_executor(executor)
+  packageable = sweep.make_packageable(job.module, xm_executor)
+  assert type(packageable.executable_spec).__name__ == "PythonContainer"
+  assert packageable.executable_spec.entrypoint.module_name == "experiments.rl"
+  xm_job = sweep.make_xm_job(job, packageable, executor)
+  assert xm_job.args.to_list() == job.flags(sweep.CLOUD_WORKDIR)
+  assert xm_job.name == "gspo_fp16_seed1"
+
+
+def test_sanity_sweep_dry_run(tmp_path):
+  exp = tmp_path / "exp"
+  result = _launch("sanity_sweep", "--dry_run", "--algorithms=grpo,gspo",
+                   "--precisions=bf16,fp16", "--seeds=0,1", "--override=steps=3",
+                   f"--experiment_dir={exp}", "--max_parallel=2")
+  assert result.returncode == 0, result.stderr
+  assert "8 job(s), executor local, at most 2 at a time" in result.stdout
+  jobs = _jobs_of(result.stdout)
+  assert sorted(jobs) == sorted(f"{a}_{p}_seed{s}" for a in ("grpo", "gspo")
+                                for p in ("bf16", "fp16") for s in (0, 1))
+  run_dir, command = jobs["gspo_fp16_seed1"]
+  assert run_dir == str(exp / "gspo_fp16_seed1")
+  assert command.endswith(
+      "-m experiments.rl --config=" + os.path.join(REPO, "experiments/configs/sanity.py")
+      + " --config.algorithm=gspo --config.precision=fp16 --config.seed=1 --config.steps=3"
+      f" --config.output_dir={run_dir}")
+  assert not exp.exists()  # A dry run writes nothing.
+
+
+def test_sanity_sweep_defaults_are_the_papers_algorithms(tmp_path):
+  result = _launch("sanity_sweep", "--dry_run", f"--experiment_dir={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  assert sorted(_jobs_of(result.stdout)) == sorted(
+      f"{a}_{p}_seed0" for a in ("grpo", "grpo_token_tis", "gspo", "pg_seq_is", "grpo_seq_mis",
+                                 "pg_seq_mis") for p in ("bf16", "fp16"))
+
+
+def test_precision_ablation_dry_run(tmp_path):
+  result = _launch("precision_ablation", "--dry_run", f"--experiment_dir={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  jobs = _jobs_of(result.stdout)
+  pairs = [t if t == s else f"{t}-{s}" for t in ("bf16", "fp16", "fp32")
+           for s in ("bf16", "fp16", "fp32")]
+  assert sorted(jobs) == sorted(f"grpo_{pair}_seed0" for pair in pairs)
+  assert "--config.precision=fp32-bf16 " in jobs["grpo_fp32-bf16_seed0"][1]
+  assert "--config.precision=fp16 " in jobs["grpo_fp16_seed0"][1]
+
+
+def test_offline_mismatch_dry_run(tmp_path):
+  result = _launch("offline_mismatch", "--dry_run", "--engines=jax,vllm",
+                   "--precisions=bf16,fp16,bf16-fp16", f"--experiment_dir={tmp_path}",
+                   "--override=num_prompts=2")
+  assert result.returncode == 0, result.stderr
+  jobs = _jobs_of(result.stdout)
+  assert sorted(jobs) == ["offline_jax_seed0", "offline_vllm_seed0"]
+  command = jobs["offline_vllm_seed0"][1]
+  assert "-m experiments.offline_mismatch" in command
+  assert "--config.engine=vllm --config.precisions=bf16,fp16,bf16-fp16" in command
+  assert "--config.num_prompts=2" in command
+
+
+def test_cloud_executor_dry_run(tmp_path):
+  result = _launch("sanity_sweep", "--dry_run", "--executor=vertex", "--algorithms=grpo",
+                   "--precisions=fp16", f"--experiment_dir={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  assert "executor vertex" in result.stdout
+  assert "command: python -m experiments.rl --config=/rl_fp16/experiments/configs/sanity.py" in (
+      result.stdout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--algorithms=ppo"], "choose from"),
+    (["--precisions=fp8"], "precision 'fp8'"),
+    (["--seeds=a"], "must be integers"),
+    (["--override=algorithm=gspo"], "varies"),
+    (["--max_parallel=0"], "max_parallel"),
+    (["--executor=vertex", "--cloud_accelerator=XYZ"], "Unknown ResourceType"),
+])
+def test_bad_flags_fail_clearly(tmp_path, args, message):
+  result = _launch("sanity_sweep", "--dry_run", f"--experiment_dir={tmp_path}", *args)
+  assert result.returncode != 0
+  assert message in result.stderr + result.stdout
+
+
+def _db_flag(tmp_path):
+  """Keeps XManager's experiment database in tmp_path instead of ~/.xmanager."""
+  config = tmp_path / "xm_db.yaml"
+  config.write_text("sql_connector: sqlite\nsql_connection_settings:\n  backend: sqlite\n"
+                    f"  db_name: {tmp_path / 'xm.sqlite3'}\n")
+  return f"--xm_db_yaml_config_path={config}"
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_through_xmanager(tmp_path, tiny_task_model_dir):
+  exp = tmp_path / "exp"
+  result = _launch("sanity_sweep", "--algorithms=grpo", "--precisions=bf16,fp16", "--seeds=0",
+                   f"--experiment_dir={exp}", "--max_parallel=2", _db_flag(tmp_path),
+                   f"--override=model={tiny_task_model_dir}", *TINY_RL, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "2/2 job(s) succeeded" in result.stdout
+  for name in ("grpo_bf16_seed0", "grpo_fp16_seed0"):
+    # The job's output came back through the local executor, prefixed with the job name.
+    assert f"[{name}] done: final reward" in result.stdout
+    with open(exp / name / "metrics.jsonl") as f:
+      steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2]
+    with open(exp / name / "config.json") as f:
+      config = json.load(f)
+    assert config["precision"] == name.split("_")[1]
+    assert config["output_dir"] == str(exp / name)
+  with open(exp / "sweep_sanity_sweep.json") as f:
+    manifest = json.load(f)
+  assert [(job["name"], job["ok"]) for job in manifest["jobs"]] == [
+      ("grpo_bf16_seed0", True), ("grpo_fp16_seed0", True)]
+
+
+@pytest.mark.slow
+def test_failed_job_is_reported(tmp_path):
+  exp = tmp_path / "exp"
+  result = _launch("sanity_sweep", "--algorithms=grpo", "--precisions=fp16",
+                   f"--experiment_dir={exp}", _db_flag(tmp_path),
+                   f"--override=model={tmp_path / 'missing'}", *TINY_RL, timeout=300)
+  assert result.returncode == 1
+  assert "0/1 job(s) succeeded" in result.stdout
+  assert "FAILED grpo_fp16_seed0" in result.stdout
+  with open(exp / "sweep_sanity_sweep.json") as f:
+    assert json.load(f)["jobs"][0]["ok"] is False
