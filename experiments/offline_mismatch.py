@@ -26,8 +26,6 @@ from rl_fp16.precision import get_policy, get_precision_pair
 from rl_fp16.sampling.engines import batched_token_logprobs, make_engine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
 
 SUMMARY_COLUMNS = (
     ("logp_diff_mean", "mismatch/logp_diff_mean"),
@@ -87,7 +85,7 @@ def layer_view(model, results: dict[str, dict], num_sequences: int) -> dict[str,
   the KV-cache path of our decoder in bf16 and fp16. Keys like "bf16/full", "fp16/kv_cache"; each
   value has one entry per layer boundary (embedding, layer 1..L) and the logits last.
   """
-  from rl_fp16.models import residual_stream, residual_stream_cached  # pylint: disable=g-import-not-at-top
+  from rl_fp16.models import residual_stream, residual_stream_cached  # pylint: disable=g-import-not-at-top,line-too-long
 
   source = results.get("fp32") or next(iter(results.values()))
   tokens, attention_mask, _ = source["rollout"].full_sequence()
@@ -254,9 +252,12 @@ def run(config) -> dict:
 def main(argv):
   del argv
   common.quiet_logs()
-  run(_CONFIG.value)
+  run(flags.FLAGS.config)
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that experiments can import each other.
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                  lock_config=True)
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -20,7 +20,6 @@ from experiments import common
 from experiments import rl
 from rl_fp16.data import perfectible
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 
 
 def build(config) -> dict:
@@ -40,9 +39,12 @@ def build(config) -> dict:
 def main(argv):
   del argv
   common.quiet_logs()
-  build(_CONFIG.value)
+  build(flags.FLAGS.config)
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that experiments can import each other.
+  config_flags.DEFINE_config_file("config", None, "Config file.",
+                                  lock_config=True)
   flags.mark_flags_as_required(["config"])
   app.run(main)

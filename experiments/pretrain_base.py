@@ -31,7 +31,6 @@ from rl_fp16.sampling.engines import JaxEngine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 from rl_fp16.train import OptimizerConfig, make_optimizer, sft_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 
 
 def make_task(config) -> SyntheticTask:
@@ -106,7 +105,8 @@ def train(config) -> dict:
                "token_accuracy": float(metrics["sft/token_accuracy"]), "pass_at_1": rate,
                "minutes": (time.time() - start) / 60, "init_from": config.init_from or None}
       log.append(entry)
-      print(f"\nstep {step_offset + step}: loss {entry['loss']:.4f} token acc {entry['token_accuracy']:.4f} "
+      print(f"\nstep {step_offset + step}: loss {entry['loss']:.4f} "
+            f"token acc {entry['token_accuracy']:.4f} "
             f"held-out pass@1 {rate:.3f} ({entry['minutes']:.1f} min)")
       if rate >= config.target_pass_rate or entry["minutes"] > config.max_minutes:
         break
@@ -124,9 +124,12 @@ def train(config) -> dict:
 def main(argv):
   del argv
   common.quiet_logs()
-  train(_CONFIG.value)
+  train(flags.FLAGS.config)
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that experiments can import each other.
+  config_flags.DEFINE_config_file("config", None, "Config file.",
+                                  lock_config=True)
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
-from rl_fp16 import objectives, results
+from rl_fp16 import objectives, results, sharding
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data import perfectible
 from rl_fp16.data.tasks import SyntheticTask, problem_from_record
@@ -35,8 +35,6 @@ from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_pol
 from rl_fp16.sampling.engines import JaxEngine, make_engine
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
 PERFECTIBLE_FILE = "perfectible.jsonl"
 
 
@@ -137,6 +135,17 @@ def run(config) -> dict:
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
   updates_per_step = rl_config.num_minibatches * rl_config.epochs
   start_step = 0
+  train_step = None
+  if "mesh" in config:  # sharded trainer (experiments/configs/sharded.py)
+    if rl_config.lora is not None:
+      raise ValueError("Sharded LoRA RL is not supported yet; drop --config.mesh or LoRA")
+    mesh = sharding.mesh_from_config(config.mesh)
+    state = sharding.shard_state(state, mesh)  # restore() below keeps these shardings
+    sharded_step = sharding.make_sharded_rl_train_step(
+        model.config, pair.trainer, optimizer, mesh, algorithm=rl_config.algorithm,
+        loss_config=rl_config.loss, temperature=rl_config.temperature, state=state)
+    train_step = lambda s, b: sharded_step(s, sharding.shard_batch(b, mesh))
+    print(f"sharded trainer on mesh {dict(mesh.shape)}")
   if checkpointer.latest_step() is not None:
     try:
       state, _ = checkpointer.restore(state)
@@ -176,7 +185,8 @@ def run(config) -> dict:
           state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
           engine=engine, prompts=task.prompt_ids(problems),
           reward_fn=lambda rollout, problems=problems: task.rewards(problems, rollout),
-          rl_config=rl_config, seed=config.seed * 1_000_003 + step, base_params=base_params)
+          rl_config=rl_config, seed=config.seed * 1_000_003 + step, train_step=train_step,
+          base_params=base_params)
       metrics["train/updates"] = float(state.step)
       writer.write(step + 1, metrics)
       history.append(metrics)
@@ -208,9 +218,14 @@ def run(config) -> dict:
 def main(argv):
   del argv
   common.quiet_logs()
-  run(_CONFIG.value)
+  if "distributed" in flags.FLAGS.config:
+    sharding.initialize_distributed(**flags.FLAGS.config.distributed)
+  run(flags.FLAGS.config)
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that experiments can import each other.
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                  lock_config=True)
   flags.mark_flags_as_required(["config"])
   app.run(main)

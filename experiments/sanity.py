@@ -19,9 +19,6 @@ from experiments import common
 from experiments import rl
 from rl_fp16 import results
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=False)
-_COMPARE = flags.DEFINE_list("compare", ["bf16", "fp16"], "Precisions to run and compare.")
 
 
 def compare(config, precisions) -> dict:
@@ -55,9 +52,13 @@ def compare(config, precisions) -> dict:
 def main(argv):
   del argv
   common.quiet_logs()
-  compare(_CONFIG.value, _COMPARE.value)
+  compare(flags.FLAGS.config, flags.FLAGS.compare)
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that experiments can import each other.
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                  lock_config=False)
+  flags.DEFINE_list("compare", ["bf16", "fp16"], "Precisions to run and compare.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -216,5 +216,5 @@ def value_and_grad(loss_fn, loss_scale: DynamicScale | None, has_aux: bool = Tru
 
 
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-  """Leafwise `jnp.where(pred, a, b)`: applies an update only when `pred` holds (skip on overflow)."""
+  """Leafwise `jnp.where(pred, a, b)`: keeps an update only when `pred` holds (skip on overflow)."""
   return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)

@@ -217,7 +217,8 @@ _merge_lora = jax.jit(merge_lora, static_argnames=("lora_config", "dtype"))
 
 def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy,
                  optimizer: optax.GradientTransformation, engine, prompts: list[list[int]],
-                 reward_fn, rl_config: RLConfig, seed: int, base_params=None
+                 reward_fn, rl_config: RLConfig, seed: int, base_params=None,
+                 train_step: Callable | None = None
                  ) -> tuple[TrainState, dict[str, float]]:
   """sample -> reward -> advantage -> trainer logp_old -> minibatch updates -> weight sync.
 
@@ -274,10 +275,13 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
     for k in range(rl_config.num_minibatches):
       idx = order[k * size:(k + 1) * size]
       minibatch = {key: value[idx] for key, value in batch.items()}
-      lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
-      state, metrics = rl_train_step(model_config, trainer_policy, optimizer, state, minibatch,
-                                     algorithm=rl_config.algorithm, loss_config=rl_config.loss,
-                                     temperature=rl_config.temperature, **lora_args)
+      if train_step is not None:  # e.g. the sharded step of rl_fp16.sharding
+        state, metrics = train_step(state, minibatch)
+      else:
+        lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
+        state, metrics = rl_train_step(model_config, trainer_policy, optimizer, state, minibatch,
+                                       algorithm=rl_config.algorithm, loss_config=rl_config.loss,
+                                       temperature=rl_config.temperature, **lora_args)
       update_metrics.append(jax.device_get(metrics))
   times["time/update_s"] = time.perf_counter() - start
 

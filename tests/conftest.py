@@ -1,4 +1,4 @@
-"""Shared test set-up: CPU JAX, in-process vLLM, and a float32 matmul precision that is exact enough."""
+"""Shared test set-up: CPU JAX, in-process vLLM, and the tiny task model fixture."""
 
 import os
 

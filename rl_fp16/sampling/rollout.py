@@ -20,7 +20,7 @@ class Rollout:
     prompt_tokens: int32 [B, P], left-padded prompts (pad id 0 where ``prompt_mask`` is 0).
     prompt_mask: int32 [B, P], 1 on real prompt tokens.
     response_tokens: int32 [B, T], right-padded responses (pad id 0 where ``response_mask`` is 0).
-    response_mask: int32 [B, T], 1 on generated tokens (the EOS token included when one was sampled).
+    response_mask: int32 [B, T], 1 on generated tokens (a sampled EOS token included).
     logp_sampler: float32 [B, T], log-probability of each sampled token under the distribution it
       was sampled from (the inference engine's mu); 0 where ``response_mask`` is 0.
     finish_reasons: tuple of B strings, ``"eos"`` or ``"length"``.
@@ -44,7 +44,8 @@ class Rollout:
       raise ValueError(f"Rollout prompt arrays {self.prompt_tokens.shape}/{self.prompt_mask.shape} "
                        f"do not match batch size {b}")
     if len(self.finish_reasons) != b:
-      raise ValueError(f"Rollout.finish_reasons has {len(self.finish_reasons)} entries, expected {b}")
+      raise ValueError(f"Rollout.finish_reasons has {len(self.finish_reasons)} entries, "
+                       f"expected {b}")
     bad = set(self.finish_reasons) - {FINISH_EOS, FINISH_LENGTH}
     if bad:
       raise ValueError(f"Rollout.finish_reasons has {sorted(bad)}; allowed: eos, length")
@@ -63,8 +64,8 @@ class Rollout:
 
     Returns:
       tokens int32 [B, P + T], attention_mask int32 [B, P + T] (left pad of the prompt and right pad
-      of the response are 0), loss_mask int32 [B, P + T] (1 on response tokens only). Entry ``P + t``
-      of ``token_logprobs`` on these tokens aligns with ``logp_sampler[:, t]``.
+      of the response are 0), loss_mask int32 [B, P + T] (1 on response tokens only). Entry
+      ``P + t`` of ``token_logprobs`` on these tokens aligns with ``logp_sampler[:, t]``.
     """
     tokens = np.concatenate([self.prompt_tokens, self.response_tokens], axis=1).astype(np.int32)
     attention_mask = np.concatenate([self.prompt_mask, self.response_mask], axis=1).astype(np.int32)
