@@ -3,6 +3,17 @@
 `to_hf_state_dict` gives the tensors a Hugging Face `*ForCausalLM` (and vLLM) expects, in memory;
 `save_hf` writes them as a model directory (atomically); `load_hf` reads one back (any stored dtype,
 single or sharded safetensors) into float32 params.
+
+Mixture-of-experts layers (qwen3_moe) are written in the per-expert layout of the Hugging Face hub
+checkpoints, which transformers 5 writes with `save_pretrained` and vLLM loads:
+
+    model.layers.{i}.mlp.gate.weight [E, D]
+    model.layers.{i}.mlp.experts.{e}.{gate,up}_proj.weight [moe_intermediate_size, D]
+    model.layers.{i}.mlp.experts.{e}.down_proj.weight [D, moe_intermediate_size]
+
+Reading also accepts transformers 5's in-memory fused layout (`model.state_dict()` of a
+`Qwen3MoeForCausalLM`): `mlp.experts.gate_up_proj` [E, 2 * I, D] (gate rows first) and
+`mlp.experts.down_proj` [E, D, I].
 """
 
 from __future__ import annotations
@@ -40,8 +51,12 @@ def _linear_bias(config: ModelConfig, module: str, proj: str) -> bool:
   return config.o_bias if proj == "o_proj" else config.qkv_bias
 
 
-def hf_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
-  """HF tensor name -> (path into our params, HF shape, transposed?) for every tensor of a config."""
+def hf_layout(config: ModelConfig) -> dict[str, tuple[tuple[Any, ...], tuple[int, ...], bool]]:
+  """HF tensor name -> (path into our params, HF shape, transposed?) for every tensor of a config.
+
+  An expert's tensor is one slice of a stacked parameter: its path ends with the expert index (an
+  int), e.g. ("layers_0", "mlp", "experts", "gate_proj", "kernel", 3).
+  """
   d, v = config.hidden_size, config.vocab_size
   h, kv, hd, inter = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                       config.intermediate_size)
@@ -50,12 +65,25 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int
             "down_proj": (d, inter)}
   layout = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), (v, d), False),
             "model.norm.weight": (("norm", "scale"), (d,), False)}
+  sparse_layers = set(config.moe_layers)
+  moe_inter = config.moe_intermediate_size
+  expert_out_in = {"gate_proj": (moe_inter, d), "up_proj": (moe_inter, d),
+                   "down_proj": (d, moe_inter)}
   for i in range(config.num_hidden_layers):
     ours, hf = f"layers_{i}", f"model.layers.{i}"
     layout[f"{hf}.input_layernorm.weight"] = ((ours, "input_layernorm", "scale"), (d,), False)
     layout[f"{hf}.post_attention_layernorm.weight"] = (
         (ours, "post_attention_layernorm", "scale"), (d,), False)
+    if i in sparse_layers:
+      layout[f"{hf}.mlp.gate.weight"] = ((ours, "mlp", "gate", "kernel"),
+                                         (config.num_experts, d), True)
+      for e in range(config.num_experts):
+        for proj, shape in expert_out_in.items():
+          layout[f"{hf}.mlp.experts.{e}.{proj}.weight"] = (
+              (ours, "mlp", "experts", proj, "kernel", e), shape, True)
     for module, projs in _LINEARS.items():
+      if module == "mlp" and i in sparse_layers:
+        continue
       for proj in projs:
         layout[f"{hf}.{module}.{proj}.weight"] = ((ours, module, proj, "kernel"), out_in[proj],
                                                   True)
@@ -74,6 +102,11 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int
 def _numpy_dtype(dtype: Any) -> np.dtype:
   dtype = to_dtype(dtype)
   return np.dtype(ml_dtypes.bfloat16) if dtype_name(dtype) == "bfloat16" else np.dtype(dtype)
+
+
+def _param_path(path: tuple[Any, ...]) -> tuple[str, ...]:
+  """The parameter a layout path names (without a trailing expert index)."""
+  return path[:-1] if isinstance(path[-1], int) else path
 
 
 def _get(params: Params, path: tuple[str, ...]) -> Any:
@@ -101,7 +134,7 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
   """
   np_dtype = _numpy_dtype(dtype)
   layout = hf_layout(config)
-  expected_paths = {path for path, _, _ in layout.values()}
+  expected_paths = {_param_path(path) for path, _, _ in layout.values()}
   unexpected = sorted("/".join(p) for p in _flat_paths(params) if p not in expected_paths)
   if unexpected:
     raise ValueError(f"params hold tensors the {config.model_type} config does not use: "
@@ -109,10 +142,19 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
   host = jax.device_get(params)
   state = {}
   for name, (path, hf_shape, transposed) in layout.items():
+    param = _param_path(path)
     try:
-      value = np.asarray(_get(host, path), np.float32)
+      value = np.asarray(_get(host, param), np.float32)
     except KeyError as e:
-      raise ValueError(f"Missing parameter {'/'.join(path)} (HF tensor {name})") from e
+      raise ValueError(f"Missing parameter {'/'.join(param)} (HF tensor {name})") from e
+    if param != path:  # one expert of a stacked [E, in, out] parameter
+      experts = config.num_experts
+      expected = (experts,) + (hf_shape[::-1] if transposed else hf_shape)
+      if value.shape != expected:
+        raise ValueError(f"Parameter {'/'.join(param)} has shape {value.shape}, expected "
+                         f"{expected} for tensors {name.rsplit('.', 3)[0]}.*")
+      value = value[path[-1]]
+      path = param
     if transposed:
       value = value.T
     if value.shape != hf_shape:
@@ -129,6 +171,7 @@ def from_hf_state_dict(config: ModelConfig, state: Mapping[str, Any]) -> Params:
   does); it must then equal the embedding and is dropped.
   """
   layout = hf_layout(config)
+  state = _split_fused_experts(config, state)
   names = set(state)
   if config.tie_word_embeddings and "lm_head.weight" in names:
     names.discard("lm_head.weight")
@@ -141,6 +184,7 @@ def from_hf_state_dict(config: ModelConfig, state: Mapping[str, Any]) -> Params:
     raise ValueError(f"Checkpoint has unexpected tensor(s) {unexpected[:5]} for a "
                      f"{config.model_type} config")
   params: Params = {}
+  experts: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
   for name, (path, hf_shape, transposed) in layout.items():
     value = np.asarray(state[name])
     if tuple(value.shape) != hf_shape:
@@ -148,11 +192,51 @@ def from_hf_state_dict(config: ModelConfig, state: Mapping[str, Any]) -> Params:
     value = value.astype(np.float32)
     if transposed:
       value = value.T
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(value)
+    if isinstance(path[-1], int):
+      experts.setdefault(path[:-1], {})[path[-1]] = value
+      continue
+    _set(params, path, np.ascontiguousarray(value))
+  for path, by_index in experts.items():
+    _set(params, path, np.stack([by_index[e] for e in range(len(by_index))]))
   return params
+
+
+def _set(params: Params, path: tuple[str, ...], value: np.ndarray) -> None:
+  node = params
+  for key in path[:-1]:
+    node = node.setdefault(key, {})
+  node[path[-1]] = value
+
+
+_FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def _split_fused_experts(config: ModelConfig, state: Mapping[str, Any]) -> Mapping[str, Any]:
+  """Rewrites transformers 5's fused expert tensors into the per-expert names (others as is)."""
+  fused = {name: _FUSED_RE.match(name) for name in state}
+  fused = {name: m for name, m in fused.items() if m}
+  if not fused:
+    return state
+  out = {name: value for name, value in state.items() if name not in fused}
+  inter = config.moe_intermediate_size
+  for name, match in fused.items():
+    prefix, kind = match.groups()
+    value = np.asarray(state[name])
+    if value.ndim != 3 or value.shape[0] != config.num_experts:
+      raise ValueError(f"Tensor {name} has shape {tuple(value.shape)}, expected "
+                       f"[{config.num_experts}, ...] (one slice per expert)")
+    if kind == "gate_up_proj" and value.shape[1] != 2 * inter:
+      raise ValueError(f"Tensor {name} has shape {tuple(value.shape)}, expected "
+                       f"({config.num_experts}, {2 * inter}, {config.hidden_size})")
+    for e in range(value.shape[0]):
+      pieces = ({"gate_proj": value[e, :inter], "up_proj": value[e, inter:]}
+                if kind == "gate_up_proj" else {"down_proj": value[e]})
+      for proj, piece in pieces.items():
+        key = f"{prefix}.{e}.{proj}.weight"
+        if key in state:
+          raise ValueError(f"Checkpoint holds both fused {name} and per-expert {key}")
+        out[key] = piece
+  return out
 
 
 def _safetensors_files(path: str) -> list[str]:

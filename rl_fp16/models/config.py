@@ -1,7 +1,8 @@
 """`ModelConfig`: the subset of a Hugging Face `config.json` our decoder needs.
 
 Families: `qwen2` (q/k/v bias), `llama` (optional `attention_bias` / `mlp_bias`, `llama3` RoPE
-scaling) and `qwen3` (per-head q/k RMSNorm, explicit `head_dim`). Grouped-query attention with any
+scaling), `qwen3` (per-head q/k RMSNorm, explicit `head_dim`) and `qwen3_moe` (qwen3 attention;
+sparse layers replace the MLP with a top-k mixture of experts). Grouped-query attention with any
 ratio, tied or untied embeddings.
 """
 
@@ -12,9 +13,10 @@ import json
 import os
 from typing import Any
 
-MODEL_TYPES = ("qwen2", "llama", "qwen3")
+MODEL_TYPES = ("qwen2", "llama", "qwen3", "qwen3_moe")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+MOE_MODEL_TYPES = ("qwen3_moe",)
 ROPE_TYPES = ("default", "llama3")
 
 
@@ -43,6 +45,13 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
+  # Mixture of experts (qwen3_moe only; 0 / defaults for dense families).
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.model_type not in MODEL_TYPES:
@@ -64,7 +73,8 @@ class ModelConfig:
           f"ModelConfig.num_key_value_heads={self.num_key_value_heads} does not divide "
           f"num_attention_heads={self.num_attention_heads}")
     if self.hidden_act != "silu":
-      raise ValueError(f"ModelConfig.hidden_act {self.hidden_act!r} is not supported; allowed: silu")
+      raise ValueError(f"ModelConfig.hidden_act {self.hidden_act!r} is not supported; "
+                       "allowed: silu")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
     if isinstance(self.eos_token_id, list):
@@ -73,6 +83,31 @@ class ModelConfig:
     if rope_type not in ROPE_TYPES:
       raise ValueError(f"ModelConfig.rope_scaling rope_type {rope_type!r} is not supported; "
                        f"allowed: {list(ROPE_TYPES)}")
+    object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+    self._check_moe()
+
+  def _check_moe(self):
+    """Validates the mixture-of-experts fields; errors name the offending field."""
+    if self.model_type not in MOE_MODEL_TYPES:
+      if self.num_experts:
+        raise ValueError(f"ModelConfig.num_experts={self.num_experts} needs an MoE model_type "
+                         f"({list(MOE_MODEL_TYPES)}), got {self.model_type!r}")
+      return
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                 "decoder_sparse_step"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"ModelConfig.{name} must be positive for {self.model_type}, got "
+                         f"{getattr(self, name)}")
+    if self.num_experts_per_tok > self.num_experts:
+      raise ValueError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                       f"num_experts={self.num_experts}")
+    bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+    if bad:
+      raise ValueError(f"ModelConfig.mlp_only_layers has layer indices {bad} outside "
+                       f"[0, num_hidden_layers={self.num_hidden_layers})")
+    if not self.moe_layers:
+      raise ValueError("ModelConfig.mlp_only_layers / decoder_sparse_step leave no sparse layer; "
+                       "a qwen3_moe model needs at least one (vLLM refuses none)")
 
   @property
   def rope_dict(self) -> dict[str, Any]:
@@ -81,7 +116,19 @@ class ModelConfig:
   @property
   def qk_norm(self) -> bool:
     """Qwen3 normalises each query and key head with an RMSNorm before RoPE."""
-    return self.model_type == "qwen3"
+    return self.model_type in ("qwen3", "qwen3_moe")
+
+  @property
+  def is_moe(self) -> bool:
+    return self.model_type in MOE_MODEL_TYPES
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """Indices of the sparse (mixture-of-experts) layers, by Hugging Face's Qwen3-MoE rule."""
+    if not self.is_moe or self.num_experts <= 0:
+      return ()
+    return tuple(i for i in range(self.num_hidden_layers)
+                 if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0)
 
   @property
   def eos_token_ids(self) -> tuple[int, ...]:
@@ -135,6 +182,22 @@ class ModelConfig:
     else:
       qkv_bias = o_bias = bool(config.get("attention_bias", False))
     heads = config["num_attention_heads"]
+    moe = {}
+    if model_type in MOE_MODEL_TYPES:
+      # transformers 5 writes `num_local_experts` (its attribute_map alias of `num_experts`).
+      num_experts = config.get("num_experts", config.get("num_local_experts"))
+      missing = [k for k, v in (("num_experts", num_experts),
+                                ("num_experts_per_tok", config.get("num_experts_per_tok")),
+                                ("moe_intermediate_size", config.get("moe_intermediate_size")))
+                 if v is None]
+      if missing:
+        raise ValueError(f"Hugging Face {model_type} config lacks required fields {missing}")
+      moe = dict(num_experts=int(num_experts),
+                 num_experts_per_tok=int(config["num_experts_per_tok"]),
+                 moe_intermediate_size=int(config["moe_intermediate_size"]),
+                 norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                 decoder_sparse_step=int(config.get("decoder_sparse_step", 1)),
+                 mlp_only_layers=tuple(config.get("mlp_only_layers") or ()))
     return cls(
         model_type=model_type,
         vocab_size=config["vocab_size"],
@@ -157,6 +220,7 @@ class ModelConfig:
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"),
         pad_token_id=config.get("pad_token_id"),
+        **moe,
     )
 
   def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
@@ -201,10 +265,20 @@ class ModelConfig:
       out["attention_bias"] = self.qkv_bias
     if self.model_type == "llama":
       out["mlp_bias"] = self.mlp_bias
+    if self.is_moe:
+      out.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                 moe_intermediate_size=self.moe_intermediate_size,
+                 norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step,
+                 mlp_only_layers=list(self.mlp_only_layers), use_sliding_window=False,
+                 sliding_window=None)
     return out
 
-  def num_params(self, *, include_embeddings: bool = True) -> int:
-    """Parameter count, as Hugging Face reports it (tied embeddings counted once)."""
+  def num_params(self, *, include_embeddings: bool = True, active_only: bool = False) -> int:
+    """Parameter count, as Hugging Face reports it (tied embeddings counted once).
+
+    With `active_only`, sparse layers count the router and `num_experts_per_tok` experts: the
+    parameters one token uses (the "A3B" of Qwen3-30B-A3B).
+    """
     d, h, kv, hd = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads,
                     self.head_dim)
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
@@ -219,6 +293,12 @@ class ModelConfig:
       mlp += 2 * self.intermediate_size + d
     layer = attn + mlp + 2 * d
     total = self.num_hidden_layers * layer + d
+    # Sparse layers: a [D, E] router and E experts of 3 * D * moe_intermediate_size each.
+    moe = self.num_experts * (d + 3 * d * self.moe_intermediate_size)
+    total += len(self.moe_layers) * (moe - mlp)
+    if active_only:
+      unused = self.num_experts - self.num_experts_per_tok
+      total -= len(self.moe_layers) * unused * 3 * d * self.moe_intermediate_size
     if include_embeddings:
       total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
     return total

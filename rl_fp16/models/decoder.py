@@ -11,7 +11,9 @@ Parameters are a plain nested dict (no `{"params": ...}` wrapper) whose names mi
     layers_{i}/self_attn/{q,k,v,o}_proj/kernel [in, out] (+ bias [out])
     layers_{i}/self_attn/{q,k}_norm/scale [head_dim]          (qwen3)
     layers_{i}/post_attention_layernorm/scale [D]
-    layers_{i}/mlp/{gate,up,down}_proj/kernel [in, out] (+ bias)
+    layers_{i}/mlp/{gate,up,down}_proj/kernel [in, out] (+ bias)   (dense layers)
+    layers_{i}/mlp/gate/kernel [D, E]                          (qwen3_moe sparse layers, see
+    layers_{i}/mlp/experts/{gate,up,down}_proj/kernel [E, in, out]     `rl_fp16.models.moe`)
     norm/scale [D]
     lm_head/kernel [D, V]                                      (untied only)
 
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rl_fp16.models import moe
 from rl_fp16.models.config import ModelConfig
 from rl_fp16.precision import DtypePolicy, cast_floating
 
@@ -172,8 +175,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """Attention then MLP, pre-norm residual; `sparse` layers use the mixture-of-experts MLP."""
+
   config: ModelConfig
   policy: DtypePolicy
+  sparse: bool = False
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
@@ -182,8 +188,8 @@ class DecoderLayer(nn.Module):
         RMSNorm(cfg.rms_norm_eps, pol, name="input_layernorm")(x), positions, mask, layer_cache,
         cache_index)
     x = x + attn_out
-    x = x + MLP(cfg, pol, name="mlp")(RMSNorm(cfg.rms_norm_eps, pol,
-                                              name="post_attention_layernorm")(x))
+    mlp = moe.SparseMoE(cfg, pol, name="mlp") if self.sparse else MLP(cfg, pol, name="mlp")
+    x = x + mlp(RMSNorm(cfg.rms_norm_eps, pol, name="post_attention_layernorm")(x))
     return x, new_cache
 
 
@@ -202,10 +208,11 @@ class Decoder(nn.Module):
     x = _weight(embed.embedding, pol)[tokens]
     residuals = [x]
     new_layers = []
+    sparse_layers = set(cfg.moe_layers)
     for i in range(cfg.num_hidden_layers):
-      layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-      x, new_layer_cache = DecoderLayer(cfg, pol, name=f"layers_{i}")(x, positions, mask,
-                                                                      layer_cache, cache_index)
+      layer_cache = None if cache is None else cache[i]
+      x, new_layer_cache = DecoderLayer(cfg, pol, i in sparse_layers, name=f"layers_{i}")(
+          x, positions, mask, layer_cache, cache_index)
       residuals.append(x)
       new_layers.append(new_layer_cache)
     x = RMSNorm(cfg.rms_norm_eps, pol, name="norm")(x)
@@ -216,8 +223,7 @@ class Decoder(nn.Module):
     logits = jnp.matmul(x, head, preferred_element_type=pol.output_dtype).astype(pol.output_dtype)
     new_cache = None
     if cache is not None:
-      new_cache = {"k": jnp.stack([c["k"] for c in new_layers]),
-                   "v": jnp.stack([c["v"] for c in new_layers])}
+      new_cache = tuple(new_layers)
     return logits, new_cache, residuals
 
 
@@ -365,16 +371,23 @@ def token_logprobs(config: ModelConfig, params: Params, tokens, *, policy: Dtype
                          float(temperature))
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype) -> dict[str, jax.Array]:
-  """Zeroed KV cache {"k", "v"}: [layers, B, max_len, kv_heads, head_dim] in `dtype`."""
-  shape = (config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads,
-           config.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+Cache = tuple[dict[str, jax.Array], ...]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype) -> Cache:
+  """Zeroed KV cache: one {"k", "v"} dict per layer, each [B, max_len, kv_heads, head_dim].
+
+  One buffer per layer (not a stacked [layers, ...] array), so that a decode step updates each
+  layer's slots in place instead of re-stacking the whole cache.
+  """
+  shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+               for _ in range(config.num_hidden_layers))
 
 
 def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array,
-                   cache: dict[str, jax.Array], cache_index: jax.Array, kv_mask: jax.Array, *,
-                   policy: DtypePolicy) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   cache: Cache, cache_index: jax.Array, kv_mask: jax.Array, *,
+                   policy: DtypePolicy) -> tuple[jax.Array, Cache]:
   """KV-cache forward for incremental decoding (jittable; call it inside a jitted loop).
 
   Args:
@@ -388,7 +401,7 @@ def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, posit
     (logits [B, t, V] in the output dtype, updated cache).
   """
   t = tokens.shape[1]
-  max_len = cache["k"].shape[2]
+  max_len = cache[0]["k"].shape[1]
   query_slot = cache_index + jnp.arange(t)
   visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [t, S]
   mask = visible[None] & kv_mask.astype(bool)[:, None, :]
@@ -431,3 +444,94 @@ def residual_stream_cached(config: ModelConfig, policy: DtypePolicy, params: Par
 
   _, (residuals, logits) = jax.lax.scan(step, cache, jnp.arange(length))
   return jnp.transpose(residuals, (1, 2, 0, 3)), jnp.transpose(logits, (1, 0, 2))
+
+
+# ------------------------------------------------------------------- mixture-of-experts views ----
+
+
+def _apply_with_choices(config, policy, params, tokens, positions, mask, cache=None,
+                        cache_index=None):
+  """`_apply`, plus the sparse layers' expert choices: int32 [L_moe, B, t, k]."""
+  if not config.moe_layers:
+    raise ValueError(f"a {config.model_type} config has no mixture-of-experts layers")
+  params = cast_floating(params, policy.param_dtype)
+  (logits, new_cache, residuals), state = Decoder(config, policy).apply(
+      {"params": params}, tokens, positions, mask, cache, cache_index, mutable=["intermediates"])
+  sown = state["intermediates"]
+  choices = jnp.stack([sown[f"layers_{i}"]["mlp"][moe.EXPERT_CHOICES][0]
+                       for i in config.moe_layers])
+  return logits, new_cache, residuals, choices
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"))
+def _expert_choices(config, policy, params, tokens, attention_mask, positions):
+  logits, _, _, choices = _apply_with_choices(config, policy, params, tokens, positions,
+                                              causal_mask(attention_mask))
+  return choices, logits
+
+
+def expert_choices(config: ModelConfig, params: Params, tokens, *, policy: DtypePolicy,
+                   attention_mask=None, positions=None, return_logits: bool = False):
+  """Experts each sparse layer selects in the full-sequence forward (the training engine).
+
+  Args:
+    tokens, attention_mask, positions: as in `forward`.
+  Returns:
+    int32 [L_moe, B, T, k] (layer j is `config.moe_layers[j]`; the k in descending router
+    probability), and logits [B, T, V] when `return_logits`.
+  """
+  tokens, attention_mask, positions = _prepare(tokens, attention_mask, positions)
+  choices, logits = _expert_choices(config, policy, params, tokens, attention_mask, positions)
+  return (choices, logits) if return_logits else choices
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "prefill_len"))
+def _expert_choices_cached(config, policy, params, tokens, attention_mask, prefill_len):
+  batch, length = tokens.shape
+  cache = init_cache(config, batch, length, policy.compute_dtype)
+  positions = default_positions(attention_mask)
+  kv_mask = attention_mask.astype(bool)
+  choices, logits = [], []
+  if prefill_len:
+    visible = (jnp.arange(length)[None, :] <= jnp.arange(prefill_len)[:, None])[None]
+    out, cache, _, prefill_choices = _apply_with_choices(
+        config, policy, params, tokens[:, :prefill_len], positions[:, :prefill_len],
+        visible & kv_mask[:, None, :], cache, jnp.asarray(0, jnp.int32))
+    choices.append(prefill_choices)
+    logits.append(out)
+
+  def step(cache, index):
+    token = jax.lax.dynamic_slice_in_dim(tokens, index, 1, axis=1)
+    position = jax.lax.dynamic_slice_in_dim(positions, index, 1, axis=1)
+    visible = (jnp.arange(length)[None, None, :] <= index) & kv_mask[:, None, :]
+    out, new_cache, _, step_choices = _apply_with_choices(config, policy, params, token,
+                                                          position, visible, cache, index)
+    return new_cache, (step_choices[:, :, 0], out[:, 0])
+
+  if prefill_len < length:
+    _, (step_choices, step_logits) = jax.lax.scan(step, cache, jnp.arange(prefill_len, length))
+    choices.append(jnp.transpose(step_choices, (1, 2, 0, 3)))  # [T', L, B, k] -> [L, B, T', k]
+    logits.append(jnp.transpose(step_logits, (1, 0, 2)))
+  return jnp.concatenate(choices, axis=2), jnp.concatenate(logits, axis=1)
+
+
+def expert_choices_cached(config: ModelConfig, params: Params, tokens, *, policy: DtypePolicy,
+                          attention_mask=None, prefill_len: int = 0,
+                          return_logits: bool = False):
+  """Experts each sparse layer selects in the KV-cache forward (the in-process sampler's path).
+
+  The first `prefill_len` tokens go through one prefill call (as `JaxSampler` does with the
+  prompt), the rest one token at a time, like `residual_stream_cached`.
+
+  Args:
+    tokens: int [B, T]; attention_mask: int/bool [B, T] (default all ones). Positions are the
+      running count of real tokens, as in `forward`.
+  Returns:
+    int32 [L_moe, B, T, k], and logits [B, T, V] when `return_logits`.
+  """
+  tokens, attention_mask, _ = _prepare(tokens, attention_mask, None)
+  if not 0 <= prefill_len <= tokens.shape[1]:
+    raise ValueError(f"prefill_len={prefill_len} is outside [0, {tokens.shape[1]}]")
+  choices, logits = _expert_choices_cached(config, policy, params, tokens, attention_mask,
+                                           int(prefill_len))
+  return (choices, logits) if return_logits else choices
