@@ -40,14 +40,19 @@ def make_task(config) -> SyntheticTask:
 
 
 def make_model_config(config, tok) -> ModelConfig:
+  """A Qwen2 of the config's shape, or a Qwen3-MoE when the config has a `moe_base` block."""
+  ids = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+             pad_token_id=tok.pad_id, max_position_embeddings=config.max_position_embeddings,
+             rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=True)
+  if config.get("moe_base"):
+    moe = dict(config.moe_base.to_dict())
+    moe["mlp_only_layers"] = tuple(moe.get("mlp_only_layers", ()))
+    return ModelConfig(**moe, **ids)
   return ModelConfig(
-      model_type="qwen2", vocab_size=tok.vocab_size, hidden_size=config.hidden_size,
+      model_type="qwen2", hidden_size=config.hidden_size,
       intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
       num_attention_heads=config.num_attention_heads,
-      num_key_value_heads=config.num_key_value_heads, qkv_bias=True, tie_word_embeddings=True,
-      max_position_embeddings=config.max_position_embeddings, rms_norm_eps=1e-6,
-      initializer_range=0.02, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-      pad_token_id=tok.pad_id)
+      num_key_value_heads=config.num_key_value_heads, qkv_bias=True, **ids)
 
 
 def pass_rate(task: SyntheticTask, model_config, params, problems, *, seed: int,

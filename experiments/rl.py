@@ -30,6 +30,7 @@ from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data import perfectible
 from rl_fp16.data.tasks import SyntheticTask, problem_from_record
 from rl_fp16.models import lora as lora_lib
+from rl_fp16.models import moe
 from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_policy,
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.engines import JaxEngine, make_engine
@@ -174,6 +175,12 @@ def run(config) -> dict:
                        eos_token_ids=model.eos_token_ids,
                        max_model_len=task.max_sequence_len() + config.max_new_tokens,
                        seed=config.seed)
+  every = config.get("expert_mismatch", {}).get("every", 1) if model.config.is_moe else 0
+
+  def expert_metrics(rollout, params):
+    return moe.rollout_expert_mismatch(model.config, params, rollout,
+                                       trainer_policy=pair.trainer, sampler_policy=pair.sampler)
+
   history = []
   started = time.time()
   try:
@@ -181,12 +188,13 @@ def run(config) -> dict:
                           f"{config.precision}", initial=start_step, total=config.steps)
     for step in bar:
       problems = step_problems(subset, step, config.prompts_per_step, config.seed)
+      extra_metrics = expert_metrics if every and step % every == 0 else None
       state, metrics = rl_iteration(
           state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
           engine=engine, prompts=task.prompt_ids(problems),
           reward_fn=lambda rollout, problems=problems: task.rewards(problems, rollout),
           rl_config=rl_config, seed=config.seed * 1_000_003 + step, train_step=train_step,
-          base_params=base_params)
+          base_params=base_params, extra_metrics=extra_metrics)
       metrics["train/updates"] = float(state.step)
       writer.write(step + 1, metrics)
       history.append(metrics)

@@ -218,7 +218,8 @@ _merge_lora = jax.jit(merge_lora, static_argnames=("lora_config", "dtype"))
 def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy,
                  optimizer: optax.GradientTransformation, engine, prompts: list[list[int]],
                  reward_fn, rl_config: RLConfig, seed: int, base_params=None,
-                 train_step: Callable | None = None
+                 train_step: Callable | None = None,
+                 extra_metrics: Callable[[Any, Any], dict[str, float]] | None = None
                  ) -> tuple[TrainState, dict[str, float]]:
   """sample -> reward -> advantage -> trainer logp_old -> minibatch updates -> weight sync.
 
@@ -229,6 +230,9 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
     reward_fn: (rollout) -> float32 [B] rewards.
     seed: sampling seed of this step (and of the minibatch shuffle).
     base_params: the frozen base params; required with `rl_config.lora`, else must be None.
+    train_step: (state, minibatch) -> (state, metrics) replacing `rl_train_step` (e.g. the
+      sharded step of `rl_fp16.sharding`).
+    extra_metrics: (rollout, params that sampled it) -> more metrics for this step.
   Returns:
     The new state and a flat dict of this step's metrics (DESIGN.md names).
   """
@@ -261,6 +265,8 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
   times["time/logp_s"] = time.perf_counter() - start
   mismatch_metrics = mismatch.mismatch_metrics(logp_old, rollout.logp_sampler,
                                                rollout.response_mask)
+  if extra_metrics is not None:  # e.g. the MoE expert-set mismatch, on the sampling params
+    mismatch_metrics.update(extra_metrics(rollout, policy_params(state.params)))
 
   start = time.perf_counter()
   batch = rollout_batch(rollout, logp_old, advantages)

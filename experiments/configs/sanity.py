@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.algorithm = "grpo"
   config.advantage = "grpo"  # or "drgrpo"
   config.seed = 0
-  config.steps = 30
+  config.steps = 20
   config.prompts_per_step = 8
   config.samples_per_prompt = 8
   config.num_minibatches = 2
