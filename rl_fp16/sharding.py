@@ -51,6 +51,10 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     # its output is free to take the batch sharding (splitting D would force a full re-layout).
     (r"(^|/)embed_tokens/embedding$", P(("tensor", "fsdp"))),
     (r"(^|/)lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
+    # Qwen3-MoE: experts stacked [E, in, out] (expert axis replicated), router [D, E].
+    (r"(^|/)experts/(gate_proj|up_proj)/kernel$", P(None, "fsdp", "tensor")),
+    (r"(^|/)experts/down_proj/kernel$", P(None, "tensor", "fsdp")),
+    (r"(^|/)mlp/gate/kernel$", P("fsdp")),
     (r"(^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", P("fsdp", "tensor")),
     (r"(^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", P("tensor")),
     (r"(^|/)(o_proj|down_proj)/kernel$", P("tensor", "fsdp")),
