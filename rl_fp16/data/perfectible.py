@@ -14,9 +14,10 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from rl_fp16 import fileio
 
 SampleFn = Callable[[list[str], int], Sequence[Sequence[Any]]]
 ScoreFn = Callable[[Any, Any], float]
@@ -119,21 +120,12 @@ def write_subset(path: str | os.PathLike[str], subset: Sequence[Any],
   if len(subset) != len(pass_rates):
     raise ValueError(f"{len(subset)} problems but {len(pass_rates)} pass rates")
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for problem, rate in zip(subset, pass_rates):
-        record = _as_record(problem)
-        record[PASS_RATE_FIELD] = float(rate)
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  lines = []
+  for problem, rate in zip(subset, pass_rates):
+    record = _as_record(problem)
+    record[PASS_RATE_FIELD] = float(rate)
+    lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+  fileio.write_text_atomic(path, "".join(lines))
   return path
 
 

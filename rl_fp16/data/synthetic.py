@@ -27,6 +27,8 @@ import random
 import re
 from collections.abc import Sequence
 
+from rl_fp16 import fileio
+
 ANSWER_MARKER = "a:"
 PROMPT_MARKER = "q:"
 STEP_SEPARATOR = "; "
@@ -196,10 +198,7 @@ TASK_CONFIG_FILE = "task_config.json"
 def save_task_config(directory: str, config: SyntheticTaskConfig) -> str:
   """Writes `task_config.json` beside a model so that its prompts can be re-created."""
   path = os.path.join(directory, TASK_CONFIG_FILE)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(dataclasses.asdict(config), f, indent=2)
-  os.replace(tmp, path)
+  fileio.write_text_atomic(path, json.dumps(dataclasses.asdict(config), indent=2) + "\n")
   return path
 
 

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from rl_fp16 import fileio
+
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<bos>"
 EOS_TOKEN = "<eos>"
@@ -190,12 +192,6 @@ def build_tokenizer(alphabet: str | Iterable[str] = DEFAULT_ALPHABET) -> CharTok
   return CharTokenizer(_build_backend(_check_alphabet(alphabet)))
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
-
-
 def save_tokenizer(path: str | os.PathLike[str], tokenizer: CharTokenizer, *,
                    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> pathlib.Path:
   """Writes `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` into `path`.
@@ -205,7 +201,7 @@ def save_tokenizer(path: str | os.PathLike[str], tokenizer: CharTokenizer, *,
   """
   out = pathlib.Path(path)
   out.mkdir(parents=True, exist_ok=True)
-  _atomic_write_text(out / TOKENIZER_FILE, tokenizer.backend.to_str(pretty=True))
+  fileio.write_text_atomic(out / TOKENIZER_FILE, tokenizer.backend.to_str(pretty=True))
   special_map = {"pad_token": PAD_TOKEN, "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
                  "unk_token": UNK_TOKEN}
   added = {str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
@@ -222,8 +218,8 @@ def save_tokenizer(path: str | os.PathLike[str], tokenizer: CharTokenizer, *,
       "padding_side": "right",
       "added_tokens_decoder": added,
   }
-  _atomic_write_text(out / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-  _atomic_write_text(out / SPECIAL_TOKENS_MAP_FILE, json.dumps(special_map, indent=2) + "\n")
+  fileio.write_text_atomic(out / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+  fileio.write_text_atomic(out / SPECIAL_TOKENS_MAP_FILE, json.dumps(special_map, indent=2) + "\n")
   return out
 
 
