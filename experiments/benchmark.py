@@ -1,0 +1,856 @@
+r"""Benchmark suite: the machine's limits and how close the RL stack gets to them.
+
+    python -m experiments.benchmark --config=experiments/configs/benchmark.py
+    python -m experiments.benchmark --config=experiments/configs/benchmark.py --config.quick=True
+
+Sections (`--config.sections`), each figure the median of `repetitions` timed runs after `warmup`
+untimed ones, reported with min and max:
+  peak      a jitted N x N float32 matmul (bf16 and fp16 for reference): FLOP/s, the reference
+            for utilisation.
+  trainer   `rl_train_step` tokens/s and model-FLOPs utilisation (MFU) per model size, response
+            length and precision.
+  samplers  generated tokens/s of the JAX sampler and of vLLM on the same model, prompts, batch
+            and lengths (no EOS: every row runs to the length), per precision.
+  sync      seconds per weight sync into vLLM, in memory (`update_params`) and through a
+            Hugging Face directory (`update_params_from_dir`), against the parameter bytes.
+  e2e       `rl_iteration` time split into sample / score / logp / update / sync, and the
+            process's peak resident memory.
+Writes `benchmark.json` (every figure, its repetitions, the targets) and `config.json` to
+`--config.output_dir` and prints markdown tables and the issue's targets with PASS/FAIL.
+
+Model FLOPs of one training step (the MFU numerator), on B sequences of S tokens:
+    6 * (N + d * V) * B * S  +  12 * L * H * d_head * S^2 * B
+N: non-embedding parameters (`ModelConfig.num_params(include_embeddings=False)`); d * V: the
+output projection, a matmul even when tied (the input embedding is a gather, not counted);
+6 = 2 (multiply-add) x 3 (forward, and backward for activations and weights). Attention: per
+layer and sequence the forward computes QK^T and PV, 2 * S^2 * H * d_head each, x 3 for the
+backward; counted over the full S x S square our attention evaluates (as PaLM's MFU does). The
+log-softmax, entropy, norms, optimizer and loss are not counted. MFU = model FLOPs / step
+seconds / the measured float32 matmul peak.
+
+Compilations are counted with a `jax.monitoring` listener (`CompileCounter`): every XLA backend
+compile (event "/jax/core/compile/backend_compile_duration", which carries the function name) and
+every executable loaded from the persistent compilation cache. A call that reuses cached
+executables counts 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from experiments import common
+from experiments import rl
+from rl_fp16 import objectives
+from rl_fp16.checkpoints.train_state import TrainState
+from rl_fp16.models import ModelConfig, init_params
+from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
+                               get_precision_pair, init_loss_scale)
+from rl_fp16.sampling.engines import make_engine
+from rl_fp16.sampling.jax_sampler import SamplingConfig
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration, rl_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
+                                          lock_config=True)
+
+SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e")
+MODEL_NAMES = ("small", "medium")
+MIB = 2.0**20
+
+# The issue's targets (ratios, since absolute times drift on a shared 2-core machine).
+TARGET_MFU = 0.40
+TARGET_LOW_PRECISION_SPEEDUP = 1.0
+TARGET_JAX_OVER_VLLM = 0.5
+TARGET_SYNC_SPEEDUP = 5.0
+TARGET_OTHER_FRACTION = 0.15
+
+
+# ------------------------------------------------------------------------ measuring tools ----
+
+
+class CompileCounter:
+  """Counts XLA compilations in this process while active (a context manager).
+
+  Listens to `jax.monitoring` events: each backend compile records its duration under
+  "/jax/core/compile/backend_compile_duration" with the jitted function's name; an executable
+  loaded from the persistent compilation cache instead records "/jax/compilation_cache/
+  cache_hits". Either means a call needed an executable it did not have in memory. `seconds`
+  adds up every "/jax/core/compile/" stage (tracing, lowering, XLA compile), also per function
+  in `seconds_by_function`.
+  """
+
+  COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+  STAGE_PREFIX = "/jax/core/compile/"
+  CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+  def __init__(self):
+    self.names: list[str] = []
+    self.seconds = 0.0
+    self.seconds_by_function: dict[str, float] = {}
+
+  @property
+  def count(self) -> int:
+    return len(self.names)
+
+  def _on_duration(self, event: str, duration: float, **kwargs) -> None:
+    if event.startswith(self.STAGE_PREFIX):  # tracing, lowering to MLIR, XLA compile
+      self.seconds += duration
+      name = str(kwargs.get("fun_name", "?"))
+      name = name[4:-1] if name.startswith("jit(") and name.endswith(")") else name
+      self.seconds_by_function[name] = self.seconds_by_function.get(name, 0.0) + duration
+    if event == self.COMPILE_EVENT:
+      self.names.append(str(kwargs.get("fun_name", "?")))
+
+  def _on_event(self, event: str, **kwargs) -> None:
+    if event == self.CACHE_HIT_EVENT:
+      self.names.append(f"cache:{kwargs.get('fun_name', '?')}")
+
+  def __enter__(self) -> "CompileCounter":
+    jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+    jax.monitoring.register_event_listener(self._on_event)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._on_duration)
+    jax.monitoring.unregister_event_listener(self._on_event)
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+  """{"median", "min", "max", "values"} of the repetitions."""
+  values = [float(v) for v in values]
+  if not values:
+    raise ValueError("No repetitions to summarize")
+  return {"median": float(np.median(values)), "min": min(values), "max": max(values),
+          "values": values}
+
+
+def invert_stat(stat: dict[str, Any], numerator: float) -> dict[str, Any]:
+  """numerator / value per repetition (seconds -> a rate)."""
+  return summarize([numerator / max(v, 1e-12) for v in stat["values"]])
+
+
+@dataclasses.dataclass
+class Timing:
+  """What `time_calls` measured.
+
+  Attributes:
+    seconds: the timed calls' seconds, summarized (median, min, max, values).
+    compiles: compilations during each timed call (0 when nothing recompiled).
+    recompiled: names of what compiled during the timed calls.
+    warmup_compile_s: seconds spent tracing, lowering and compiling during the warm-up calls.
+  """
+
+  seconds: dict[str, Any]
+  compiles: list[int]
+  recompiled: list[str]
+  warmup_compile_s: float
+
+
+def time_calls(fn: Callable[[int], Any], *, warmup: int, repetitions: int) -> Timing:
+  """Calls `fn(i)` for i in range(warmup + repetitions), timing the last `repetitions` calls.
+
+  `fn` must block until its work is done (`jax.block_until_ready`).
+  """
+  with CompileCounter() as warmup_counter:
+    for i in range(warmup):
+      fn(i)
+  seconds, compiles, names = [], [], []
+  for i in range(warmup, warmup + repetitions):
+    with CompileCounter() as counter:
+      start = time.perf_counter()
+      fn(i)
+      seconds.append(time.perf_counter() - start)
+    compiles.append(counter.count)
+    names += counter.names
+  return Timing(summarize(seconds), compiles, sorted(set(names)), warmup_counter.seconds)
+
+
+class SectionClock:
+  """Wall and process CPU seconds of a block (CPU / wall shows how much of the machine the
+  benchmark got: about the number of busy cores when nothing else runs)."""
+
+  def __init__(self):
+    self.wall = self.cpu = 0.0
+
+  @staticmethod
+  def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+  def __enter__(self) -> "SectionClock":
+    self._wall0, self._cpu0 = time.perf_counter(), self._cpu()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.wall = time.perf_counter() - self._wall0
+    self.cpu = self._cpu() - self._cpu0
+
+  def to_dict(self) -> dict[str, float]:
+    return {"wall_s": self.wall, "cpu_s": self.cpu}
+
+
+def peak_rss_mib() -> float:
+  """The process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _csv(text: str) -> list[str]:
+  return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def _ints(text: str) -> list[int]:
+  return [int(part) for part in _csv(text)]
+
+
+def _tree_bytes(params: Any, dtype: Any) -> int:
+  leaves = jax.tree_util.tree_leaves(params)
+  return int(sum(np.size(x) for x in leaves) * jnp.dtype(dtype).itemsize)
+
+
+# ------------------------------------------------------------------------------ the config ----
+
+
+def _merge(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      _merge(config[key], value)
+    else:
+      config[key] = value
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with `quick_overrides` applied when `quick` is set; validated."""
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  if resolved.quick:
+    _merge(resolved, resolved.quick_overrides.to_dict())
+  unknown = [s for s in _csv(resolved.sections) if s not in SECTIONS]
+  if unknown:
+    raise ValueError(f"Unknown sections {unknown}; allowed: {list(SECTIONS)}")
+  for key in ("trainer_models", "sampler_models", "sync_models"):
+    bad = [m for m in _csv(resolved[key]) if m not in MODEL_NAMES]
+    if bad:
+      raise ValueError(f"config.{key} has {bad}; allowed: {list(MODEL_NAMES)}")
+  for key in ("precisions", "sync_precisions"):
+    for name in _csv(resolved[key]):
+      get_policy(name)  # a clear error on a bad name, before any work
+  get_precision_pair(resolved.e2e.precision)
+  if resolved.repetitions < 1 or resolved.warmup < 0:
+    raise ValueError(f"Need repetitions >= 1 and warmup >= 0, got {resolved.repetitions}, "
+                     f"{resolved.warmup}")
+  return resolved
+
+
+# ------------------------------------------------------------------------------- the models ----
+
+
+@dataclasses.dataclass
+class BenchModel:
+  """A model to benchmark, with float32 host (numpy) params and a way to make prompts."""
+
+  name: str
+  config: ModelConfig
+  params: Any
+  description: str
+  make_prompts: Callable[[int, int], list[list[int]]]
+  eos_token_ids: tuple[int, ...] = ()
+  tokenizer_dir: str | None = None
+
+  @property
+  def num_params(self) -> int:
+    return self.config.num_params()
+
+
+def _random_prompts(vocab_size: int) -> Callable[[int, int], list[list[int]]]:
+  def make(num: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, rng.integers(8, 33)).tolist() for _ in range(num)]
+  return make
+
+
+def _host(params: Any) -> Any:
+  """Numpy copies: every train state and engine then builds its own device buffers (a donated
+  train state never deletes the model's arrays)."""
+  return jax.tree_util.tree_map(lambda x: np.array(x, np.float32), params)
+
+
+def _with_context(config: ModelConfig, length: int) -> ModelConfig:
+  """The config with max_position_embeddings >= length (vLLM refuses longer max_model_len)."""
+  need = int(-(-length // 64) * 64)
+  if config.max_position_embeddings >= need:
+    return config
+  return config.replace(max_position_embeddings=need)
+
+
+def load_models(config, names: Sequence[str], max_len: int) -> dict[str, BenchModel]:
+  """The named models ("small", "medium") with a context of at least `max_len` tokens."""
+  models = {}
+  if "small" in names:
+    policy_model = common.load_policy_model(config.model, seed=config.seed)
+    models["small"] = BenchModel(
+        "small", _with_context(policy_model.config, max_len), _host(policy_model.params),
+        policy_model.description, policy_model.make_prompts,
+        tuple(policy_model.eos_token_ids), policy_model.tokenizer_dir)
+  if "medium" in names:
+    m = config.medium
+    model_config = ModelConfig(
+        model_type="qwen2", vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
+        qkv_bias=True, tie_word_embeddings=False, max_position_embeddings=max(max_len, 2048))
+    model_config = _with_context(model_config, max_len)
+    params = _host(init_params(model_config, jax.random.key(config.seed)))
+    models["medium"] = BenchModel(
+        "medium", model_config, params,
+        f"random Qwen2 ({model_config.num_hidden_layers} layers, d={model_config.hidden_size}, "
+        f"head_dim {model_config.head_dim}, vocab {model_config.vocab_size}; "
+        f"{model_config.num_params() / 1e6:.1f}M params)",
+        _random_prompts(model_config.vocab_size))
+  return models
+
+
+# ------------------------------------------------------------------------------------ peak ----
+
+
+def bench_peak(config) -> dict[str, Any]:
+  """FLOP/s of a jitted N x N @ N x N matmul per dtype (float32 is the MFU reference)."""
+  n = int(config.peak_matmul_size)
+  flops = 2.0 * n**3
+  matmul = jax.jit(jnp.matmul)
+  out = {"matmul_size": n}
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    keys = jax.random.split(jax.random.key(config.seed))
+    a = jax.random.normal(keys[0], (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(keys[1], (n, n), jnp.float32).astype(dtype)
+    seconds = time_calls(lambda i, a=a, b=b: matmul(a, b).block_until_ready(),
+                         warmup=max(config.warmup, 1), repetitions=config.repetitions).seconds
+    out[dtype_name(dtype)] = {"seconds": seconds, "flops_per_s": invert_stat(seconds, flops)}
+  return out
+
+
+# --------------------------------------------------------------------------------- trainer ----
+
+
+def train_step_flops(model_config: ModelConfig, batch: int, seq_len: int) -> dict[str, float]:
+  """Model FLOPs of one training step on `batch` sequences of `seq_len` tokens (module doc)."""
+  dense_params = (model_config.num_params(include_embeddings=False, active_only=True)
+                  + model_config.hidden_size * model_config.vocab_size)
+  dense = 6.0 * dense_params * batch * seq_len
+  attention = (12.0 * model_config.num_hidden_layers * model_config.num_attention_heads
+               * model_config.head_dim * seq_len**2 * batch)
+  return {"dense": dense, "attention": attention, "total": dense + attention,
+          "dense_params": float(dense_params)}
+
+
+def synthetic_rl_batch(vocab_size: int, rows: int, prompt_len: int, response_len: int,
+                       seed: int) -> dict[str, np.ndarray]:
+  """A full-sequence RL minibatch as `rl_train_step` takes it, with random tokens."""
+  rng = np.random.default_rng(seed)
+  seq = prompt_len + response_len
+  loss_mask = np.zeros((rows, seq), np.int32)
+  loss_mask[:, prompt_len:] = 1
+  logp = np.where(loss_mask > 0, -np.log(vocab_size), 0.0).astype(np.float32)
+  return {
+      "tokens": rng.integers(0, vocab_size, (rows, seq)).astype(np.int32),
+      "attention_mask": np.ones((rows, seq), np.int32),
+      "loss_mask": loss_mask,
+      "logp_old": logp,
+      "logp_sampler": logp + (0.01 * rng.standard_normal(logp.shape) * loss_mask
+                              ).astype(np.float32),
+      "advantages": rng.standard_normal(rows).astype(np.float32),
+  }
+
+
+def bench_trainer_case(config, model: BenchModel, response_len: int, precision: str,
+                       optimizer, peak_flops: float) -> dict[str, Any]:
+  """One `rl_train_step` configuration: seconds per step, tokens/s, MFU, compiles per step."""
+  policy = get_policy(precision, "trainer")
+  seq = config.trainer_prompt_len + response_len
+  rows = max(1, round(config.trainer_tokens_per_step / seq))
+  batch = jax.device_put(synthetic_rl_batch(model.config.vocab_size, rows,
+                                            config.trainer_prompt_len, response_len,
+                                            config.seed))
+  loss_config = objectives.LossConfig(max_response_len=response_len)
+  state = TrainState.create(model.params, optimizer, seed=config.seed,
+                            loss_scale=init_loss_scale(default_loss_scale_config(policy)))
+  holder = {"state": state}
+
+  def step(_):
+    new_state, metrics = rl_train_step(model.config, policy, optimizer, holder["state"], batch,
+                                       algorithm=config.algorithm, loss_config=loss_config,
+                                       temperature=1.0)
+    holder["state"] = jax.block_until_ready(new_state)
+    jax.block_until_ready(metrics)
+
+  timing = time_calls(step, warmup=max(config.warmup, 1), repetitions=config.repetitions)
+  seconds = timing.seconds
+  flops = train_step_flops(model.config, rows, seq)
+  tokens = rows * seq
+  del holder
+  return {
+      "model": model.name, "params": model.num_params, "response_len": response_len,
+      "prompt_len": config.trainer_prompt_len, "rows": rows, "tokens": tokens,
+      "precision": precision, "seconds": seconds,
+      "tokens_per_s": invert_stat(seconds, tokens),
+      "model_flops": flops,
+      "mfu": invert_stat(seconds, flops["total"] / peak_flops),
+      "compiles_per_step": max(timing.compiles), "recompiled": timing.recompiled,
+      "warmup_compile_s": timing.warmup_compile_s,
+  }
+
+
+def bench_trainer(config, models: dict[str, BenchModel], peak_flops: float) -> list[dict]:
+  rows = []
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))  # one object: one jit key
+  cases = [(m, length, p) for m in _csv(config.trainer_models)
+           for length in _ints(config.trainer_response_lengths) for p in _csv(config.precisions)]
+  for name, length, precision in common.progress(cases, desc="trainer"):
+    rows.append(bench_trainer_case(config, models[name], length, precision, optimizer,
+                                   peak_flops))
+  return rows
+
+
+# -------------------------------------------------------------------------------- samplers ----
+
+
+def bench_generate(engine, prompts: list[list[int]], *, n: int, max_new_tokens: int, warmup: int,
+                   repetitions: int, seed: int) -> dict[str, Any]:
+  """Generated tokens/s of `engine.generate` (same prompts every call, a new seed each)."""
+  sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0)
+  generated = []
+
+  def call(i):
+    rollout = engine.generate(prompts, n=n, sampling=sampling, seed=seed + i)
+    generated.append(int(rollout.response_mask.sum()))
+
+  timing = time_calls(call, warmup=warmup, repetitions=repetitions)
+  seconds = timing.seconds
+  tokens = generated[-1]
+  if len(set(generated)) != 1:
+    raise RuntimeError(f"Calls generated different token counts {generated}; the benchmark "
+                       "needs every row to run to the length (no EOS)")
+  return {"rows": len(prompts) * n, "new_tokens": max_new_tokens, "generated_tokens": tokens,
+          "seconds": seconds, "tokens_per_s": invert_stat(seconds, tokens),
+          "compiles_per_call": max(timing.compiles), "recompiled": timing.recompiled,
+          "warmup_compile_s": timing.warmup_compile_s}
+
+
+def bench_sync(engine, model: BenchModel, directory: str, *, warmup: int,
+               repetitions: int) -> dict[str, Any]:
+  """Seconds per vLLM weight sync, in memory and through a Hugging Face directory."""
+  params = jax.device_put(model.params)  # the trainer's float32 device params, as in RL
+  memory = time_calls(lambda i: engine.update_params(params), warmup=warmup,
+                      repetitions=repetitions).seconds
+  disk = time_calls(lambda i: engine.update_params_from_dir(params, directory), warmup=warmup,
+                    repetitions=repetitions).seconds
+  shutil.rmtree(directory, ignore_errors=True)
+  mbytes = _tree_bytes(model.params, engine.policy.compute_dtype) / MIB
+  return {"model": model.name, "precision": dtype_name(engine.policy.compute_dtype),
+          "param_mib": mbytes, "memory_s": memory, "directory_s": disk,
+          "memory_mib_per_s": invert_stat(memory, mbytes),
+          "directory_mib_per_s": invert_stat(disk, mbytes),
+          "directory_over_memory": disk["median"] / max(memory["median"], 1e-12)}
+
+
+def _vllm_available() -> bool:
+  try:
+    import vllm  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def bench_samplers_and_sync(config, models: dict[str, BenchModel], workdir: str,
+                            sections: Sequence[str]) -> tuple[list[dict], list[dict]]:
+  """The JAX sampler runs first (before any vLLM engine has started its OpenMP threads in this
+  process), then one vLLM engine per model and precision serves both its sampler figures and its
+  weight-sync figures."""
+  samplers, syncs = [], []
+  sampler_models = _csv(config.sampler_models) if "samplers" in sections else []
+  sync_models = _csv(config.sync_models) if "sync" in sections else []
+  lengths = _ints(config.sampler_response_lengths)
+  n = config.sampler_samples_per_prompt
+  reps = {"warmup": max(config.warmup, 1), "repetitions": config.repetitions}
+  prompts = {name: models[name].make_prompts(config.sampler_prompts, config.seed)
+             for name in set(sampler_models) | set(sync_models)}
+
+  for name in sampler_models:
+    model = models[name]
+    for precision in _csv(config.precisions):
+      engine = make_engine("jax", model.config, model.params, get_policy(precision, "sampler"),
+                           eos_token_ids=[])
+      for length in lengths:
+        row = bench_generate(engine, prompts[name], n=n, max_new_tokens=length,
+                             seed=config.seed, **reps)
+        samplers.append({"model": name, "engine": "jax", "precision": precision, **row})
+      engine.close()
+
+  if not config.vllm:
+    return samplers, syncs
+  sync_precisions = _csv(config.sync_precisions)
+  sessions = [(name, p) for name in MODEL_NAMES for p in
+              dict.fromkeys(_csv(config.precisions) + sync_precisions)
+              if (name in sampler_models and p in _csv(config.precisions))
+              or (name in sync_models and p in sync_precisions)]
+  for name, precision in common.progress(sessions, desc="vllm engines"):
+    model = models[name]
+    max_len = common.max_model_len(prompts[name], max(lengths))
+    start = time.perf_counter()
+    engine = make_engine("vllm", model.config, model.params, get_policy(precision, "sampler"),
+                         workdir=workdir, eos_token_ids=[], max_model_len=max_len,
+                         seed=config.seed, cpu_kv_cache_space_gib=config.vllm_kv_cache_gib)
+    start_s = time.perf_counter() - start
+    try:
+      if name in sampler_models and precision in _csv(config.precisions):
+        for length in lengths:
+          row = bench_generate(engine, prompts[name], n=n, max_new_tokens=length,
+                               seed=config.seed, **reps)
+          samplers.append({"model": name, "engine": "vllm", "precision": precision,
+                           "engine_start_s": start_s, **row})
+      if name in sync_models and precision in sync_precisions:
+        syncs.append(bench_sync(engine, model, os.path.join(workdir, f"sync_{name}_{precision}"),
+                                **reps))
+    finally:
+      engine.close()
+  return samplers, syncs
+
+
+# ------------------------------------------------------------------------------ end to end ----
+
+
+def parity_reward(rollout) -> np.ndarray:
+  """float32 [B]: fraction of even token ids in each response (a cheap reward that varies
+  within groups, for models without a task)."""
+  mask = rollout.response_mask.astype(np.float32)
+  even = (rollout.response_tokens % 2 == 0).astype(np.float32) * mask
+  return even.sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+
+
+def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
+  """`rl_iteration` time split, compilations per iteration and peak RSS."""
+  e = config.e2e
+  pair = get_precision_pair(e.precision)
+  rl_config = RLConfig(algorithm=e.algorithm, samples_per_prompt=e.samples_per_prompt,
+                       num_minibatches=e.num_minibatches, max_new_tokens=e.max_new_tokens,
+                       loss=objectives.LossConfig(max_response_len=e.max_new_tokens))
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=e.learning_rate))
+  iterations = max(config.warmup, 1) + config.repetitions
+  task = None
+  if model.tokenizer_dir is not None and os.path.exists(
+      os.path.join(model.tokenizer_dir, "task_config.json")):
+    task = rl.load_task(model)
+  if task is not None:
+    problems = [task.problems(e.prompts_per_step, seed=config.seed + i) for i in range(iterations)]
+    prompts = [task.prompt_ids(p) for p in problems]
+    rewards = [lambda r, p=p: task.rewards(p, r) for p in problems]
+    reward_name = "synthetic task (exact answer)"
+  else:
+    prompts = [model.make_prompts(e.prompts_per_step, config.seed + i) for i in range(iterations)]
+    rewards = [parity_reward] * iterations
+    reward_name = "parity of response tokens (model has no task)"
+  max_len = common.max_model_len([p for step in prompts for p in step], e.max_new_tokens)
+  state = TrainState.create(model.params, optimizer, seed=config.seed,
+                            loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
+  engine = make_engine(e.engine, model.config, model.params, pair.sampler, workdir=workdir,
+                       tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
+                       max_model_len=max_len, seed=config.seed,
+                       cpu_kv_cache_space_gib=config.vllm_kv_cache_gib)
+  per_iteration, compiles, names, warmup_s, warmup_compile_s = [], [], [], [], 0.0
+  compile_by_function: dict[str, float] = {}
+  try:
+    for i in range(iterations):
+      with CompileCounter() as counter:
+        start = time.perf_counter()
+        state, metrics = rl_iteration(
+            state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
+            engine=engine, prompts=prompts[i], reward_fn=rewards[i], rl_config=rl_config,
+            seed=config.seed * 1_000_003 + i)
+        elapsed = time.perf_counter() - start
+      if i < iterations - config.repetitions:
+        warmup_s.append(elapsed)
+        warmup_compile_s += counter.seconds
+        for name, seconds in counter.seconds_by_function.items():
+          compile_by_function[name] = compile_by_function.get(name, 0.0) + seconds
+      else:
+        per_iteration.append(metrics)
+        compiles.append(counter.count)
+        names += counter.names
+  finally:
+    engine.close()
+  parts = ("sample", "score", "logp", "update", "sync")
+  out = {"engine": e.engine, "precision": e.precision, "reward": reward_name,
+         "rows": e.prompts_per_step * e.samples_per_prompt, "max_new_tokens": e.max_new_tokens}
+  for part in parts + ("step",):
+    out[f"{part}_s"] = summarize([m[f"time/{part}_s"] for m in per_iteration])
+  other = [(m["time/score_s"] + m["time/logp_s"] + m["time/sync_s"]) / m["time/step_s"]
+           for m in per_iteration]
+  out["other_fraction"] = summarize(other)
+  out["response_length_mean"] = summarize([m["response/length_mean"] for m in per_iteration])
+  out["tokens_per_s"] = summarize([m["perf/tokens_per_s"] for m in per_iteration])
+  out["compiles_per_iteration"] = max(compiles)
+  out["recompiled"] = sorted(set(names))
+  out["warmup_iteration_s"] = warmup_s
+  out["warmup_compile_s"] = warmup_compile_s
+  out["warmup_compile_s_by_function"] = dict(sorted(compile_by_function.items(),
+                                                    key=lambda kv: -kv[1]))
+  out["peak_rss_mib"] = peak_rss_mib()
+  return out
+
+
+# --------------------------------------------------------------------------------- targets ----
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """The issue's targets against the measured ratios; `passed` is None when not measured."""
+  targets = []
+
+  def add(name, target, measured, passed, note=""):
+    targets.append({"name": name, "target": target, "measured": measured, "passed": passed,
+                    "note": note})
+
+  trainer = results.get("trainer") or []
+  for length in sorted({r["response_len"] for r in trainer if r["model"] == "medium"}):
+    rows = {r["precision"]: r for r in trainer
+            if r["model"] == "medium" and r["response_len"] == length}
+    if "fp32" in rows:
+      mfu = rows["fp32"]["mfu"]["median"]
+      add(f"trainer MFU, medium fp32, response {length}", f">= {TARGET_MFU:.0%}", f"{mfu:.1%}",
+          mfu >= TARGET_MFU)
+      base = rows["fp32"]["tokens_per_s"]["median"]
+      for precision in ("bf16", "fp16"):
+        if precision in rows:
+          ratio = rows[precision]["tokens_per_s"]["median"] / base
+          add(f"trainer {precision}/fp32 tokens/s, medium, response {length}",
+              f">= {TARGET_LOW_PRECISION_SPEEDUP:.2f}x", f"{ratio:.2f}x",
+              ratio >= TARGET_LOW_PRECISION_SPEEDUP)
+  if trainer:
+    worst = max(r["compiles_per_step"] for r in trainer)
+    add("trainer compilations per step after warm-up", "0", str(worst), worst == 0)
+
+  samplers = results.get("samplers") or []
+  vllm_rows = {(r["model"], r["precision"], r["new_tokens"]): r for r in samplers
+               if r["engine"] == "vllm"}
+  for r in samplers:
+    key = (r["model"], r["precision"], r["new_tokens"])
+    if r["engine"] == "jax" and key in vllm_rows:
+      ratio = r["tokens_per_s"]["median"] / vllm_rows[key]["tokens_per_s"]["median"]
+      add(f"JAX/vLLM sampler tokens/s, {key[0]} {key[1]}, {key[2]} tokens",
+          f">= {TARGET_JAX_OVER_VLLM:.2f}x", f"{ratio:.2f}x", ratio >= TARGET_JAX_OVER_VLLM)
+  jax_rows = [r for r in samplers if r["engine"] == "jax"]
+  if jax_rows:
+    worst = max(r["compiles_per_call"] for r in jax_rows)
+    add("JAX sampler compilations per repeated call", "0", str(worst), worst == 0)
+
+  for r in results.get("sync") or []:
+    ratio = r["directory_over_memory"]
+    add(f"sync directory/in-memory seconds, {r['model']} {r['precision']}",
+        f">= {TARGET_SYNC_SPEEDUP:.0f}x", f"{ratio:.1f}x", ratio >= TARGET_SYNC_SPEEDUP)
+
+  e2e = results.get("e2e")
+  if e2e:
+    frac = e2e["other_fraction"]["median"]
+    add(f"score+logp+sync share of an RL iteration ({e2e['engine']} {e2e['precision']})",
+        f"< {TARGET_OTHER_FRACTION:.0%}", f"{frac:.1%}", frac < TARGET_OTHER_FRACTION)
+  return targets
+
+
+# ---------------------------------------------------------------------------------- tables ----
+
+
+def _stat(stat: dict[str, Any], fmt: str = "{:.3g}", factor: float = 1.0) -> str:
+  return (f"{fmt.format(stat['median'] * factor)} [{fmt.format(stat['min'] * factor)}, "
+          f"{fmt.format(stat['max'] * factor)}]")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def format_report(results: dict[str, Any]) -> str:
+  """Markdown tables of every measured section, then the targets. Cells: median [min, max]."""
+  out = []
+  peak = results.get("peak")
+  if peak:
+    out.append(f"### Peak: jitted {peak['matmul_size']}^2 matmul")
+    out.append(_table(["dtype", "GFLOP/s", "seconds"], [
+        [d, _stat(peak[d]["flops_per_s"], "{:.1f}", 1e-9), _stat(peak[d]["seconds"])]
+        for d in ("float32", "bfloat16", "float16")]))
+  if results.get("trainer"):
+    out.append("### Trainer: rl_train_step (MFU against the float32 matmul peak)")
+    out.append(_table(
+        ["model", "params", "resp len", "rows x seq", "precision", "step s", "tokens/s", "MFU",
+         "compiles/step", "warm-up compile s"],
+        [[r["model"], f"{r['params'] / 1e6:.2f}M", r["response_len"],
+          f"{r['rows']}x{r['prompt_len'] + r['response_len']}", r["precision"],
+          _stat(r["seconds"]), _stat(r["tokens_per_s"], "{:.0f}"),
+          _stat(r["mfu"], "{:.1f}", 100.0) + "%", r["compiles_per_step"],
+          f"{r['warmup_compile_s']:.1f}"]
+         for r in results["trainer"]]))
+  if results.get("samplers"):
+    out.append("### Samplers: generated tokens/s (no EOS)")
+    out.append(_table(
+        ["model", "engine", "precision", "rows", "new tokens", "seconds", "tokens/s",
+         "compiles/call"],
+        [[r["model"], r["engine"], r["precision"], r["rows"], r["new_tokens"],
+          _stat(r["seconds"]), _stat(r["tokens_per_s"], "{:.0f}"),
+          r["compiles_per_call"] if r["engine"] == "jax" else "-"]
+         for r in results["samplers"]]))
+  if results.get("sync"):
+    out.append("### Weight sync into vLLM")
+    out.append(_table(
+        ["model", "dtype", "MiB", "in-memory s", "directory s", "in-memory MiB/s",
+         "directory MiB/s", "dir/mem"],
+        [[r["model"], r["precision"], f"{r['param_mib']:.1f}", _stat(r["memory_s"]),
+          _stat(r["directory_s"]), _stat(r["memory_mib_per_s"], "{:.0f}"),
+          _stat(r["directory_mib_per_s"], "{:.0f}"), f"{r['directory_over_memory']:.1f}x"]
+         for r in results["sync"]]))
+  e2e = results.get("e2e")
+  if e2e:
+    out.append(f"### End to end: one RL iteration ({e2e['engine']} {e2e['precision']}, "
+               f"{e2e['rows']} rows, up to {e2e['max_new_tokens']} new tokens; "
+               f"reward: {e2e['reward']})")
+    parts = ("sample", "score", "logp", "update", "sync", "step")
+    step = e2e["step_s"]["median"]
+    out.append(_table(["part", "seconds", "share"], [
+        [p if p != "step" else "total", _stat(e2e[f"{p}_s"]),
+         f"{e2e[f'{p}_s']['median'] / step:.1%}"] for p in parts]))
+    out.append(f"score+logp+sync share: {_stat(e2e['other_fraction'], '{:.1f}', 100.0)}%; "
+               f"mean response length {e2e['response_length_mean']['median']:.0f}; "
+               f"compilations per iteration after warm-up: {e2e['compiles_per_iteration']}; "
+               f"warm-up iteration {sum(e2e['warmup_iteration_s']):.1f} s (XLA compiling "
+               f"{e2e['warmup_compile_s']:.1f} s: " + ", ".join(
+                   f"{k} {v:.1f}" for k, v in list(
+                       e2e["warmup_compile_s_by_function"].items())[:4])
+               + f"); peak RSS {e2e['peak_rss_mib']:.0f} MiB")
+  if results.get("targets"):
+    out.append("### Targets")
+    out.append(_table(["target", "wanted", "measured", "result"], [
+        [t["name"], t["target"], t["measured"],
+         "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")]
+        for t in results["targets"]]))
+  return "\n\n".join(out)
+
+
+# --------------------------------------------------------------------------------- the run ----
+
+
+def machine_info() -> dict[str, Any]:
+  info = {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+          "processor": platform.processor() or platform.machine(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "devices": [str(d) for d in jax.devices()], "load_average": os.getloadavg()}
+  try:
+    import vllm  # pylint: disable=g-import-not-at-top
+    info["vllm"] = vllm.__version__
+  except ImportError:
+    info["vllm"] = None
+  return info
+
+
+def run(config) -> dict[str, Any]:
+  """Runs the selected sections; returns (and writes) every figure and the targets."""
+  config = resolve_config(config)
+  sections = _csv(config.sections)
+  run_dir = os.path.abspath(config.output_dir)
+  workdir = os.path.join(run_dir, "work")
+  os.makedirs(workdir, exist_ok=True)
+  common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+  if config.vllm and ({"samplers", "sync"} & set(sections) or
+                      ("e2e" in sections and config.e2e.engine == "vllm")):
+    if not _vllm_available():
+      raise ImportError("vLLM is not installed; install it or pass --config.vllm=False (and "
+                        "--config.e2e.engine=jax)")
+  if not config.vllm and config.e2e.engine == "vllm" and "e2e" in sections:
+    raise ValueError("--config.vllm=False needs --config.e2e.engine=jax")
+
+  started = time.perf_counter()
+  results: dict[str, Any] = {"machine": machine_info(), "quick": bool(config.quick),
+                             "sections": sections}
+  print(f"benchmark{' (quick)' if config.quick else ''}: sections {', '.join(sections)}; "
+        f"{config.warmup} warm-up + {config.repetitions} timed repetitions each; "
+        f"load average {results['machine']['load_average'][0]:.2f} on "
+        f"{results['machine']['cpus']} CPUs")
+  max_len = max([config.trainer_prompt_len + max(_ints(config.trainer_response_lengths))]
+                + [64 + max(_ints(config.sampler_response_lengths))]
+                + [64 + config.e2e.max_new_tokens])
+  needed = set()
+  if "trainer" in sections:
+    needed |= set(_csv(config.trainer_models))
+  if "samplers" in sections:
+    needed |= set(_csv(config.sampler_models))
+  if "sync" in sections and config.vllm:
+    needed |= set(_csv(config.sync_models))
+  if "e2e" in sections:
+    needed.add("small")
+  models = load_models(config, sorted(needed), max_len)
+  results["models"] = {name: {"description": m.description, "params": m.num_params,
+                              "config": dataclasses.asdict(m.config)}
+                       for name, m in models.items()}
+  for name, m in models.items():
+    print(f"  {name}: {m.description}")
+
+  clocks = results["section_seconds"] = {}
+
+  def timed(name: str, fn: Callable[[], Any]) -> Any:
+    with SectionClock() as clock:
+      value = fn()
+    clocks[name] = clock.to_dict()
+    return value
+
+  if "peak" in sections or "trainer" in sections:
+    results["peak"] = timed("peak", lambda: bench_peak(config))
+  if "trainer" in sections:
+    peak_flops = results["peak"]["float32"]["flops_per_s"]["median"]
+    results["trainer"] = timed("trainer", lambda: bench_trainer(config, models, peak_flops))
+  if "samplers" in sections or ("sync" in sections and config.vllm):
+    samplers, syncs = timed("samplers+sync", lambda: bench_samplers_and_sync(
+        config, models, workdir, sections))
+    if "samplers" in sections:
+      results["samplers"] = samplers
+    if "sync" in sections and config.vllm:
+      results["sync"] = syncs
+  if "e2e" in sections:
+    results["e2e"] = timed("e2e", lambda: bench_e2e(config, models["small"], workdir))
+  results["peak_rss_mib"] = peak_rss_mib()
+  results["targets"] = evaluate_targets(results)
+  results["seconds"] = time.perf_counter() - started
+  results["machine"]["load_average_end"] = os.getloadavg()
+  shutil.rmtree(workdir, ignore_errors=True)
+  common.write_json_atomic(os.path.join(run_dir, "benchmark.json"), results)
+  report = format_report(results)
+  print("\n" + report)
+  print("\nsection seconds (wall / process CPU): " + ", ".join(
+      f"{k} {v['wall_s']:.0f}/{v['cpu_s']:.0f}" for k, v in clocks.items()))
+  print(f"peak RSS {results['peak_rss_mib']:.0f} MiB; {results['seconds']:.0f} s; load "
+        f"average {results['machine']['load_average_end'][0]:.2f} at the end; wrote "
+        f"{os.path.join(run_dir, 'benchmark.json')}")
+  results["run_dir"] = run_dir
+  results["report"] = report
+  return results
+
+
+def main(argv):
+  del argv
+  common.quiet_logs()
+  # vLLM's per-engine INFO and WARNING lines would bury the tables (set it to see them).
+  os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

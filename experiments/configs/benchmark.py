@@ -1,0 +1,84 @@
+"""The benchmark suite: machine peak, trainer, samplers, weight sync and one RL iteration.
+
+    python -m experiments.benchmark --config=experiments/configs/benchmark.py
+    python -m experiments.benchmark --config=experiments/configs/benchmark.py --config.quick=True
+
+`quick=True` applies `quick_overrides` on top of everything else (tiny shapes, 2 repetitions; for
+tests and a smoke check in about two minutes on an idle 2-core machine): fp32 and fp16 only, and
+the trainer runs only "medium", shrunk to a 2-layer model that keeps head_dim 64.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.quick = False
+  # Comma-separated subset of: peak, trainer, samplers, sync, e2e.
+  config.sections = "peak,trainer,samplers,sync,e2e"
+  config.seed = 0
+  # Every figure is the median (with min and max) of `repetitions` timed runs after `warmup`
+  # untimed ones (the first call compiles).
+  config.warmup = 1
+  config.repetitions = 3
+  config.precisions = "fp32,bf16,fp16"
+  # Use real vLLM for the vLLM sampler, the weight sync and (engine="vllm") the RL iteration.
+  config.vllm = True
+  config.vllm_kv_cache_gib = 1.0
+
+  # "small": `model` as experiments.common.load_policy_model reads it ("default" = the committed
+  # tiny base model, else a ~1M-parameter random Qwen2). "medium": a random Qwen2 of this shape
+  # (head_dim = hidden_size / num_attention_heads = 64; about 26M parameters).
+  config.model = "default"
+  config.medium = ml_collections.ConfigDict(dict(
+      vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+      num_attention_heads=8, num_key_value_heads=8))
+
+  # Peak: a jitted N x N @ N x N matmul.
+  config.peak_matmul_size = 2048
+
+  # Trainer: one `rl_train_step` on sequences of prompt_len + response_len tokens, with
+  # round(tokens_per_step / sequence length) rows (at least one).
+  config.trainer_models = "small,medium"
+  config.trainer_response_lengths = "256,1024"
+  config.trainer_prompt_len = 32
+  config.trainer_tokens_per_step = 1024
+  config.algorithm = "grpo"
+
+  # Samplers: the same prompts, batch and lengths for the JAX sampler and vLLM; no EOS, so every
+  # row runs to the length.
+  config.sampler_models = "small"
+  config.sampler_response_lengths = "256"
+  config.sampler_prompts = 4
+  config.sampler_samples_per_prompt = 4
+
+  # Weight sync into vLLM: in memory vs through a Hugging Face directory.
+  config.sync_models = "small,medium"
+  config.sync_precisions = "fp32,bf16,fp16"
+
+  # End to end: RL iterations (`rl_fp16.train.rl_iteration`) as experiments/configs/sanity.py
+  # runs them, on the small model (its synthetic task and reward when it has one).
+  config.e2e = ml_collections.ConfigDict(dict(
+      engine="vllm", precision="fp16", algorithm="grpo", prompts_per_step=8,
+      samples_per_prompt=8, max_new_tokens=256, num_minibatches=2, learning_rate=1e-4))
+
+  config.quick_overrides = ml_collections.ConfigDict(dict(
+      repetitions=2,
+      precisions="fp32,fp16",
+      sync_precisions="fp16",
+      peak_matmul_size=512,
+      medium=dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2),
+      trainer_models="medium",
+      trainer_response_lengths="32",
+      trainer_prompt_len=16,
+      trainer_tokens_per_step=128,
+      sampler_response_lengths="16",
+      sampler_prompts=2,
+      sampler_samples_per_prompt=2,
+      sync_models="small",
+      vllm_kv_cache_gib=0.25,
+      e2e=dict(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=16, num_minibatches=1),
+  ))
+  config.output_dir = "runs/benchmark"
+  return config

@@ -1,0 +1,170 @@
+"""The benchmark suite: its measuring tools, and quick mode end to end with real vLLM."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import benchmark
+from experiments.configs import benchmark as benchmark_config
+from rl_fp16.models import ModelConfig, init_params
+from rl_fp16.precision import get_policy
+from rl_fp16.sampling.engines import make_engine
+from rl_fp16.sampling.jax_sampler import SamplingConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     qkv_bias=True, initializer_range=0.2)
+
+
+def test_jax_sampler_does_not_recompile_on_a_repeated_call():
+  engine = make_engine("jax", CONFIG, init_params(CONFIG, jax.random.key(0)),
+                       get_policy("fp32", "sampler"), eos_token_ids=[])
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+  sampling = SamplingConfig(max_new_tokens=7)  # a shape no other test in this process uses
+  with benchmark.CompileCounter() as first:
+    engine.generate(prompts, n=2, sampling=sampling, seed=0)
+  assert first.count >= 1 and any("_decode" in name for name in first.names), first.names
+  assert first.seconds > 0
+  with benchmark.CompileCounter() as again:
+    rollout = engine.generate(prompts, n=2, sampling=sampling, seed=1)
+  assert again.count == 0, again.names
+  assert int(rollout.response_mask.sum()) == 4 * 7  # no EOS: every row runs to the length
+  # Other prompts of lengths in the same bucket, same batch: still the same executable.
+  with benchmark.CompileCounter() as same_bucket:
+    engine.generate([[9, 10], [11]], n=2, sampling=sampling, seed=2)
+  assert same_bucket.count == 0, same_bucket.names
+
+
+def test_time_calls_reports_compiles_of_timed_calls_only():
+  f = jax.jit(lambda x: x * 3 + 1)
+  shapes = [(5,), (5,), (6,)]  # warm-up compiles (5,); the second timed call compiles (6,)
+  timing = benchmark.time_calls(lambda i: f(np.ones(shapes[i])).block_until_ready(), warmup=1,
+                                repetitions=2)
+  assert timing.compiles == [0, 1]
+  assert timing.recompiled and all("lambda" in name for name in timing.recompiled)
+  assert timing.warmup_compile_s > 0
+  assert 0 < timing.seconds["min"] <= timing.seconds["median"] <= timing.seconds["max"]
+  assert len(timing.seconds["values"]) == 2
+
+
+def test_train_step_flops_formula():
+  flops = benchmark.train_step_flops(CONFIG, batch=3, seq_len=10)
+  n = CONFIG.num_params(include_embeddings=False) + 64 * 64  # + the output projection
+  assert flops["dense"] == 6 * n * 3 * 10
+  assert flops["attention"] == 12 * 2 * 2 * 32 * 10**2 * 3  # 12 L H d_head S^2 B
+  assert flops["total"] == flops["dense"] + flops["attention"]
+
+
+def test_summarize_and_targets():
+  stat = benchmark.summarize([3.0, 1.0, 2.0])
+  assert (stat["median"], stat["min"], stat["max"]) == (2.0, 1.0, 3.0)
+  rate = benchmark.invert_stat(stat, 6.0)
+  assert (rate["median"], rate["min"], rate["max"]) == (3.0, 2.0, 6.0)
+
+  def trainer_row(precision, tokens_per_s, mfu):
+    return {"model": "medium", "response_len": 256, "precision": precision,
+            "tokens_per_s": benchmark.summarize([tokens_per_s]),
+            "mfu": benchmark.summarize([mfu]), "compiles_per_step": 0}
+
+  def sampler_row(engine, tokens_per_s):
+    return {"model": "small", "engine": engine, "precision": "fp16", "new_tokens": 256,
+            "tokens_per_s": benchmark.summarize([tokens_per_s]), "compiles_per_call": 0}
+
+  results = {
+      "trainer": [trainer_row("fp32", 100.0, 0.5), trainer_row("bf16", 90.0, 0.45)],
+      "samplers": [sampler_row("jax", 40.0), sampler_row("vllm", 100.0)],
+      "sync": [{"model": "small", "precision": "float16", "directory_over_memory": 6.0}],
+      "e2e": {"engine": "vllm", "precision": "fp16",
+              "other_fraction": benchmark.summarize([0.2])},
+  }
+  passed = {t["name"]: t["passed"] for t in benchmark.evaluate_targets(results)}
+  assert passed == {
+      "trainer MFU, medium fp32, response 256": True,
+      "trainer bf16/fp32 tokens/s, medium, response 256": False,
+      "trainer compilations per step after warm-up": True,
+      "JAX/vLLM sampler tokens/s, small fp16, 256 tokens": False,
+      "JAX sampler compilations per repeated call": True,
+      "sync directory/in-memory seconds, small float16": True,
+      "score+logp+sync share of an RL iteration (vllm fp16)": False,
+  }
+  report = benchmark.format_report({"targets": benchmark.evaluate_targets(results)})
+  assert "| trainer MFU, medium fp32, response 256 | >= 40% | 50.0% | PASS |" in report
+
+
+def test_quick_overrides_and_bad_names():
+  config = benchmark_config.get_config()
+  config.quick = True
+  resolved = benchmark.resolve_config(config)
+  assert resolved.repetitions == 2 and resolved.e2e.max_new_tokens == 16
+  assert resolved.medium.hidden_size // resolved.medium.num_attention_heads == 64
+  assert resolved.e2e.engine == "vllm"  # untouched fields keep their values
+  assert config.repetitions == 3  # the input is not modified
+  config.sections = "peak,trainr"
+  with pytest.raises(ValueError, match="trainr"):
+    benchmark.resolve_config(config)
+  config.quick = False  # quick mode would replace the precisions
+  config.sections = "peak"
+  config.precisions = "fp32,fp8"
+  with pytest.raises(ValueError, match="fp8"):
+    benchmark.resolve_config(config)
+
+
+def _positive_stat(stat):
+  return 0 < stat["min"] <= stat["median"] <= stat["max"] and np.isfinite(stat["max"])
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_quick_benchmark_end_to_end(tmp_path):
+  if os.environ.get("CI", "").lower() in ("1", "true"):
+    import vllm  # pylint: disable=g-import-not-at-top,unused-import  # missing = failure on CI
+  else:
+    pytest.importorskip("vllm")
+  out = tmp_path / "benchmark"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark", "--config=experiments/configs/benchmark.py",
+       "--config.quick=True", f"--config.output_dir={out}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  for heading in ("### Peak", "### Trainer", "### Samplers", "### Weight sync",
+                  "### End to end", "### Targets"):
+    assert heading in proc.stdout, proc.stdout[-4000:]
+  results = json.loads((out / "benchmark.json").read_text())
+  assert results["quick"] and results["sections"] == list(benchmark.SECTIONS)
+
+  for dtype in ("float32", "bfloat16", "float16"):
+    assert _positive_stat(results["peak"][dtype]["flops_per_s"])
+  assert {(r["model"], r["precision"]) for r in results["trainer"]} == {
+      ("medium", "fp32"), ("medium", "fp16")}
+  for row in results["trainer"]:
+    assert _positive_stat(row["tokens_per_s"]) and _positive_stat(row["mfu"])
+    assert row["compiles_per_step"] == 0, row["recompiled"]
+  assert {(r["engine"], r["precision"]) for r in results["samplers"]} == {
+      (e, p) for e in ("jax", "vllm") for p in ("fp32", "fp16")}
+  for row in results["samplers"]:
+    assert _positive_stat(row["tokens_per_s"])
+    assert row["generated_tokens"] == row["rows"] * row["new_tokens"]
+    if row["engine"] == "jax":
+      assert row["compiles_per_call"] == 0, row["recompiled"]
+  assert results["sync"]
+  for row in results["sync"]:
+    assert row["param_mib"] > 0
+    assert _positive_stat(row["memory_s"]) and _positive_stat(row["directory_s"])
+  e2e = results["e2e"]
+  for part in ("sample", "score", "logp", "update", "sync", "step"):
+    assert _positive_stat(e2e[f"{part}_s"]), part
+  assert 0 < e2e["other_fraction"]["median"] < 1
+  assert e2e["peak_rss_mib"] > 0 and results["peak_rss_mib"] >= e2e["peak_rss_mib"]
+  names = {t["name"] for t in results["targets"]}
+  assert any(n.startswith("trainer MFU") for n in names)
+  assert any(n.startswith("JAX/vLLM sampler") for n in names)
+  assert any(n.startswith("sync directory") for n in names)
+  assert any(n.startswith("score+logp+sync") for n in names)
+  assert all(t["passed"] in (True, False) for t in results["targets"])
