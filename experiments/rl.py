@@ -28,7 +28,8 @@ from experiments import common
 from rl_fp16 import objectives, results, sharding
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data import perfectible
-from rl_fp16.data.tasks import SyntheticTask, problem_from_record
+from rl_fp16.data import math_data
+from rl_fp16.data.tasks import MathTask, SyntheticTask, problem_from_record
 from rl_fp16.models import lora as lora_lib
 from rl_fp16.models import moe
 from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_policy,
@@ -44,7 +45,18 @@ def run_dir_for(config) -> str:
       "algorithm", "precision", "seed", "engine", "advantage")}))
 
 
-def load_task(model) -> SyntheticTask:
+def load_task(model, config=None):
+  """The task to train on: the synthetic task of the model directory (default), or MATH problems
+  from `config.data_path` when `config.task == "math"`."""
+  if config is not None and config.get("task", "synthetic") == "math":
+    import transformers  # pylint: disable=g-import-not-at-top
+    if model.tokenizer_dir is None:
+      raise ValueError(f"The MATH task needs a model directory with a tokenizer; got "
+                       f"{model.description}")
+    return MathTask(transformers.AutoTokenizer.from_pretrained(model.tokenizer_dir),
+                    template=config.template, max_prompt_tokens=config.max_prompt_tokens)
+  if config is not None and config.get("task", "synthetic") != "synthetic":
+    raise ValueError(f"Unknown --config.task={config.task!r}; allowed: synthetic, math")
   if model.tokenizer_dir is None:
     raise ValueError(f"RL needs a model with a tokenizer and task_config.json; got "
                      f"{model.description}. Train one with experiments.pretrain_base.")
@@ -66,8 +78,17 @@ def build_subset(model, task: SyntheticTask, *, pool: int, k: int, low: float, h
                                 high=high, max_new_tokens=max_new_tokens, seed=seed)
 
 
-def load_or_build_subset(config, model, task: SyntheticTask, run_dir: str):
-  """The perfectible problems: shipped with the model, cached in the run dir, or built now."""
+def load_or_build_subset(config, model, task, run_dir: str):
+  """The problems to train on.
+
+  MATH: the problems of `config.data_path` (JSONL / parquet / tfds directory; e.g. a perfectible
+  subset written by `rl_fp16.data.perfectible.write_subset`). Synthetic: the perfectible subset
+  shipped with the model, cached in the run dir, or built now.
+  """
+  if isinstance(task, MathTask):
+    problems = math_data.load_math_problems(config.data_path)
+    rates = [float(p.metadata.get("pass_rate", float("nan"))) for p in problems]
+    return problems, rates, config.data_path
   for path in (os.path.join(model.tokenizer_dir, PERFECTIBLE_FILE),
                os.path.join(run_dir, PERFECTIBLE_FILE)):
     if os.path.exists(path):
@@ -116,7 +137,7 @@ def run(config) -> dict:
   run_dir = run_dir_for(config)
   os.makedirs(run_dir, exist_ok=True)
   model = common.load_policy_model(config.model, seed=config.seed)
-  task = load_task(model)
+  task = load_task(model, config)
   subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
   if len(subset) < 1:
     raise ValueError(f"The perfectible subset is empty ({subset_path}); widen "
@@ -166,8 +187,9 @@ def run(config) -> dict:
     print(f"LoRA: rank {lc.rank}, alpha {lc.alpha}, targets {list(lc.targets)}; "
           f"{lora_lib.num_params(state.params):,} trainable params (base frozen)")
   print(f"run: {config.algorithm} / {config.precision} / engine {config.engine} / seed "
-        f"{config.seed}; {len(subset)} perfectible problems (mean base pass rate "
-        f"{np.mean(rates):.2f}) from {subset_path}")
+        f"{config.seed}; {len(subset)} problems (mean base pass rate "
+        f"{np.nanmean(rates) if np.isfinite(rates).any() else float('nan'):.2f}) from "
+        f"{subset_path}")
   policy_params = (state.params if base_params is None
                    else lora_lib.merge_lora(base_params, state.params, rl_config.lora))
   engine = make_engine(config.engine, model.config, policy_params, pair.sampler,

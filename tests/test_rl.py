@@ -162,3 +162,33 @@ def test_rl_run_on_vllm(tiny_task_model_dir, tmp_path, precision):
     assert (diff < 1e-4).all()
   else:
     assert (diff > 1e-6).all() and (diff < 0.1).all()
+
+
+@pytest.mark.slow
+def test_math_task_rl_run(tiny_task_model_dir, tmp_path):
+  """The MATH path: problems from JSONL, a prompt template, math-verify rewards."""
+  from experiments import rl as rl_experiment  # pylint: disable=g-import-not-at-top
+  from experiments.configs import sanity  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import results  # pylint: disable=g-import-not-at-top
+
+  data = tmp_path / "math.jsonl"
+  data.write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
+                          for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]))
+  config = sanity.get_config()
+  config.update(dict(model=tiny_task_model_dir, engine="jax", task="math", data_path=str(data),
+                     template="plain", max_prompt_tokens=64, steps=1, prompts_per_step=2,
+                     samples_per_prompt=4, max_new_tokens=16, output_dir=str(tmp_path / "run")))
+  summary = rl_experiment.run(config)
+  frame = results.read_metrics(summary["run_dir"])
+  assert list(frame["step"]) == [1]
+  assert frame["reward/mean"].between(0, 1).all()  # an untrained model: almost surely 0
+
+
+def test_paper_scale_and_ablation_configs_load():
+  from experiments.configs import precision_ablation, sanity_r1_distill_1p5b  # pylint: disable=g-import-not-at-top
+
+  config = sanity_r1_distill_1p5b.get_config()
+  assert (config.prompts_per_step, config.samples_per_prompt, config.max_new_tokens,
+          config.learning_rate, config.temperature) == (64, 8, 8192, 1e-6, 1.0)
+  assert config.task == "math" and config.template == "r1_distill"
+  assert len(precision_ablation.GRID) == 9 and "bf16-fp16" in precision_ablation.GRID

@@ -40,6 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.lora = ml_collections.ConfigDict(dict(
       enabled=False, rank=1, alpha=2.0,
       targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+  # "synthetic" (the model directory's task_config.json) or "math" (problems from data_path,
+  # prompt template, math-verify reward; see sanity_r1_distill_1p5b.py).
+  config.task = "synthetic"
+  config.data_path = ""
+  config.template = "r1_distill"
+  config.max_prompt_tokens = 1024
   config.checkpoint_every = 10
   config.output_dir = "runs/sanity/{algorithm}_{precision}_seed{seed}"
   return config

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -103,3 +103,52 @@ def problem_from_record(record: dict) -> synthetic.Problem:
   return synthetic.Problem(prompt=record["prompt"], answer=str(record["answer"]),
                            solution=record["solution"], terms=tuple(record["terms"]),
                            operators=tuple(record["operators"]), modulus=record.get("modulus"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MathTask:
+  """MATH-style problems: a prompt template, a Hugging Face tokenizer and the math-verify reward.
+
+  Attributes:
+    tokenizer: a `transformers` tokenizer (the policy model's).
+    template: "r1_distill", "qwen_math" or "plain" (`rl_fp16.rewards.math.apply_template`).
+    max_prompt_tokens: prompts are refused above this length (a clear error, not a truncation).
+  """
+
+  tokenizer: Any
+  template: str = "r1_distill"
+  max_prompt_tokens: int = 1024
+
+  def prompt_ids(self, problems: Sequence[Any]) -> list[list[int]]:
+    from rl_fp16.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
+
+    ids = []
+    for problem in problems:
+      text = math_rewards.apply_template(self.template, problem.question)
+      # The templates carry their own special tokens (e.g. R1's <｜begin▁of▁sentence｜>).
+      tokens = self.tokenizer.encode(text, add_special_tokens=False)
+      if len(tokens) > self.max_prompt_tokens:
+        raise ValueError(f"Problem {problem.uid or problem.question[:40]!r} has a prompt of "
+                         f"{len(tokens)} tokens > max_prompt_tokens={self.max_prompt_tokens}")
+      ids.append(tokens)
+    return ids
+
+  def decode_responses(self, rollout: Rollout) -> list[str]:
+    texts = []
+    for row in range(rollout.batch_size):
+      ids = rollout.response_tokens[row, :rollout.response_lengths[row]]
+      texts.append(self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True))
+    return texts
+
+  def rewards(self, problems: Sequence[Any], rollout: Rollout) -> np.ndarray:
+    """float32 [B]: math-verify on the last boxed answer; truncated responses score 0."""
+    from rl_fp16.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
+
+    texts = self.decode_responses(rollout)
+    return np.array([
+        math_rewards.math_reward(texts[row], problems[rollout.prompt_index[row]].answer,
+                                 truncated=rollout.finish_reasons[row] == FINISH_LENGTH)
+        for row in range(rollout.batch_size)], np.float32)
+
+  def max_sequence_len(self) -> int:
+    return self.max_prompt_tokens
