@@ -192,3 +192,31 @@ def test_paper_scale_and_ablation_configs_load():
           config.learning_rate, config.temperature) == (64, 8, 8192, 1e-6, 1.0)
   assert config.task == "math" and config.template == "r1_distill"
   assert len(precision_ablation.GRID) == 9 and "bf16-fp16" in precision_ablation.GRID
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_every_algorithm_trains_on_vllm(tiny_task_model_dir):
+  """One RL iteration of each of the paper's algorithms against one real vLLM engine (fp16)."""
+  if not os.environ.get("CI"):
+    pytest.importorskip("vllm")
+  from rl_fp16.sampling.engines import VllmEngine  # pylint: disable=g-import-not-at-top
+
+  config, task, pair, optimizer, state, _, _ = _setup(tiny_task_model_dir, "fp16", "grpo")
+  engine = VllmEngine(config, state.params, pair.sampler, workdir=tiny_task_model_dir + "_vllm",
+                      eos_token_ids=[task.tokenizer.eos_id], max_model_len=256)
+  reward_fn = lambda rollout: (rollout.response_lengths % 2).astype(np.float32)
+  try:
+    for step, algorithm in enumerate(objectives.ALGORITHMS):
+      rl_config = RLConfig(algorithm=algorithm, samples_per_prompt=4, num_minibatches=1,
+                           max_new_tokens=16, loss=objectives.LossConfig(max_response_len=16))
+      state, metrics = rl_iteration(state, model_config=config, trainer_policy=pair.trainer,
+                                    optimizer=optimizer, engine=engine,
+                                    prompts=task.prompt_ids(task.problems(2, seed=step)),
+                                    reward_fn=reward_fn, rl_config=rl_config, seed=step)
+      assert np.isfinite(metrics["train/loss"]), algorithm
+      assert metrics["train/skipped_steps"] == 0, algorithm
+      assert 0 < metrics["mismatch/logp_diff_mean"] < 0.05, algorithm  # fp16 vLLM vs fp16 trainer
+  finally:
+    engine.close()
+  assert int(state.step) == len(objectives.ALGORITHMS)
