@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from deps import require
+
 from experiments import benchmark
 from experiments.configs import benchmark as benchmark_config
 from rl_fp16.models import ModelConfig, init_params
@@ -122,10 +124,7 @@ def _positive_stat(stat):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_quick_benchmark_end_to_end(tmp_path):
-  if os.environ.get("CI", "").lower() in ("1", "true"):
-    import vllm  # pylint: disable=g-import-not-at-top,unused-import  # missing = failure on CI
-  else:
-    pytest.importorskip("vllm")
+  require("vllm")
   out = tmp_path / "benchmark"
   env = dict(os.environ, JAX_PLATFORMS="cpu", VLLM_ENABLE_V1_MULTIPROCESSING="0")
   proc = subprocess.run(

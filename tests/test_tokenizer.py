@@ -3,6 +3,8 @@
 import json
 
 import pytest
+
+from deps import require
 from tokenizers import decoders
 from transformers import AutoTokenizer
 
@@ -107,7 +109,7 @@ def test_incremental_detokenization(tokenizer, saved_dir):
 
 @pytest.mark.vllm
 def test_vllm_tokenizer_loader(tokenizer, saved_dir):
-  hf_mod = pytest.importorskip("vllm.tokenizers.hf")
+  hf_mod = require("vllm.tokenizers.hf")
   vtok = hf_mod.CachedHfTokenizer.from_pretrained(str(saved_dir))
   assert vtok.encode(TEXTS[0]) == tokenizer.encode(TEXTS[0], add_bos=True)
   assert vtok.decode(tokenizer.encode(TEXTS[0], add_eos=True), skip_special_tokens=True) == TEXTS[0]

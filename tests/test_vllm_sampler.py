@@ -9,13 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
-if os.environ.get("CI", "").lower() in ("1", "true"):
-  # On CI a missing vLLM or transformers is a failure, not a skip.
-  import transformers  # pylint: disable=g-import-not-at-top
-  import vllm  # pylint: disable=g-import-not-at-top,unused-import
-else:
-  transformers = pytest.importorskip("transformers")
-  pytest.importorskip("vllm")
+from deps import require  # pylint: disable=g-import-not-at-top
+
+transformers = require("transformers")
+require("vllm")
 
 import torch  # pylint: disable=g-import-not-at-top
 
