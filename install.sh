@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -q "uv>=0.5"
 FIND_LINKS="${PIP_FIND_LINKS:-/opt/wheels}"
-python3 -m uv pip install --system --no-deps --find-links "$FIND_LINKS" \
+# Install into the interpreter that runs this script: the active virtual environment if there is
+# one, else the system Python.
+PYTHON="$(python3 -c 'import sys; print(sys.executable)')"
+python3 -m uv pip install --python "$PYTHON" --no-deps --find-links "$FIND_LINKS" \
   -r requirements/lock.txt
-python3 -m uv pip install --system --no-deps -e .
+python3 -m uv pip install --python "$PYTHON" --no-deps -e .
