@@ -63,9 +63,6 @@ from rl_fp16.sampling.engines import make_engine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration, rl_train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
-                                          lock_config=True)
-
 SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e")
 MODEL_NAMES = ("small", "medium")
 MIB = 2.0**20
@@ -223,19 +220,11 @@ def _tree_bytes(params: Any, dtype: Any) -> int:
 # ------------------------------------------------------------------------------ the config ----
 
 
-def _merge(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
-  for key, value in overrides.items():
-    if isinstance(value, dict):
-      _merge(config[key], value)
-    else:
-      config[key] = value
-
-
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` with `quick_overrides` applied when `quick` is set; validated."""
   resolved = ml_collections.ConfigDict(config.to_dict())
   if resolved.quick:
-    _merge(resolved, resolved.quick_overrides.to_dict())
+    common.merge_overrides(resolved, resolved.quick_overrides.to_dict())
   unknown = [s for s in _csv(resolved.sections) if s not in SECTIONS]
   if unknown:
     raise ValueError(f"Unknown sections {unknown}; allowed: {list(SECTIONS)}")
@@ -271,13 +260,6 @@ class BenchModel:
   @property
   def num_params(self) -> int:
     return self.config.num_params()
-
-
-def _random_prompts(vocab_size: int) -> Callable[[int, int], list[list[int]]]:
-  def make(num: int, seed: int) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab_size, rng.integers(8, 33)).tolist() for _ in range(num)]
-  return make
 
 
 def _host(params: Any) -> Any:
@@ -317,7 +299,7 @@ def load_models(config, names: Sequence[str], max_len: int) -> dict[str, BenchMo
         f"random Qwen2 ({model_config.num_hidden_layers} layers, d={model_config.hidden_size}, "
         f"head_dim {model_config.head_dim}, vocab {model_config.vocab_size}; "
         f"{model_config.num_params() / 1e6:.1f}M params)",
-        _random_prompts(model_config.vocab_size))
+        common.random_prompts(model_config.vocab_size))
   return models
 
 
@@ -374,8 +356,12 @@ def synthetic_rl_batch(vocab_size: int, rows: int, prompt_len: int, response_len
 
 
 def bench_trainer_case(config, model: BenchModel, response_len: int, precision: str,
-                       optimizer, peak_flops: float) -> dict[str, Any]:
-  """One `rl_train_step` configuration: seconds per step, tokens/s, MFU, compiles per step."""
+                       optimizer, peak: dict[str, Any]) -> dict[str, Any]:
+  """One `rl_train_step` configuration: seconds per step, tokens/s, MFU, compiles per step.
+
+  `peak` is `bench_peak`'s result. "mfu" is against the float32 matmul peak (the reference on
+  every machine); "mfu_compute_dtype" against the peak of the step's compute dtype (on a GPU the
+  bf16/fp16 matrix units are many times faster than float32)."""
   policy = get_policy(precision, "trainer")
   seq = config.trainer_prompt_len + response_len
   rows = max(1, round(config.trainer_tokens_per_step / seq))
@@ -405,20 +391,25 @@ def bench_trainer_case(config, model: BenchModel, response_len: int, precision: 
       "precision": precision, "seconds": seconds,
       "tokens_per_s": invert_stat(seconds, tokens),
       "model_flops": flops,
-      "mfu": invert_stat(seconds, flops["total"] / peak_flops),
+      "mfu": invert_stat(seconds, flops["total"] / _peak_median(peak, "float32")),
+      "mfu_compute_dtype": invert_stat(
+          seconds, flops["total"] / _peak_median(peak, dtype_name(policy.compute_dtype))),
       "compiles_per_step": max(timing.compiles), "recompiled": timing.recompiled,
       "warmup_compile_s": timing.warmup_compile_s,
   }
 
 
-def bench_trainer(config, models: dict[str, BenchModel], peak_flops: float) -> list[dict]:
+def _peak_median(peak: dict[str, Any], dtype: str) -> float:
+  return peak[dtype]["flops_per_s"]["median"]
+
+
+def bench_trainer(config, models: dict[str, BenchModel], peak: dict[str, Any]) -> list[dict]:
   rows = []
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))  # one object: one jit key
   cases = [(m, length, p) for m in _csv(config.trainer_models)
            for length in _ints(config.trainer_response_lengths) for p in _csv(config.precisions)]
   for name, length, precision in common.progress(cases, desc="trainer"):
-    rows.append(bench_trainer_case(config, models[name], length, precision, optimizer,
-                                   peak_flops))
+    rows.append(bench_trainer_case(config, models[name], length, precision, optimizer, peak))
   return rows
 
 
@@ -690,14 +681,16 @@ def format_report(results: dict[str, Any]) -> str:
         [d, _stat(peak[d]["flops_per_s"], "{:.1f}", 1e-9), _stat(peak[d]["seconds"])]
         for d in ("float32", "bfloat16", "float16")]))
   if results.get("trainer"):
-    out.append("### Trainer: rl_train_step (MFU against the float32 matmul peak)")
+    out.append("### Trainer: rl_train_step (MFU against the float32 matmul peak; MFU* against "
+               "the peak of the step's compute dtype)")
     out.append(_table(
         ["model", "params", "resp len", "rows x seq", "precision", "step s", "tokens/s", "MFU",
-         "compiles/step", "warm-up compile s"],
+         "MFU*", "compiles/step", "warm-up compile s"],
         [[r["model"], f"{r['params'] / 1e6:.2f}M", r["response_len"],
           f"{r['rows']}x{r['prompt_len'] + r['response_len']}", r["precision"],
           _stat(r["seconds"]), _stat(r["tokens_per_s"], "{:.0f}"),
-          _stat(r["mfu"], "{:.1f}", 100.0) + "%", r["compiles_per_step"],
+          _stat(r["mfu"], "{:.1f}", 100.0) + "%",
+          _stat(r["mfu_compute_dtype"], "{:.1f}", 100.0) + "%", r["compiles_per_step"],
           f"{r['warmup_compile_s']:.1f}"]
          for r in results["trainer"]]))
   if results.get("samplers"):
@@ -814,8 +807,8 @@ def run(config) -> dict[str, Any]:
   if "peak" in sections or "trainer" in sections:
     results["peak"] = timed("peak", lambda: bench_peak(config))
   if "trainer" in sections:
-    peak_flops = results["peak"]["float32"]["flops_per_s"]["median"]
-    results["trainer"] = timed("trainer", lambda: bench_trainer(config, models, peak_flops))
+    results["trainer"] = timed("trainer",
+                               lambda: bench_trainer(config, models, results["peak"]))
   if "samplers" in sections or ("sync" in sections and config.vllm):
     samplers, syncs = timed("samplers+sync", lambda: bench_samplers_and_sync(
         config, models, workdir, sections))
@@ -848,9 +841,11 @@ def main(argv):
   common.quiet_logs()
   # vLLM's per-engine INFO and WARNING lines would bury the tables (set it to see them).
   os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-  run(_CONFIG.value)
+  run(flags.FLAGS.config)
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that experiments can import each other.
+  config_flags.DEFINE_config_file("config", None, "Benchmark config file.", lock_config=True)
   flags.mark_flags_as_required(["config"])
   app.run(main)

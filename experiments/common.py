@@ -15,7 +15,7 @@ from rl_fp16.models.presets import peaked_random_model
 from rl_fp16.results import write_json_atomic  # re-exported for experiments
 
 __all__ = ["PolicyModel", "load_policy_model", "progress", "write_json_atomic", "max_model_len",
-           "BASE_MODEL_DIR", "quiet_logs"]
+           "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides"]
 
 # The tiny base model trained by experiments/pretrain_base.py and committed with the repo.
 BASE_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
@@ -33,7 +33,7 @@ class PolicyModel:
   eos_token_ids: tuple[int, ...] = ()
 
 
-def _random_prompts(vocab_size: int) -> Callable[[int, int], list[list[int]]]:
+def random_prompts(vocab_size: int) -> Callable[[int, int], list[list[int]]]:
   def make(num: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab_size, rng.integers(8, 33)).tolist() for _ in range(num)]
@@ -60,13 +60,13 @@ def load_policy_model(spec: str, *, seed: int = 0) -> PolicyModel:
     config, params = peaked_random_model(seed)
     return PolicyModel(config, params, "random Qwen2 (4 layers, d=128, vocab 512) with LM head "
                        "scaled to logit std 4 (peaked, LLM-like next-token distributions; no "
-                       "trained base model found)", _random_prompts(config.vocab_size))
+                       "trained base model found)", random_prompts(config.vocab_size))
   if not os.path.isdir(spec):
     raise FileNotFoundError(f"--config.model={spec!r} is neither 'default', 'random' nor a "
                             "Hugging Face model directory")
   config, params = load_hf(spec)
   has_task = os.path.exists(os.path.join(spec, "task_config.json"))
-  prompts = _task_prompts(spec) if has_task else _random_prompts(config.vocab_size)
+  prompts = _task_prompts(spec) if has_task else random_prompts(config.vocab_size)
   has_tokenizer = os.path.exists(os.path.join(spec, "tokenizer.json"))
   return PolicyModel(config, params, f"{config.model_type} model from {spec} "
                      f"({config.num_params() / 1e6:.2f}M params)", prompts,
@@ -89,3 +89,12 @@ def quiet_logs() -> None:
 def progress(items: Iterable, **kwargs) -> Iterable:
   """tqdm progress bar on stderr (no-op formatting in logs)."""
   return tqdm.tqdm(items, dynamic_ncols=True, **kwargs)
+
+
+def merge_overrides(config, overrides: dict[str, Any]) -> None:
+  """Sets `overrides` (a nested dict) on the ConfigDict `config` in place, recursing into dicts."""
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      merge_overrides(config[key], value)
+    else:
+      config[key] = value

@@ -144,6 +144,10 @@ def test_quick_benchmark_end_to_end(tmp_path):
       ("medium", "fp32"), ("medium", "fp16")}
   for row in results["trainer"]:
     assert _positive_stat(row["tokens_per_s"]) and _positive_stat(row["mfu"])
+    peaks = results["peak"]
+    ratio = peaks["float32"]["flops_per_s"]["median"] / peaks[
+        {"fp32": "float32", "fp16": "float16"}[row["precision"]]]["flops_per_s"]["median"]
+    assert row["mfu_compute_dtype"]["median"] == pytest.approx(row["mfu"]["median"] * ratio)
     assert row["compiles_per_step"] == 0, row["recompiled"]
   assert {(r["engine"], r["precision"]) for r in results["samplers"]} == {
       (e, p) for e in ("jax", "vllm") for p in ("fp32", "fp16")}
