@@ -28,6 +28,12 @@ backward; counted over the full S x S square our attention evaluates (as PaLM's 
 log-softmax, entropy, norms, optimizer and loss are not counted. MFU = model FLOPs / step
 seconds / the measured float32 matmul peak.
 
+Profiles (`--config.profile=True`): after each trainer case's timed steps, one more step runs under
+`jax.profiler.trace` into `<output_dir>/profile/<case>/` (open it in Perfetto or TensorBoard's
+profile plugin); the report lists the step's XLA ops grouped by kind (the HLO op name without its
+".N" suffix: `ynn_fusion` and `dot` are matmuls on CPU, `copy*`/`transpose*` layout changes) with
+their share of op time, summed over threads.
+
 Compilations are counted with a `jax.monitoring` listener (`CompileCounter`): every XLA backend
 compile (event "/jax/core/compile/backend_compile_duration", which carries the function name) and
 every executable loaded from the persistent compilation cache. A call that reuses cached
@@ -36,9 +42,14 @@ executables counts 0.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
+import gzip
+import json
 import os
 import platform
+import re
 import resource
 import shutil
 import time
@@ -355,8 +366,34 @@ def synthetic_rl_batch(vocab_size: int, rows: int, prompt_len: int, response_len
   }
 
 
+def xla_op_profile(trace_dir: str, module: str, top: int = 8) -> list[dict[str, Any]]:
+  """Op time of the jitted `module` (e.g. "jit_rl_train_step") in the newest trace under
+  `trace_dir`, grouped by op kind (HLO op name without ".N"), largest first.
+
+  Returns [{"op", "ms", "share", "count"}] for the `top` kinds; times are summed over threads, so
+  on a multi-threaded backend they can exceed wall time. Reads the Chrome-trace JSON that
+  `jax.profiler.trace` writes next to its xplane file.
+  """
+  traces = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+  if not traces:
+    raise FileNotFoundError(f"No *.trace.json.gz under {trace_dir}/plugins/profile")
+  with gzip.open(traces[-1], "rt") as f:
+    events = json.load(f)["traceEvents"]
+  micros, counts = collections.Counter(), collections.Counter()
+  for event in events:
+    args = event.get("args") or {}
+    if event.get("ph") == "X" and args.get("hlo_module") == module and "hlo_op" in args:
+      kind = re.sub(r"\.\d+$", "", args["hlo_op"])
+      micros[kind] += float(event.get("dur", 0.0))
+      counts[kind] += 1
+  total = sum(micros.values())
+  return [{"op": kind, "ms": us / 1e3, "share": us / total if total else 0.0,
+           "count": counts[kind]} for kind, us in micros.most_common(top)]
+
+
 def bench_trainer_case(config, model: BenchModel, response_len: int, precision: str,
-                       optimizer, peak: dict[str, Any]) -> dict[str, Any]:
+                       optimizer, peak: dict[str, Any],
+                       profile_dir: str | None = None) -> dict[str, Any]:
   """One `rl_train_step` configuration: seconds per step, tokens/s, MFU, compiles per step.
 
   `peak` is `bench_peak`'s result. "mfu" is against the float32 matmul peak (the reference on
@@ -381,11 +418,17 @@ def bench_trainer_case(config, model: BenchModel, response_len: int, precision: 
     jax.block_until_ready(metrics)
 
   timing = time_calls(step, warmup=max(config.warmup, 1), repetitions=config.repetitions)
+  profile = None
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      step(0)
+    profile = xla_op_profile(profile_dir, "jit_rl_train_step")
   seconds = timing.seconds
   flops = train_step_flops(model.config, rows, seq)
   tokens = rows * seq
   del holder
   return {
+      "profile": profile, "profile_dir": profile_dir,
       "model": model.name, "params": model.num_params, "response_len": response_len,
       "prompt_len": config.trainer_prompt_len, "rows": rows, "tokens": tokens,
       "precision": precision, "seconds": seconds,
@@ -403,13 +446,17 @@ def _peak_median(peak: dict[str, Any], dtype: str) -> float:
   return peak[dtype]["flops_per_s"]["median"]
 
 
-def bench_trainer(config, models: dict[str, BenchModel], peak: dict[str, Any]) -> list[dict]:
+def bench_trainer(config, models: dict[str, BenchModel], peak: dict[str, Any],
+                  profile_root: str | None = None) -> list[dict]:
   rows = []
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))  # one object: one jit key
   cases = [(m, length, p) for m in _csv(config.trainer_models)
            for length in _ints(config.trainer_response_lengths) for p in _csv(config.precisions)]
   for name, length, precision in common.progress(cases, desc="trainer"):
-    rows.append(bench_trainer_case(config, models[name], length, precision, optimizer, peak))
+    profile_dir = (os.path.join(profile_root, f"{name}_{length}_{precision}") if profile_root
+                   else None)
+    rows.append(bench_trainer_case(config, models[name], length, precision, optimizer, peak,
+                                   profile_dir))
   return rows
 
 
@@ -693,6 +740,13 @@ def format_report(results: dict[str, Any]) -> str:
           _stat(r["mfu_compute_dtype"], "{:.1f}", 100.0) + "%", r["compiles_per_step"],
           f"{r['warmup_compile_s']:.1f}"]
          for r in results["trainer"]]))
+  profiled = [r for r in results.get("trainer") or [] if r.get("profile")]
+  if profiled:
+    out.append("### Trainer profiles: op time by kind (share of the step's XLA op time)")
+    out.append("\n".join(
+        f"- {r['model']} resp {r['response_len']} {r['precision']}: " + ", ".join(
+            f"{p['op']} {p['share']:.0%}" for p in r["profile"][:6])
+        for r in profiled))
   if results.get("samplers"):
     out.append("### Samplers: generated tokens/s (no EOS)")
     out.append(_table(
@@ -807,8 +861,9 @@ def run(config) -> dict[str, Any]:
   if "peak" in sections or "trainer" in sections:
     results["peak"] = timed("peak", lambda: bench_peak(config))
   if "trainer" in sections:
-    results["trainer"] = timed("trainer",
-                               lambda: bench_trainer(config, models, results["peak"]))
+    profile_root = os.path.join(run_dir, "profile") if config.profile else None
+    results["trainer"] = timed("trainer", lambda: bench_trainer(config, models, results["peak"],
+                                                                profile_root))
   if "samplers" in sections or ("sync" in sections and config.vllm):
     samplers, syncs = timed("samplers+sync", lambda: bench_samplers_and_sync(
         config, models, workdir, sections))

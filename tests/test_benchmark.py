@@ -171,3 +171,22 @@ def test_quick_benchmark_end_to_end(tmp_path):
   assert any(n.startswith("sync directory") for n in names)
   assert any(n.startswith("score+logp+sync") for n in names)
   assert all(t["passed"] in (True, False) for t in results["targets"])
+
+
+def test_xla_op_profile_groups_a_traced_function_by_op_kind(tmp_path):
+  @jax.jit
+  def two_matmuls_and_a_tanh(a, b):
+    return jax.numpy.tanh(a @ b) @ b
+
+  a = jax.numpy.ones((256, 256))
+  two_matmuls_and_a_tanh(a, a).block_until_ready()  # compile outside the trace
+  with jax.profiler.trace(str(tmp_path)):
+    two_matmuls_and_a_tanh(a, a).block_until_ready()
+  profile = benchmark.xla_op_profile(str(tmp_path), "jit_two_matmuls_and_a_tanh")
+  assert profile, "no op events for the traced function"
+  assert sum(p["share"] for p in profile) == pytest.approx(1.0)
+  assert all(p["ms"] >= 0 and p["count"] >= 1 for p in profile)
+  assert all(not p["op"][-1].isdigit() for p in profile)  # ".N" suffixes are grouped away
+  assert benchmark.xla_op_profile(str(tmp_path), "jit_not_traced") == []
+  with pytest.raises(FileNotFoundError, match="trace.json.gz"):
+    benchmark.xla_op_profile(str(tmp_path / "missing"), "jit_two_matmuls_and_a_tanh")

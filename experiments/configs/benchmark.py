@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.trainer_prompt_len = 32
   config.trainer_tokens_per_step = 1024
   config.algorithm = "grpo"
+  # Trace one extra step per trainer case with jax.profiler into <output_dir>/profile/ and
+  # report the op time by kind.
+  config.profile = False
 
   # Samplers: the same prompts, batch and lengths for the JAX sampler and vLLM; no EOS, so every
   # row runs to the length.
