@@ -4,6 +4,7 @@ Runs `experiments.rl` once per precision in `--compare` (same algorithm, seed an
 final and best reward and the mismatch of each, and plots reward and mismatch curves side by side.
 
     python -m experiments.sanity --config=experiments/configs/sanity.py [--compare=bf16,fp16]
+    python -m experiments.sanity --config=experiments/configs/moe.py   # the MoE policy
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ def compare(config, precisions) -> dict:
   frame = frame[frame["run"].isin([os.path.relpath(d, experiment_dir) for d in run_dirs])]
   plots = os.path.join(experiment_dir, "plots")
   os.makedirs(plots, exist_ok=True)
-  for metric, name in (("reward/mean", "reward"), ("mismatch/prob_diff_mean", "mismatch"),
-                       ("mismatch/kl_k3", "kl_k3")):
+  metrics = [("reward/mean", "reward"), ("mismatch/prob_diff_mean", "mismatch"),
+             ("mismatch/kl_k3", "kl_k3")]
+  if "mismatch/expert_set_diff" in frame:  # MoE policies (experiments/configs/moe.py)
+    metrics.append(("mismatch/expert_set_diff", "expert_set_diff"))
+  for metric, name in metrics:
     results.plot_curves(frame, metric, hue="precision", col="algorithm",
-                        logy=metric.startswith("mismatch"),
+                        logy=name in ("mismatch", "kl_k3"),  # the expert-set fraction can be 0
                         path=os.path.join(plots, f"compare_{name}_{config.algorithm}.png"))
   print(f"\n{config.algorithm}, seed {config.seed}, {config.steps} steps, engine {config.engine}:")
   print(f"{'precision':>10} {'final reward':>13} {'best reward':>12} {'mean |pi-mu|':>13} "

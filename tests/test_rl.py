@@ -121,18 +121,34 @@ def test_killed_run_resumes_identically(tiny_task_model_dir, tmp_path):
   assert _metrics(killed) == _metrics(reference)
 
 
+def test_committed_moe_base_is_the_moe_configs_model():
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments.configs import moe as moe_config  # pylint: disable=g-import-not-at-top
+
+  config = moe_config.get_config()
+  model = common.load_policy_model(config.model)
+  assert model.config.model_type == "qwen3_moe"
+  for key, value in config.moe_base.items():
+    assert getattr(model.config, key) == (tuple(value) if isinstance(value, list) else value), key
+  assert os.path.exists(os.path.join(config.model, "perfectible.jsonl"))
+  assert model.make_prompts(2, 0)  # the synthetic task's prompts, from task_config.json
+
+
 @pytest.mark.slow
 def test_moe_rl_run_logs_expert_mismatch(tiny_moe_task_model_dir, tmp_path):
-  from experiments import rl as rl_experiment  # pylint: disable=g-import-not-at-top
+  from experiments import sanity  # pylint: disable=g-import-not-at-top
   from experiments.configs import moe as moe_config  # pylint: disable=g-import-not-at-top
   from rl_fp16 import results  # pylint: disable=g-import-not-at-top
 
   config = moe_config.get_config()
   config.update(dict(model=tiny_moe_task_model_dir, engine="jax", steps=2, prompts_per_step=2,
                      samples_per_prompt=4, max_new_tokens=24, learning_rate=1e-3,
-                     output_dir=str(tmp_path / "moe_run")))
-  summary = rl_experiment.run(config)
+                     output_dir=str(tmp_path / "moe" / "{precision}")))
+  # Through the comparison the README runs (experiments.sanity), with one precision.
+  [summary] = sanity.compare(config, ["fp16"]).values()
   frame = results.read_metrics(summary["run_dir"])
+  plots = os.path.join(summary["run_dir"], "plots")  # one run: its own directory
+  assert os.path.exists(os.path.join(plots, "compare_expert_set_diff_grpo.png"))
   assert list(frame["step"]) == [1, 2]
   assert "mismatch/expert_set_diff" in frame and frame["mismatch/expert_set_diff"].between(
       0, 1).all()

@@ -8,9 +8,9 @@ besides the usual mismatch metrics, MoE runs log the fraction of tokens whose se
 differs between the trainer's full-sequence forward and the sampler's KV-cache forward
 (`rl_fp16.models.moe.rollout_expert_mismatch`, JAX engine).
 
-Needs a tiny MoE base model directory (config.json, safetensors, tokenizer, task_config.json)
-at `config.model`; `experiments.pretrain_base` trains one once it can build a `qwen3_moe` config
-(see `moe_base` below for the intended shape).
+The policy starts from the committed tiny MoE base model (experiments/assets/tiny_moe_base, made
+by `python -m experiments.pretrain_base --config=experiments/configs/pretrain_base.py:moe`, see
+experiments/assets/README.md); `moe_base` below is its shape.
 """
 
 import ml_collections
