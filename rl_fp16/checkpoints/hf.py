@@ -18,6 +18,7 @@ Reading also accepts transformers 5's in-memory fused layout (`model.state_dict(
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -131,6 +132,9 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
   """Our params -> {HF tensor name: numpy array [HF shape] in `dtype`} (bfloat16 via ml_dtypes).
 
   Raises ValueError naming the tensor when a parameter is missing, unexpected or mis-shaped.
+  The transposes and the cast run in one jitted XLA program where the params live (per config and
+  dtype), then everything is copied to the host at once. The arrays may be read-only (views of
+  JAX's host buffers); copy one before writing to it.
   """
   np_dtype = _numpy_dtype(dtype)
   layout = hf_layout(config)
@@ -139,28 +143,42 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
   if unexpected:
     raise ValueError(f"params hold tensors the {config.model_type} config does not use: "
                      f"{unexpected[:5]}")
-  host = jax.device_get(params)
-  state = {}
-  for name, (path, hf_shape, transposed) in layout.items():
+  for name, (path, hf_shape, transposed) in layout.items():  # shapes only: no data moves
     param = _param_path(path)
     try:
-      value = np.asarray(_get(host, param), np.float32)
+      shape = tuple(np.shape(_get(params, param)))
     except KeyError as e:
       raise ValueError(f"Missing parameter {'/'.join(param)} (HF tensor {name})") from e
     if param != path:  # one expert of a stacked [E, in, out] parameter
-      experts = config.num_experts
-      expected = (experts,) + (hf_shape[::-1] if transposed else hf_shape)
-      if value.shape != expected:
-        raise ValueError(f"Parameter {'/'.join(param)} has shape {value.shape}, expected "
+      expected = (config.num_experts,) + (hf_shape[::-1] if transposed else hf_shape)
+      if shape != expected:
+        raise ValueError(f"Parameter {'/'.join(param)} has shape {shape}, expected "
                          f"{expected} for tensors {name.rsplit('.', 3)[0]}.*")
-      value = value[path[-1]]
-      path = param
+      shape, path = shape[1:], param
     if transposed:
-      value = value.T
-    if value.shape != hf_shape:
-      raise ValueError(f"Parameter {'/'.join(path)} has HF shape {value.shape}, expected "
+      shape = shape[::-1]
+    if shape != hf_shape:
+      raise ValueError(f"Parameter {'/'.join(path)} has HF shape {shape}, expected "
                        f"{hf_shape} for tensor {name}")
-    state[name] = np.ascontiguousarray(value.astype(np_dtype))
+  needed = {}
+  for param in expected_paths:
+    node = needed
+    for key in param[:-1]:
+      node = node.setdefault(key, {})
+    node[param[-1]] = _get(params, param)
+  return {name: np.ascontiguousarray(value) for name, value in
+          jax.device_get(_hf_tensors(config, needed, np_dtype)).items()}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _hf_tensors(config: ModelConfig, params: Params, dtype: np.dtype) -> dict[str, jax.Array]:
+  """{HF name: the parameter (one expert of a stacked one), transposed to HF layout, in dtype}."""
+  state = {}
+  for name, (path, _, transposed) in hf_layout(config).items():
+    value = _get(params, _param_path(path))
+    if _param_path(path) != path:
+      value = value[path[-1]]
+    state[name] = (value.T if transposed else value).astype(dtype)
   return state
 
 

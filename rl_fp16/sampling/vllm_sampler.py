@@ -34,6 +34,7 @@ import json
 import os
 import pathlib
 import time
+import warnings
 from typing import Any, Iterator, Mapping, Sequence
 import weakref
 
@@ -133,13 +134,15 @@ def _to_engine_tensor(name: str, value: Any, dtype: torch.dtype) -> torch.Tensor
   if isinstance(value, torch.Tensor):
     tensor = value.detach()
   else:
-    array = np.asarray(value)
-    if array.dtype.name == "bfloat16":  # ml_dtypes.bfloat16, as JAX hands it out.
-      tensor = torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
-    elif np.issubdtype(array.dtype, np.floating):
-      tensor = torch.from_numpy(np.ascontiguousarray(array))
-    else:
-      raise ValueError(f"tensor {name!r} has dtype {array.dtype}; expected a floating dtype")
+    array = np.ascontiguousarray(value)
+    with warnings.catch_warnings():  # read-only arrays (to_hf_state_dict's) are only read here
+      warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+      if array.dtype.name == "bfloat16":  # ml_dtypes.bfloat16, as JAX hands it out.
+        tensor = torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+      elif np.issubdtype(array.dtype, np.floating):
+        tensor = torch.from_numpy(array)
+      else:
+        raise ValueError(f"tensor {name!r} has dtype {array.dtype}; expected a floating dtype")
   if not tensor.is_floating_point():
     raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; expected a floating dtype")
   return tensor.to(dtype=dtype).contiguous()
