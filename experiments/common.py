@@ -15,7 +15,8 @@ from rl_fp16.models.presets import peaked_random_model
 from rl_fp16.results import write_json_atomic  # re-exported for experiments
 
 __all__ = ["PolicyModel", "load_policy_model", "progress", "write_json_atomic", "max_model_len",
-           "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides"]
+           "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "run_main",
+           "markdown_table"]
 
 # The tiny base model trained by experiments/pretrain_base.py and committed with the repo.
 BASE_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
@@ -91,6 +92,13 @@ def progress(items: Iterable, **kwargs) -> Iterable:
   return tqdm.tqdm(items, dynamic_ncols=True, **kwargs)
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A markdown table; cells are formatted with str()."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
 def merge_overrides(config, overrides: dict[str, Any]) -> None:
   """Sets `overrides` (a nested dict) on the ConfigDict `config` in place, recursing into dicts."""
   for key, value in overrides.items():
@@ -98,3 +106,26 @@ def merge_overrides(config, overrides: dict[str, Any]) -> None:
       merge_overrides(config[key], value)
     else:
       config[key] = value
+
+
+def run_main(run: Callable[[Any], Any], *, lock_config: bool = True) -> None:
+  """An experiment module's entry point, called under `if __name__ == "__main__":`.
+
+  Defines the required `--config` flag (an ml_collections config file; overrides as
+  `--config.key=value`), then runs `run(config)` under absl with quiet logs. Flags are defined
+  here, not at import, so that experiments can import each other.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                  lock_config=lock_config)
+  flags.mark_flags_as_required(["config"])
+
+  def main(argv):
+    del argv
+    quiet_logs()
+    run(flags.FLAGS.config)
+
+  app.run(main)

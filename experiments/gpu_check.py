@@ -26,16 +26,14 @@ import time
 import traceback
 from typing import Any, Callable
 
-from absl import app
-from absl import flags
 import jax
-from ml_collections import config_flags
 
 from experiments import benchmark
 from experiments import common
 from experiments import offline_mismatch
 from experiments.configs import benchmark as benchmark_config
 from experiments.configs import offline_mismatch as offline_mismatch_config
+from rl_fp16.fileio import write_text_atomic
 
 
 STAGES = ("mismatch", "trainer")
@@ -96,12 +94,10 @@ def format_summary(summary: dict[str, Any]) -> str:
          f"{len(info['devices'])} device(s))"]
   if summary["mismatch"]:
     out.append("### Trainer vs JAX sampler (per response token)")
-    header = ["pair (trainer-sampler)", "matmul precision"] + [c for c, _ in MISMATCH_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in summary["mismatch"]:
-      lines.append("| " + " | ".join([row["pair"], row["matmul_precision"]] + [
-          f"{row[key]:.3g}" for _, key in MISMATCH_COLUMNS]) + " |")
-    out.append("\n".join(lines))
+    out.append(common.markdown_table(
+        ["pair (trainer-sampler)", "matmul precision"] + [c for c, _ in MISMATCH_COLUMNS],
+        [[row["pair"], row["matmul_precision"]]
+         + [f"{row[key]:.3g}" for _, key in MISMATCH_COLUMNS] for row in summary["mismatch"]]))
   for name, peak in summary["peaks"].items():
     out.append(f"matmul peak ({name}, {peak['matmul_size']}^2): " + ", ".join(
         f"{dtype} {peak[dtype]['flops_per_s']['median'] / 1e12:.1f} TFLOP/s"
@@ -109,17 +105,14 @@ def format_summary(summary: dict[str, Any]) -> str:
   if summary["trainer"]:
     out.append("### rl_train_step (median of the timed steps; MFU against the fp32 peak and "
                "against the compute dtype's peak)")
-    header = ["model", "params", "tokens/step", "precision", "matmul precision", "step ms",
-              "tokens/s", "MFU fp32", "MFU dtype", "compile s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in summary["trainer"]:
-      lines.append("| " + " | ".join(str(c) for c in [
-          r["model"], f"{r['params'] / 1e6:.1f}M", r["tokens"], r["precision"],
+    out.append(common.markdown_table(
+        ["model", "params", "tokens/step", "precision", "matmul precision", "step ms",
+         "tokens/s", "MFU fp32", "MFU dtype", "compile s"],
+        [[r["model"], f"{r['params'] / 1e6:.1f}M", r["tokens"], r["precision"],
           r["matmul_precision"], f"{r['step_s'] * 1e3:.2f} [{r['step_s_min'] * 1e3:.2f}, "
           f"{r['step_s_max'] * 1e3:.2f}]", f"{r['tokens_per_s']:.0f}",
           f"{r['mfu_fp32_peak']:.1%}", f"{r['mfu_compute_dtype_peak']:.1%}",
-          f"{r['warmup_compile_s']:.1f}"]) + " |")
-    out.append("\n".join(lines))
+          f"{r['warmup_compile_s']:.1f}"] for r in summary["trainer"]]))
   if summary["errors"]:
     out.append("### FAILED stages\n" + "\n".join(
         f"- {name}: {error.strip().splitlines()[-1]}" for name, error in summary["errors"].items()))
@@ -180,8 +173,7 @@ def run(config) -> dict[str, Any]:
 
   report = format_summary(summary)
   common.write_json_atomic(os.path.join(out, "summary.json"), summary)
-  with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write(report + "\n")
+  write_text_atomic(os.path.join(out, "summary.md"), report + "\n")
   print("\n" + report, flush=True)
   if summary["errors"]:
     raise RuntimeError(f"gpu_check stages failed: {sorted(summary['errors'])} (tracebacks in "
@@ -190,13 +182,5 @@ def run(config) -> dict[str, Any]:
   return summary
 
 
-def main(argv):
-  del argv
-  common.quiet_logs()
-  run(flags.FLAGS.config)
-
-
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  common.run_main(run)

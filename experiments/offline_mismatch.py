@@ -15,9 +15,6 @@ import csv
 import os
 import time
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
@@ -193,12 +190,10 @@ def _save(fig, path: str) -> str:
 
 
 def format_table(results: dict[str, dict]) -> str:
-  header = ["precision"] + [name for name, _ in SUMMARY_COLUMNS]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for name, r in results.items():
-    cells = [f"{r['metrics'][key]:.3g}" for _, key in SUMMARY_COLUMNS]
-    lines.append("| " + " | ".join([name] + cells) + " |")
-  return "\n".join(lines)
+  return common.markdown_table(
+      ["precision"] + [name for name, _ in SUMMARY_COLUMNS],
+      [[name] + [f"{r['metrics'][key]:.3g}" for _, key in SUMMARY_COLUMNS]
+       for name, r in results.items()])
 
 
 def run(config) -> dict:
@@ -249,15 +244,5 @@ def run(config) -> dict:
   return summary
 
 
-def main(argv):
-  del argv
-  common.quiet_logs()
-  run(flags.FLAGS.config)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so that experiments can import each other.
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                  lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  common.run_main(run)

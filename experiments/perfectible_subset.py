@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
@@ -36,15 +33,5 @@ def build(config) -> dict:
   return {"path": path, "size": len(subset), "pass_rates": rates}
 
 
-def main(argv):
-  del argv
-  common.quiet_logs()
-  build(flags.FLAGS.config)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so that experiments can import each other.
-  config_flags.DEFINE_config_file("config", None, "Config file.",
-                                  lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  common.run_main(build)

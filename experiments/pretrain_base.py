@@ -13,11 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app
-from absl import flags
 import jax
-from ml_collections import config_flags
-import numpy as np
 
 from experiments import common
 from rl_fp16 import results
@@ -126,15 +122,5 @@ def train(config) -> dict:
   return {"output_dir": out, "pass_at_1": rate, "log": log}
 
 
-def main(argv):
-  del argv
-  common.quiet_logs()
-  train(flags.FLAGS.config)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so that experiments can import each other.
-  config_flags.DEFINE_config_file("config", None, "Config file.",
-                                  lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  common.run_main(train)

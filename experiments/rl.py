@@ -18,10 +18,7 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app
-from absl import flags
 import jax
-from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
@@ -245,17 +242,12 @@ def run(config) -> dict:
   return summary
 
 
-def main(argv):
-  del argv
-  common.quiet_logs()
-  if "distributed" in flags.FLAGS.config:
-    sharding.initialize_distributed(**flags.FLAGS.config.distributed)
-  run(flags.FLAGS.config)
+def main(config) -> dict:
+  """`run`, after `jax.distributed` set-up when the config has a `distributed` block."""
+  if "distributed" in config:
+    sharding.initialize_distributed(**config.distributed)
+  return run(config)
 
 
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so that experiments can import each other.
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                  lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  common.run_main(main)

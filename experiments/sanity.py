@@ -12,9 +12,7 @@ from __future__ import annotations
 import copy
 import os
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import common
 from experiments import rl
@@ -53,16 +51,6 @@ def compare(config, precisions) -> dict:
   return summaries
 
 
-def main(argv):
-  del argv
-  common.quiet_logs()
-  compare(flags.FLAGS.config, flags.FLAGS.compare)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so that experiments can import each other.
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                  lock_config=False)
   flags.DEFINE_list("compare", ["bf16", "fp16"], "Precisions to run and compare.")
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  common.run_main(lambda config: compare(config, flags.FLAGS.compare), lock_config=False)
