@@ -55,17 +55,15 @@ import shutil
 import time
 from typing import Any, Callable, Sequence
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
 from experiments import rl
 from rl_fp16 import objectives
+from rl_fp16.checkpoints import to_hf_state_dict
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
@@ -487,9 +485,18 @@ def bench_generate(engine, prompts: list[list[int]], *, n: int, max_new_tokens: 
 
 def bench_sync(engine, model: BenchModel, directory: str, *, warmup: int,
                repetitions: int) -> dict[str, Any]:
-  """Seconds per vLLM weight sync, in memory and through a Hugging Face directory."""
+  """Seconds per vLLM weight sync, in memory and through a Hugging Face directory.
+
+  The in-memory sync is also timed in its two parts: our conversion (`to_hf_state_dict`) and
+  vLLM's reload of ready host arrays (`VllmSampler.update_weights`).
+  """
   params = jax.device_put(model.params)  # the trainer's float32 device params, as in RL
   memory = time_calls(lambda i: engine.update_params(params), warmup=warmup,
+                      repetitions=repetitions).seconds
+  convert = time_calls(lambda i: to_hf_state_dict(model.config, params, engine.dtype),
+                       warmup=warmup, repetitions=repetitions).seconds
+  state = to_hf_state_dict(model.config, params, engine.dtype)
+  reload = time_calls(lambda i: engine.sampler.update_weights(state), warmup=warmup,
                       repetitions=repetitions).seconds
   disk = time_calls(lambda i: engine.update_params_from_dir(params, directory), warmup=warmup,
                     repetitions=repetitions).seconds
@@ -497,6 +504,7 @@ def bench_sync(engine, model: BenchModel, directory: str, *, warmup: int,
   mbytes = _tree_bytes(model.params, engine.policy.compute_dtype) / MIB
   return {"model": model.name, "precision": dtype_name(engine.policy.compute_dtype),
           "param_mib": mbytes, "memory_s": memory, "directory_s": disk,
+          "memory_convert_s": convert, "memory_reload_s": reload,
           "memory_mib_per_s": invert_stat(memory, mbytes),
           "directory_mib_per_s": invert_stat(disk, mbytes),
           "directory_over_memory": disk["median"] / max(memory["median"], 1e-12)}
@@ -712,25 +720,19 @@ def _stat(stat: dict[str, Any], fmt: str = "{:.3g}", factor: float = 1.0) -> str
           f"{fmt.format(stat['max'] * factor)}]")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
 def format_report(results: dict[str, Any]) -> str:
   """Markdown tables of every measured section, then the targets. Cells: median [min, max]."""
   out = []
   peak = results.get("peak")
   if peak:
     out.append(f"### Peak: jitted {peak['matmul_size']}^2 matmul")
-    out.append(_table(["dtype", "GFLOP/s", "seconds"], [
+    out.append(common.markdown_table(["dtype", "GFLOP/s", "seconds"], [
         [d, _stat(peak[d]["flops_per_s"], "{:.1f}", 1e-9), _stat(peak[d]["seconds"])]
         for d in ("float32", "bfloat16", "float16")]))
   if results.get("trainer"):
     out.append("### Trainer: rl_train_step (MFU against the float32 matmul peak; MFU* against "
                "the peak of the step's compute dtype)")
-    out.append(_table(
+    out.append(common.markdown_table(
         ["model", "params", "resp len", "rows x seq", "precision", "step s", "tokens/s", "MFU",
          "MFU*", "compiles/step", "warm-up compile s"],
         [[r["model"], f"{r['params'] / 1e6:.2f}M", r["response_len"],
@@ -749,7 +751,7 @@ def format_report(results: dict[str, Any]) -> str:
         for r in profiled))
   if results.get("samplers"):
     out.append("### Samplers: generated tokens/s (no EOS)")
-    out.append(_table(
+    out.append(common.markdown_table(
         ["model", "engine", "precision", "rows", "new tokens", "seconds", "tokens/s",
          "compiles/call"],
         [[r["model"], r["engine"], r["precision"], r["rows"], r["new_tokens"],
@@ -758,10 +760,11 @@ def format_report(results: dict[str, Any]) -> str:
          for r in results["samplers"]]))
   if results.get("sync"):
     out.append("### Weight sync into vLLM")
-    out.append(_table(
-        ["model", "dtype", "MiB", "in-memory s", "directory s", "in-memory MiB/s",
-         "directory MiB/s", "dir/mem"],
+    out.append(common.markdown_table(
+        ["model", "dtype", "MiB", "in-memory s", "of it: convert s", "of it: vLLM reload s",
+         "directory s", "in-memory MiB/s", "directory MiB/s", "dir/mem"],
         [[r["model"], r["precision"], f"{r['param_mib']:.1f}", _stat(r["memory_s"]),
+          _stat(r["memory_convert_s"]), _stat(r["memory_reload_s"]),
           _stat(r["directory_s"]), _stat(r["memory_mib_per_s"], "{:.0f}"),
           _stat(r["directory_mib_per_s"], "{:.0f}"), f"{r['directory_over_memory']:.1f}x"]
          for r in results["sync"]]))
@@ -772,7 +775,7 @@ def format_report(results: dict[str, Any]) -> str:
                f"reward: {e2e['reward']})")
     parts = ("sample", "score", "logp", "update", "sync", "step")
     step = e2e["step_s"]["median"]
-    out.append(_table(["part", "seconds", "share"], [
+    out.append(common.markdown_table(["part", "seconds", "share"], [
         [p if p != "step" else "total", _stat(e2e[f"{p}_s"]),
          f"{e2e[f'{p}_s']['median'] / step:.1%}"] for p in parts]))
     out.append(f"score+logp+sync share: {_stat(e2e['other_fraction'], '{:.1f}', 100.0)}%; "
@@ -785,7 +788,7 @@ def format_report(results: dict[str, Any]) -> str:
                + f"); peak RSS {e2e['peak_rss_mib']:.0f} MiB")
   if results.get("targets"):
     out.append("### Targets")
-    out.append(_table(["target", "wanted", "measured", "result"], [
+    out.append(common.markdown_table(["target", "wanted", "measured", "result"], [
         [t["name"], t["target"], t["measured"],
          "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")]
         for t in results["targets"]]))
@@ -891,16 +894,7 @@ def run(config) -> dict[str, Any]:
   return results
 
 
-def main(argv):
-  del argv
-  common.quiet_logs()
+if __name__ == "__main__":
   # vLLM's per-engine INFO and WARNING lines would bury the tables (set it to see them).
   os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-  run(flags.FLAGS.config)
-
-
-if __name__ == "__main__":
-  # Flags are defined here, not at import, so that experiments can import each other.
-  config_flags.DEFINE_config_file("config", None, "Benchmark config file.", lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  common.run_main(run)

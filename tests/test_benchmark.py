@@ -160,6 +160,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
   for row in results["sync"]:
     assert row["param_mib"] > 0
     assert _positive_stat(row["memory_s"]) and _positive_stat(row["directory_s"])
+    assert _positive_stat(row["memory_convert_s"]) and _positive_stat(row["memory_reload_s"])
   e2e = results["e2e"]
   for part in ("sample", "score", "logp", "update", "sync", "step"):
     assert _positive_stat(e2e[f"{part}_s"]), part
