@@ -1,6 +1,6 @@
 """Policy-gradient losses with and without training-inference mismatch correction.
 
-Every loss is a pure, jittable function of per-token arrays of shape [B, T] (see DESIGN.md,
+Every loss is a pure, jittable function of per-token arrays of shape [B, T] (see docs/design.md,
 "Algorithms"):
 
 - ``logp``: log pi of each sampled token under the current parameters (the one differentiated).

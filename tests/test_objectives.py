@@ -1,7 +1,7 @@
 """Policy losses against an independent float64 NumPy implementation of each formula.
 
 The reference below computes every loss and its analytic gradient with respect to ``logp`` in
-float64, from the formulas in DESIGN.md ("Algorithms"), and the code under test runs in float32.
+float64, from the formulas in docs/design.md ("Algorithms"), and the code under test runs in float32.
 """
 
 import jax
