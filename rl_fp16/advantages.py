@@ -3,11 +3,18 @@
 Rewards are one per row, grouped by prompt: rows ``[i * n, (i + 1) * n)`` are the ``n`` samples of
 prompt ``i`` (the `Rollout` order), with ``n = group_size``. Pure and jittable (``group_size``
 static); outputs are float32 [B], one sequence-level advantage per row.
+
+`check_rewards` is the host-side gate in front of them: a non-finite reward would make every
+advantage of its group (and so every loss and gradient of the batch) non-finite, every update would
+be skipped as if the loss scale had overflowed, and fp16 would back its scale off for nothing.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax.numpy as jnp
+import numpy as np
 
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo")
 
@@ -23,6 +30,54 @@ def _grouped_rewards(rewards, group_size):
   if batch_size % group_size:
     raise ValueError(f"batch size B={batch_size} is not divisible by group_size={group_size}")
   return rewards.reshape(batch_size // group_size, group_size)
+
+
+def check_rewards(rewards, samples_per_prompt: int,
+                  prompts: Sequence[str] | None = None) -> np.ndarray:
+  """The rewards of a rollout as float32 [B], after checking that every one is finite.
+
+  Host-side (NumPy), called on the reward function's output before any advantage or update.
+
+  Args:
+    rewards: one reward per row [B]; rows ``[i * n, (i + 1) * n)`` belong to prompt ``i`` of the
+      step (``n = samples_per_prompt``).
+    samples_per_prompt: ``n``.
+    prompts: optional text of each of the ``B // n`` prompts, quoted in the error.
+  Returns:
+    float32 [B].
+  Raises:
+    ValueError: a reward is NaN or infinite (naming each such row, its value and its prompt), or
+      the shape does not fit ``samples_per_prompt``.
+  """
+  rewards = np.asarray(rewards, np.float32)
+  if rewards.ndim != 1:
+    raise ValueError(f"the reward function must return one reward per row [B], got shape "
+                     f"{rewards.shape}")
+  n = samples_per_prompt
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f"samples_per_prompt must be a positive int, got {n!r}")
+  if rewards.shape[0] % n:
+    raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of "
+                     f"samples_per_prompt={n}")
+  bad = np.flatnonzero(~np.isfinite(rewards))
+  if bad.size == 0:
+    return rewards
+  groups = sorted({int(row) // n for row in bad})
+  lines = []
+  for group in groups:
+    rows = [int(r) for r in bad if r // n == group]
+    values = ", ".join(f"row {r}: {rewards[r]}" for r in rows)
+    text = ""
+    if prompts is not None and group < len(prompts):
+      prompt = str(prompts[group])
+      text = f" {prompt[:200]!r}" + ("..." if len(prompt) > 200 else "")
+    lines.append(f"  prompt {group} (rows {group * n}-{group * n + n - 1}){text}: {values}")
+  raise ValueError(
+      f"the reward function returned {bad.size} non-finite reward(s) of {rewards.shape[0]} "
+      f"(samples_per_prompt={n}; rows [i*{n}, (i+1)*{n}) are prompt i of this step):\n"
+      + "\n".join(lines) + "\nNo update was made: a non-finite reward would turn the whole "
+      "batch's loss non-finite and every update would be skipped. Fix the reward function "
+      "(e.g. return 0 for a response it cannot score).")
 
 
 def drgrpo_advantages(rewards, group_size):

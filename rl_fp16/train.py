@@ -254,7 +254,7 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
   times["time/sample_s"] = time.perf_counter() - start
 
   start = time.perf_counter()
-  rewards = np.asarray(reward_fn(rollout), np.float32)
+  rewards = advantages_lib.check_rewards(reward_fn(rollout), n)  # float32 [B], all finite
   advantages = np.asarray(advantages_lib.compute_advantages(rl_config.advantage,
                                                             jnp.asarray(rewards), n))
   times["time/score_s"] = time.perf_counter() - start
