@@ -8,6 +8,17 @@ Layout of a run directory (see DESIGN.md, "One run = one directory")::
     tb/              TensorBoard event files (every finite scalar of every step)
     plots/           PNG figures
     checkpoints/     orbax train-state checkpoints (written by rl_fp16.checkpoints)
+    resumes.jsonl    only when a resume changed an allowed key: one line per such resume
+
+Provenance: config.json is written once, by the first start, and never rewritten. A later start in
+the same directory (a resume) must bring the same config: `check_run_config` compares the new
+resolved config with config.json key by key (`config_differences`, on flattened dotted names) and
+raises `ConfigMismatchError`, listing every differing key as stored -> new, unless the only
+differences are in keys of an allow-list (by default `RESUME_ALLOWED_KEYS`: how long to run, how
+often to checkpoint, where the directory is, how much to log). Allowed changes leave config.json as
+it was (it keeps describing the settings of the steps on disk) and, when the directory already
+holds logged steps, are appended to resumes.jsonl as {"time", "resume_step", "last_logged_step",
+"changed": {key: [stored, new]}}.
 
 `metrics.jsonl` is strict JSON. Metric values are Python floats; the non-finite values NaN, +inf
 and -inf are written as the strings "NaN", "Infinity" and "-Infinity" (the spellings of
@@ -52,6 +63,13 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 PLOTS_DIR = "plots"
 CHECKPOINT_DIR = "checkpoints"
+RESUMES_FILE = "resumes.jsonl"
+
+# Config keys a resume may change: they decide how long a run goes on, how often it checkpoints,
+# where its directory is and how much it logs, not what any step computes. An entry also allows
+# every key under it ("logging" allows "logging.level").
+RESUME_ALLOWED_KEYS = ("steps", "checkpoint_every", "output_dir", "log_level", "vllm_log_level",
+                       "progress", "logging")
 
 STEP_KEY = "step"
 RUN_KEY = "run"
@@ -224,6 +242,117 @@ def _scan_metrics(path: str) -> tuple[list[tuple[int, str]], bool]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Provenance: one run directory = one config.
+
+
+class ConfigMismatchError(ValueError):
+  """A run directory's config.json differs from the config of a new start in a key that matters."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigDifference:
+  """One flattened config key whose stored and new values differ (`MISSING` when absent)."""
+
+  key: str
+  old: Any
+  new: Any
+
+  def __str__(self) -> str:
+    return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
+
+
+class _Missing:
+  def __repr__(self) -> str:
+    return "<absent>"
+
+
+MISSING = _Missing()
+
+
+def _show(value: Any) -> str:
+  return repr(value) if value is MISSING else json.dumps(value)
+
+
+def _is_allowed(key: str, allowed: Sequence[str]) -> bool:
+  return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def config_differences(old: Any, new: Any,
+                       allowed: Sequence[str] = ()) -> list[ConfigDifference]:
+  """The keys whose values differ between two configs, except those in `allowed`.
+
+  Pure. Both configs go through `jsonable` (so a ConfigDict, a dataclass and the dict read back
+  from config.json compare equal when they hold the same values) and `flatten_config` (nested keys
+  as "loss.clip_eps_low"). A key present on one side only is a difference whose other value is
+  `MISSING`.
+
+  Args:
+    old: the stored config (e.g. `read_config(run_dir)`).
+    new: the new resolved config.
+    allowed: keys whose changes are ignored; an entry also covers the keys under it.
+  Returns:
+    One `ConfigDifference(key, old, new)` per differing key, sorted by key.
+  """
+  flat_old = flatten_config(json.loads(json.dumps(jsonable(old), allow_nan=False)))
+  flat_new = flatten_config(json.loads(json.dumps(jsonable(new), allow_nan=False)))
+  out = []
+  for key in sorted(set(flat_old) | set(flat_new)):
+    if _is_allowed(key, allowed):
+      continue
+    a, b = flat_old.get(key, MISSING), flat_new.get(key, MISSING)
+    # 1 and 1.0 are the same setting; True and 1 are not.
+    same = (a == b and type(a) is type(b)) or (
+        isinstance(a, (int, float)) and isinstance(b, (int, float))
+        and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
+    if not same:
+      out.append(ConfigDifference(key, a, b))
+  return out
+
+
+def check_run_config(run_dir: str | os.PathLike, config: Any, *,
+                     allowed: Sequence[str] = RESUME_ALLOWED_KEYS) -> list[ConfigDifference]:
+  """Checks that `config` may (re)start in `run_dir`; reads only, creates nothing.
+
+  Returns:
+    [] when the directory has no config.json (a new run) or holds the same config; otherwise the
+    differences in `allowed` keys, which a resume may bring.
+  Raises:
+    ConfigMismatchError: config.json differs from `config` in a key outside `allowed`. The message
+      lists every such key (stored -> new) and says how to start a new run instead.
+  """
+  run_dir = os.fspath(run_dir)
+  path = os.path.join(run_dir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return []
+  stored = read_json(path)
+  refused = [d for d in config_differences(stored, config) if not _is_allowed(d.key, allowed)]
+  if refused:
+    lines = "\n".join(f"  {d}" for d in refused)
+    raise ConfigMismatchError(
+        f"{run_dir} holds a run made with another config; continuing it with this one would mix "
+        f"settings (its {CONFIG_FILE} would no longer describe the steps on disk). Differences "
+        f"(stored -> now):\n{lines}\n"
+        f"To start a new run, pass another directory (e.g. --config.output_dir=...); to resume "
+        f"this one, rerun with the settings of its {CONFIG_FILE}. A resume may change only: "
+        f"{', '.join(allowed)}.")
+  return config_differences(stored, config, ())
+
+
+def init_run_dir(run_dir: str | os.PathLike, config: Any, *,
+                 allowed: Sequence[str] = RESUME_ALLOWED_KEYS) -> list[ConfigDifference]:
+  """Creates `run_dir` and writes config.json on the first start; on a later one only checks it.
+
+  Same checks and return value as `check_run_config`; config.json is never rewritten.
+  """
+  differences = check_run_config(run_dir, config, allowed=allowed)
+  path = os.path.join(os.fspath(run_dir), CONFIG_FILE)
+  os.makedirs(os.fspath(run_dir), exist_ok=True)
+  if not os.path.exists(path):
+    write_json_atomic(path, config)
+  return differences
+
+
+# ------------------------------------------------------------------------------------------------
 # Writer.
 
 
@@ -245,16 +374,21 @@ class RunWriter:
   """
 
   def __init__(self, run_dir: str | os.PathLike, config: Any, *, resume: bool = False,
-               resume_step: int | None = None):
+               resume_step: int | None = None,
+               allowed_changes: Sequence[str] = RESUME_ALLOWED_KEYS):
     """Creates (or, with `resume`, reopens) the run directory.
 
     Args:
       run_dir: the run directory; created if missing.
       config: the resolved config (dict, ConfigDict, dataclass, ...), written to config.json via
-        `jsonable`. None keeps an existing config.json (useful when resuming).
+        `jsonable` when the directory has none. An existing config.json is never rewritten: it
+        must match `config` but for `allowed_changes` (`check_run_config`, else
+        `ConfigMismatchError`); allowed changes made on a resume over logged steps are appended
+        to resumes.jsonl. None skips the check and keeps config.json as it is.
       resume: keep an existing metrics.jsonl and append to it. Without it an existing, non-empty
         metrics.jsonl is an error, so that a new run never silently mixes with an old one.
       resume_step: with `resume`, drop logged steps >= resume_step (see `truncate_after`).
+      allowed_changes: config keys a resume may change (see `check_run_config`).
     """
     self._run_dir = os.fspath(run_dir)
     if resume_step is not None and not resume:
@@ -265,10 +399,18 @@ class RunWriter:
     if has_metrics and not resume:
       raise FileExistsError(f"{self._metrics_path} already holds metrics; pass resume=True to "
                             "continue that run, or use a new run directory")
+    if config is not None:
+      changed = init_run_dir(self._run_dir, config, allowed=allowed_changes)
+      if changed and has_metrics:
+        last = max((step for step, _ in _scan_metrics(self._metrics_path)[0]), default=None)
+        record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"),
+                  "resume_step": resume_step, "last_logged_step": last,
+                  "changed": {d.key: [d.old, d.new] for d in changed}}
+        with open(os.path.join(self._run_dir, RESUMES_FILE), "a", encoding="utf-8") as f:
+          f.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
     for sub_dir in (self.tb_dir, self.plots_dir, self.checkpoint_dir):
       os.makedirs(sub_dir, exist_ok=True)
-    if config is not None:
-      write_json_atomic(self.config_path, config)
 
     self._last_step = None
     self._file = None
