@@ -1,9 +1,13 @@
-"""Pieces every experiment module shares: the policy model to start from, progress output."""
+"""Pieces every experiment module shares: the policy model to start from, progress output, and
+the config checks every entry point runs before it loads a model or creates a directory."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
+import sys
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -12,11 +16,12 @@ import tqdm
 from rl_fp16.checkpoints import load_hf
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.presets import peaked_random_model
+from rl_fp16.results import ConfigMismatchError
 from rl_fp16.results import write_json_atomic  # re-exported for experiments
 
 __all__ = ["PolicyModel", "load_policy_model", "progress", "write_json_atomic", "max_model_len",
            "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "run_main",
-           "markdown_table"]
+           "markdown_table", "ConfigError", "ConfigChecker", "check_shared_keys"]
 
 # The tiny base model trained by experiments/pretrain_base.py and committed with the repo.
 BASE_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
@@ -108,12 +113,157 @@ def merge_overrides(config, overrides: dict[str, Any]) -> None:
       config[key] = value
 
 
+class ConfigError(ValueError):
+  """An experiment config that cannot work, found before any model is loaded or file written."""
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigChecker:
+  """Collects every problem of a config, then raises them together as one `ConfigError`.
+
+  Each check names the key as the user sets it (`--config.loss.aggregation=...`), the bad value
+  and what is allowed. Checks of a key the config does not have are skipped.
+  """
+
+  def __init__(self, config):
+    self.config = config
+    self.errors: list[str] = []
+
+  def has(self, key: str) -> bool:
+    node = self.config
+    for part in key.split("."):
+      try:
+        if part not in node:
+          return False
+      except TypeError:
+        return False
+      node = node[part]
+    return True
+
+  def get(self, key: str) -> Any:
+    node = self.config
+    for part in key.split("."):
+      node = node[part]
+    return node
+
+  def fail(self, key: str, message: str) -> None:
+    value = self.get(key) if self.has(key) else None
+    self.errors.append(f"--config.{key}={value!r}: {message}")
+
+  def choice(self, key: str, allowed: Sequence[Any]) -> None:
+    if self.has(key) and self.get(key) not in allowed:
+      self.fail(key, f"allowed: {', '.join(map(str, allowed))}")
+
+  def integer(self, key: str, minimum: int = 1) -> None:
+    """An int >= minimum (positive by default)."""
+    if not self.has(key):
+      return
+    value = self.get(key)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+      self.fail(key, f"must be an integer >= {minimum}")
+
+  def number(self, key: str, *, above: float | None = None, at_least: float | None = None,
+             at_most: float | None = None) -> None:
+    """A finite real number in the given bounds (`above` is exclusive)."""
+    if not self.has(key):
+      return
+    value = self.get(key)
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+          and math.isfinite(value) and (above is None or value > above)
+          and (at_least is None or value >= at_least) and (at_most is None or value <= at_most))
+    if not ok:
+      bounds = [f"> {above}" if above is not None else "",
+                f">= {at_least}" if at_least is not None else "",
+                f"<= {at_most}" if at_most is not None else ""]
+      self.fail(key, "must be a finite number " + " and ".join(b for b in bounds if b))
+
+  def text(self, key: str, what: str) -> None:
+    """A non-empty string (unset placeholders are None)."""
+    if self.has(key):
+      value = self.get(key)
+      if not isinstance(value, str) or not value.strip():
+        self.fail(key, f"must be set: {what}")
+
+  def precision_pair(self, key: str) -> None:
+    from rl_fp16.precision import get_precision_pair  # pylint: disable=g-import-not-at-top
+    if self.has(key):
+      try:
+        get_precision_pair(self.get(key))
+      except (ValueError, AttributeError, TypeError) as e:
+        self.fail(key, str(e))
+
+  def precision_pairs(self, key: str) -> None:
+    """A comma-separated, non-empty list of precision pairs."""
+    from rl_fp16.precision import get_precision_pair  # pylint: disable=g-import-not-at-top
+    if not self.has(key):
+      return
+    value = self.get(key)
+    names = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else []
+    if not names:
+      self.fail(key, "must list at least one precision pair, e.g. 'fp32,bf16,fp16'")
+    for name in names:
+      try:
+        get_precision_pair(name)
+      except ValueError as e:
+        self.fail(key, str(e))
+
+  def check(self, condition: bool, key: str, message: str) -> None:
+    if not condition:
+      self.fail(key, message)
+
+  def raise_if_failed(self, what: str = "config") -> None:
+    if self.errors:
+      raise ConfigError(f"Invalid {what} ({len(self.errors)} problem"
+                        f"{'s' if len(self.errors) > 1 else ''}):\n"
+                        + "\n".join(f"  {e}" for e in self.errors))
+
+
+# Top-level keys with the same meaning in every experiment config that has them.
+POSITIVE_INT_KEYS = ("steps", "prompts_per_step", "num_prompts", "samples_per_prompt",
+                     "num_minibatches", "epochs", "max_new_tokens", "checkpoint_every",
+                     "max_prompt_tokens", "max_steps", "batch_size", "eval_every",
+                     "eval_problems", "layer_view_sequences")
+
+
+def check_shared_keys(checker: ConfigChecker) -> None:
+  """The checks of keys shared by the experiment configs (skipped for keys a config lacks):
+  engine, precision(s), algorithm, advantage, positive counts, temperature, learning rate, seed,
+  model, output_dir and vllm_log_level."""
+  from rl_fp16 import advantages, objectives  # pylint: disable=g-import-not-at-top
+  from rl_fp16.sampling.engines import ENGINES  # pylint: disable=g-import-not-at-top
+  checker.choice("engine", ENGINES)
+  checker.precision_pair("precision")
+  checker.precision_pairs("precisions")
+  checker.choice("algorithm", objectives.ALGORITHMS)
+  checker.choice("advantage", advantages.ADVANTAGE_ESTIMATORS)
+  for key in POSITIVE_INT_KEYS:
+    checker.integer(key, 1)
+  checker.integer("seed", 0)
+  checker.number("temperature", above=0)
+  checker.number("learning_rate", above=0)
+  checker.text("model", "'default', 'random' or a Hugging Face model directory")
+  checker.text("output_dir", "the run directory")
+  checker.choice("vllm_log_level", LOG_LEVELS)
+
+
+def check_config(config) -> None:
+  """`check_shared_keys` on `config`; raises `ConfigError` listing every problem."""
+  checker = ConfigChecker(config)
+  check_shared_keys(checker)
+  checker.raise_if_failed()
+
+
 def run_main(run: Callable[[Any], Any], *, lock_config: bool = True) -> None:
   """An experiment module's entry point, called under `if __name__ == "__main__":`.
 
   Defines the required `--config` flag (an ml_collections config file; overrides as
-  `--config.key=value`), then runs `run(config)` under absl with quiet logs. Flags are defined
-  here, not at import, so that experiments can import each other.
+  `--config.key=value`), checks the keys every experiment shares (`check_config`), then runs
+  `run(config)` under absl with quiet logs. A `ConfigError` (a bad value) or a
+  `ConfigMismatchError` (a run directory holding another config) ends the program with its
+  message and exit status 2, without a traceback. Flags are defined here, not at import, so that
+  experiments can import each other.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -126,6 +276,11 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True) -> None:
   def main(argv):
     del argv
     quiet_logs()
-    run(flags.FLAGS.config)
+    try:
+      check_config(flags.FLAGS.config)
+      run(flags.FLAGS.config)
+    except (ConfigError, ConfigMismatchError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(2) from None
 
   app.run(main)

@@ -5,8 +5,16 @@ r"""RL fine-tuning with a chosen algorithm, precision pair and engine.
 
 Each step: sample with the engine in the sampler's precision -> rewards -> advantages -> trainer
 logp_old -> minibatch updates -> weight sync. Writes one run directory (config.json,
-metrics.jsonl, TensorBoard events, orbax checkpoints, plots/). Re-running the same command
-resumes from the last checkpoint.
+metrics.jsonl, TensorBoard events, orbax checkpoints, plots/).
+
+Before it loads a model or creates a directory, `run` checks the whole config (`validate_config`:
+every problem is listed, with the value and what is allowed) and the run directory: re-running
+into a directory that holds a run resumes it from its last checkpoint only if the config is the
+same one, but for the keys of `RESUME_ALLOWED` (steps, checkpoint_every, output_dir,
+vllm_log_level, distributed). Any other difference is refused, key by key (stored -> new); start a
+new run with another --config.output_dir. config.json is written by the first start and never
+rewritten; allowed changes made on a resume are recorded in resumes.jsonl
+(`rl_fp16.results.RunWriter`).
 
 LoRA RL (`--config.lora.enabled=True`, or experiments/configs/lora.py): the train state and its
 checkpoints hold only the adapters (and their optimizer state); the frozen base is reloaded from
@@ -23,6 +31,7 @@ import numpy as np
 
 from experiments import common
 from rl_fp16 import objectives, results, sharding
+from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data import perfectible
 from rl_fp16.data import math_data
@@ -35,11 +44,83 @@ from rl_fp16.sampling.engines import JaxEngine, make_engine
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
 
 PERFECTIBLE_FILE = "perfectible.jsonl"
+TASKS = ("synthetic", "math")
+OUTPUT_DIR_FIELDS = ("algorithm", "precision", "seed", "engine", "advantage")
+# Keys a resume may change (see rl_fp16.results.check_run_config): the length of the run, how often
+# it checkpoints, where its directory is, how much vLLM logs, and the multi-host coordinator.
+RESUME_ALLOWED = results.RESUME_ALLOWED_KEYS + ("distributed",)
 
 
 def run_dir_for(config) -> str:
-  return os.path.abspath(config.output_dir.format(**{k: config[k] for k in (
-      "algorithm", "precision", "seed", "engine", "advantage")}))
+  return os.path.abspath(config.output_dir.format(**{k: config[k] for k in OUTPUT_DIR_FIELDS}))
+
+
+def validate_config(config) -> None:
+  """Checks every value of an RL experiment config; reads no model and writes nothing.
+
+  Raises:
+    common.ConfigError: listing every bad value (as `--config.key=value`) with what is allowed.
+  """
+  from rl_fp16.models.lora import LORA_TARGETS  # pylint: disable=g-import-not-at-top
+  check = common.ConfigChecker(config)
+  common.check_shared_keys(check)
+  for key in ("engine", "precision", "algorithm", "advantage", "steps", "prompts_per_step",
+              "samples_per_prompt", "num_minibatches", "epochs", "max_new_tokens", "temperature",
+              "learning_rate", "seed", "checkpoint_every", "output_dir", "model"):
+    check.check(check.has(key), key, "missing from the config")
+  check.integer("samples_per_prompt", 2)  # group-relative advantages need groups
+  if not check.errors:
+    rows = config.prompts_per_step * config.samples_per_prompt
+    check.check(rows % config.num_minibatches == 0, "num_minibatches",
+                f"must divide the {rows} rollouts of a step (prompts_per_step "
+                f"{config.prompts_per_step} x samples_per_prompt {config.samples_per_prompt})")
+  if check.has("grad_clip") and config.grad_clip is not None:
+    check.number("grad_clip", above=0)
+  check.choice("task", TASKS)
+  if config.get("task", "synthetic") == "math":
+    check.text("data_path", "the MATH problems (JSONL / parquet / tfds directory) for task 'math'")
+    if isinstance(config.get("data_path"), str) and config.data_path:
+      check.check(os.path.exists(config.data_path), "data_path", "no such file or directory")
+  if check.has("loss"):
+    check.choice("loss.aggregation", objectives.AGGREGATIONS)
+    for key in ("token_is_cap", "seq_is_cap"):
+      check.number(f"loss.{key}", above=0)
+    for key in ("clip_eps_low", "clip_eps_high", "gspo_eps_low", "gspo_eps_high"):
+      check.number(f"loss.{key}", at_least=0)
+  if check.has("perfectible"):
+    check.integer("perfectible.pool", 1)
+    check.integer("perfectible.k", 1)
+    check.number("perfectible.low", at_least=0, at_most=1)
+    check.number("perfectible.high", at_least=0, at_most=1)
+    low, high = config.perfectible.get("low"), config.perfectible.get("high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+      check.check(low <= high, "perfectible.low", f"must be <= perfectible.high ({high})")
+  if check.has("lora") and config.lora.get("enabled", False):
+    check.integer("lora.rank", 1)
+    check.number("lora.alpha", above=0)
+    targets = config.lora.get("targets")
+    check.check(not isinstance(targets, str) and bool(targets)
+                and all(t in LORA_TARGETS for t in targets), "lora.targets",
+                f"must be a non-empty list of: {', '.join(LORA_TARGETS)}")
+  if check.has("expert_mismatch"):
+    check.integer("expert_mismatch.every", 0)
+  if check.has("mesh"):
+    for axis in ("data", "fsdp", "tensor"):
+      value = config.mesh.get(axis)
+      check.check(isinstance(value, int) and (value >= 1 or value == -1), f"mesh.{axis}",
+                  "must be a positive device count, or -1 for the rest of the devices")
+  if check.has("output_dir") and isinstance(config.output_dir, str) and not check.errors:
+    try:
+      run_dir_for(config)
+    except (KeyError, IndexError, ValueError) as e:
+      check.fail("output_dir", f"may use only the fields {{{'}, {'.join(OUTPUT_DIR_FIELDS)}}} "
+                 f"({type(e).__name__}: {e})")
+  if not check.errors:  # anything the library's own checks still refuse
+    try:
+      make_rl_config(config)
+    except ValueError as e:
+      check.errors.append(str(e))
+  check.raise_if_failed("RL experiment config")
 
 
 def load_task(model, config=None):
@@ -128,13 +209,21 @@ def step_problems(subset, step: int, prompts_per_step: int, seed: int):
   return [subset[i] for i in chosen]
 
 
+def problem_text(problem) -> str:
+  """A problem's prompt as a person reads it (synthetic `prompt`, MATH `question`)."""
+  return str(getattr(problem, "prompt", None) or getattr(problem, "question", "") or problem)
+
+
 def run(config) -> dict:
+  validate_config(config)
+  run_dir = run_dir_for(config)
+  # Refuse a run directory holding another experiment before loading anything.
+  results.check_run_config(run_dir, config, allowed=RESUME_ALLOWED)
   rl_config = make_rl_config(config)
   pair = get_precision_pair(config.precision)
-  run_dir = run_dir_for(config)
-  os.makedirs(run_dir, exist_ok=True)
   model = common.load_policy_model(config.model, seed=config.seed)
   task = load_task(model, config)
+  results.init_run_dir(run_dir, config, allowed=RESUME_ALLOWED)  # config.json on the first start
   subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
   if len(subset) < 1:
     raise ValueError(f"The perfectible subset is empty ({subset_path}); widen "
@@ -169,14 +258,18 @@ def run(config) -> dict:
     try:
       state, _ = checkpointer.restore(state)
     except (ValueError, KeyError) as e:
+      # config.json matched (checked above), so the checkpoint was written by other code or from
+      # another model directory's contents.
       raise ValueError(
           f"The checkpoint in {checkpointer.directory} does not fit this run's train state "
-          f"(LoRA {'on' if rl_config.lora else 'off'}: {rl_config.lora}); was it written with "
-          "another --config.lora? Use another --config.output_dir.") from e
+          f"although {run_dir}/config.json matches this config ({type(e).__name__}: {e}); was "
+          "the model directory or the code changed since it was written? Use another "
+          "--config.output_dir.") from e
     start_step = int(state.step) // updates_per_step
     print(f"resuming {run_dir} from the checkpoint after RL step {start_step}")
   # Metrics are logged at steps 1..steps; a checkpoint after step k keeps lines 1..k.
-  writer = results.RunWriter(run_dir, config.to_dict(), resume=True, resume_step=start_step + 1)
+  writer = results.RunWriter(run_dir, config.to_dict(), resume=True, resume_step=start_step + 1,
+                             allowed_changes=RESUME_ALLOWED)
 
   print(f"model: {model.description}")
   if rl_config.lora is not None:
@@ -211,7 +304,9 @@ def run(config) -> dict:
       state, metrics = rl_iteration(
           state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
           engine=engine, prompts=task.prompt_ids(problems),
-          reward_fn=lambda rollout, problems=problems: task.rewards(problems, rollout),
+          reward_fn=lambda rollout, problems=problems: check_rewards(
+              task.rewards(problems, rollout), config.samples_per_prompt,
+              prompts=[problem_text(p) for p in problems]),
           rl_config=rl_config, seed=config.seed * 1_000_003 + step, train_step=train_step,
           base_params=base_params, extra_metrics=extra_metrics)
       metrics["train/updates"] = float(state.step)

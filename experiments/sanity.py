@@ -2,6 +2,8 @@ r"""The README's main job: the sanity experiment in BF16 and in FP16, then a com
 
 Runs `experiments.rl` once per precision in `--compare` (same algorithm, seed and data), prints
 final and best reward and the mismatch of each, and plots reward and mismatch curves side by side.
+Every run's config (values, and the config.json of a run directory it would resume) is checked
+before the first run starts.
 
     python -m experiments.sanity --config=experiments/configs/sanity.py [--compare=bf16,fp16]
     python -m experiments.sanity --config=experiments/configs/moe.py   # the MoE policy
@@ -20,12 +22,26 @@ from rl_fp16 import results
 
 
 
-def compare(config, precisions) -> dict:
-  summaries = {}
-  run_dirs = []
+def run_configs(config, precisions) -> list:
+  """One RL config per precision, each checked (values, and its run directory's config.json)
+  before any of them runs, so that a bad precision or a clashing directory fails at once."""
+  if not precisions:
+    raise common.ConfigError("--compare must list at least one precision, e.g. bf16,fp16")
+  configs = []
   for precision in precisions:
     run_config = copy.deepcopy(config)
     run_config.precision = precision
+    rl.validate_config(run_config)
+    results.check_run_config(rl.run_dir_for(run_config), run_config, allowed=rl.RESUME_ALLOWED)
+    configs.append(run_config)
+  return configs
+
+
+def compare(config, precisions) -> dict:
+  summaries = {}
+  run_dirs = []
+  for run_config in run_configs(config, precisions):
+    precision = run_config.precision
     summaries[precision] = rl.run(run_config)
     run_dirs.append(summaries[precision]["run_dir"])
   experiment_dir = os.path.commonpath(run_dirs)

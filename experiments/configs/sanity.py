@@ -47,5 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.template = "r1_distill"
   config.max_prompt_tokens = 1024
   config.checkpoint_every = 10
+  # Level of vLLM's own logger (engine="vllm"): "WARNING" keeps its per-step INFO lines out of the
+  # progress output; "INFO" or "DEBUG" bring them back. A resume may change it.
+  config.vllm_log_level = "WARNING"
   config.output_dir = "runs/sanity/{algorithm}_{precision}_seed{seed}"
   return config
