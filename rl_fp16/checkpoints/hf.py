@@ -27,6 +27,7 @@ import tempfile
 from typing import Any, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors
@@ -41,6 +42,8 @@ _LINEARS = {
     "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
 }
+EMBEDDING = "model.embed_tokens.weight"
+TIED_HEAD = "lm_head.weight"  # present in a tied checkpoint only as a copy of EMBEDDING
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model-\d+-of-\d+\.safetensors$")
@@ -131,10 +134,13 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
                      ) -> dict[str, np.ndarray]:
   """Our params -> {HF tensor name: numpy array [HF shape] in `dtype`} (bfloat16 via ml_dtypes).
 
-  Raises ValueError naming the tensor when a parameter is missing, unexpected or mis-shaped.
-  The transposes and the cast run in one jitted XLA program where the params live (per config and
-  dtype), then everything is copied to the host at once. The arrays may be read-only (views of
-  JAX's host buffers); copy one before writing to it.
+  Raises ValueError naming the tensor when a parameter is missing, unexpected or mis-shaped, holds
+  NaN/inf, or holds a value beyond `dtype`'s range (e.g. 1e5 in float16, which the cast would
+  turn into inf): nothing is returned then, so nothing reaches an engine or a file.
+  The transposes, the cast and a per-tensor (non-finite count, max |value|) reduction run in one
+  jitted XLA program where the params live (per config and dtype), then everything is copied to
+  the host at once. The arrays may be read-only (views of JAX's host buffers); copy one before
+  writing to it.
   """
   np_dtype = _numpy_dtype(dtype)
   layout = hf_layout(config)
@@ -161,33 +167,57 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
       raise ValueError(f"Parameter {'/'.join(path)} has HF shape {shape}, expected "
                        f"{hf_shape} for tensor {name}")
   # params hold exactly the layout's tensors now (checked above), so all of them go to the device.
-  return {name: np.ascontiguousarray(value) for name, value in
-          jax.device_get(_hf_tensors(config, params, np_dtype)).items()}
+  state, stats = jax.device_get(_hf_tensors(config, params, np_dtype))
+  limit = float(ml_dtypes.finfo(np_dtype).max)
+  problems = []
+  for name, (nonfinite, max_abs) in zip(layout, stats):  # stats follow the layout's order
+    if nonfinite:
+      problems.append(f"tensor {name} (param {'/'.join(_param_path(layout[name][0]))}) has "
+                      f"{int(nonfinite)} non-finite value(s) (NaN/inf)")
+    elif max_abs > limit:
+      problems.append(f"tensor {name} (param {'/'.join(_param_path(layout[name][0]))}) has max "
+                      f"|value| {max_abs:.6g}, outside the {np_dtype.name} range (max |value| "
+                      f"{limit:.6g}): the cast would make it inf")
+  if problems:
+    raise ValueError(f"params cannot be converted to {np_dtype.name}:\n  " +
+                     "\n  ".join(problems))
+  return {name: np.ascontiguousarray(value) for name, value in state.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _hf_tensors(config: ModelConfig, params: Params, dtype: np.dtype) -> dict[str, jax.Array]:
-  """{HF name: the parameter (one expert of a stacked one), transposed to HF layout, in dtype}."""
-  state = {}
+def _hf_tensors(config: ModelConfig, params: Params, dtype: np.dtype
+                ) -> tuple[dict[str, jax.Array], jax.Array]:
+  """{HF name: the parameter (one expert of a stacked one), transposed to HF layout, in dtype},
+  and float32 [num tensors, 2]: each tensor's non-finite count and max |finite value| (before
+  the cast), in the dict's order."""
+  state, stats = {}, []
   for name, (path, _, transposed) in hf_layout(config).items():
     value = _get(params, _param_path(path))
     if _param_path(path) != path:
       value = value[path[-1]]
     state[name] = (value.T if transposed else value).astype(dtype)
-  return state
+    finite = jnp.isfinite(value)
+    stats.append(jnp.stack([
+        jnp.sum(~finite).astype(jnp.float32),
+        jnp.max(jnp.where(finite, jnp.abs(value), 0), initial=0).astype(jnp.float32)]))
+  return state, jnp.stack(stats)
 
 
 def from_hf_state_dict(config: ModelConfig, state: Mapping[str, Any]) -> Params:
   """{HF tensor name: array} -> our float32 params. Errors name the missing/unexpected tensor.
 
   A checkpoint with tied embeddings may still store `lm_head.weight` (transformers sometimes
-  does); it must then equal the embedding and is dropped.
+  does); it must then equal the embedding and is dropped (see `tied_lm_head_problem`). Tensors
+  holding NaN/inf are refused by name.
   """
   layout = hf_layout(config)
   state = _split_fused_experts(config, state)
   names = set(state)
-  if config.tie_word_embeddings and "lm_head.weight" in names:
-    names.discard("lm_head.weight")
+  if config.tie_word_embeddings and TIED_HEAD in names:
+    problem = tied_lm_head_problem(state)
+    if problem:
+      raise ValueError(f"Checkpoint refused: {problem}")
+    names.discard(TIED_HEAD)
   missing = sorted(set(layout) - names)
   if missing:
     raise ValueError(f"Checkpoint is missing tensor(s) {missing[:5]}"
@@ -203,6 +233,9 @@ def from_hf_state_dict(config: ModelConfig, state: Mapping[str, Any]) -> Params:
     if tuple(value.shape) != hf_shape:
       raise ValueError(f"Tensor {name} has shape {tuple(value.shape)}, expected {hf_shape}")
     value = value.astype(np.float32)
+    if not np.isfinite(value).all():
+      raise ValueError(f"Tensor {name} holds {int(np.size(value) - np.isfinite(value).sum())} "
+                       "non-finite value(s) (NaN/inf); refusing to load it")
     if transposed:
       value = value.T
     if isinstance(path[-1], int):
@@ -212,6 +245,39 @@ def from_hf_state_dict(config: ModelConfig, state: Mapping[str, Any]) -> Params:
   for path, by_index in experts.items():
     _set(params, path, np.stack([by_index[e] for e in range(len(by_index))]))
   return params
+
+
+def tied_lm_head_problem(state: Mapping[str, Any]) -> str | None:
+  """Why the `lm_head.weight` in a tied-embedding model's `state` cannot be dropped, or None.
+
+  With tied embeddings the LM head *is* the embedding, so an `lm_head.weight` (transformers' state
+  dicts repeat it, some checkpoints store it) is redundant and dropped, but only when it equals
+  `model.embed_tokens.weight`; a different one would be silently ignored. The one check for both
+  checkpoint loading (`from_hf_state_dict`) and the vLLM sampler's weight updates. Arrays may be
+  numpy (ml_dtypes bfloat16 included) or torch tensors.
+  """
+  embed, head = state.get(EMBEDDING), state[TIED_HEAD]
+  if embed is head:
+    return None
+  where = "the model ties word embeddings (tie_word_embeddings=true in config.json)"
+  if embed is None:
+    return f"tensor {TIED_HEAD!r} is given without {EMBEDDING!r}, but {where}"
+  embed, head = _float32(embed), _float32(head)
+  if embed.shape != head.shape:
+    return (f"tensor {TIED_HEAD!r} has shape {head.shape}, {EMBEDDING!r} {embed.shape}, but "
+            f"{where}")
+  if np.array_equal(embed, head):
+    return None
+  diff = float(np.nanmax(np.abs(embed - head))) if embed.size else 0.0
+  return (f"tensor {TIED_HEAD!r} differs from {EMBEDDING!r} (max |difference| {diff:.3g}), but "
+          f"{where}: the head is the embedding and this {TIED_HEAD} would be ignored. Untie the "
+          f"model (tie_word_embeddings=false) or drop {TIED_HEAD}")
+
+
+def _float32(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor
+    value = value.detach().float().cpu().numpy()
+  return np.asarray(value).astype(np.float32, copy=False)
 
 
 def _set(params: Params, path: tuple[str, ...], value: np.ndarray) -> None:
@@ -252,7 +318,8 @@ def _split_fused_experts(config: ModelConfig, state: Mapping[str, Any]) -> Mappi
   return out
 
 
-def _safetensors_files(path: str) -> list[str]:
+def _safetensors_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+  """The safetensors files to read, and the index's weight map (tensor -> file name) if any."""
   single = os.path.join(path, SAFETENSORS_SINGLE)
   index = os.path.join(path, SAFETENSORS_INDEX)
   if os.path.exists(index):
@@ -261,27 +328,42 @@ def _safetensors_files(path: str) -> list[str]:
         weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError) as e:
       raise ValueError(f"Corrupt safetensors index {index}: {e}") from e
-    return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    return files, weight_map
   if os.path.exists(single):
-    return [single]
+    return [single], None
   shards = sorted(f for f in os.listdir(path) if _SHARD_RE.match(f))
   if shards:
-    return [os.path.join(path, f) for f in shards]
+    return [os.path.join(path, f) for f in shards], None
   raise FileNotFoundError(f"No {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or shards in {path}")
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a model directory (single file or shards) as numpy arrays, stored dtype."""
-  state = {}
-  for file in _safetensors_files(path):
+  """All tensors of a model directory (single file or shards) as numpy arrays, stored dtype.
+
+  A tensor stored in two shards, or in a shard other than the one the index's `weight_map` names,
+  is refused: which copy a loader picks is then arbitrary (vLLM and transformers may differ).
+  """
+  state, found_in = {}, {}
+  files, weight_map = _safetensors_files(path)
+  for file in files:
     if not os.path.exists(file):
       raise FileNotFoundError(f"Safetensors shard {file} named in the index does not exist")
     try:
       with safetensors.safe_open(file, framework="np") as f:
-        for name in f.keys():
-          state[name] = f.get_tensor(name)
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (safetensors.SafetensorError, OSError, ValueError) as e:
       raise ValueError(f"Corrupt safetensors file {file}: {e}") from e
+    base = os.path.basename(file)
+    for name, value in tensors.items():
+      if name in found_in:
+        raise ValueError(f"Tensor {name} is stored twice, in {found_in[name]} and in {base} "
+                         f"({path}); keep one copy")
+      if weight_map is not None and weight_map.get(name) != base:
+        raise ValueError(f"Tensor {name} is in {base} but the index {SAFETENSORS_INDEX} maps it "
+                         f"to {weight_map.get(name)} ({path})")
+      found_in[name] = base
+      state[name] = value
   return state
 
 

@@ -148,7 +148,10 @@ class ModelConfig:
     """Reads a Hugging Face config dict, `config.json` path or model directory.
 
     Accepts both the transformers 4.x keys (`rope_theta`, `rope_scaling`) and the transformers 5
-    `rope_parameters` dict.
+    `rope_parameters` dict; a config holding both forms must not contradict itself. Refuses
+    what the decoder cannot run faithfully instead of running something else: sliding-window
+    attention (Qwen2/Qwen3 `use_sliding_window`, `layer_types`) whose window is shorter than
+    `max_position_embeddings`.
     """
     if not isinstance(config, dict):
       path = os.fspath(config)
@@ -169,11 +172,8 @@ class ModelConfig:
                            "num_attention_heads") if k not in config]
     if missing:
       raise ValueError(f"Hugging Face config lacks required fields {missing}")
-    rope = dict(config.get("rope_parameters") or {})
-    if config.get("rope_scaling"):
-      rope.update(config["rope_scaling"])
-    if "type" in rope and "rope_type" not in rope:
-      rope["rope_type"] = rope.pop("type")
+    _check_no_sliding_window(config)
+    rope = _rope_spec(config)
     rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", "default")
     rope_scaling = None if rope_type == "default" else rope
@@ -302,3 +302,71 @@ class ModelConfig:
     if include_embeddings:
       total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
     return total
+
+
+def _rope_spec(config: dict[str, Any]) -> dict[str, Any]:
+  """The RoPE dict of a HF config (`rope_parameters`, else legacy `rope_scaling`, else default).
+
+  A config holding several specs that disagree (a legacy `rope_scaling` next to
+  `rope_parameters`, a top-level `rope_theta` unlike `rope_parameters["rope_theta"]`) is refused:
+  transformers, vLLM and we would each pick a different one.
+  """
+  def normalized(spec):
+    spec = dict(spec or {})
+    if "type" in spec:
+      legacy = spec.pop("type")
+      if spec.setdefault("rope_type", legacy) != legacy:
+        raise ValueError(f"Hugging Face config RoPE spec {spec} has type={legacy!r} and "
+                         f"rope_type={spec['rope_type']!r}")
+    return spec
+
+  params, legacy = normalized(config.get("rope_parameters")), normalized(config.get("rope_scaling"))
+  conflicts = []
+  if params and legacy:
+    for key in sorted(set(params) | set(legacy)):
+      if key == "rope_theta" and key not in legacy:
+        continue  # the legacy form keeps theta at the top level (checked below)
+      default = "default" if key == "rope_type" else None
+      if params.get(key, default) != legacy.get(key, default):
+        conflicts.append(f"{key}: rope_parameters {params.get(key, default)!r} vs rope_scaling "
+                         f"{legacy.get(key, default)!r}")
+  theta = params.get("rope_theta", legacy.get("rope_theta"))
+  if theta is not None and config.get("rope_theta") is not None and (
+      float(theta) != float(config["rope_theta"])):
+    conflicts.append(f"rope_theta: rope_parameters {theta!r} vs top-level "
+                     f"{config['rope_theta']!r}")
+  if conflicts:
+    raise ValueError("Hugging Face config has conflicting RoPE specs (legacy rope_scaling / "
+                     "rope_theta next to rope_parameters); keep one, or make them agree: " +
+                     "; ".join(conflicts))
+  return {**legacy, **params}
+
+
+def _check_no_sliding_window(config: dict[str, Any]) -> None:
+  """Refuses a config whose attention is sliding-window on some layer (as transformers reads it).
+
+  Qwen2/Qwen3 (and Qwen3-MoE): with `use_sliding_window`, layers listed as "sliding_attention" in
+  `layer_types` (default: layers >= `max_window_layers`, 28 by default) see only the last
+  `sliding_window` tokens. The decoder runs full attention, so such a model would be wrong past the
+  window; a window >= `max_position_embeddings` never bites (longer sequences are refused).
+  """
+  if not config.get("use_sliding_window") or config.get("sliding_window") is None:
+    return
+  window = int(config["sliding_window"])
+  layers = int(config["num_hidden_layers"])
+  types = config.get("layer_types")
+  if types:
+    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    rule = "layer_types"
+  else:
+    start = int(config.get("max_window_layers", 28))
+    sliding = list(range(start, layers))
+    rule = f"max_window_layers={start}"
+  max_positions = int(config.get("max_position_embeddings", 4096))
+  if sliding and window < max_positions:
+    raise ValueError(
+        f"Hugging Face config uses sliding-window attention (use_sliding_window=true, "
+        f"sliding_window={window}, {rule}: layers {sliding} of {layers}), which this decoder does "
+        f"not implement: it would run full attention and differ from the model past {window} "
+        f"tokens. Use a config without it (use_sliding_window=false), or a sliding_window >= "
+        f"max_position_embeddings ({max_positions})")

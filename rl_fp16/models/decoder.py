@@ -357,6 +357,20 @@ def _token_logprobs(config, policy, params, tokens, attention_mask, positions, t
                           temperature=temperature)
 
 
+def _check_max_position(config: ModelConfig, tokens, attention_mask, positions) -> None:
+  """Refuses sequences longer than the model's `max_position_embeddings` (host-side, at entry)."""
+  if positions is not None:
+    longest = int(np.max(np.asarray(positions))) + 1 if np.size(positions) else 0
+  elif attention_mask is not None:
+    mask = np.asarray(attention_mask)
+    longest = int((mask != 0).sum(axis=-1).max()) if mask.size else 0
+  else:
+    longest = int(np.shape(tokens)[-1])
+  if longest > config.max_position_embeddings:
+    raise ValueError(f"A sequence of {longest} tokens exceeds the model's max_position_embeddings="
+                     f"{config.max_position_embeddings}")
+
+
 def token_logprobs(config: ModelConfig, params: Params, tokens, *, policy: DtypePolicy,
                    attention_mask=None, positions=None, temperature: float = 1.0) -> jax.Array:
   """Per-token log-probabilities from the full-sequence forward.
@@ -365,7 +379,11 @@ def token_logprobs(config: ModelConfig, params: Params, tokens, *, policy: Dtype
     float32 [B, T]: entry t is log p(tokens[t] | tokens[<t]) under softmax(logits / temperature),
     with the log-softmax in `policy.logsoftmax_dtype`. Entry 0 (no context) and entries where
     the token or its predecessor is padding are 0.
+  Raises:
+    ValueError: a position reaches `config.max_position_embeddings` (the model was not trained
+      there; RoPE scaling rules are defined up to it).
   """
+  _check_max_position(config, tokens, attention_mask, positions)
   tokens, attention_mask, positions = _prepare(tokens, attention_mask, positions)
   return _token_logprobs(config, policy, params, tokens, attention_mask, positions,
                          float(temperature))

@@ -157,6 +157,12 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
   Returns:
     A `Rollout` with len(prompts) * n rows grouped by prompt.
   """
+  longest = max((len(p) for p in prompt_token_ids), default=0)
+  if longest + sampling.max_new_tokens > config.max_position_embeddings:
+    raise ValueError(
+        f"A prompt of {longest} tokens plus max_new_tokens={sampling.max_new_tokens} exceeds the "
+        f"model's max_position_embeddings={config.max_position_embeddings}; shorten the prompt "
+        "or the response budget")
   vocab = config.vocab_size
   for i, p in enumerate(prompt_token_ids):
     bad = [t for t in p if not 0 <= int(t) < vocab]
