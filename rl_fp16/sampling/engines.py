@@ -133,9 +133,13 @@ class VllmEngine:
     self.sampler.close()
 
 
-def make_engine(name: str, model_config: ModelConfig, params: Any, policy: DtypePolicy,
-                **kwargs) -> Engine:
-  """`name` in ("jax", "vllm"); kwargs go to the engine (vLLM needs `workdir`)."""
+def make_engine(name: str, model_config: ModelConfig, params: Any, policy: DtypePolicy, *,
+                vllm_log_level: str = "WARNING", **kwargs) -> Engine:
+  """`name` in ("jax", "vllm"); kwargs go to the engine (vLLM needs `workdir`).
+
+  `vllm_log_level` is the level of vLLM's own loggers (`VllmConfig.log_level`): "WARNING" keeps
+  its INFO lines out of a run's output, "INFO" brings them back; ignored by the JAX engine.
+  """
   if name == "jax":
     kwargs = {k: v for k, v in kwargs.items()
               if k in ("eos_token_ids", "prompt_bucket", "batch_bucket")}
@@ -143,7 +147,7 @@ def make_engine(name: str, model_config: ModelConfig, params: Any, policy: Dtype
   if name == "vllm":
     kwargs.pop("prompt_bucket", None)
     kwargs.pop("batch_bucket", None)
-    return VllmEngine(model_config, params, policy, **kwargs)
+    return VllmEngine(model_config, params, policy, log_level=vllm_log_level, **kwargs)
   raise ValueError(f"Unknown engine {name!r}; allowed: {list(ENGINES)}")
 
 

