@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from rl_fp16 import objectives
-from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints import load_hf
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.data import synthetic, tokenizer
@@ -19,6 +18,7 @@ from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteratio
 
 
 def test_check_rewards_names_rows_values_and_prompts():
+  from rl_fp16.advantages import check_rewards  # pylint: disable=g-import-not-at-top
   rewards = np.array([1, 0, 1, 0, 0, np.nan, 1, 1, np.inf, 0, 0, 0], np.float64)
   with pytest.raises(ValueError) as error:
     check_rewards(rewards, 4, prompts=["p0", "p1", "p2"])
