@@ -286,7 +286,7 @@ def run(config) -> dict:
                        workdir=run_dir, tokenizer_dir=model.tokenizer_dir,
                        eos_token_ids=model.eos_token_ids,
                        max_model_len=task.max_sequence_len() + config.max_new_tokens,
-                       seed=config.seed)
+                       seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
   every = config.get("expert_mismatch", {}).get("every", 1) if model.config.is_moe else 0
 
   def expert_metrics(rollout, params):

@@ -82,6 +82,24 @@ def test_every_rl_config_file_validates_and_has_vllm_log_level():
   assert "vllm_log_level" in rl.RESUME_ALLOWED
 
 
+def test_rl_passes_vllm_log_level_to_the_engine(tiny_task_model_dir, tmp_path, monkeypatch):
+  from experiments import rl  # pylint: disable=g-import-not-at-top
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def fake_make_engine(name, *args, **kwargs):
+    seen.update(kwargs, name=name)
+    raise Stop
+
+  monkeypatch.setattr(rl, "make_engine", fake_make_engine)
+  config = _config(tmp_path, model=tiny_task_model_dir, vllm_log_level="INFO")
+  with pytest.raises(Stop):
+    rl.run(config)
+  assert seen["vllm_log_level"] == "INFO" and seen["name"] == "jax"
+
+
 def _cli(module, config_file, *overrides):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", module, f"--config={config_file}", *overrides],
