@@ -10,11 +10,21 @@ its `value_and_grad` scales the loss, unscales the gradients in float32 and repo
 finite, and it is maintained with Flax. `jmp` has equivalent objects but is unmaintained. A static
 scale is the same object with `backoff_factor=1` and `growth_factor=1`: the scale never moves but a
 non-finite step is still skipped.
+
+Emulated precision: a policy with `mantissa_bits=k` computes in float32 but rounds every value the
+decoder would hold in its compute dtype (weights, matmul / einsum outputs, norm outputs, RoPE,
+attention probabilities and outputs, the MLP activation product, residual adds) to k significand
+bits with `round_to_bits` (round-to-nearest-even; the exponent range of float32, or of a narrower
+format with `exponent_bits`). Presets `eK` (K bits, float32's range) and `eKxE` (K bits, E exponent
+bits: `e11x5` is fp16's format, `e8` is bf16's) make it a knob: k = 8 stands in for bf16, 11 for
+fp16, 24 is float32 itself. See docs/dose_response.md for its calibration against the real dtypes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from typing import Any
 
 import jax
@@ -27,6 +37,11 @@ DTYPES = {
     "float16": jnp.float16, "fp16": jnp.float16,
 }
 PRESETS = ("fp32", "bf16", "fp16")
+# Emulated precision: "e8" = 8 significand bits with float32's exponent range; "e11x5" = 11 bits
+# with 5 exponent bits (float16's range, subnormals and overflow to inf).
+EMULATED_PRESET = re.compile(r"^e(\d+)(?:x(\d+))?$")
+FLOAT32_SIGNIFICAND_BITS = 24
+FLOAT32_EXPONENT_BITS = 8
 ROLES = ("trainer", "sampler")
 
 
@@ -60,6 +75,11 @@ class DtypePolicy:
     norm_dtype: dtype of the RMSNorm statistics (mean of squares and rsqrt).
     softmax_dtype: dtype of attention scores and softmax.
     logsoftmax_dtype: dtype of the final log-softmax that gives token log-probabilities.
+    mantissa_bits: None (no emulation), or k in [1, 24]: the decoder computes in float32 and
+      rounds every compute-dtype value to k significand bits (counting the implicit bit; bf16 has
+      8, fp16 11) with `round_to_bits`. Needs float32 param and compute dtypes.
+    exponent_bits: the emulated format's exponent bits, in [2, 8] (8: float32's range, no
+      clamping; 5: float16's, with its subnormals and overflow to inf). Only with mantissa_bits.
   """
 
   param_dtype: Any = jnp.float32
@@ -68,34 +88,172 @@ class DtypePolicy:
   norm_dtype: Any = jnp.float32
   softmax_dtype: Any = jnp.float32
   logsoftmax_dtype: Any = jnp.float32
+  mantissa_bits: int | None = None
+  exponent_bits: int = FLOAT32_EXPONENT_BITS
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      object.__setattr__(self, field.name, to_dtype(getattr(self, field.name)))
+    for name in _DTYPE_FIELDS:
+      object.__setattr__(self, name, to_dtype(getattr(self, name)))
+    _check_format(self.mantissa_bits, self.exponent_bits)
+    if self.mantissa_bits is None:
+      if self.exponent_bits != FLOAT32_EXPONENT_BITS:
+        raise ValueError(f"exponent_bits={self.exponent_bits} needs mantissa_bits (emulation)")
+    elif (self.param_dtype, self.compute_dtype) != (jnp.dtype(jnp.float32),) * 2:
+      raise ValueError(f"Emulated precision (mantissa_bits={self.mantissa_bits}) computes in "
+                       f"float32; got param_dtype={dtype_name(self.param_dtype)}, "
+                       f"compute_dtype={dtype_name(self.compute_dtype)}")
 
   def replace(self, **changes) -> "DtypePolicy":
     return dataclasses.replace(self, **changes)
 
   @property
   def needs_loss_scaling(self) -> bool:
-    """FP16 compute has too narrow a range for unscaled gradients."""
-    return self.compute_dtype == jnp.dtype(jnp.float16)
+    """FP16 compute (real, or emulated with fp16's exponent range) is too narrow for unscaled
+    gradients."""
+    return (self.compute_dtype == jnp.dtype(jnp.float16)
+            or (self.is_emulated and self.exponent_bits <= 5))
 
-  def to_dict(self) -> dict[str, str]:
-    return {f.name: dtype_name(getattr(self, f.name)) for f in dataclasses.fields(self)}
+  @property
+  def is_emulated(self) -> bool:
+    """True when the compute dtype is emulated by rounding float32 values (`mantissa_bits`)."""
+    return self.mantissa_bits is not None
+
+  def round(self, x: jax.Array) -> jax.Array:
+    """`x` rounded to the emulated format (`round_to_bits`); `x` unchanged without emulation.
+
+    The decoder calls it on every value it holds in the compute dtype; gradients pass straight
+    through, rounded to the same format (as a real low-precision backward holds its cotangents).
+    """
+    if self.mantissa_bits is None:
+      return x
+    return round_to_bits(x, self.mantissa_bits, self.exponent_bits)
+
+  def to_dict(self) -> dict[str, Any]:
+    out: dict[str, Any] = {name: dtype_name(getattr(self, name)) for name in _DTYPE_FIELDS}
+    if self.is_emulated:
+      out.update(mantissa_bits=self.mantissa_bits, exponent_bits=self.exponent_bits)
+    return out
+
+
+_DTYPE_FIELDS = tuple(f.name for f in dataclasses.fields(DtypePolicy) if f.name.endswith("_dtype"))
+
+
+def _check_format(mantissa_bits, exponent_bits) -> None:
+  """ValueError unless 1 <= mantissa_bits <= 24 (or None) and 2 <= exponent_bits <= 8."""
+  for name, value, low, high in (("mantissa_bits", mantissa_bits, 1, FLOAT32_SIGNIFICAND_BITS),
+                                 ("exponent_bits", exponent_bits, 2, FLOAT32_EXPONENT_BITS)):
+    if value is None and name == "mantissa_bits":
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+      raise ValueError(f"{name} must be an int in [{low}, {high}] (float32 values are rounded), "
+                       f"got {value!r}")
+
+
+# ------------------------------------------------------------------- emulated precision ----
+
+
+def _round_to_bits(x: jax.Array, bits: int, exponent_bits: int) -> jax.Array:
+  """The rounding of `round_to_bits` (not differentiable: it works on the bit pattern)."""
+  x = jnp.asarray(x, jnp.float32)
+  shift = FLOAT32_SIGNIFICAND_BITS - bits
+  y = x
+  if shift:
+    # Round-to-nearest-even on the bit pattern: add half an ulp of the target format minus one,
+    # plus the bit that becomes the last kept one (ties go to even), then clear the dropped bits.
+    # A carry out of the significand bumps the exponent, which is the right result (up to inf).
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    lsb = (u >> shift) & 1
+    u = (u + jnp.uint32((1 << (shift - 1)) - 1) + lsb) & jnp.uint32(~((1 << shift) - 1)
+                                                                      & 0xFFFFFFFF)
+    y = jax.lax.bitcast_convert_type(u, jnp.float32)
+  if exponent_bits < FLOAT32_EXPONENT_BITS:
+    emax = 2 ** (exponent_bits - 1) - 1
+    emin = 1 - emax
+    # Subnormals of the narrow format: a fixed grid of 2^(emin - bits + 1), rounded half to even
+    # (scaling by powers of two is exact in float32, and jnp.round rounds half to even).
+    grid = 2.0 ** (emin - bits + 1)
+    subnormal = jnp.round(x * jnp.float32(1.0 / grid)) * jnp.float32(grid)
+    y = jnp.where(jnp.abs(x) < jnp.float32(2.0 ** emin), subnormal, y)
+    max_finite = (2.0 - 2.0 ** (1 - bits)) * 2.0 ** emax
+    y = jnp.where(jnp.abs(y) > jnp.float32(max_finite), jnp.copysign(jnp.float32(jnp.inf), x), y)
+  return jnp.where(jnp.isnan(x), x, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def round_to_bits(x: jax.Array, bits: int, exponent_bits: int = FLOAT32_EXPONENT_BITS
+                  ) -> jax.Array:
+  """Rounds float32 values to `bits` significand bits, round-to-nearest-even.
+
+  `bits` counts the implicit leading bit, as in IEEE formats: 8 is bfloat16's significand, 11
+  float16's, 24 float32's (the identity). With `exponent_bits=8` the exponent range is float32's,
+  so bits=8 equals a cast to bfloat16 and back; with fewer exponent bits values also take that
+  format's range: subnormals on its fixed grid, overflow to +-inf (exponent_bits=5, bits=11 equals
+  a cast to float16 and back). inf and NaN pass through. The result is float32.
+
+  Differentiable as a straight-through estimator whose cotangent is rounded to the same format
+  (the transpose of a cast, in a backward pass held in that format).
+  """
+  return _round_to_bits(x, bits, exponent_bits)
+
+
+def _round_fwd(x, bits, exponent_bits):
+  return _round_to_bits(x, bits, exponent_bits), None
+
+
+def _round_bwd(bits, exponent_bits, _, g):
+  return (_round_to_bits(g, bits, exponent_bits),)
+
+
+round_to_bits.defvjp(_round_fwd, _round_bwd)
+
+
+def parse_emulated(name: str) -> tuple[int, int] | None:
+  """`"e8"` -> (8, 8), `"e11x5"` -> (11, 5): (mantissa_bits, exponent_bits); None if not `eK[xE]`.
+
+  Raises ValueError for an `eK[xE]` name whose numbers are out of range.
+  """
+  match = EMULATED_PRESET.match(name)
+  if match is None:
+    return None
+  bits = int(match.group(1))
+  exponent_bits = int(match.group(2)) if match.group(2) else FLOAT32_EXPONENT_BITS
+  try:
+    _check_format(bits, exponent_bits)
+  except ValueError as e:
+    raise ValueError(f"Bad emulated precision {name!r}: {e}") from e
+  return bits, exponent_bits
+
+
+def is_precision_name(name: str) -> bool:
+  """True for a preset (`fp32`, `bf16`, `fp16`) or a well-formed emulated name (`e8`, `e11x5`)."""
+  try:
+    return name in PRESETS or parse_emulated(name) is not None
+  except ValueError:
+    return False
 
 
 def get_policy(name: str, role: str = "trainer", **overrides) -> DtypePolicy:
-  """A named preset: `fp32`, `bf16` or `fp16`, for the `trainer` or the `sampler`.
+  """A named preset: `fp32`, `bf16`, `fp16`, or emulated `eK` / `eKxE`, for a `trainer` or `sampler`.
 
   The trainer keeps float32 master weights and computes in the preset's dtype; the sampler also
   stores its weights in that dtype (as vLLM does). Norm statistics, attention softmax, logits and
   log-softmax are float32 unless overridden, e.g. `get_policy("bf16", softmax_dtype="bf16")`.
+  Emulated presets hold float32 weights and compute in float32, rounding every compute-dtype value
+  (weights included) to K significand bits and E exponent bits (default 8: float32's range);
+  `e8` emulates bf16, `e11x5` fp16, `e24` is float32.
   """
-  if name not in PRESETS:
-    raise ValueError(f"Unknown precision {name!r}; allowed: {list(PRESETS)}")
+  emulated = parse_emulated(name)
+  if name not in PRESETS and emulated is None:
+    raise ValueError(f"Unknown precision {name!r}; allowed: {list(PRESETS)}, or emulated 'eK' / "
+                     "'eKxE' (K significand bits in [1, 24], E exponent bits in [2, 8]; e.g. "
+                     "'e8', 'e11x5')")
   if role not in ROLES:
     raise ValueError(f"Unknown role {role!r}; allowed: {list(ROLES)}")
+  if emulated is not None:
+    bits, exponent_bits = emulated
+    return DtypePolicy(mantissa_bits=bits, exponent_bits=exponent_bits).replace(
+        **{k: v if k in ("mantissa_bits", "exponent_bits") else to_dtype(v)
+           for k, v in overrides.items()})
   compute = DTYPES[name]
   param = jnp.float32 if role == "trainer" else compute
   return DtypePolicy(param_dtype=param, compute_dtype=compute).replace(
@@ -112,13 +270,18 @@ class PrecisionPair:
 
 
 def get_precision_pair(name: str) -> PrecisionPair:
-  """`"bf16"` (both sides), or `"TRAINER-SAMPLER"` such as `"bf16-fp16"` for mixed pairs."""
+  """`"bf16"` (both sides), or `"TRAINER-SAMPLER"` such as `"bf16-fp16"` for mixed pairs.
+
+  Emulated names work on either side: `"e8"` (both sides 8 bits), `"fp32-e6"` (float32 trainer,
+  6-bit sampler).
+  """
   parts = name.split("-")
   if len(parts) == 1:
     parts = parts * 2
-  if len(parts) != 2 or any(p not in PRESETS for p in parts):
+  if len(parts) != 2 or not all(is_precision_name(p) for p in parts):
     raise ValueError(f"Unknown precision pair {name!r}; allowed: one of {list(PRESETS)} or "
-                     f"TRAINER-SAMPLER with each in {list(PRESETS)}, e.g. 'bf16-fp16'")
+                     f"TRAINER-SAMPLER with each in {list(PRESETS)}, e.g. 'bf16-fp16'; emulated "
+                     "'eK' / 'eKxE' on either side, e.g. 'fp32-e6'")
   return PrecisionPair(trainer=get_policy(parts[0], "trainer"),
                        sampler=get_policy(parts[1], "sampler"), name=name)
 

@@ -18,7 +18,10 @@ Parameters are a plain nested dict (no `{"params": ...}` wrapper) whose names mi
     lm_head/kernel [D, V]                                      (untied only)
 
 Every matmul takes inputs in the policy's compute dtype; weights are first rounded to the policy's
-param dtype (the engine's storage) and then to the compute dtype.
+param dtype (the engine's storage) and then to the compute dtype. Under an emulated-precision policy
+(`DtypePolicy.mantissa_bits`) the compute dtype is float32 and `policy.round` rounds every value the
+decoder holds in the compute dtype (weights, matmul outputs, bias adds, norm outputs, RoPE, attention
+probabilities and outputs, the MLP activation product, residual adds); it is the identity otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ Params = dict[str, Any]
 
 
 def _weight(x: jax.Array, policy: DtypePolicy) -> jax.Array:
-  return x.astype(policy.param_dtype).astype(policy.compute_dtype)
+  return policy.round(x.astype(policy.param_dtype).astype(policy.compute_dtype))
 
 
 class Linear(nn.Module):
@@ -55,10 +58,11 @@ class Linear(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.normal(self.init_std),
                         (x.shape[-1], self.features), jnp.float32)
-    y = jnp.matmul(x.astype(self.policy.compute_dtype), _weight(kernel, self.policy))
+    y = self.policy.round(jnp.matmul(x.astype(self.policy.compute_dtype),
+                                     _weight(kernel, self.policy)))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-      y = y + _weight(bias, self.policy)
+      y = self.policy.round(y + _weight(bias, self.policy))
     return y
 
 
@@ -74,7 +78,7 @@ class RMSNorm(nn.Module):
     stats = x.astype(self.policy.norm_dtype)
     variance = jnp.mean(jnp.square(stats), axis=-1, keepdims=True)
     normed = (stats * jax.lax.rsqrt(variance + self.eps)).astype(self.policy.compute_dtype)
-    return _weight(scale, self.policy) * normed
+    return self.policy.round(_weight(scale, self.policy) * self.policy.round(normed))
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -95,17 +99,20 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
+               policy: DtypePolicy | None = None) -> jax.Array:
   """Rotates x [B, T, H, Dh] by positions [B, T] (half-split layout, as Hugging Face Qwen/Llama).
 
-  Angles and cos/sin are computed in float32 and rounded to x's dtype, as transformers does.
+  Angles and cos/sin are computed in float32 and rounded to x's dtype, as transformers does (and
+  to an emulated `policy`'s format, as is the result).
   """
+  rnd = policy.round if policy is not None else lambda v: v
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  cos, sin = rnd(jnp.cos(angles).astype(x.dtype)), rnd(jnp.sin(angles).astype(x.dtype))
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos + rotated * sin
+  return rnd(x * cos + rotated * sin)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -125,9 +132,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   scores = scores.astype(policy.softmax_dtype) * jnp.asarray(dh ** -0.5, policy.softmax_dtype)
   big_negative = jnp.finfo(policy.softmax_dtype).min
   scores = jnp.where(mask[:, None, None, :, :], scores, big_negative)
-  probs = jax.nn.softmax(scores, axis=-1).astype(policy.compute_dtype)
+  probs = policy.round(jax.nn.softmax(scores, axis=-1).astype(policy.compute_dtype))
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=policy.softmax_dtype)
-  return out.astype(policy.compute_dtype).reshape(b, t, h, dh)
+  return policy.round(out.astype(policy.compute_dtype)).reshape(b, t, h, dh)
 
 
 class Attention(nn.Module):
@@ -147,7 +154,7 @@ class Attention(nn.Module):
       q = RMSNorm(cfg.rms_norm_eps, pol, name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, pol, name="k_norm")(k)
     inv_freq = rope_inv_freq(cfg)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q, k = apply_rope(q, positions, inv_freq, pol), apply_rope(k, positions, inv_freq, pol)
     new_cache = None
     if layer_cache is not None:
       cache_k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
@@ -171,7 +178,8 @@ class MLP(nn.Module):
     std, inter, bias = cfg.initializer_range, cfg.intermediate_size, cfg.mlp_bias
     gate = Linear(inter, bias, pol, std, name="gate_proj")(x)
     up = Linear(inter, bias, pol, std, name="up_proj")(x)
-    return Linear(cfg.hidden_size, bias, pol, std, name="down_proj")(jax.nn.silu(gate) * up)
+    return Linear(cfg.hidden_size, bias, pol, std, name="down_proj")(
+        pol.round(jax.nn.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
@@ -187,9 +195,9 @@ class DecoderLayer(nn.Module):
     attn_out, new_cache = Attention(cfg, pol, name="self_attn")(
         RMSNorm(cfg.rms_norm_eps, pol, name="input_layernorm")(x), positions, mask, layer_cache,
         cache_index)
-    x = x + attn_out
+    x = pol.round(x + attn_out)
     mlp = moe.SparseMoE(cfg, pol, name="mlp") if self.sparse else MLP(cfg, pol, name="mlp")
-    x = x + mlp(RMSNorm(cfg.rms_norm_eps, pol, name="post_attention_layernorm")(x))
+    x = pol.round(x + mlp(RMSNorm(cfg.rms_norm_eps, pol, name="post_attention_layernorm")(x)))
     return x, new_cache
 
 

@@ -40,7 +40,7 @@ ROUTER_SOFTMAX_DTYPE = jnp.float32
 
 def _weight(x: jax.Array, policy: DtypePolicy) -> jax.Array:
   """Rounds a float32 weight to the engine's storage dtype, then to the compute dtype."""
-  return x.astype(policy.param_dtype).astype(policy.compute_dtype)
+  return policy.round(x.astype(policy.param_dtype).astype(policy.compute_dtype))
 
 
 def route(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -79,17 +79,19 @@ class SparseMoE(nn.Module):
     x = x.astype(pol.compute_dtype)
     router = StackedKernel((cfg.hidden_size, cfg.num_experts), cfg.initializer_range,
                            name="gate")()
-    logits = jnp.matmul(x, _weight(router, pol))  # [B, T, E], compute dtype
+    logits = pol.round(jnp.matmul(x, _weight(router, pol)))  # [B, T, E], compute dtype
     weights, indices = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
     self.sow("intermediates", EXPERT_CHOICES, indices)
 
     experts = _Experts(cfg, name="experts")
     w_gate, w_up, w_down = (_weight(w, pol) for w in experts())
-    gate = jnp.einsum("btd,edi->btei", x, w_gate)
-    up = jnp.einsum("btd,edi->btei", x, w_up)
-    out = jnp.einsum("btei,eid->bted", jax.nn.silu(gate) * up, w_down)  # [B, T, E, D]
+    gate = pol.round(jnp.einsum("btd,edi->btei", x, w_gate))
+    up = pol.round(jnp.einsum("btd,edi->btei", x, w_up))
+    out = pol.round(jnp.einsum("btei,eid->bted", pol.round(jax.nn.silu(gate) * up),
+                               w_down))  # [B, T, E, D]
     chosen = jnp.take_along_axis(out, indices[..., None], axis=2)  # [B, T, k, D]
-    return jnp.sum(chosen * weights.astype(pol.compute_dtype)[..., None], axis=2)
+    return pol.round(jnp.sum(chosen * pol.round(weights.astype(pol.compute_dtype))[..., None],
+                             axis=2))
 
 
 class _Experts(nn.Module):
