@@ -23,7 +23,7 @@ from rl_fp16 import advantages as advantages_lib
 from rl_fp16 import mismatch, objectives, precision
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
-from rl_fp16.models.decoder import _forward
+from rl_fp16.models.decoder import _forward, _token_logprobs
 from rl_fp16.models.lora import LoraConfig, merge_lora
 from rl_fp16.precision import DtypePolicy
 from rl_fp16.sampling.engines import batched_token_logprobs
@@ -172,6 +172,37 @@ def rl_train_step(config: ModelConfig, policy: DtypePolicy,
   return apply_gradients(state, optimizer, loss_fn, batch, base_params)
 
 
+def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
+                         trainer_policy: DtypePolicy, optimizer: optax.GradientTransformation,
+                         rl_config: "RLConfig", rows: int, widths, base_params=None) -> list[int]:
+  """Compiles `packed_logprobs` and `rl_update` for every packed width in `widths` now, so that
+  a later iteration whose batch lands in one of those buckets does not compile.
+
+  Runs both once per width on an all-padding batch (no loss tokens) and a copy of `state`; the
+  state itself is not touched. Returns the widths compiled.
+  """
+  lora = rl_config.lora
+  lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
+  size = rows // rl_config.num_minibatches
+  order = jnp.arange(rows * rl_config.epochs, dtype=jnp.int32).reshape(-1, size) % rows
+  done = []
+  for width in sorted({int(w) for w in widths}):
+    zeros = np.zeros((rows, width), np.int32)
+    batch = jax.device_put({
+        "tokens": zeros, "attention_mask": zeros.copy(), "loss_mask": zeros.copy(),
+        "logp_sampler": np.zeros((rows, width), np.float32),
+        "advantages": np.zeros((rows,), np.float32)})
+    batch["logp_old"] = packed_logprobs(model_config, trainer_policy, state.params, batch,
+                                        temperature=rl_config.temperature, **lora_args)
+    scratch = jax.tree_util.tree_map(jnp.copy, state)  # rl_update donates its state
+    jax.block_until_ready(rl_update(
+        model_config, trainer_policy, optimizer, scratch, batch, order,
+        algorithm=rl_config.algorithm, loss_config=rl_config.loss,
+        temperature=rl_config.temperature, **lora_args))
+    done.append(width)
+  return done
+
+
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
   """What one RL iteration does."""
@@ -186,6 +217,13 @@ class RLConfig:
   max_new_tokens: int = 256
   prompt_bucket: int = 32  # prompts are left-padded to a multiple of this (fewer recompilations)
   lora: LoraConfig | None = None  # train LoRA adapters on a frozen base instead of all params
+  # The trainer's sequences: > 0 packs each row's prompt and response from column 0 and pads all
+  # rows to the longest prompt + response rounded up to a multiple of `sequence_bucket` (few
+  # widths, so few compilations), then computes logp_old in one jitted pass and runs every
+  # minibatch update in one jitted `lax.scan` (`rl_update`). 0: the unbucketed path (prompts
+  # left-padded to `prompt_bucket`, responses to `max_new_tokens`, one jitted call per
+  # minibatch); the same results up to float rounding (tests/test_speed_levers.py).
+  sequence_bucket: int = 64
 
   def __post_init__(self):
     if self.algorithm not in objectives.ALGORITHMS:
@@ -194,6 +232,8 @@ class RLConfig:
     if self.advantage not in advantages_lib.ADVANTAGE_ESTIMATORS:
       raise ValueError(f"Unknown advantage {self.advantage!r}; allowed: "
                        f"{list(advantages_lib.ADVANTAGE_ESTIMATORS)}")
+    if self.sequence_bucket < 0:
+      raise ValueError(f"sequence_bucket must be >= 0 (0 = off), got {self.sequence_bucket}")
     if self.num_minibatches < 1 or self.epochs < 1 or self.samples_per_prompt < 2:
       raise ValueError(f"Need num_minibatches >= 1, epochs >= 1 and samples_per_prompt >= 2; got "
                        f"{self.num_minibatches}, {self.epochs}, {self.samples_per_prompt}")
@@ -213,6 +253,61 @@ def rollout_batch(rollout, logp_old: np.ndarray, advantages: np.ndarray) -> dict
 
 
 _merge_lora = jax.jit(merge_lora, static_argnames=("lora_config", "dtype"))
+
+
+def packed_rollout_batch(rollout, advantages: np.ndarray, width: int) -> dict[str, np.ndarray]:
+  """A rollout as `rl_update` takes it: `Rollout.packed_sequence(width)` arrays, the sampler's
+  log-probs at their packed columns, advantages [B] (logp_old is computed on device)."""
+  tokens, attention_mask, loss_mask = rollout.packed_sequence(width)
+  return {
+      "tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
+      "logp_sampler": rollout.pack_response(np.asarray(rollout.logp_sampler, np.float32), width),
+      "advantages": np.asarray(advantages, np.float32),
+  }
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "temperature", "lora_config"))
+def packed_logprobs(config: ModelConfig, policy: DtypePolicy, params, batch: dict[str, jax.Array],
+                    *, temperature: float = 1.0, base_params=None,
+                    lora_config: LoraConfig | None = None) -> jax.Array:
+  """The trainer's log-probs of every row's response tokens, float32 [B, S] (0 off
+  `batch["loss_mask"]`), in one jitted forward over all rows: the logp_old of `rl_update`.
+
+  With `lora_config`, `params` are the adapters and the model is `merge_lora(base_params, params)`.
+  """
+  if lora_config is not None:
+    params = merge_lora(base_params, params, lora_config)
+  attention_mask = batch["attention_mask"]
+  logp = _token_logprobs(config, policy, params, batch["tokens"], attention_mask,
+                         default_positions(attention_mask), temperature)
+  return logp * batch["loss_mask"].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "optimizer", "algorithm",
+                                             "loss_config", "temperature", "lora_config"),
+                   donate_argnums=(3,))
+def rl_update(config: ModelConfig, policy: DtypePolicy, optimizer: optax.GradientTransformation,
+              state: TrainState, batch: dict[str, jax.Array], order: jax.Array, *,
+              algorithm: str, loss_config: objectives.LossConfig, temperature: float = 1.0,
+              base_params=None, lora_config: LoraConfig | None = None
+              ) -> tuple[TrainState, dict]:
+  """Every minibatch update of one generation batch in one jitted `lax.scan`.
+
+  batch: as `rl_loss` takes it, for all rows (logp_old included); order: int32 [K, M], row
+  indices of the K minibatches in the order they are applied. Each scan step is `rl_train_step`'s
+  update on rows `order[k]`. Returns the state after K updates and the metrics stacked [K].
+  One dispatch and one host round trip for all K updates; the state is donated.
+  """
+  loss_fn = functools.partial(rl_loss, config=config, policy=policy, algorithm=algorithm,
+                              loss_config=loss_config, temperature=temperature,
+                              lora_config=lora_config)
+  extra = () if lora_config is None else (base_params,)
+
+  def body(state, rows):
+    minibatch = {key: jnp.take(value, rows, axis=0) for key, value in batch.items()}
+    return apply_gradients(state, optimizer, loss_fn, minibatch, *extra)
+
+  return jax.lax.scan(body, state, order)
 
 
 def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy,
@@ -259,32 +354,55 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
                                                             jnp.asarray(rewards), n))
   times["time/score_s"] = time.perf_counter() - start
 
-  start = time.perf_counter()
-  logp_old = batched_token_logprobs(model_config, policy_params(state.params), rollout,
-                                    policy=trainer_policy, temperature=rl_config.temperature)
-  times["time/logp_s"] = time.perf_counter() - start
-  mismatch_metrics = mismatch.mismatch_metrics(logp_old, rollout.logp_sampler,
-                                               rollout.response_mask)
-  if extra_metrics is not None:  # e.g. the MoE expert-set mismatch, on the sampling params
-    mismatch_metrics.update(extra_metrics(rollout, policy_params(state.params)))
-
-  start = time.perf_counter()
-  batch = rollout_batch(rollout, logp_old, advantages)
   rows = rollout.batch_size
   if rows % rl_config.num_minibatches:
     raise ValueError(f"{rows} rollouts do not split into {rl_config.num_minibatches} minibatches")
   size = rows // rl_config.num_minibatches
   order_rng = np.random.default_rng(seed)
-  update_metrics = []
-  for _ in range(rl_config.epochs):
-    order = order_rng.permutation(rows)
-    for k in range(rl_config.num_minibatches):
-      idx = order[k * size:(k + 1) * size]
+  order = np.stack([order_rng.permutation(rows) for _ in range(rl_config.epochs)]
+                   ).reshape(-1, size)  # the minibatches' rows, in update order
+  lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
+  if extra_metrics is not None:  # e.g. the MoE expert-set mismatch, on the sampling params
+    sampling_metrics = extra_metrics(rollout, policy_params(state.params))
+  packed = train_step is None and rl_config.sequence_bucket > 0
+
+  if packed:  # one jitted logp_old pass and one jitted scan over the minibatch updates
+    start = time.perf_counter()
+    width = rollout.packed_width(rl_config.sequence_bucket)
+    batch = jax.device_put(packed_rollout_batch(rollout, advantages, width))
+    logp_old_packed = jax.block_until_ready(packed_logprobs(
+        model_config, trainer_policy, state.params, batch, temperature=rl_config.temperature,
+        **lora_args))
+    logp_old = rollout.unpack_response(np.asarray(logp_old_packed))
+    times["time/logp_s"] = time.perf_counter() - start
+  else:
+    start = time.perf_counter()
+    logp_old = batched_token_logprobs(model_config, policy_params(state.params), rollout,
+                                      policy=trainer_policy, temperature=rl_config.temperature)
+    times["time/logp_s"] = time.perf_counter() - start
+  mismatch_metrics = mismatch.mismatch_metrics(logp_old, rollout.logp_sampler,
+                                               rollout.response_mask)
+  if extra_metrics is not None:
+    mismatch_metrics.update(sampling_metrics)
+
+  start = time.perf_counter()
+  if packed:
+    batch["logp_old"] = logp_old_packed
+    state, stacked = rl_update(model_config, trainer_policy, optimizer, state, batch,
+                               jnp.asarray(order, jnp.int32), algorithm=rl_config.algorithm,
+                               loss_config=rl_config.loss, temperature=rl_config.temperature,
+                               **lora_args)
+    stacked = jax.device_get(stacked)
+    update_metrics = [{key: value[k] for key, value in stacked.items()}
+                      for k in range(order.shape[0])]
+  else:
+    batch = rollout_batch(rollout, logp_old, advantages)
+    update_metrics = []
+    for idx in order:
       minibatch = {key: value[idx] for key, value in batch.items()}
       if train_step is not None:  # e.g. the sharded step of rl_fp16.sharding
         state, metrics = train_step(state, minibatch)
       else:
-        lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
         state, metrics = rl_train_step(model_config, trainer_policy, optimizer, state, minibatch,
                                        algorithm=rl_config.algorithm, loss_config=rl_config.loss,
                                        temperature=rl_config.temperature, **lora_args)
@@ -323,6 +441,8 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
       "response/truncated_frac": float(np.mean([r == "length" for r in rollout.finish_reasons])),
       "advantage/zero_std_groups": float(np.mean(rewards.reshape(-1, n).std(axis=1) == 0)),
   })
+  out["perf/train_seq_len"] = float(width if packed else
+                                    rollout.prompt_tokens.shape[1] + rollout.response_tokens.shape[1])
   out.update(times)
   total = sum(times.values())
   out["time/step_s"] = total

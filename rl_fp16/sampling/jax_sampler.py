@@ -65,18 +65,34 @@ def _round_up(x: int, multiple: int) -> int:
   return max(multiple, -(-x // multiple) * multiple)
 
 
+def decode_segments(max_new_tokens: int, segment: int) -> list[int]:
+  """The decode steps at which each segment of `_decode` ends (the last is max_new_tokens)."""
+  if segment <= 0 or segment >= max_new_tokens:
+    return [max_new_tokens]
+  return list(range(segment, max_new_tokens, segment)) + [max_new_tokens]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "top_k",
-                                             "use_top_p", "eos_ids"))
+                                             "use_top_p", "eos_ids", "segment"))
 def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, prompt_mask, rng,
             temperature, top_p, *, max_new_tokens: int, top_k: int, use_top_p: bool,
-            eos_ids: tuple[int, ...]):
-  """Prefill + while-loop decode. Returns (response_tokens, logp, response_mask, hit_eos)."""
+            eos_ids: tuple[int, ...], segment: int = 0):
+  """Prefill + while-loop decode. Returns (response_tokens, logp, response_mask, hit_eos).
+
+  The decode runs on the device until every row has finished (or max_new_tokens), in segments
+  of `segment` steps (0: one): during the segment ending at step e, the KV cache (and so every
+  decode step's attention) spans prompt_len + e slots instead of prompt_len + max_new_tokens;
+  the cache grows (zero-padded) between segments. The slots a segment leaves out are the ones
+  causality hides anyway, so the sampled tokens are the same (tests/test_speed_levers.py).
+  """
   batch, prompt_len = prompt_tokens.shape
-  cache = init_cache(config, batch, prompt_len + max_new_tokens, policy.compute_dtype)
+  ends = decode_segments(max_new_tokens, segment)
+  cache = init_cache(config, batch, prompt_len + ends[0], policy.compute_dtype)
   kv_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
   positions = default_positions(prompt_mask)
   logits, cache = forward_cached(config, params, prompt_tokens, positions, cache,
-                                 jnp.asarray(0, jnp.int32), kv_mask, policy=policy)
+                                 jnp.asarray(0, jnp.int32), kv_mask[:, :prompt_len + ends[0]],
+                                 policy=policy)
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
@@ -87,29 +103,40 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
     logp_all = jax.nn.log_softmax(processed, axis=-1)
     return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
 
-  def body(carry):
-    step, cache, logits_last, done, out_tokens, out_logp, out_mask, rng = carry
-    rng, key = jax.random.split(rng)
-    token, logp = sample(logits_last, key)
-    active = ~done
-    out_tokens = out_tokens.at[:, step].set(jnp.where(active, token, 0))
-    out_logp = out_logp.at[:, step].set(jnp.where(active, logp, 0.0))
-    out_mask = out_mask.at[:, step].set(active.astype(jnp.int32))
-    done = done | (active & jnp.any(token[:, None] == eos[None, :], axis=1))
-    new_logits, cache = forward_cached(config, params, token[:, None],
-                                       (next_position + step)[:, None], cache,
-                                       prompt_len + step, kv_mask, policy=policy)
-    return step + 1, cache, new_logits[:, -1], done, out_tokens, out_logp, out_mask, rng
+  def make_body(window_mask):
+    def body(carry):
+      step, cache, logits_last, done, out_tokens, out_logp, out_mask, rng = carry
+      rng, key = jax.random.split(rng)
+      token, logp = sample(logits_last, key)
+      active = ~done
+      out_tokens = out_tokens.at[:, step].set(jnp.where(active, token, 0))
+      out_logp = out_logp.at[:, step].set(jnp.where(active, logp, 0.0))
+      out_mask = out_mask.at[:, step].set(active.astype(jnp.int32))
+      done = done | (active & jnp.any(token[:, None] == eos[None, :], axis=1))
+      new_logits, cache = forward_cached(config, params, token[:, None],
+                                         (next_position + step)[:, None], cache,
+                                         prompt_len + step, window_mask, policy=policy)
+      return step + 1, cache, new_logits[:, -1], done, out_tokens, out_logp, out_mask, rng
+    return body
 
-  def cond(carry):
-    step, done = carry[0], carry[3]
-    return (step < max_new_tokens) & ~jnp.all(done)
+  def make_cond(end):
+    def cond(carry):
+      step, done = carry[0], carry[3]
+      return (step < end) & ~jnp.all(done)
+    return cond
 
-  init = (jnp.asarray(0, jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
-          jnp.zeros((batch, max_new_tokens), jnp.int32),
-          jnp.zeros((batch, max_new_tokens), jnp.float32),
-          jnp.zeros((batch, max_new_tokens), jnp.int32), rng)
-  _, _, _, done, out_tokens, out_logp, out_mask, _ = jax.lax.while_loop(cond, body, init)
+  carry = (jnp.asarray(0, jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
+           jnp.zeros((batch, max_new_tokens), jnp.int32),
+           jnp.zeros((batch, max_new_tokens), jnp.float32),
+           jnp.zeros((batch, max_new_tokens), jnp.int32), rng)
+  for j, end in enumerate(ends):
+    width = prompt_len + end
+    if j:  # grow the cache to this segment's window
+      grow = ((0, 0), (0, width - carry[1][0]["k"].shape[1]), (0, 0), (0, 0))
+      carry = carry[:1] + (jax.tree_util.tree_map(lambda c: jnp.pad(c, grow), carry[1]),
+                           ) + carry[2:]
+    carry = jax.lax.while_loop(make_cond(end), make_body(kv_mask[:, :width]), carry)
+  _, _, _, done, out_tokens, out_logp, out_mask, _ = carry
   return out_tokens, out_logp, out_mask, done
 
 
@@ -143,7 +170,7 @@ def pad_prompts(prompt_token_ids: Sequence[Sequence[int]], n: int, *, prompt_buc
 def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[int]], *,
              policy: DtypePolicy, n: int, sampling: SamplingConfig, rng: jax.Array,
              eos_token_ids: Sequence[int] | None = None, prompt_bucket: int = 16,
-             batch_bucket: int = 1) -> Rollout:
+             batch_bucket: int = 1, decode_segment: int = 64) -> Rollout:
   """Samples `n` responses per prompt with the in-process JAX engine.
 
   Runs in the sampler's dtype policy (weights rounded to `policy.param_dtype`, activations and the
@@ -154,6 +181,8 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
   Args:
     prompt_token_ids: list of token-id lists (unpadded).
     eos_token_ids: tokens that end a response (default: the config's eos ids).
+    decode_segment: decode steps per KV-cache window (see `_decode`; 0: the whole response
+      budget from the first step). Each segment is one more while loop to compile.
   Returns:
     A `Rollout` with len(prompts) * n rows grouped by prompt.
   """
@@ -175,7 +204,7 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
       config, policy, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), rng,
       jnp.asarray(sampling.temperature, jnp.float32), jnp.asarray(sampling.top_p, jnp.float32),
       max_new_tokens=sampling.max_new_tokens, top_k=sampling.top_k,
-      use_top_p=sampling.top_p < 1.0, eos_ids=eos)
+      use_top_p=sampling.top_p < 1.0, eos_ids=eos, segment=decode_segment)
   rows = len(prompt_index)
   out_tokens, out_logp, out_mask, hit_eos = jax.device_get((out_tokens, out_logp, out_mask,
                                                             hit_eos))

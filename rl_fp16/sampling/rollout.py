@@ -83,3 +83,68 @@ class Rollout:
     pad = ((0, 0), (target - width, 0))
     return dataclasses.replace(self, prompt_tokens=np.pad(self.prompt_tokens, pad),
                                prompt_mask=np.pad(self.prompt_mask, pad))
+
+  def packed_width(self, bucket: int, max_width: int | None = None) -> int:
+    """Columns of `packed_sequence`: the longest prompt + response, rounded up to a multiple of
+    `bucket` (and capped at `max_width`, e.g. the longest possible prompt + response, when
+    given). Few distinct widths means few recompilations of the trainer."""
+    if bucket < 1:
+      raise ValueError(f"bucket must be >= 1, got {bucket}")
+    need = int((self.prompt_mask.sum(axis=1) + self.response_lengths).max())
+    width = max(bucket, -(-need // bucket) * bucket)
+    return width if max_width is None else max(need, min(width, int(max_width)))
+
+  def _packed_columns(self) -> np.ndarray:
+    """int [B, T]: the packed column of each response entry (prompt length + t)."""
+    prompt_lengths = self.prompt_mask.sum(axis=1).astype(np.int64)
+    return prompt_lengths[:, None] + np.arange(self.response_tokens.shape[1])[None, :]
+
+  def packed_sequence(self, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompt and response of each row side by side from column 0, right-padded to `width`.
+
+    The same real tokens at the same positions as `full_sequence` (positions count real tokens
+    from 0 in both), without the left padding of short prompts or the right padding of the
+    response up to the longest possible one; so the trainer's forward sees
+    `packed_width(...)` columns instead of P + T.
+
+    Returns tokens int32 [B, width], attention_mask int32 [B, width] (1 on prompt and response
+    tokens), loss_mask int32 [B, width] (1 on response tokens). Raises ValueError when a row does
+    not fit.
+    """
+    rows, prompt_width = self.prompt_tokens.shape
+    prompt_lengths = self.prompt_mask.sum(axis=1).astype(np.int64)
+    need = int((prompt_lengths + self.response_lengths).max())
+    if width < need:
+      raise ValueError(f"width {width} < longest prompt + response {need}")
+    tokens = np.zeros((rows, width), np.int32)
+    attention_mask = np.zeros((rows, width), np.int32)
+    loss_mask = np.zeros((rows, width), np.int32)
+    for row in range(rows):  # left-padded prompts: the real tokens are the last p columns
+      p = prompt_lengths[row]
+      tokens[row, :p] = self.prompt_tokens[row, prompt_width - p:]
+      attention_mask[row, :p] = self.prompt_mask[row, prompt_width - p:]
+    tokens[:, :] = self.pack_response(self.response_tokens, width, base=tokens)
+    attention_mask[:, :] = self.pack_response(self.response_mask, width, base=attention_mask)
+    loss_mask[:, :] = self.pack_response(self.response_mask, width, base=loss_mask)
+    return tokens, attention_mask, loss_mask
+
+  def pack_response(self, values: np.ndarray, width: int, base: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """Response-aligned values [B, T] (e.g. `logp_sampler`) at their `packed_sequence` columns,
+    [B, width]; other columns keep `base` (default zeros). Entries past a row's response length
+    must be 0 (they are padding)."""
+    rows, length = values.shape
+    out = np.zeros((rows, max(width, length) + self.prompt_tokens.shape[1]), values.dtype)
+    if base is not None:
+      out[:, :width] = base
+    real = self.response_mask > 0
+    columns = self._packed_columns()
+    row_index = np.broadcast_to(np.arange(rows)[:, None], (rows, length))
+    out[row_index[real], columns[real]] = values[real]
+    return out[:, :width]
+
+  def unpack_response(self, packed: np.ndarray) -> np.ndarray:
+    """The inverse of `pack_response`: [B, width] -> response-aligned [B, T], 0 on padding."""
+    columns = np.minimum(self._packed_columns(), packed.shape[1] - 1)
+    values = np.take_along_axis(packed, columns, axis=1)
+    return np.where(self.response_mask > 0, values, np.zeros((), packed.dtype))

@@ -1,0 +1,140 @@
+"""Issue 13's speed levers give the results of the paths they replace.
+
+- Packed, length-bucketed trainer sequences + one jitted logp_old pass + the minibatch updates in
+  one jitted `lax.scan` (`RLConfig.sequence_bucket > 0`) vs the unbucketed path
+  (`sequence_bucket=0`: left-padded prompts, responses padded to max_new_tokens, one jitted call
+  per minibatch): the same rollout, rewards and logp_old up to float32 rounding, params within
+  rounding after several iterations, and no compilation after warm-up.
+- The segmented decode (KV-cache window growing by `decode_segment` steps) vs one window over the
+  whole budget: the same tokens for the same seed, log-probs within float rounding (bit-identical
+  on the committed tiny base model; on this test model XLA's reductions over the shorter
+  attention window round differently in the last bit).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.benchmark import CompileCounter, padding_waste
+from experiments.configs import benchmark as benchmark_config
+from rl_fp16 import objectives
+from rl_fp16.checkpoints.train_state import TrainState
+from rl_fp16.models import ModelConfig, init_params
+from rl_fp16.precision import default_loss_scale_config, get_precision_pair, init_loss_scale
+from rl_fp16.sampling import jax_sampler
+from rl_fp16.sampling.engines import JaxEngine
+from rl_fp16.sampling.jax_sampler import SamplingConfig
+from rl_fp16.sampling.rollout import Rollout
+from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, precompile_rl_update,
+                           rl_iteration)
+
+CONFIG = ModelConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     qkv_bias=True, initializer_range=0.3, eos_token_id=2,
+                     max_position_embeddings=128)
+PROMPTS = [[1, 5, 6, 7], [1, 8, 9], [1, 10, 11, 12, 13, 14], [1, 15]]
+
+
+def _reward(rollout):
+  mask = rollout.response_mask.astype(np.float32)
+  even = (rollout.response_tokens % 2 == 0) * mask
+  return even.sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+
+
+def test_packing_round_trip():
+  rollout = Rollout(
+      prompt_tokens=np.array([[0, 5, 6], [7, 8, 9]], np.int32),
+      prompt_mask=np.array([[0, 1, 1], [1, 1, 1]], np.int32),
+      response_tokens=np.array([[3, 4, 2, 0], [1, 0, 0, 0]], np.int32),
+      response_mask=np.array([[1, 1, 1, 0], [1, 0, 0, 0]], np.int32),
+      logp_sampler=np.array([[-1, -2, -3, 0], [-4, 0, 0, 0]], np.float32),
+      finish_reasons=("eos", "eos"), prompt_index=np.array([0, 1], np.int32))
+  assert rollout.packed_width(4) == 8  # longest prompt + response is 5
+  tokens, attention, loss = rollout.packed_sequence(6)
+  np.testing.assert_array_equal(tokens, [[5, 6, 3, 4, 2, 0], [7, 8, 9, 1, 0, 0]])
+  np.testing.assert_array_equal(attention, [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+  np.testing.assert_array_equal(loss, [[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 0, 0]])
+  packed = rollout.pack_response(rollout.logp_sampler, 6)
+  np.testing.assert_array_equal(packed, [[0, 0, -1, -2, -3, 0], [0, 0, 0, -4, 0, 0]])
+  np.testing.assert_array_equal(rollout.unpack_response(packed), rollout.logp_sampler)
+  # The same real tokens, in order, as the unpacked layout.
+  full_tokens, full_attention, _ = rollout.full_sequence()
+  for row in range(2):
+    np.testing.assert_array_equal(tokens[row][attention[row] > 0],
+                                  full_tokens[row][full_attention[row] > 0])
+  with pytest.raises(ValueError, match="longest"):
+    rollout.packed_sequence(4)
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_segmented_decode_samples_the_same_tokens(precision, tol):
+  params = init_params(CONFIG, jax.random.key(1))
+  pair = get_precision_pair(precision)
+  sampling = SamplingConfig(max_new_tokens=24)
+  out = {}
+  for segment in (0, 5):
+    out[segment] = jax_sampler.generate(
+        CONFIG, params, PROMPTS, policy=pair.sampler, n=2, sampling=sampling,
+        rng=jax.random.key(3), eos_token_ids=(2,), decode_segment=segment)
+  assert jax_sampler.decode_segments(24, 5) == [5, 10, 15, 20, 24]
+  a, b = out[0], out[5]
+  assert a.response_lengths.max() > 5  # several segments were decoded
+  np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
+  np.testing.assert_array_equal(a.response_mask, b.response_mask)
+  np.testing.assert_allclose(b.logp_sampler, a.logp_sampler, rtol=tol, atol=tol)
+  assert a.finish_reasons == b.finish_reasons
+
+
+def _run(sequence_bucket, precision, iterations, precompile=False):
+  params = init_params(CONFIG, jax.random.key(0))
+  pair = get_precision_pair(precision)
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
+  state = TrainState.create(params, optimizer, seed=0,
+                            loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
+  rl_config = RLConfig(samples_per_prompt=4, num_minibatches=2, max_new_tokens=20,
+                       prompt_bucket=8, sequence_bucket=sequence_bucket,
+                       loss=objectives.LossConfig(max_response_len=20))
+  engine = JaxEngine(CONFIG, params, pair.sampler, eos_token_ids=(2,))
+  metrics, compiles = [], []
+  for i in range(iterations):
+    with CompileCounter() as counter:
+      state, m = rl_iteration(state, model_config=CONFIG, trainer_policy=pair.trainer,
+                              optimizer=optimizer, engine=engine, prompts=PROMPTS,
+                              reward_fn=_reward, rl_config=rl_config, seed=i)
+    metrics.append(m)
+    compiles.append(counter.names)
+    if precompile and i == 0:
+      precompile_rl_update(state, model_config=CONFIG, trainer_policy=pair.trainer,
+                           optimizer=optimizer, rl_config=rl_config, rows=16,
+                           widths=range(8, 6 + 20 + 8 + 1, 8))
+  return jax.device_get(state.params), metrics, compiles
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5)])
+def test_packed_scan_update_matches_the_unbucketed_path(precision, tol):
+  old_params, old, _ = _run(0, precision, 3)
+  new_params, new, compiles = _run(4, precision, 3, precompile=True)
+  # Same rollouts (sampling happens before any difference), same rewards.
+  for a, b in zip(old, new):
+    assert a["reward/mean"] == b["reward/mean"]
+    assert a["response/length_mean"] == b["response/length_mean"]
+    for key in ("train/loss", "train/entropy", "mismatch/kl_k1", "mismatch/prob_diff_mean"):
+      np.testing.assert_allclose(b[key], a[key], rtol=tol, atol=tol * 1e-2, err_msg=key)
+    assert b["train/skipped_steps"] == a["train/skipped_steps"]
+  assert new[0]["perf/train_seq_len"] < old[0]["perf/train_seq_len"]  # the bucketing trims
+  for x, y in zip(jax.tree_util.tree_leaves(old_params), jax.tree_util.tree_leaves(new_params)):
+    np.testing.assert_allclose(y, x, atol=tol)
+  # Nothing compiles after the first iteration and the precompiled buckets.
+  assert compiles[1:] == [[], []], compiles
+
+
+def test_padding_waste_of_the_layouts():
+  c = benchmark_config.get_config().compare
+  waste = padding_waste(c, steps=20)
+  layouts = waste["layouts"]
+  assert 0.55 < layouts["pad to budget"]["token_waste"] < 0.7  # mean ~3K of an 8K budget
+  assert (layouts["sorted micro-batch buckets"]["token_waste"]
+          < layouts["minibatch bucket"]["token_waste"]
+          <= layouts["pad to budget"]["token_waste"])
+  assert abs(waste["measured_mean_length"] - c.paper_mean_length) < 150
