@@ -15,6 +15,13 @@ untimed ones, reported with min and max:
             Hugging Face directory (`update_params_from_dir`), against the parameter bytes.
   e2e       `rl_iteration` time split into sample / score / logp / update / sync, and the
             process's peak resident memory.
+  compare   issue 13: rl_fp16's RL iteration (JAX engine per precision, vLLM engine) next to
+            TRL's GRPOTrainer at the same settings (the tiny base model's perfectible problems),
+            TRL in its own venv as a subprocess (`--config.trl_python`, made by
+            experiments/peers/setup_trl.sh); one table of medians, breakdown and ratios, the
+            resident memory over `compare.memory_iterations` iterations, the physical floor of
+            each part at the measured matmul peak, and the padding the length bucketing removes
+            at paper scale (an assumed response-length distribution, stated in the report).
 Writes `benchmark.json` (every figure, its repetitions, the targets) and `config.json` to
 `--config.output_dir` and prints markdown tables and the issue's targets with PASS/FAIL.
 
@@ -52,6 +59,8 @@ import platform
 import re
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -70,9 +79,10 @@ from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.engines import make_engine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
-from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration, rl_train_step
+from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, precompile_rl_update,
+                           rl_iteration, rl_train_step)
 
-SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e")
+SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e", "compare")
 MODEL_NAMES = ("small", "medium")
 MIB = 2.0**20
 
@@ -82,6 +92,12 @@ TARGET_LOW_PRECISION_SPEEDUP = 1.0
 TARGET_JAX_OVER_VLLM = 0.5
 TARGET_SYNC_SPEEDUP = 5.0
 TARGET_OTHER_FRACTION = 0.15
+TARGET_JAX_OVER_TRL = 3.0  # issue 13: seconds per RL iteration, TRL / rl_fp16
+TARGET_VLLM_OVER_TRL = 2.0
+TARGET_RSS_GROWTH_MIB = 64.0  # resident memory after the last vs the first timed iteration
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRL_SCRIPT = os.path.join(REPO_ROOT, "experiments", "peers", "trl_grpo.py")
+TRL_SETUP = "bash experiments/peers/setup_trl.sh ~/.venvs/trl-peer"
 
 
 # ------------------------------------------------------------------------ measuring tools ----
@@ -213,6 +229,15 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def current_rss_mib() -> float:
+  """The process's resident set size now (Linux /proc/self/statm), MiB."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+  except OSError:
+    return float("nan")
+
+
 def _csv(text: str) -> list[str]:
   return [part.strip() for part in str(text).split(",") if part.strip()]
 
@@ -245,6 +270,12 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     for name in _csv(resolved[key]):
       get_policy(name)  # a clear error on a bad name, before any work
   get_precision_pair(resolved.e2e.precision)
+  for case in _csv(resolved.compare.cases):
+    engine, _, precision = case.partition(":")
+    if engine not in ("jax", "vllm") or not precision:
+      raise ValueError(f"config.compare.cases has {case!r}; want engine:precision with engine "
+                       "jax or vllm")
+    get_precision_pair(precision)
   if resolved.repetitions < 1 or resolved.warmup < 0:
     raise ValueError(f"Need repetitions >= 1 and warmup >= 0, got {resolved.repetitions}, "
                      f"{resolved.warmup}")
@@ -655,6 +686,282 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
   return out
 
 
+# --------------------------------------------------------------------- compare (issue 13) ----
+
+
+def _problems_and_task(model: BenchModel):
+  """The model directory's perfectible problems (what TRL's script trains on) and its task."""
+  path = os.path.join(model.tokenizer_dir or "", rl.PERFECTIBLE_FILE)
+  if model.tokenizer_dir is None or not os.path.exists(path):
+    raise FileNotFoundError(f"The compare section needs a model directory with a task and "
+                            f"{rl.PERFECTIBLE_FILE} (the committed tiny base model); got "
+                            f"{model.description}")
+  from rl_fp16.data.tasks import problem_from_record  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    problems = [problem_from_record(json.loads(line)) for line in f if line.strip()]
+  return problems, rl.load_task(model)
+
+
+def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, workdir: str,
+                  iterations: int) -> dict[str, Any]:
+  """`iterations` RL iterations of one engine and precision at the compare settings: per
+  iteration its time split, compilations, response lengths and resident memory."""
+  c = config.compare
+  problems, task = _problems_and_task(model)
+  pair = get_precision_pair(precision)
+  rl_config = RLConfig(algorithm=c.algorithm, samples_per_prompt=c.samples_per_prompt,
+                       num_minibatches=c.num_minibatches, max_new_tokens=c.max_new_tokens,
+                       sequence_bucket=c.sequence_bucket,
+                       loss=objectives.LossConfig(max_response_len=c.max_new_tokens))
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=c.learning_rate))
+  per_step = c.prompts_per_step
+  batches = [[problems[(i * per_step + j) % len(problems)] for j in range(per_step)]
+             for i in range(iterations)]
+  prompts = [task.prompt_ids(b) for b in batches]
+  max_len = common.max_model_len([p for step in prompts for p in step], c.max_new_tokens)
+  state = TrainState.create(model.params, optimizer, seed=config.seed,
+                            loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
+  # One decode shape for the run: prompts padded to the longest prompt of the problem set.
+  longest_prompt = max(len(p) for p in task.prompt_ids(problems))
+  prompt_bucket = int(-(-longest_prompt // 16) * 16)
+  start = time.perf_counter()
+  engine = make_engine(engine_name, model.config, model.params, pair.sampler, workdir=workdir,
+                       prompt_bucket=prompt_bucket,
+                       tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
+                       max_model_len=max_len, seed=config.seed,
+                       cpu_kv_cache_space_gib=config.vllm_kv_cache_gib,
+                       **({"enforce_eager": bool(c.vllm_enforce_eager),
+                           "max_num_seqs": int(c.vllm_max_num_seqs)}
+                          if engine_name == "vllm" else {}))
+  engine_start_s = time.perf_counter() - start
+  rows = []
+  try:
+    for i in range(iterations):
+      with CompileCounter() as counter:
+        start = time.perf_counter()
+        state, metrics = rl_iteration(
+            state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
+            engine=engine, prompts=prompts[i],
+            reward_fn=lambda r, b=batches[i]: task.rewards(b, r), rl_config=rl_config,
+            seed=config.seed * 1_000_003 + i)
+        elapsed = time.perf_counter() - start
+      rows.append({"seconds": elapsed, "compiles": counter.count, "recompiled": counter.names,
+                   "compile_s": counter.seconds, "rss_mib": current_rss_mib(),
+                   "peak_rss_mib": peak_rss_mib(), **{k: float(v) for k, v in metrics.items()}})
+      if i + 1 == c.warmup and c.sequence_bucket:
+        # The trainer compiles once per packed width (a multiple of sequence_bucket): compile
+        # every bucket from the smallest seen in warm-up to the longest possible one now.
+        bucket = c.sequence_bucket
+        seen = min(int(r["perf/train_seq_len"]) for r in rows)
+        top = int(-(-(longest_prompt + c.max_new_tokens) // bucket) * bucket)
+        with CompileCounter() as counter:
+          start = time.perf_counter()
+          precompiled = precompile_rl_update(
+              state, model_config=model.config, trainer_policy=pair.trainer,
+              optimizer=optimizer, rl_config=rl_config,
+              rows=c.prompts_per_step * c.samples_per_prompt,
+              widths=range(seen, top + 1, bucket))
+          precompile_s = time.perf_counter() - start
+        rows[-1]["compile_s"] += counter.seconds
+        rows[-1]["precompiled_widths"] = precompiled
+        rows[-1]["precompile_s"] = precompile_s
+  finally:
+    engine.close()
+  return {"engine": engine_name, "precision": precision, "engine_start_s": engine_start_s,
+          "iterations": rows}
+
+
+def summarize_rl_case(case: dict[str, Any], warmup: int, repetitions: int) -> dict[str, Any]:
+  """Medians over the timed iterations [warmup, warmup + repetitions); compilations and memory
+  over every iteration after warm-up."""
+  rows = case["iterations"]
+  timed = rows[warmup:warmup + repetitions]
+  after = rows[warmup:]
+  if not timed:
+    raise ValueError(f"{len(rows)} iterations leave none after {warmup} warm-up ones")
+  out = {k: case[k] for k in ("engine", "precision", "engine_start_s")}
+  out["iteration_s"] = summarize([r["seconds"] for r in timed])
+  for part in ("sample", "score", "logp", "update", "sync"):
+    out[f"{part}_s"] = summarize([r[f"time/{part}_s"] for r in timed])
+  out["max_response_length"] = summarize([r["response/length_max"] for r in timed])
+  out["response_length_mean"] = summarize([r["response/length_mean"] for r in timed])
+  out["train_seq_len"] = summarize([r.get("perf/train_seq_len", np.nan) for r in timed])
+  out["reward_mean"] = summarize([r["reward/mean"] for r in timed])
+  out["compiles_after_warmup"] = int(sum(r["compiles"] for r in after))
+  out["recompiled"] = sorted({n for r in after for n in r["recompiled"]})
+  out["warmup_s"] = [r["seconds"] for r in rows[:warmup]]
+  out["warmup_compile_s"] = float(sum(r["compile_s"] for r in rows[:warmup]))
+  out["precompiled_widths"] = [w for r in rows[:warmup] for w in r.get("precompiled_widths", [])]
+  out["precompile_s"] = float(sum(r.get("precompile_s", 0.0) for r in rows[:warmup]))
+  out["rss_mib"] = [r["rss_mib"] for r in rows]
+  out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rows)
+  out["iterations_run"] = len(rows)
+  if len(after) >= 2:
+    out["rss_growth_mib"] = after[-1]["rss_mib"] - after[0]["rss_mib"]
+    out["rss_growth_iterations"] = len(after) - 1
+  return out
+
+
+def parse_trl_output(text: str) -> dict[str, Any]:
+  """The figures `experiments/peers/trl_grpo.py` prints (ITER_S, PARTS_S, MEAN_...)."""
+  found = {}
+  for line in text.splitlines():
+    key, _, value = line.strip().partition(" ")
+    if key in ("ITER_S", "PARTS_S", "MEAN_COMPLETION_TOKENS", "ITER_S_MEDIAN"):
+      found[key] = json.loads(value)
+  if "ITER_S" not in found:
+    raise ValueError("TRL's output has no ITER_S line; its last lines:\n" +
+                     "\n".join(text.splitlines()[-15:]))
+  return found
+
+
+def bench_trl(config, model: BenchModel) -> dict[str, Any]:
+  """TRL's GRPOTrainer at the same settings, in its own venv (a subprocess); its median over
+  the iterations after the first. {"skipped": reason} when `trl_python` is unset or missing."""
+  c = config.compare
+  python = os.path.expanduser(str(config.trl_python or ""))
+  if not python:
+    return {"skipped": f"--config.trl_python is unset; make the TRL venv with `{TRL_SETUP}` "
+                       "(it prints its python) and pass --config.trl_python=~/.venvs/trl-peer/"
+                       "bin/python"}
+  if not os.path.exists(python):
+    return {"skipped": f"--config.trl_python={python} does not exist; make it with "
+                       f"`{TRL_SETUP}`"}
+  if model.tokenizer_dir is None:
+    return {"skipped": "TRL needs the model directory (the committed tiny base model)"}
+  command = [python, TRL_SCRIPT, model.tokenizer_dir, str(c.trl_iterations),
+             str(c.prompts_per_step), str(c.samples_per_prompt)]
+  start = time.perf_counter()
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=c.trl_timeout_s,
+                        check=False, cwd=REPO_ROOT)
+  wall = time.perf_counter() - start
+  if proc.returncode != 0:
+    raise RuntimeError(f"TRL exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+  found = parse_trl_output(proc.stdout)
+  per_iter = found["ITER_S"]
+  timed = per_iter[1:] or per_iter
+  out = {"command": " ".join(command), "wall_s": wall, "iteration_s": summarize(timed),
+         "iterations": per_iter, "mean_completion_tokens": found.get("MEAN_COMPLETION_TOKENS"),
+         "trl_reported_median": found.get("ITER_S_MEDIAN")}
+  parts = found.get("PARTS_S")
+  if parts and len(parts) == len(per_iter):
+    parts = parts[1:] or parts
+    for name, key in (("sample", "sample"), ("logp", "score_logp"), ("update", "update")):
+      out[f"{name}_s"] = summarize([p[key] for p in parts])
+  return out
+
+
+def decode_flops(model_config: ModelConfig, rows: int, prompt_len: int, steps: int) -> float:
+  """Model FLOPs of decoding `steps` tokens for `rows` rows (every row runs every step, as the
+  batched decode does): 2 (N + d V) per token plus attention 4 L H d_head x context."""
+  dense = 2.0 * (model_config.num_params(include_embeddings=False, active_only=True)
+                 + model_config.hidden_size * model_config.vocab_size)
+  attn = 4.0 * (model_config.num_hidden_layers * model_config.num_attention_heads
+                * model_config.head_dim)
+  contexts = prompt_len + np.arange(steps)
+  return float(rows * (dense * steps + attn * contexts.sum()))
+
+
+def physical_floor(model: BenchModel, case: dict[str, Any], c, peak: dict[str, Any] | None
+                   ) -> dict[str, Any]:
+  """FLOPs of the update, of logp_old and of decoding at the measured shapes, and the seconds
+  they would take at the measured matmul peak of the compute dtype."""
+  rows = c.prompts_per_step * c.samples_per_prompt
+  seq = case["train_seq_len"]["median"]
+  steps = int(round(case["max_response_length"]["median"]))
+  if not np.isfinite(seq):
+    seq = 64 + c.max_new_tokens
+  seq = int(seq)
+  update = c.num_minibatches * train_step_flops(model.config, rows // c.num_minibatches,
+                                                seq)["total"]
+  logp = train_step_flops(model.config, rows, seq)["total"] / 3.0
+  decode = decode_flops(model.config, rows, 40, steps)
+  out = {"train_seq_len": seq, "decode_steps": steps, "update_flops": update,
+         "logp_flops": logp, "decode_flops": decode,
+         "decode_step_ms": 1e3 * case["sample_s"]["median"] / max(steps, 1)}
+  dtype = dtype_name(get_policy(case["precision"], "trainer").compute_dtype)
+  if peak and dtype in peak:
+    rate = _peak_median(peak, dtype)
+    out.update({"peak_dtype": dtype, "peak_flops_per_s": rate,
+                "update_floor_s": update / rate, "logp_floor_s": logp / rate,
+                "decode_floor_s": decode / rate,
+                "decode_step_floor_ms": 1e3 * decode / rate / max(steps, 1)})
+    for part, floor in (("update", update), ("logp", logp), ("sample", decode)):
+      out[f"{part}_fraction_of_peak"] = floor / rate / max(case[f"{part}_s"]["median"], 1e-12)
+  return out
+
+
+def padding_waste(c, seed: int = 0, steps: int = 200) -> dict[str, Any]:
+  """Padding of the trainer's batches at paper scale, by Monte Carlo over `steps` minibatches.
+
+  Assumption (stated in the report): response lengths ~ lognormal with mean
+  `paper_mean_length` and log-space sigma `paper_sigma`, clipped at `paper_budget` (clipped
+  rows are truncated responses). Layouts: every row padded to the budget; the minibatch padded
+  to its longest row rounded up to `paper_bucket` (this change's bucketing); micro-batches of
+  `paper_microbatch` rows sorted by length within the minibatch, each padded to its own bucket
+  (gradient accumulation over them sums the same rows: the same update up to rounding).
+  Returns the fraction of padded token slots (linear cost) and of attention-square cells
+  (quadratic cost) that hold no real token, per layout.
+  """
+  rng = np.random.default_rng(seed)
+  mu = np.log(c.paper_mean_length) - c.paper_sigma**2 / 2
+  budget, bucket, mb, micro = c.paper_budget, c.paper_bucket, c.paper_minibatch, c.paper_microbatch
+  lengths = np.minimum(rng.lognormal(mu, c.paper_sigma, (steps, mb)), budget).round()
+  real = lengths.sum()
+  real_sq = (lengths**2).sum()
+  up = lambda x: np.minimum(np.ceil(x / bucket) * bucket, budget)
+  batch_width = up(lengths.max(axis=1))
+  ordered = np.sort(lengths, axis=1).reshape(steps, mb // micro, micro)
+  micro_width = up(ordered.max(axis=2))
+  layouts = {
+      "pad to budget": (steps * mb * budget, steps * mb * budget**2),
+      "minibatch bucket": ((batch_width * mb).sum(), (batch_width**2 * mb).sum()),
+      "sorted micro-batch buckets": ((micro_width * micro).sum(), (micro_width**2 * micro).sum()),
+  }
+  return {"assumption": {"distribution": "lognormal, clipped at the budget",
+                         "mean": float(c.paper_mean_length), "sigma": float(c.paper_sigma),
+                         "budget": int(budget), "bucket": int(bucket), "minibatch": int(mb),
+                         "microbatch": int(micro)},
+          "measured_mean_length": float(lengths.mean()),
+          "truncated_fraction": float((lengths >= budget).mean()),
+          "minibatches_with_a_truncated_row": float((lengths.max(axis=1) >= budget).mean()),
+          "layouts": {name: {"token_waste": 1 - real / slots, "attention_waste": 1 - real_sq / sq}
+                      for name, (slots, sq) in layouts.items()}}
+
+
+def bench_compare(config, model: BenchModel, workdir: str, peak: dict[str, Any] | None
+                  ) -> dict[str, Any]:
+  """TRL and rl_fp16's engines side by side (issue 13): see the config's `compare` block."""
+  c = config.compare
+  out: dict[str, Any] = {"settings": {k: c[k] for k in (
+      "prompts_per_step", "samples_per_prompt", "max_new_tokens", "num_minibatches",
+      "learning_rate", "algorithm", "sequence_bucket", "warmup", "repetitions")}}
+  print("compare: TRL (subprocess) ...", flush=True)
+  out["trl"] = bench_trl(config, model)
+  if "skipped" in out["trl"]:
+    print(f"  TRL skipped: {out['trl']['skipped']}")
+  cases = []
+  for k, case in enumerate(_csv(c.cases)):
+    engine_name, _, precision = case.partition(":")
+    if engine_name == "vllm" and not config.vllm:
+      print(f"compare: {case} skipped (--config.vllm=False)")
+      continue
+    iterations = c.warmup + c.repetitions
+    if k == 0:
+      iterations = max(iterations, c.warmup + c.memory_iterations)
+    print(f"compare: rl_fp16 {engine_name} {precision}, {iterations} iterations ...", flush=True)
+    raw = bench_rl_case(config, model, engine_name, precision, workdir, iterations)
+    row = summarize_rl_case(raw, c.warmup, c.repetitions)
+    row["floor"] = physical_floor(model, row, c, peak)
+    cases.append(row)
+  out["cases"] = cases
+  out["padding"] = padding_waste(c, seed=config.seed)
+  trl_s = out["trl"].get("iteration_s", {}).get("median")
+  for row in cases:
+    row["speedup_vs_trl"] = (trl_s / row["iteration_s"]["median"]) if trl_s else None
+  return out
+
+
 # --------------------------------------------------------------------------------- targets ----
 
 
@@ -703,6 +1010,23 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratio = r["directory_over_memory"]
     add(f"sync directory/in-memory seconds, {r['model']} {r['precision']}",
         f">= {TARGET_SYNC_SPEEDUP:.0f}x", f"{ratio:.1f}x", ratio >= TARGET_SYNC_SPEEDUP)
+
+  compare = results.get("compare")
+  if compare:
+    for row in compare["cases"]:
+      name = f"{row['engine']} {row['precision']}"
+      wanted = TARGET_JAX_OVER_TRL if row["engine"] == "jax" else TARGET_VLLM_OVER_TRL
+      ratio = row["speedup_vs_trl"]
+      add(f"RL iteration TRL/rl_fp16 seconds, {name}", f">= {wanted:.0f}x",
+          "n/a (TRL skipped)" if ratio is None else f"{ratio:.2f}x",
+          None if ratio is None else ratio >= wanted)
+      add(f"compilations after warm-up, {name}", "0", str(row["compiles_after_warmup"]),
+          row["compiles_after_warmup"] == 0)
+      if "rss_growth_mib" in row:
+        growth = row["rss_growth_mib"]
+        add(f"resident memory growth over {row['rss_growth_iterations']} iterations, {name}",
+            f"< {TARGET_RSS_GROWTH_MIB:.0f} MiB", f"{growth:+.1f} MiB",
+            growth < TARGET_RSS_GROWTH_MIB)
 
   e2e = results.get("e2e")
   if e2e:
@@ -786,12 +1110,98 @@ def format_report(results: dict[str, Any]) -> str:
                    f"{k} {v:.1f}" for k, v in list(
                        e2e["warmup_compile_s_by_function"].items())[:4])
                + f"); peak RSS {e2e['peak_rss_mib']:.0f} MiB")
+  compare = results.get("compare")
+  if compare:
+    out.append(format_compare(compare))
   if results.get("targets"):
     out.append("### Targets")
     out.append(common.markdown_table(["target", "wanted", "measured", "result"], [
         [t["name"], t["target"], t["measured"],
          "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")]
         for t in results["targets"]]))
+  return "\n\n".join(out)
+
+
+def format_compare(compare: dict[str, Any]) -> str:
+  """The side-by-side table (TRL and rl_fp16), then memory, the physical floor and padding."""
+  st = compare["settings"]
+  out = [f"### RL iteration side by side: TRL vs rl_fp16 ({st['prompts_per_step']} prompts x "
+         f"{st['samples_per_prompt']} samples, up to {st['max_new_tokens']} new tokens, "
+         f"{st['num_minibatches']} optimizer steps per batch, lr {st['learning_rate']:g}; median "
+         f"[min, max] of {st['repetitions']} iterations after {st['warmup']} warm-up; seconds)"]
+  header = ["system", "s / iteration", "sample", "logp", "update", "sync", "TRL / this",
+            "compiles after warm-up", "mean resp len", "train seq len"]
+  rows = []
+  trl = compare["trl"]
+  if "skipped" in trl:
+    rows.append(["TRL 1.16 GRPOTrainer (HF generate), fp32", "skipped", "-", "-", "-", "-",
+                 "1.00x", "-", "-", "-"])
+  else:
+    rows.append(["TRL 1.16 GRPOTrainer (HF generate), fp32", _stat(trl["iteration_s"]),
+                 *[(_stat(trl[f"{p}_s"]) if f"{p}_s" in trl else "-")
+                   for p in ("sample", "logp", "update")], "-", "1.00x", "-",
+                 f"{trl['mean_completion_tokens']}", "-"])
+  for r in compare["cases"]:
+    ratio = r["speedup_vs_trl"]
+    rows.append([f"rl_fp16, {r['engine']} engine, {r['precision']}", _stat(r["iteration_s"]),
+                 *[_stat(r[f"{p}_s"]) for p in ("sample", "logp", "update", "sync")],
+                 "-" if ratio is None else f"{ratio:.2f}x", r["compiles_after_warmup"],
+                 f"{r['response_length_mean']['median']:.0f}",
+                 f"{r['train_seq_len']['median']:.0f}"])
+  out.append(common.markdown_table(header, rows))
+  notes = []
+  if "skipped" in trl:
+    notes.append(f"TRL skipped: {trl['skipped']}.")
+  else:
+    notes.append(f"TRL per iteration (first is warm-up): {trl['iterations']}; its 'logp' is "
+                 "the rest of its generate-and-score (rewards, advantages, old log-probs), "
+                 "'update' the rest of its two optimizer steps.")
+  notes.append("rl_fp16 'sample' is the engine's generate alone; the rest of an iteration is "
+               "score + logp + update + sync. Warm-up iterations (compiling): " + "; ".join(
+                   f"{r['engine']} {r['precision']} " + ", ".join(f"{x:.1f}" for x in
+                                                                 r["warmup_s"]) + " s"
+                   for r in compare["cases"]) + "; then the trainer was compiled for the packed "
+               "widths " + "; ".join(f"{r['engine']} {r['precision']} {r['precompiled_widths']} "
+                                     f"({r['precompile_s']:.1f} s)" for r in compare["cases"])
+               + " (every bucket from the smallest seen to the longest possible).")
+  out.append("\n".join(f"- {n}" for n in notes))
+  mem = [r for r in compare["cases"] if "rss_growth_mib" in r]
+  if mem:
+    out.append("Resident memory (RSS, MiB) after each iteration: " + "; ".join(
+        f"{r['engine']} {r['precision']}: first {r['rss_mib'][0]:.0f}, after warm-up "
+        f"{r['rss_mib'][len(r['warmup_s'])]:.0f}, last ({r['iterations_run']} iterations) "
+        f"{r['rss_mib'][-1]:.0f}, growth after warm-up {r['rss_growth_mib']:+.1f} over "
+        f"{r['rss_growth_iterations']} iterations; process peak {r['peak_rss_mib']:.0f}"
+        for r in mem))
+  floors = [(r, r["floor"]) for r in compare["cases"] if "update_floor_s" in r["floor"]]
+  if floors:
+    out.append("Physical floor at the measured matmul peak of the compute dtype (FLOPs / peak; "
+               "the share of the measured time that is at peak):")
+    out.append(common.markdown_table(
+        ["case", "peak GFLOP/s", "train seq", "update GFLOP", "update floor s (share)",
+         "logp GFLOP", "logp floor s (share)", "decode GFLOP", "decode floor s (share)",
+         "decode step ms (floor)"],
+        [[f"{r['engine']} {r['precision']}", f"{f['peak_flops_per_s'] / 1e9:.0f}",
+          f["train_seq_len"], f"{f['update_flops'] / 1e9:.1f}",
+          f"{f['update_floor_s']:.3f} ({f['update_fraction_of_peak']:.0%})",
+          f"{f['logp_flops'] / 1e9:.1f}",
+          f"{f['logp_floor_s']:.3f} ({f['logp_fraction_of_peak']:.0%})",
+          f"{f['decode_flops'] / 1e9:.1f}",
+          f"{f['decode_floor_s']:.3f} ({f['sample_fraction_of_peak']:.0%})",
+          f"{f['decode_step_ms']:.1f} ({f['decode_step_floor_ms']:.2f})"]
+         for r, f in floors]))
+  pad = compare.get("padding")
+  if pad:
+    a = pad["assumption"]
+    out.append(f"Padding at paper scale (assumed: response lengths lognormal, mean {a['mean']:.0f}"
+               f", sigma {a['sigma']}, clipped at the {a['budget']} budget: sampled mean "
+               f"{pad['measured_mean_length']:.0f}, {pad['truncated_fraction']:.1%} truncated, "
+               f"{pad['minibatches_with_a_truncated_row']:.0%} of {a['minibatch']}-row "
+               f"minibatches hold a truncated row; buckets of {a['bucket']} tokens):")
+    out.append(common.markdown_table(
+        ["layout", "padded token slots", "padded attention cells"],
+        [[name, f"{v['token_waste']:.1%}", f"{v['attention_waste']:.1%}"]
+         for name, v in pad["layouts"].items()]))
   return "\n\n".join(out)
 
 
@@ -819,7 +1229,9 @@ def run(config) -> dict[str, Any]:
   workdir = os.path.join(run_dir, "work")
   os.makedirs(workdir, exist_ok=True)
   common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
-  if config.vllm and ({"samplers", "sync"} & set(sections) or
+  compare_vllm = "compare" in sections and any(
+      case.startswith("vllm:") for case in _csv(config.compare.cases))
+  if config.vllm and ({"samplers", "sync"} & set(sections) or compare_vllm or
                       ("e2e" in sections and config.e2e.engine == "vllm")):
     if not _vllm_available():
       raise ImportError("vLLM is not installed; install it or pass --config.vllm=False (and "
@@ -836,7 +1248,7 @@ def run(config) -> dict[str, Any]:
         f"{results['machine']['cpus']} CPUs")
   max_len = max([config.trainer_prompt_len + max(_ints(config.trainer_response_lengths))]
                 + [64 + max(_ints(config.sampler_response_lengths))]
-                + [64 + config.e2e.max_new_tokens])
+                + [64 + config.e2e.max_new_tokens, 64 + config.compare.max_new_tokens])
   needed = set()
   if "trainer" in sections:
     needed |= set(_csv(config.trainer_models))
@@ -844,7 +1256,7 @@ def run(config) -> dict[str, Any]:
     needed |= set(_csv(config.sampler_models))
   if "sync" in sections and config.vllm:
     needed |= set(_csv(config.sync_models))
-  if "e2e" in sections:
+  if "e2e" in sections or "compare" in sections:
     needed.add("small")
   models = load_models(config, sorted(needed), max_len)
   results["models"] = {name: {"description": m.description, "params": m.num_params,
@@ -861,7 +1273,7 @@ def run(config) -> dict[str, Any]:
     clocks[name] = clock.to_dict()
     return value
 
-  if "peak" in sections or "trainer" in sections:
+  if "peak" in sections or "trainer" in sections or "compare" in sections:
     results["peak"] = timed("peak", lambda: bench_peak(config))
   if "trainer" in sections:
     profile_root = os.path.join(run_dir, "profile") if config.profile else None
@@ -876,6 +1288,9 @@ def run(config) -> dict[str, Any]:
       results["sync"] = syncs
   if "e2e" in sections:
     results["e2e"] = timed("e2e", lambda: bench_e2e(config, models["small"], workdir))
+  if "compare" in sections:
+    results["compare"] = timed("compare", lambda: bench_compare(config, models["small"], workdir,
+                                                               results.get("peak")))
   results["peak_rss_mib"] = peak_rss_mib()
   results["targets"] = evaluate_targets(results)
   results["seconds"] = time.perf_counter() - started

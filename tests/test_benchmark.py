@@ -191,3 +191,21 @@ def test_xla_op_profile_groups_a_traced_function_by_op_kind(tmp_path):
   assert benchmark.xla_op_profile(str(tmp_path), "jit_not_traced") == []
   with pytest.raises(FileNotFoundError, match="trace.json.gz"):
     benchmark.xla_op_profile(str(tmp_path / "missing"), "jit_two_matmuls_and_a_tanh")
+
+
+def test_trl_peer_output_and_skip_message():
+  text = ("noise\nITER_S [9.0, 7.0, 5.0, 6.0]\nPARTS_S " + json.dumps(
+      [{"sample": 4.0, "score_logp": 1.0, "update": 2.0}] * 4) +
+          "\nMEAN_COMPLETION_TOKENS 131.5\nITER_S_MEDIAN 6.0\n")
+  found = benchmark.parse_trl_output(text)
+  assert found["ITER_S"] == [9.0, 7.0, 5.0, 6.0] and found["MEAN_COMPLETION_TOKENS"] == 131.5
+  with pytest.raises(ValueError, match="ITER_S"):
+    benchmark.parse_trl_output("Traceback ...\n")
+  config = benchmark.resolve_config(benchmark_config.get_config())
+  model = benchmark.BenchModel("small", CONFIG, None, "test model", lambda n, s: [],
+                               tokenizer_dir=REPO)
+  skipped = benchmark.bench_trl(config, model)  # trl_python unset: skipped, saying how to set up
+  assert "setup_trl.sh" in skipped["skipped"]
+  config.trl_python = "/nonexistent/python"
+  assert "does not exist" in benchmark.bench_trl(config, model)["skipped"]
+  assert os.path.exists(benchmark.TRL_SCRIPT)

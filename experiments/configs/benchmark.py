@@ -14,8 +14,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.quick = False
-  # Comma-separated subset of: peak, trainer, samplers, sync, e2e.
-  config.sections = "peak,trainer,samplers,sync,e2e"
+  # Comma-separated subset of: peak, trainer, samplers, sync, e2e, compare.
+  config.sections = "peak,trainer,samplers,sync,e2e,compare"
   config.seed = 0
   # Every figure is the median (with min and max) of `repetitions` timed runs after `warmup`
   # untimed ones (the first call compiles).
@@ -65,6 +65,25 @@ def get_config() -> ml_collections.ConfigDict:
       engine="vllm", precision="fp16", algorithm="grpo", prompts_per_step=8,
       samples_per_prompt=8, max_new_tokens=256, num_minibatches=2, learning_rate=1e-4))
 
+  # Compare: rl_fp16's RL iteration next to TRL's GRPOTrainer at the same settings (the committed
+  # tiny base model and its perfectible problems, issue 13), every case in this one run. Cases are
+  # engine:precision pairs; each runs `warmup` untimed + `repetitions` timed iterations (the first
+  # case continues to `memory_iterations` to show the resident memory does not grow). TRL runs in
+  # its own venv as a subprocess (experiments/peers/trl_grpo.py) with `trl_python`; unset or
+  # missing: the TRL row is skipped with how to make the venv.
+  config.trl_python = ""
+  config.compare = ml_collections.ConfigDict(dict(
+      cases="jax:fp32,jax:bf16,jax:fp16,vllm:fp32", warmup=2, repetitions=5,
+      memory_iterations=50, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=256,
+      num_minibatches=2, learning_rate=1e-4, algorithm="grpo", sequence_bucket=64,
+      trl_iterations=6, trl_timeout_s=900,
+      # vLLM engine settings (rl_fp16.sampling.vllm_sampler.VllmConfig fields).
+      vllm_enforce_eager=True, vllm_max_num_seqs=256,
+      # Padding waste at paper scale: response lengths ~ lognormal with this mean and log-space
+      # sigma, clipped at the budget; minibatches of `paper_minibatch` rows.
+      paper_budget=8192, paper_mean_length=3000.0, paper_sigma=0.6, paper_minibatch=128,
+      paper_microbatch=8, paper_bucket=512))
+
   config.quick_overrides = ml_collections.ConfigDict(dict(
       repetitions=2,
       precisions="fp32,fp16",
@@ -82,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
       sync_models="small",
       vllm_kv_cache_gib=0.25,
       e2e=dict(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=16, num_minibatches=1),
+      compare=dict(cases="jax:fp32", warmup=1, repetitions=2, memory_iterations=4,
+                   prompts_per_step=2, samples_per_prompt=2, max_new_tokens=16,
+                   num_minibatches=1, sequence_bucket=16, trl_iterations=2),
   ))
   config.output_dir = "runs/benchmark"
   return config
