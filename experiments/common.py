@@ -255,11 +255,13 @@ def check_config(config) -> None:
   checker.raise_if_failed()
 
 
-def run_main(run: Callable[[Any], Any], *, lock_config: bool = True) -> None:
+def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
+             validate: Callable[[Any], None] = check_config) -> None:
   """An experiment module's entry point, called under `if __name__ == "__main__":`.
 
   Defines the required `--config` flag (an ml_collections config file; overrides as
-  `--config.key=value`), checks the keys every experiment shares (`check_config`), then runs
+  `--config.key=value`), checks the config with `validate` (by default `check_config`: the keys
+  every experiment shares; a module with a full check of its own passes it), then runs
   `run(config)` under absl with quiet logs. A `ConfigError` (a bad value) or a
   `ConfigMismatchError` (a run directory holding another config) ends the program with its
   message and exit status 2, without a traceback. Flags are defined here, not at import, so that
@@ -277,7 +279,7 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True) -> None:
     del argv
     quiet_logs()
     try:
-      check_config(flags.FLAGS.config)
+      validate(flags.FLAGS.config)
       run(flags.FLAGS.config)
     except (ConfigError, ConfigMismatchError) as e:
       print(f"error: {e}", file=sys.stderr)

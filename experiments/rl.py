@@ -69,7 +69,8 @@ def validate_config(config) -> None:
               "learning_rate", "seed", "checkpoint_every", "output_dir", "model"):
     check.check(check.has(key), key, "missing from the config")
   check.integer("samples_per_prompt", 2)  # group-relative advantages need groups
-  if not check.errors:
+  counts = [config.get(k) for k in ("prompts_per_step", "samples_per_prompt", "num_minibatches")]
+  if all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
     rows = config.prompts_per_step * config.samples_per_prompt
     check.check(rows % config.num_minibatches == 0, "num_minibatches",
                 f"must divide the {rows} rollouts of a step (prompts_per_step "
@@ -223,7 +224,10 @@ def run(config) -> dict:
   pair = get_precision_pair(config.precision)
   model = common.load_policy_model(config.model, seed=config.seed)
   task = load_task(model, config)
-  results.init_run_dir(run_dir, config, allowed=RESUME_ALLOWED)  # config.json on the first start
+  changed = results.init_run_dir(run_dir, config, allowed=RESUME_ALLOWED)  # config.json: 1st start
+  if changed:
+    print(f"{run_dir}: config.json kept as it is; allowed changes on this start (recorded in "
+          f"{results.RESUMES_FILE} once steps are logged): " + "; ".join(map(str, changed)))
   subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
   if len(subset) < 1:
     raise ValueError(f"The perfectible subset is empty ({subset_path}); widen "
@@ -345,4 +349,4 @@ def main(config) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  common.run_main(main, validate=validate_config)

@@ -69,4 +69,5 @@ def compare(config, precisions) -> dict:
 
 if __name__ == "__main__":
   flags.DEFINE_list("compare", ["bf16", "fp16"], "Precisions to run and compare.")
-  common.run_main(lambda config: compare(config, flags.FLAGS.compare), lock_config=False)
+  common.run_main(lambda config: compare(config, flags.FLAGS.compare), lock_config=False,
+                  validate=rl.validate_config)
