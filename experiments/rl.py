@@ -233,8 +233,10 @@ def run(config) -> dict:
     raise ValueError(f"The perfectible subset is empty ({subset_path}); widen "
                      "--config.perfectible.low/high or use a stronger base model")
 
+  # `config.optimizer` (experiments/configs/paper.py): the other OptimizerConfig fields, if set.
   optimizer = make_optimizer(OptimizerConfig(learning_rate=config.learning_rate,
-                                             grad_clip=config.grad_clip))
+                                             grad_clip=config.grad_clip,
+                                             **config.get("optimizer", {})))
   base_params, trainable = None, model.params
   if rl_config.lora is not None:
     # The frozen base, held like full fine-tuning's master weights (the trainer's param dtype);

@@ -86,3 +86,25 @@ def test_resolved_advantages_and_aggregation_compute_the_recipe():
 def test_unknown_run_is_refused():
   with pytest.raises(ValueError, match="grpo_tis.*allowed"):
     paper.get_config("grpo_tis")
+
+
+def test_rl_builds_the_optimizer_from_the_config(tiny_task_model_dir, tmp_path, monkeypatch):
+  """experiments.rl passes `config.optimizer` on to OptimizerConfig (so overrides take effect)."""
+  captured = {}
+
+  class Stop(Exception):
+    pass
+
+  def capture(**kwargs):
+    captured.update(kwargs)
+    raise Stop
+
+  monkeypatch.setattr(rl, "OptimizerConfig", capture)
+  config = paper.get_config("grpo")
+  config.update(dict(model=tiny_task_model_dir, engine="jax", prompts_per_step=2,
+                     samples_per_prompt=4, num_minibatches=2, output_dir=str(tmp_path / "run")))
+  config.optimizer.b2 = 0.999
+  with pytest.raises(Stop):
+    rl.run(config)
+  assert captured == dict(learning_rate=config.learning_rate, grad_clip=1.0, b1=0.9, b2=0.999,
+                          eps=OptimizerConfig().eps, weight_decay=0.0, warmup_steps=0)
