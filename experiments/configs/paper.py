@@ -29,8 +29,8 @@ tiny model (each overridable): the lr (sanity's 1e-4, not 1e-6), the generation 
 tiny base's synthetic perfectible set, not MATH.
 
 `config.optimizer` holds the `OptimizerConfig` fields besides the lr and grad clip, from its
-defaults (which are the paper's). experiments/rl.py must pass them on for overrides such as
-`--config.optimizer.b2=0.999` to take effect (see docs/paper_recipe.md).
+defaults (which are the paper's); experiments/rl.py passes them on, so overrides such as
+`--config.optimizer.b2=0.999` take effect.
 """
 
 import dataclasses
