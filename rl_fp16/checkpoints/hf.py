@@ -137,9 +137,8 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
   Raises ValueError naming the tensor when a parameter is missing, unexpected or mis-shaped, holds
   NaN/inf, or holds a value beyond `dtype`'s range (e.g. 1e5 in float16, which the cast would
   turn into inf): nothing is returned then, so nothing reaches an engine or a file.
-  The transposes, the cast and a per-tensor (non-finite count, max |value|) reduction run in one
-  jitted XLA program where the params live (per config and dtype), then everything is copied to
-  the host at once. The arrays may be read-only (views of JAX's host buffers); copy one before
+  The transposes, the cast and a per-tensor max |value| reduction run in one jitted XLA program
+  where the params live (per config and dtype), then everything is copied to the host at once. The arrays may be read-only (views of JAX's host buffers); copy one before
   writing to it.
   """
   np_dtype = _numpy_dtype(dtype)
@@ -167,17 +166,22 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
       raise ValueError(f"Parameter {'/'.join(path)} has HF shape {shape}, expected "
                        f"{hf_shape} for tensor {name}")
   # params hold exactly the layout's tensors now (checked above), so all of them go to the device.
-  state, stats = jax.device_get(_hf_tensors(config, params, np_dtype))
+  state, max_abs = jax.device_get(_hf_tensors(config, params, np_dtype))
   limit = float(ml_dtypes.finfo(np_dtype).max)
   problems = []
-  for name, (nonfinite, max_abs) in zip(layout, stats):  # stats follow the layout's order
-    if nonfinite:
-      problems.append(f"tensor {name} (param {'/'.join(_param_path(layout[name][0]))}) has "
-                      f"{int(nonfinite)} non-finite value(s) (NaN/inf)")
-    elif max_abs > limit:
-      problems.append(f"tensor {name} (param {'/'.join(_param_path(layout[name][0]))}) has max "
-                      f"|value| {max_abs:.6g}, outside the {np_dtype.name} range (max |value| "
-                      f"{limit:.6g}): the cast would make it inf")
+  for name, peak in zip(layout, max_abs):  # max_abs follows the layout's order
+    if np.isfinite(peak) and peak <= limit:
+      continue
+    path = layout[name][0]
+    where = f"tensor {name} (param {'/'.join(_param_path(path))})"
+    if np.isfinite(peak):
+      problems.append(f"{where} has max |value| {peak:.6g}, outside the {np_dtype.name} range "
+                      f"(max |value| {limit:.6g}): the cast would make it inf")
+    else:  # the error path only: count on the host
+      value = np.asarray(_get(params, _param_path(path)))
+      value = value[path[-1]] if _param_path(path) != path else value
+      problems.append(f"{where} has {int(np.size(value) - np.isfinite(value).sum())} "
+                      "non-finite value(s) (NaN/inf)")
   if problems:
     raise ValueError(f"params cannot be converted to {np_dtype.name}:\n  " +
                      "\n  ".join(problems))
@@ -188,19 +192,16 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
 def _hf_tensors(config: ModelConfig, params: Params, dtype: np.dtype
                 ) -> tuple[dict[str, jax.Array], jax.Array]:
   """{HF name: the parameter (one expert of a stacked one), transposed to HF layout, in dtype},
-  and float32 [num tensors, 2]: each tensor's non-finite count and max |finite value| (before
-  the cast), in the dict's order."""
-  state, stats = {}, []
+  and float32 [num tensors]: each tensor's max |value| before the cast, in the layout's order
+  (one reduction per tensor; NaN and inf propagate into it)."""
+  state, max_abs = {}, []
   for name, (path, _, transposed) in hf_layout(config).items():
     value = _get(params, _param_path(path))
     if _param_path(path) != path:
       value = value[path[-1]]
     state[name] = (value.T if transposed else value).astype(dtype)
-    finite = jnp.isfinite(value)
-    stats.append(jnp.stack([
-        jnp.sum(~finite).astype(jnp.float32),
-        jnp.max(jnp.where(finite, jnp.abs(value), 0), initial=0).astype(jnp.float32)]))
-  return state, jnp.stack(stats)
+    max_abs.append(jnp.max(jnp.abs(value), initial=0).astype(jnp.float32))
+  return state, jnp.stack(max_abs)
 
 
 def from_hf_state_dict(config: ModelConfig, state: Mapping[str, Any]) -> Params:

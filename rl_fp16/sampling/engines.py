@@ -108,7 +108,10 @@ class VllmEngine:
   def update_params(self, params: Any) -> float:
     """Pushes params in memory (`to_hf_state_dict` -> vLLM reload); returns seconds."""
     start = time.perf_counter()
-    self.sampler.update_weights(to_hf_state_dict(self.model_config, params, self.dtype))
+    # to_hf_state_dict refuses NaN/inf and values beyond the engine dtype's range (naming the
+    # tensor), so the sampler need not read the weights a second time.
+    self.sampler.update_weights(to_hf_state_dict(self.model_config, params, self.dtype),
+                                check_values=False)
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
