@@ -23,6 +23,18 @@ Two engines can start and sample side by side in one process, but shutting one d
 or garbage collection) tears down vLLM's process-global distributed groups under the other, whose
 next ``generate`` then fails with "AssertionError: pipeline model parallel group is not
 initialized". Hence one open ``VllmSampler`` per process: close the first before starting another.
+
+Weight syncs. ``update_weights`` / ``update_weights_from_dir`` go through vLLM's
+``reload_weights``, which skips some per-layer weight processing that the first load does; the
+sampler redoes it after every reload (`refresh_tied_lm_heads`: the tied LM head's packed GEMM on
+CPU; `repack_cpu_experts`: CPU MoE experts), so the engine serves exactly the pushed weights
+(tests/test_engine_reliability.py checks vLLM's log-probs against the trainer's after a sync in
+each dtype). Names, shapes, dtypes and values (NaN/inf, the engine dtype's range) are checked
+before anything is sent; a refused update leaves the engine serving its previous weights.
+
+Logs. vLLM's loggers run at ``VllmConfig.log_level`` (default WARNING), and the warnings every
+sync or start prints for no fault of the caller are dropped while a sampler is open (see
+`_ExpectedWarnings`), so a vLLM warning in a run's output is worth reading.
 """
 
 from __future__ import annotations
