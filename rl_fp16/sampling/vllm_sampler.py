@@ -230,6 +230,8 @@ class _ExpectedWarnings(logging.Filter):
     self.reload_layers = frozenset(reload_layers)
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if not isinstance(record.msg, str):
+      return True
     if record.name == _RELOAD_LOGGER:
       return not (record.msg == "%s: Failed to load weights" and record.args and
                   record.args[0] in self.reload_layers)
