@@ -98,6 +98,9 @@ TARGET_RSS_GROWTH_MIB = 64.0  # resident memory after the last vs the first time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRL_SCRIPT = os.path.join(REPO_ROOT, "experiments", "peers", "trl_grpo.py")
 TRL_SETUP = "bash experiments/peers/setup_trl.sh ~/.venvs/trl-peer"
+# Engines of the compare section: "vllm_compiled" is vLLM with enforce_eager=False (torch.compile
+# of its model on CPU) instead of the compare block's vllm_enforce_eager.
+COMPARE_ENGINES = ("jax", "vllm", "vllm_compiled")
 
 
 # ------------------------------------------------------------------------ measuring tools ----
@@ -272,9 +275,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   get_precision_pair(resolved.e2e.precision)
   for case in _csv(resolved.compare.cases):
     engine, _, precision = case.partition(":")
-    if engine not in ("jax", "vllm") or not precision:
+    if engine not in COMPARE_ENGINES or not precision:
       raise ValueError(f"config.compare.cases has {case!r}; want engine:precision with engine "
-                       "jax or vllm")
+                       f"one of {list(COMPARE_ENGINES)}")
     get_precision_pair(precision)
   if resolved.repetitions < 1 or resolved.warmup < 0:
     raise ValueError(f"Need repetitions >= 1 and warmup >= 0, got {resolved.repetitions}, "
@@ -703,7 +706,7 @@ def _problems_and_task(model: BenchModel):
 
 
 def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, workdir: str,
-                  iterations: int) -> dict[str, Any]:
+                  iterations: int, optimizer=None) -> dict[str, Any]:
   """`iterations` RL iterations of one engine and precision at the compare settings: per
   iteration its time split, compilations, response lengths and resident memory."""
   c = config.compare
@@ -713,7 +716,8 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
                        num_minibatches=c.num_minibatches, max_new_tokens=c.max_new_tokens,
                        sequence_bucket=c.sequence_bucket,
                        loss=objectives.LossConfig(max_response_len=c.max_new_tokens))
-  optimizer = make_optimizer(OptimizerConfig(learning_rate=c.learning_rate))
+  if optimizer is None:
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=c.learning_rate))
   per_step = c.prompts_per_step
   batches = [[problems[(i * per_step + j) % len(problems)] for j in range(per_step)]
              for i in range(iterations)]
@@ -725,13 +729,14 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
   longest_prompt = max(len(p) for p in task.prompt_ids(problems))
   prompt_bucket = int(-(-longest_prompt // 16) * 16)
   start = time.perf_counter()
-  engine = make_engine(engine_name, model.config, model.params, pair.sampler, workdir=workdir,
-                       prompt_bucket=prompt_bucket,
+  engine = make_engine("jax" if engine_name == "jax" else "vllm", model.config, model.params,
+                       pair.sampler, workdir=workdir, prompt_bucket=prompt_bucket,
                        tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
                        max_model_len=max_len, seed=config.seed,
                        cpu_kv_cache_space_gib=config.vllm_kv_cache_gib,
-                       **({"enforce_eager": bool(c.vllm_enforce_eager),
-                           "max_num_seqs": int(c.vllm_max_num_seqs)}
+                       **({"enforce_eager": bool(c.vllm_enforce_eager
+                                                 and engine_name != "vllm_compiled"),
+                           "max_num_seqs": int(c.vllm_max_num_seqs), "vllm_log_level": "ERROR"}
                           if engine_name == "vllm" else {}))
   engine_start_s = time.perf_counter() - start
   rows = []
@@ -941,16 +946,19 @@ def bench_compare(config, model: BenchModel, workdir: str, peak: dict[str, Any] 
   if "skipped" in out["trl"]:
     print(f"  TRL skipped: {out['trl']['skipped']}")
   cases = []
+  # One optimizer object for every case: cases with the same trainer precision share the jitted
+  # trainer (its static arguments are equal), so they do not compile it again.
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=c.learning_rate))
   for k, case in enumerate(_csv(c.cases)):
     engine_name, _, precision = case.partition(":")
-    if engine_name == "vllm" and not config.vllm:
+    if engine_name != "jax" and not config.vllm:
       print(f"compare: {case} skipped (--config.vllm=False)")
       continue
     iterations = c.warmup + c.repetitions
     if k == 0:
       iterations = max(iterations, c.warmup + c.memory_iterations)
     print(f"compare: rl_fp16 {engine_name} {precision}, {iterations} iterations ...", flush=True)
-    raw = bench_rl_case(config, model, engine_name, precision, workdir, iterations)
+    raw = bench_rl_case(config, model, engine_name, precision, workdir, iterations, optimizer)
     row = summarize_rl_case(raw, c.warmup, c.repetitions)
     row["floor"] = physical_floor(model, row, c, peak)
     cases.append(row)
@@ -1230,7 +1238,7 @@ def run(config) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
   compare_vllm = "compare" in sections and any(
-      case.startswith("vllm:") for case in _csv(config.compare.cases))
+      case.startswith("vllm") for case in _csv(config.compare.cases))
   if config.vllm and ({"samplers", "sync"} & set(sections) or compare_vllm or
                       ("e2e" in sections and config.e2e.engine == "vllm")):
     if not _vllm_available():

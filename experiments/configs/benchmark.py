@@ -68,7 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Compare: rl_fp16's RL iteration next to TRL's GRPOTrainer at the same settings (the committed
   # tiny base model and its perfectible problems, issue 13), every case in this one run. Cases are
   # engine:precision pairs; each runs `warmup` untimed + `repetitions` timed iterations (the first
-  # case continues to `memory_iterations` to show the resident memory does not grow). TRL runs in
+  # case continues to `memory_iterations` to show the resident memory does not grow); engines:
+  # jax, vllm, vllm_compiled (vLLM with enforce_eager=False: torch.compile). TRL runs in
   # its own venv as a subprocess (experiments/peers/trl_grpo.py) with `trl_python`; unset or
   # missing: the TRL row is skipped with how to make the venv.
   config.trl_python = ""
