@@ -209,6 +209,21 @@ class ConfigChecker:
       except ValueError as e:
         self.fail(key, str(e))
 
+  def engine_precisions(self, engine_key: str, precision_keys: Sequence[str]) -> None:
+    """The engine can sample in each (valid) precision pair's sampler policy."""
+    from rl_fp16.precision import get_precision_pair  # pylint: disable=g-import-not-at-top
+    from rl_fp16.sampling.engines import check_engine_policy  # pylint: disable=g-import-not-at-top
+    if not self.has(engine_key):
+      return
+    for key in precision_keys:
+      if not self.has(key) or not isinstance(self.get(key), str):
+        continue
+      for name in (p.strip() for p in self.get(key).split(",") if p.strip()):
+        try:
+          check_engine_policy(self.get(engine_key), get_precision_pair(name).sampler)
+        except ValueError as e:
+          self.fail(key, f"{name}: {e}")
+
   def check(self, condition: bool, key: str, message: str) -> None:
     if not condition:
       self.fail(key, message)
@@ -236,6 +251,7 @@ def check_shared_keys(checker: ConfigChecker) -> None:
   checker.choice("engine", ENGINES)
   checker.precision_pair("precision")
   checker.precision_pairs("precisions")
+  checker.engine_precisions("engine", ("precision", "precisions"))
   checker.choice("algorithm", objectives.ALGORITHMS)
   checker.choice("advantage", advantages.ADVANTAGE_ESTIMATORS)
   for key in POSITIVE_INT_KEYS:

@@ -27,6 +27,8 @@ BAD_VALUES = [
     (dict(task="chess"), "--config.task='chess': allowed: synthetic, math"),
     (dict(output_dir="runs/{algo}"), "--config.output_dir='runs/{algo}': may use only the fields"),
     (dict(vllm_log_level="LOUD"), "--config.vllm_log_level='LOUD': allowed: DEBUG, INFO, WARNING"),
+    (dict(engine="vllm", precision="fp32-e8"),
+     "--config.precision='fp32-e8': fp32-e8: The vLLM engine cannot sample in an emulated"),
 ]
 
 
@@ -125,3 +127,11 @@ def test_command_line_prints_the_problem_without_a_traceback(tmp_path, module, c
   assert done.returncode == 2, done.stderr[-3000:]
   assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
   assert not out.exists()
+
+
+def test_vllm_engine_refuses_an_emulated_sampler_before_starting():
+  """make_engine checks the policy first: vLLM would silently sample in its own dtype."""
+  from rl_fp16.precision import get_policy  # pylint: disable=g-import-not-at-top
+  from rl_fp16.sampling.engines import make_engine  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="cannot sample in an emulated precision"):
+    make_engine("vllm", None, None, get_policy("e8", "sampler"), workdir="/nonexistent")

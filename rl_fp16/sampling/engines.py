@@ -136,6 +136,20 @@ class VllmEngine:
     self.sampler.close()
 
 
+def check_engine_policy(name: str, policy: DtypePolicy) -> None:
+  """Raises ValueError if engine `name` cannot sample in `policy`.
+
+  Emulated precisions (`eK`: rounding to K significand bits) exist only in our decoder, i.e. in
+  the JAX engine; vLLM would silently sample at its own dtype instead.
+  """
+  if name not in ENGINES:
+    raise ValueError(f"Unknown engine {name!r}; allowed: {list(ENGINES)}")
+  if name == "vllm" and policy.is_emulated:
+    raise ValueError(f"The vLLM engine cannot sample in an emulated precision "
+                     f"({policy.mantissa_bits} significand bits): emulation exists only in our "
+                     "decoder; use engine 'jax' or a real sampler precision (fp32, bf16, fp16)")
+
+
 def make_engine(name: str, model_config: ModelConfig, params: Any, policy: DtypePolicy, *,
                 vllm_log_level: str = "WARNING", **kwargs) -> Engine:
   """`name` in ("jax", "vllm"); kwargs go to the engine (vLLM needs `workdir`).
@@ -143,15 +157,14 @@ def make_engine(name: str, model_config: ModelConfig, params: Any, policy: Dtype
   `vllm_log_level` is the level of vLLM's own loggers (`VllmConfig.log_level`): "WARNING" keeps
   its INFO lines out of a run's output, "INFO" brings them back; ignored by the JAX engine.
   """
+  check_engine_policy(name, policy)
   if name == "jax":
     kwargs = {k: v for k, v in kwargs.items()
               if k in ("eos_token_ids", "prompt_bucket", "batch_bucket")}
     return JaxEngine(model_config, params, policy, **kwargs)
-  if name == "vllm":
-    kwargs.pop("prompt_bucket", None)
-    kwargs.pop("batch_bucket", None)
-    return VllmEngine(model_config, params, policy, log_level=vllm_log_level, **kwargs)
-  raise ValueError(f"Unknown engine {name!r}; allowed: {list(ENGINES)}")
+  kwargs.pop("prompt_bucket", None)
+  kwargs.pop("batch_bucket", None)
+  return VllmEngine(model_config, params, policy, log_level=vllm_log_level, **kwargs)
 
 
 def batched_token_logprobs(model_config: ModelConfig, params: Any, rollout: Rollout, *,
