@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   # missing: the TRL row is skipped with how to make the venv.
   config.trl_python = ""
   config.compare = ml_collections.ConfigDict(dict(
-      cases="jax:fp32,jax:bf16,jax:fp16,vllm:fp32", warmup=2, repetitions=5,
+      cases="jax:fp32,jax:bf16,jax:fp16,vllm:fp32,vllm_compiled:fp32", warmup=2, repetitions=5,
       memory_iterations=50, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=256,
       num_minibatches=2, learning_rate=1e-4, algorithm="grpo", sequence_bucket=64,
       trl_iterations=6, trl_timeout_s=900,
