@@ -802,8 +802,12 @@ def summarize_rl_case(case: dict[str, Any], warmup: int, repetitions: int) -> di
   out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rows)
   out["iterations_run"] = len(rows)
   if len(after) >= 2:
-    out["rss_growth_mib"] = after[-1]["rss_mib"] - after[0]["rss_mib"]
-    out["rss_growth_iterations"] = len(after) - 1
+    # The allocator makes the RSS after an iteration swing by a few hundred MiB; growth is the
+    # highest RSS of the second half of the iterations after warm-up minus that of the first.
+    half = len(after) // 2
+    out["rss_growth_mib"] = (max(r["rss_mib"] for r in after[half:])
+                             - max(r["rss_mib"] for r in after[:half]))
+    out["rss_growth_iterations"] = len(after)
   return out
 
 
@@ -1178,8 +1182,9 @@ def format_compare(compare: dict[str, Any]) -> str:
     out.append("Resident memory (RSS, MiB) after each iteration: " + "; ".join(
         f"{r['engine']} {r['precision']}: first {r['rss_mib'][0]:.0f}, after warm-up "
         f"{r['rss_mib'][len(r['warmup_s'])]:.0f}, last ({r['iterations_run']} iterations) "
-        f"{r['rss_mib'][-1]:.0f}, growth after warm-up {r['rss_growth_mib']:+.1f} over "
-        f"{r['rss_growth_iterations']} iterations; process peak {r['peak_rss_mib']:.0f}"
+        f"{r['rss_mib'][-1]:.0f}, growth (highest of the second half of the "
+        f"{r['rss_growth_iterations']} iterations after warm-up minus highest of the first half)"
+        f" {r['rss_growth_mib']:+.1f}; process peak {r['peak_rss_mib']:.0f}"
         for r in mem))
   floors = [(r, r["floor"]) for r in compare["cases"] if "update_floor_s" in r["floor"]]
   if floors:
