@@ -1029,9 +1029,9 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
       name = f"{row['engine']} {row['precision']}"
       wanted = TARGET_JAX_OVER_TRL if row["engine"] == "jax" else TARGET_VLLM_OVER_TRL
       ratio = row["speedup_vs_trl"]
-      add(f"RL iteration TRL/rl_fp16 seconds, {name}", f">= {wanted:.0f}x",
-          "n/a (TRL skipped)" if ratio is None else f"{ratio:.2f}x",
-          None if ratio is None else ratio >= wanted)
+      if ratio is not None:  # TRL skipped: the compare table says why
+        add(f"RL iteration TRL/rl_fp16 seconds, {name}", f">= {wanted:.0f}x", f"{ratio:.2f}x",
+            ratio >= wanted)
       add(f"compilations after warm-up, {name}", "0", str(row["compiles_after_warmup"]),
           row["compiles_after_warmup"] == 0)
       if "rss_growth_mib" in row:
