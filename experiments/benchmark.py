@@ -651,13 +651,9 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
   compile_by_function: dict[str, float] = {}
   try:
     for i in range(iterations):
-      with CompileCounter() as counter:
-        start = time.perf_counter()
-        state, metrics = rl_iteration(
-            state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
-            engine=engine, prompts=prompts[i], reward_fn=rewards[i], rl_config=rl_config,
-            seed=config.seed * 1_000_003 + i)
-        elapsed = time.perf_counter() - start
+      state, metrics, elapsed, counter = timed_rl_iteration(
+          state, model.config, pair.trainer, optimizer, engine, prompts[i], rewards[i],
+          rl_config, seed=config.seed * 1_000_003 + i)
       if i < iterations - config.repetitions:
         warmup_s.append(elapsed)
         warmup_compile_s += counter.seconds
@@ -687,6 +683,18 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
                                                     key=lambda kv: -kv[1]))
   out["peak_rss_mib"] = peak_rss_mib()
   return out
+
+
+def timed_rl_iteration(state, model_config, trainer_policy, optimizer, engine, prompts,
+                       reward_fn, rl_config, *, seed: int):
+  """One `rl_iteration` under a compile counter: (state, metrics, seconds, CompileCounter)."""
+  with CompileCounter() as counter:
+    start = time.perf_counter()
+    state, metrics = rl_iteration(
+        state, model_config=model_config, trainer_policy=trainer_policy, optimizer=optimizer,
+        engine=engine, prompts=prompts, reward_fn=reward_fn, rl_config=rl_config, seed=seed)
+    elapsed = time.perf_counter() - start
+  return state, metrics, elapsed, counter
 
 
 # --------------------------------------------------------------------- compare (issue 13) ----
@@ -742,14 +750,9 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
   rows = []
   try:
     for i in range(iterations):
-      with CompileCounter() as counter:
-        start = time.perf_counter()
-        state, metrics = rl_iteration(
-            state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
-            engine=engine, prompts=prompts[i],
-            reward_fn=lambda r, b=batches[i]: task.rewards(b, r), rl_config=rl_config,
-            seed=config.seed * 1_000_003 + i)
-        elapsed = time.perf_counter() - start
+      state, metrics, elapsed, counter = timed_rl_iteration(
+          state, model.config, pair.trainer, optimizer, engine, prompts[i],
+          lambda r, b=batches[i]: task.rewards(b, r), rl_config, seed=config.seed * 1_000_003 + i)
       rows.append({"seconds": elapsed, "compiles": counter.count, "recompiled": counter.names,
                    "compile_s": counter.seconds, "rss_mib": current_rss_mib(),
                    "peak_rss_mib": peak_rss_mib(), **{k: float(v) for k, v in metrics.items()}})

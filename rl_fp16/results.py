@@ -1,6 +1,6 @@
 """Run results: one run = one directory, written during training and read back into pandas.
 
-Layout of a run directory (see DESIGN.md, "One run = one directory")::
+Layout of a run directory (see docs/design.md, "Decisions already taken")::
 
   run_dir/
     config.json      the resolved config (JSON)

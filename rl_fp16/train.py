@@ -329,7 +329,7 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
       sharded step of `rl_fp16.sharding`).
     extra_metrics: (rollout, params that sampled it) -> more metrics for this step.
   Returns:
-    The new state and a flat dict of this step's metrics (DESIGN.md names).
+    The new state and a flat dict of this step's metrics (names: docs/design.md).
   """
   lora = rl_config.lora
   if (base_params is None) != (lora is None):
