@@ -45,18 +45,18 @@ from absl import flags
 from xmanager import xm
 from xmanager import xm_local  # Also defines XManager's --xm_* flags.
 
+from rl_fp16 import names
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXECUTORS = ("local", "vertex", "kubernetes")
 CLOUD_WORKDIR = "/rl_fp16"  # Where the repository lies inside the cloud image.
 DEFAULT_NAME = "{algorithm}_{precision}_seed{seed}"
 
-# The RL experiment and its choices. ALGORITHMS is rl_fp16.objectives.ALGORITHMS and PRECISIONS
-# rl_fp16.precision.PRESETS, repeated so that the launcher does not import JAX.
+# The RL experiment and its choices (rl_fp16.names is JAX-free: the launcher does not import JAX).
 RL_MODULE = "experiments.rl"
 RL_CONFIG = "experiments/configs/sanity.py"
-ALGORITHMS = ("grpo", "grpo_token_tis", "grpo_token_mis", "grpo_seq_mis", "gspo", "pg",
-              "pg_seq_is", "pg_seq_tis", "pg_seq_mis")
-PRECISIONS = ("bf16", "fp16", "fp32")
+ALGORITHMS = names.ALGORITHMS
+PRECISIONS = names.PRESETS
 
 _EXPERIMENT_DIR = flags.DEFINE_string(
     "experiment_dir", None, "Directory of this sweep; each job writes EXP/<job name>. "
@@ -402,11 +402,11 @@ def check_choices(values: Sequence[str], choices: Sequence[str], flag: str) -> l
 
 
 def check_precision(name: str) -> str:
-  """Returns `name` if it is a precision ("bf16") or a TRAINER-SAMPLER pair ("bf16-fp16")."""
-  parts = name.split("-")
-  if len(parts) > 2 or any(p not in PRECISIONS for p in parts):
-    raise app.UsageError(f"precision {name!r}: expected one of {list(PRECISIONS)} or "
-                         "TRAINER-SAMPLER such as bf16-fp16")
+  """Returns `name` if it is a precision ("bf16", "e8") or a TRAINER-SAMPLER pair ("fp32-e6")."""
+  try:
+    names.precision_pair_parts(name)
+  except ValueError as e:
+    raise app.UsageError(f"precision {name!r}: {e}") from None
   return name
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo")
+from rl_fp16.names import ADVANTAGE_ESTIMATORS  # re-exported (rl_fp16.names)
 
 
 def _grouped_rewards(rewards, group_size):

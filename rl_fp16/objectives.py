@@ -27,17 +27,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-ALGORITHMS = (
-    "grpo",
-    "grpo_token_tis",
-    "grpo_token_mis",
-    "grpo_seq_mis",
-    "gspo",
-    "pg",
-    "pg_seq_is",
-    "pg_seq_tis",
-    "pg_seq_mis",
-)
+from rl_fp16.names import ALGORITHMS  # pylint: disable=unused-import (re-exported)
 
 AGGREGATIONS = (
     "token_mean",

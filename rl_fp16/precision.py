@@ -24,24 +24,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax.training.dynamic_scale import DynamicScale
 
+# Re-exported: the precision names live in the JAX-free rl_fp16.names.
+from rl_fp16.names import (EMULATED_PRESET, FLOAT32_EXPONENT_BITS,  # pylint: disable=unused-import
+                           FLOAT32_SIGNIFICAND_BITS, PRESETS, is_precision_name, parse_emulated,
+                           precision_pair_parts)
+from rl_fp16.names import check_format as _check_format
+
 DTYPES = {
     "float32": jnp.float32, "fp32": jnp.float32,
     "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
     "float16": jnp.float16, "fp16": jnp.float16,
 }
-PRESETS = ("fp32", "bf16", "fp16")
-# Emulated precision: "e8" = 8 significand bits with float32's exponent range; "e11x5" = 11 bits
-# with 5 exponent bits (float16's range, subnormals and overflow to inf).
-EMULATED_PRESET = re.compile(r"^e(\d+)(?:x(\d+))?$")
-FLOAT32_SIGNIFICAND_BITS = 24
-FLOAT32_EXPONENT_BITS = 8
 ROLES = ("trainer", "sampler")
 
 
@@ -138,17 +137,6 @@ class DtypePolicy:
 _DTYPE_FIELDS = tuple(f.name for f in dataclasses.fields(DtypePolicy) if f.name.endswith("_dtype"))
 
 
-def _check_format(mantissa_bits, exponent_bits) -> None:
-  """ValueError unless 1 <= mantissa_bits <= 24 (or None) and 2 <= exponent_bits <= 8."""
-  for name, value, low, high in (("mantissa_bits", mantissa_bits, 1, FLOAT32_SIGNIFICAND_BITS),
-                                 ("exponent_bits", exponent_bits, 2, FLOAT32_EXPONENT_BITS)):
-    if value is None and name == "mantissa_bits":
-      continue
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-      raise ValueError(f"{name} must be an int in [{low}, {high}] (float32 values are rounded), "
-                       f"got {value!r}")
-
-
 # ------------------------------------------------------------------- emulated precision ----
 
 
@@ -207,31 +195,6 @@ def _round_bwd(bits, exponent_bits, _, g):
 round_to_bits.defvjp(_round_fwd, _round_bwd)
 
 
-def parse_emulated(name: str) -> tuple[int, int] | None:
-  """`"e8"` -> (8, 8), `"e11x5"` -> (11, 5): (mantissa_bits, exponent_bits); None if not `eK[xE]`.
-
-  Raises ValueError for an `eK[xE]` name whose numbers are out of range.
-  """
-  match = EMULATED_PRESET.match(name)
-  if match is None:
-    return None
-  bits = int(match.group(1))
-  exponent_bits = int(match.group(2)) if match.group(2) else FLOAT32_EXPONENT_BITS
-  try:
-    _check_format(bits, exponent_bits)
-  except ValueError as e:
-    raise ValueError(f"Bad emulated precision {name!r}: {e}") from e
-  return bits, exponent_bits
-
-
-def is_precision_name(name: str) -> bool:
-  """True for a preset (`fp32`, `bf16`, `fp16`) or a well-formed emulated name (`e8`, `e11x5`)."""
-  try:
-    return name in PRESETS or parse_emulated(name) is not None
-  except ValueError:
-    return False
-
-
 def get_policy(name: str, role: str = "trainer", **overrides) -> DtypePolicy:
   """A named preset: `fp32`, `bf16`, `fp16`, or emulated `eK` / `eKxE`, for a `trainer` or `sampler`.
 
@@ -275,13 +238,7 @@ def get_precision_pair(name: str) -> PrecisionPair:
   Emulated names work on either side: `"e8"` (both sides 8 bits), `"fp32-e6"` (float32 trainer,
   6-bit sampler).
   """
-  parts = name.split("-")
-  if len(parts) == 1:
-    parts = parts * 2
-  if len(parts) != 2 or not all(is_precision_name(p) for p in parts):
-    raise ValueError(f"Unknown precision pair {name!r}; allowed: one of {list(PRESETS)} or "
-                     f"TRAINER-SAMPLER with each in {list(PRESETS)}, e.g. 'bf16-fp16'; emulated "
-                     "'eK' / 'eKxE' on either side, e.g. 'fp32-e6'")
+  parts = precision_pair_parts(name)
   return PrecisionPair(trainer=get_policy(parts[0], "trainer"),
                        sampler=get_policy(parts[1], "sampler"), name=name)
 

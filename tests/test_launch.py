@@ -216,3 +216,20 @@ def test_failed_job_is_reported(tmp_path):
   assert "FAILED grpo_fp16_seed0" in result.stdout
   with open(exp / "sweep_sanity_sweep.json") as f:
     assert json.load(f)["jobs"][0]["ok"] is False
+
+
+def test_launcher_names_come_from_the_library_without_jax():
+  """One definition of the names (rl_fp16.names); importing the launcher does not import JAX; a
+  sweep accepts every precision the library does (emulated names included) and refuses others."""
+  code = ("import sys; from launch import sweep; from rl_fp16 import names; "
+          "assert sweep.ALGORITHMS is names.ALGORITHMS and sweep.PRECISIONS is names.PRESETS; "
+          "print(sweep.check_precision('fp32-e6'), sweep.check_precision('bf16'), "
+          "'jax' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["fp32-e6", "bf16", "False"]
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import objectives, precision  # pylint: disable=g-import-not-at-top
+  assert objectives.ALGORITHMS is sweep.ALGORITHMS and precision.PRESETS is sweep.PRECISIONS
+  with pytest.raises(app.UsageError, match="fp17"):
+    sweep.check_precision("fp32-fp17")

@@ -30,7 +30,7 @@ from rl_fp16.sampling import jax_sampler
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 from rl_fp16.sampling.rollout import Rollout
 
-ENGINES = ("jax", "vllm")
+from rl_fp16.names import ENGINES  # re-exported (rl_fp16.names)
 
 
 class Engine(Protocol):

@@ -1,0 +1,78 @@
+"""The names a user types (algorithms, advantages, engines, precisions), defined once, JAX-free.
+
+The library modules re-export them (`objectives.ALGORITHMS`, `precision.PRESETS`, ...); the
+launchers import this module directly, so that starting a sweep does not import JAX.
+"""
+
+from __future__ import annotations
+
+import re
+
+ALGORITHMS = (
+    "grpo",
+    "grpo_token_tis",
+    "grpo_token_mis",
+    "grpo_seq_mis",
+    "gspo",
+    "pg",
+    "pg_seq_is",
+    "pg_seq_tis",
+    "pg_seq_mis",
+)
+ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo")
+ENGINES = ("jax", "vllm")
+PRESETS = ("fp32", "bf16", "fp16")
+
+# Emulated precision: "e8" = 8 significand bits with float32's exponent range; "e11x5" = 11 bits
+# with 5 exponent bits (float16's range, subnormals and overflow to inf).
+EMULATED_PRESET = re.compile(r"^e(\d+)(?:x(\d+))?$")
+FLOAT32_SIGNIFICAND_BITS = 24
+FLOAT32_EXPONENT_BITS = 8
+
+
+def check_format(mantissa_bits, exponent_bits) -> None:
+  """ValueError unless 1 <= mantissa_bits <= 24 (or None) and 2 <= exponent_bits <= 8."""
+  for name, value, low, high in (("mantissa_bits", mantissa_bits, 1, FLOAT32_SIGNIFICAND_BITS),
+                                 ("exponent_bits", exponent_bits, 2, FLOAT32_EXPONENT_BITS)):
+    if value is None and name == "mantissa_bits":
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+      raise ValueError(f"{name} must be an int in [{low}, {high}] (float32 values are rounded), "
+                       f"got {value!r}")
+
+
+def parse_emulated(name: str) -> tuple[int, int] | None:
+  """`"e8"` -> (8, 8), `"e11x5"` -> (11, 5): (mantissa_bits, exponent_bits); None if not `eK[xE]`.
+
+  Raises ValueError for an `eK[xE]` name whose numbers are out of range.
+  """
+  match = EMULATED_PRESET.match(name)
+  if match is None:
+    return None
+  bits = int(match.group(1))
+  exponent_bits = int(match.group(2)) if match.group(2) else FLOAT32_EXPONENT_BITS
+  try:
+    check_format(bits, exponent_bits)
+  except ValueError as e:
+    raise ValueError(f"Bad emulated precision {name!r}: {e}") from e
+  return bits, exponent_bits
+
+
+def is_precision_name(name: str) -> bool:
+  """True for a preset (`fp32`, `bf16`, `fp16`) or a well-formed emulated name (`e8`, `e11x5`)."""
+  try:
+    return name in PRESETS or parse_emulated(name) is not None
+  except ValueError:
+    return False
+
+
+def precision_pair_parts(name: str) -> tuple[str, str]:
+  """`"bf16"` -> ("bf16", "bf16"); `"fp32-e6"` -> ("fp32", "e6"); ValueError for anything else."""
+  parts = name.split("-")
+  if len(parts) == 1:
+    parts = parts * 2
+  if len(parts) != 2 or not all(is_precision_name(p) for p in parts):
+    raise ValueError(f"Unknown precision pair {name!r}; allowed: one of {list(PRESETS)} or "
+                     f"TRAINER-SAMPLER with each in {list(PRESETS)}, e.g. 'bf16-fp16'; emulated "
+                     "'eK' / 'eKxE' on either side, e.g. 'fp32-e6'")
+  return parts[0], parts[1]
