@@ -13,7 +13,13 @@ command still exits non-zero and names the failed stage):
   3. `experiments.benchmark` sections peak and trainer: matmul peak per dtype and `rl_train_step`
      tokens/s and MFU for fp32, bf16 and fp16.
   4. The fp32 train step under "highest" (`fp32_highest`).
-Writes `summary.json` and `summary.md` to `output_dir` (the stages' own outputs under it) and
+  paper (issue 13): the paper's model shape (`paper.model`, random weights, `remat` per layer):
+     `rl_train_step` on `paper.rows` sequences of `paper.seq_len` tokens per precision (fp16 with
+     dynamic loss scaling), compiled ahead of time: seconds, tokens/s, MFU against the measured
+     matmul peak of the compute dtype, XLA's memory plan and the device's peak memory; then the
+     JAX sampler's decode at `paper.decode_rows` rows: tokens/s, seconds per decode step and the
+     weight bytes it streams per second.
+Stages run in the order `stages` names them. Writes `summary.json` and `summary.md` to `output_dir` (the stages' own outputs under it) and
 prints the summary last.
 """
 
@@ -27,16 +33,27 @@ import traceback
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from experiments import benchmark
 from experiments import common
 from experiments import offline_mismatch
 from experiments.configs import benchmark as benchmark_config
 from experiments.configs import offline_mismatch as offline_mismatch_config
+from rl_fp16 import objectives
+from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.fileio import write_text_atomic
+from rl_fp16.models import ModelConfig, init_params
+from rl_fp16.models.paper_configs import get_paper_config
+from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
+                               init_loss_scale)
+from rl_fp16.sampling.engines import make_engine
+from rl_fp16.train import OptimizerConfig, make_optimizer, rl_train_step
 
 
-STAGES = ("mismatch", "trainer")
+STAGES = ("mismatch", "trainer", "paper")
+GIB = 1024**3
 MISMATCH_COLUMNS = (
     ("mean abs dlogp", "mismatch/logp_diff_mean"),
     ("max abs dlogp", "mismatch/logp_diff_max"),
@@ -87,6 +104,104 @@ def _trainer_rows(result: dict[str, Any], matmul_precision: str) -> list[dict[st
           for r in result["trainer"]]
 
 
+# ---------------------------------------------------------------------- paper-scale stage ----
+
+
+def paper_model_config(paper) -> ModelConfig:
+  """`paper.model` from `paper_configs` (a dense one), with `paper.model_overrides` (smoke sizes)
+  and `remat`."""
+  model_config = get_paper_config(paper.model)
+  if not isinstance(model_config, ModelConfig):
+    raise ValueError(f"config.paper.model={paper.model!r} is not a dense decoder this stage runs")
+  overrides = dict(paper.model_overrides)
+  return model_config.replace(remat=bool(paper.remat), **overrides)
+
+
+def device_peak_bytes() -> float:
+  """The device's peak allocated bytes so far (NaN where the backend does not report it)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return float(stats.get("peak_bytes_in_use", float("nan")))
+
+
+def paper_train_case(model_config: ModelConfig, params, precision: str, paper, peak,
+                     seed: int) -> dict[str, Any]:
+  """One precision's train step at the paper's shape: compiled once ahead of time (so its
+  memory plan is known), warmed up once, then `paper.repetitions` timed steps."""
+  policy = get_policy(precision, "trainer")
+  rows, seq, prompt_len = int(paper.rows), int(paper.seq_len), int(paper.prompt_len)
+  response_len = seq - prompt_len
+  batch = jax.device_put(benchmark.synthetic_rl_batch(model_config.vocab_size, rows, prompt_len,
+                                                      response_len, seed))
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-6))
+  params = jax.tree_util.tree_map(jnp.copy, params)  # the step donates its state
+  state = TrainState.create(params, optimizer, seed=seed,
+                            loss_scale=init_loss_scale(default_loss_scale_config(policy)))
+  start = time.perf_counter()
+  compiled = rl_train_step.lower(
+      model_config, policy, optimizer, state, batch, algorithm="grpo",
+      loss_config=objectives.LossConfig(max_response_len=response_len), temperature=1.0
+  ).compile()
+  compile_s = time.perf_counter() - start
+  plan = compiled.memory_analysis()
+  holder, skipped = {"state": state}, []
+
+  def step(_):
+    new_state, metrics = compiled(holder["state"], batch)
+    holder["state"] = jax.block_until_ready(new_state)
+    skipped.append(float(jax.device_get(metrics["train/skipped"])))
+
+  timing = benchmark.time_calls(step, warmup=1, repetitions=int(paper.repetitions))
+  del holder, state
+  seconds = timing.seconds
+  flops = benchmark.train_step_flops(model_config, rows, seq)
+  dtype_peak = peak[dtype_name(policy.compute_dtype)]["flops_per_s"]["median"]
+  return {
+      "model": paper.model, "params": model_config.num_params(), "remat": model_config.remat,
+      "precision": precision, "rows": rows, "seq_len": seq, "tokens": rows * seq,
+      "step_s": seconds["median"], "step_s_min": seconds["min"], "step_s_max": seconds["max"],
+      "tokens_per_s": rows * seq / seconds["median"], "model_flops": flops["total"],
+      "mfu_compute_dtype_peak": flops["total"] / seconds["median"] / dtype_peak,
+      "compute_dtype_peak_flops_per_s": dtype_peak, "compile_s": compile_s,
+      "compiles_per_step": max(timing.compiles),
+      "xla_plan_gib": {"arguments": plan.argument_size_in_bytes / GIB,
+                       "outputs": plan.output_size_in_bytes / GIB,
+                       "aliased": plan.alias_size_in_bytes / GIB,
+                       "temporaries": plan.temp_size_in_bytes / GIB},
+      "device_peak_gib_so_far": device_peak_bytes() / GIB,
+      "skipped_steps": skipped,
+  }
+
+
+def paper_decode_case(model_config: ModelConfig, params, paper, seed: int) -> dict[str, Any]:
+  """The JAX sampler's batched decode at the paper's model shape (no EOS: every row runs to
+  `decode_new_tokens`); weight GB/s = the sampler's weight bytes streamed once per decode step."""
+  policy = get_policy(paper.decode_precision, "sampler")
+  engine = make_engine("jax", model_config.replace(remat=False), params, policy,
+                       eos_token_ids=[])
+  rng = np.random.default_rng(seed)
+  prompts = rng.integers(0, model_config.vocab_size,
+                         (int(paper.decode_rows), int(paper.decode_prompt_len))).tolist()
+  try:
+    row = benchmark.bench_generate(engine, prompts, n=1,
+                                   max_new_tokens=int(paper.decode_new_tokens), warmup=1,
+                                   repetitions=int(paper.repetitions), seed=seed)
+  finally:
+    engine.close()
+  steps = int(paper.decode_new_tokens)
+  seconds = row["seconds"]["median"]
+  weight_bytes = model_config.num_params() * np.dtype(policy.param_dtype).itemsize
+  return {"model": paper.model, "precision": paper.decode_precision, "rows": row["rows"],
+          "prompt_len": int(paper.decode_prompt_len), "new_tokens": steps,
+          "seconds": seconds, "tokens_per_s": row["tokens_per_s"]["median"],
+          "ms_per_decode_step": 1e3 * seconds / steps,
+          "weight_gb_per_s": weight_bytes * steps / seconds / 1e9,
+          "decode_model_flops": benchmark.decode_flops(model_config, row["rows"],
+                                                       int(paper.decode_prompt_len), steps),
+          "compiles_per_call": row["compiles_per_call"],
+          "warmup_compile_s": row["warmup_compile_s"],
+          "device_peak_gib_so_far": device_peak_bytes() / GIB}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
   """Markdown: the device, the mismatch table, the matmul peaks and the train-step table."""
   info = summary["device"]
@@ -113,6 +228,29 @@ def format_summary(summary: dict[str, Any]) -> str:
           f"{r['step_s_max'] * 1e3:.2f}]", f"{r['tokens_per_s']:.0f}",
           f"{r['mfu_fp32_peak']:.1%}", f"{r['mfu_compute_dtype_peak']:.1%}",
           f"{r['warmup_compile_s']:.1f}"] for r in summary["trainer"]]))
+  if summary["paper_train"]:
+    out.append("### Paper-scale train step (random weights; MFU = model FLOPs / step s / the "
+               "measured matmul peak of the compute dtype; remat recomputes each layer's forward "
+               "on top)")
+    out.append(common.markdown_table(
+        ["model", "params", "remat", "precision", "rows x seq", "step s", "tokens/s",
+         "MFU dtype", "XLA temp GiB", "device peak GiB (so far)", "compile s", "skipped"],
+        [[r["model"], f"{r['params'] / 1e9:.2f}B", r["remat"], r["precision"],
+          f"{r['rows']} x {r['seq_len']}",
+          f"{r['step_s']:.3f} [{r['step_s_min']:.3f}, {r['step_s_max']:.3f}]",
+          f"{r['tokens_per_s']:.0f}", f"{r['mfu_compute_dtype_peak']:.1%}",
+          f"{r['xla_plan_gib']['temporaries']:.1f}", f"{r['device_peak_gib_so_far']:.1f}",
+          f"{r['compile_s']:.0f}", ",".join(f"{v:.0f}" for v in r["skipped_steps"])]
+         for r in summary["paper_train"]]))
+  if summary["paper_decode"]:
+    out.append("### Paper-scale JAX sampler decode (no EOS; prefill included)")
+    out.append(common.markdown_table(
+        ["model", "precision", "rows", "prompt", "new tokens", "tokens/s", "ms / decode step",
+         "weight GB/s", "compile s"],
+        [[r["model"], r["precision"], r["rows"], r["prompt_len"], r["new_tokens"],
+          f"{r['tokens_per_s']:.0f}", f"{r['ms_per_decode_step']:.2f}",
+          f"{r['weight_gb_per_s']:.0f}", f"{r['warmup_compile_s']:.0f}"]
+         for r in summary["paper_decode"]]))
   if summary["errors"]:
     out.append("### FAILED stages\n" + "\n".join(
         f"- {name}: {error.strip().splitlines()[-1]}" for name, error in summary["errors"].items()))
@@ -129,7 +267,8 @@ def run(config) -> dict[str, Any]:
   os.makedirs(out, exist_ok=True)
   common.write_json_atomic(os.path.join(out, "config.json"), config.to_dict())
   summary: dict[str, Any] = {"device": device_info(), "mismatch": [], "trainer": [], "peaks": {},
-                             "errors": {}, "seconds": {}}
+                             "paper_train": [], "paper_decode": [], "errors": {},
+                             "seconds": {}}
   print(f"gpu_check: {summary['device']}", flush=True)
   precisions = ["default"] + (["highest"] if config.fp32_highest else [])
 
@@ -164,12 +303,33 @@ def run(config) -> dict[str, Any]:
     summary["peaks"][matmul_precision] = result["peak"]
     summary["trainer"] += _trainer_rows(result, matmul_precision)
 
-  for matmul_precision in precisions if "mismatch" in stages else []:
-    stage(f"mismatch ({matmul_precision} matmul precision)",
-          lambda p=matmul_precision: mismatch_stage(p))
-  for matmul_precision in precisions if "trainer" in stages else []:
-    stage(f"trainer speed ({matmul_precision} matmul precision)",
-          lambda p=matmul_precision: trainer_stage(p))
+  def paper_stage() -> None:
+    paper = config.paper
+    model_config = paper_model_config(paper)
+    if "default" not in summary["peaks"]:
+      summary["peaks"]["default"] = benchmark.bench_peak(_sub_config(
+          benchmark_config, config.benchmark.to_dict(), seed=config.seed))
+    params = init_params(model_config, jax.random.key(config.seed))
+    for precision in [p.strip() for p in paper.precisions.split(",") if p.strip()]:
+      print(f"paper train step: {precision}", flush=True)
+      summary["paper_train"].append(paper_train_case(
+          model_config, params, precision, paper, summary["peaks"]["default"], config.seed))
+      common.write_json_atomic(os.path.join(out, "summary.json"), summary)
+    if int(paper.decode_rows) > 0:
+      print("paper decode", flush=True)
+      summary["paper_decode"].append(paper_decode_case(model_config, params, paper, config.seed))
+
+  for name in stages:
+    if name == "paper":
+      stage("paper-scale train step and decode", paper_stage)
+      continue
+    for matmul_precision in precisions:
+      if name == "mismatch":
+        stage(f"mismatch ({matmul_precision} matmul precision)",
+              lambda p=matmul_precision: mismatch_stage(p))
+      else:
+        stage(f"trainer speed ({matmul_precision} matmul precision)",
+              lambda p=matmul_precision: trainer_stage(p))
 
   report = format_summary(summary)
   common.write_json_atomic(os.path.join(out, "summary.json"), summary)

@@ -24,8 +24,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.fp32_highest = True
   # Pairs re-measured under "highest" (when fp32_highest), e.g. "fp32,bf16,fp16".
   config.highest_pairs = "fp32"
-  # Comma-separated subset of: mismatch, trainer.
+  # Comma-separated subset of: mismatch, trainer, paper; run in this order.
   config.stages = "mismatch,trainer"
+  # Issue 13's paper-scale check: the paper's 1.5B model shape with random weights, train steps on
+  # 8K-token sequences with per-layer remat, and the JAX sampler's decode at batch 64.
+  # `model_overrides` replaces ModelConfig fields (the cpu variant shrinks the model).
+  config.paper = ml_collections.ConfigDict(dict(
+      model="DeepSeek-R1-Distill-Qwen-1.5B", model_overrides={}, remat=True,
+      precisions="bf16,fp16", rows=1, seq_len=8192, prompt_len=256, repetitions=3,
+      decode_precision="bf16", decode_rows=64, decode_prompt_len=256, decode_new_tokens=256))
   config.benchmark = ml_collections.ConfigDict(dict(
       sections="peak,trainer", vllm=False, precisions="fp32,bf16,fp16", warmup=1,
       repetitions=5, peak_matmul_size=8192, trainer_models="small,medium",
@@ -42,6 +49,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         trainer_response_lengths="32", trainer_prompt_len=16, trainer_tokens_per_step=96,
         medium=dict(vocab_size=256, hidden_size=128, intermediate_size=256,
                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)))
+    config.paper.update(dict(
+        model_overrides=dict(vocab_size=512, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        seq_len=128, prompt_len=32, repetitions=1, decode_rows=4, decode_prompt_len=16,
+        decode_new_tokens=8))
   elif variant:
     raise ValueError(f"Unknown gpu_check variant {variant!r}; allowed: '' or 'cpu'")
   return config

@@ -217,9 +217,11 @@ class Decoder(nn.Module):
     residuals = [x]
     new_layers = []
     sparse_layers = set(cfg.moe_layers)
+    # Gradient checkpointing (training forward only; the KV-cache path has no backward).
+    layer_cls = nn.remat(DecoderLayer) if cfg.remat and cache is None else DecoderLayer
     for i in range(cfg.num_hidden_layers):
       layer_cache = None if cache is None else cache[i]
-      x, new_layer_cache = DecoderLayer(cfg, pol, i in sparse_layers, name=f"layers_{i}")(
+      x, new_layer_cache = layer_cls(cfg, pol, i in sparse_layers, name=f"layers_{i}")(
           x, positions, mask, layer_cache, cache_index)
       residuals.append(x)
       new_layers.append(new_layer_cache)
