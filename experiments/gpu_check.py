@@ -213,6 +213,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         ["pair (trainer-sampler)", "matmul precision"] + [c for c, _ in MISMATCH_COLUMNS],
         [[row["pair"], row["matmul_precision"]]
          + [f"{row[key]:.3g}" for _, key in MISMATCH_COLUMNS] for row in summary["mismatch"]]))
+  for matmul_precision, view in summary.get("layer_view", {}).items():
+    width = len(next(iter(view.values())))
+    out.append(f"### Layer view ({matmul_precision} matmul precision): relative error of the "
+               "residual stream against fp32, per layer boundary (embedding, layers, logits)")
+    out.append(common.markdown_table(
+        ["path"] + ["emb"] + [f"L{i}" for i in range(1, width - 1)] + ["logits"],
+        [[key] + [f"{v:.2g}" for v in values] for key, values in view.items()]))
   for name, peak in summary["peaks"].items():
     out.append(f"matmul peak ({name}, {peak['matmul_size']}^2): " + ", ".join(
         f"{dtype} {peak[dtype]['flops_per_s']['median'] / 1e12:.1f} TFLOP/s"
@@ -267,7 +274,8 @@ def run(config) -> dict[str, Any]:
   os.makedirs(out, exist_ok=True)
   common.write_json_atomic(os.path.join(out, "config.json"), config.to_dict())
   summary: dict[str, Any] = {"device": device_info(), "mismatch": [], "trainer": [], "peaks": {},
-                             "paper_train": [], "paper_decode": [], "errors": {},
+                             "paper_train": [], "paper_decode": [], "layer_view": {},
+                             "errors": {},
                              "seconds": {}}
   print(f"gpu_check: {summary['device']}", flush=True)
   precisions = ["default"] + (["highest"] if config.fp32_highest else [])
@@ -290,7 +298,10 @@ def run(config) -> dict[str, Any]:
       fields["precisions"] = config.highest_pairs
     sub = _sub_config(offline_mismatch_config, config.mismatch.to_dict(), **fields)
     with _matmul_precision(matmul_precision):
-      summary["mismatch"] += _mismatch_rows(offline_mismatch.run(sub), matmul_precision)
+      result = offline_mismatch.run(sub)
+    summary["mismatch"] += _mismatch_rows(result, matmul_precision)
+    if result.get("layer_view"):
+      summary["layer_view"][matmul_precision] = result["layer_view"]
 
   def trainer_stage(matmul_precision: str) -> None:
     fields = dict(model=config.model, seed=config.seed,
