@@ -49,8 +49,24 @@ METRIC_NAMES = (
 # Log-ratios are clamped here before exponentiating: exp(80) ~ 5.5e34 < float32 max ~ 3.4e38.
 MAX_LOG_WEIGHT = 80.0
 
-_PPO_ALGORITHMS = ("grpo", "grpo_token_tis", "grpo_token_mis", "grpo_seq_mis")
-_PG_ALGORITHMS = ("pg", "pg_seq_is", "pg_seq_tis", "pg_seq_mis")
+SURROGATES = ("ppo_clip", "gspo", "pg")
+CORRECTIONS = ("none", "token_tis", "token_mis", "seq_is", "seq_tis", "seq_mis")
+
+# Each algorithm is a surrogate objective times a mismatch correction (docs/design.md,
+# "Algorithms"). The correction's weight is computed from the behaviour log-prob against the
+# sampler's: logp_old for the clipped surrogates (r_t already corrects pi vs old), sg(logp) for pg.
+ALGORITHM_PARTS = {
+    "grpo": ("ppo_clip", "none"),
+    "grpo_token_tis": ("ppo_clip", "token_tis"),
+    "grpo_token_mis": ("ppo_clip", "token_mis"),
+    "grpo_seq_mis": ("ppo_clip", "seq_mis"),
+    "gspo": ("gspo", "none"),
+    "pg": ("pg", "none"),
+    "pg_seq_is": ("pg", "seq_is"),
+    "pg_seq_tis": ("pg", "seq_tis"),
+    "pg_seq_mis": ("pg", "seq_mis"),
+}
+assert set(ALGORITHM_PARTS) == set(ALGORITHMS), "every algorithm is a (surrogate, correction)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +175,54 @@ def _ppo_term(ratio, advantages, eps_low, eps_high):
   return jnp.minimum(unclipped_term, clipped_term), clipped_term < unclipped_term
 
 
+def _correction_weight(correction, behaviour_logp, logp_sampler, valid, config):
+  """The applied IS weight sg(w) [B, T] of `correction` and its `is/*` metrics.
+
+  Token corrections weight each token by rho_t = exp(behaviour_t - sampler_t) (cap
+  ``token_is_cap``); sequence corrections weight every token of a sequence by
+  rho = exp(sum_t (behaviour_t - sampler_t)) (cap ``seq_is_cap``). TIS truncates at the cap, MIS
+  zeroes weights above it, IS applies rho as is.
+  """
+  if correction == "none":
+    return jnp.ones(valid.shape, jnp.float32), {}
+  metrics = {}
+  kind, _, rule = correction.partition("_")
+  log_ratio = behaviour_logp - logp_sampler
+  if kind == "token":
+    raw, cap, counted = (jax.lax.stop_gradient(_exp_clamped(log_ratio)), config.token_is_cap,
+                         valid)
+  else:
+    raw = jax.lax.stop_gradient(_exp_clamped(jnp.sum(log_ratio, axis=1)))
+    cap, counted = config.seq_is_cap, jnp.sum(valid, axis=1) > 0
+  over_cap = (raw > cap).astype(jnp.float32)
+  if rule == "tis":
+    weight = jnp.minimum(raw, cap)
+    metrics["is/frac_truncated"] = _masked_mean(over_cap, counted)
+  elif rule == "mis":
+    weight = jnp.where(raw > cap, 0.0, raw)
+    metrics["is/frac_masked"] = _masked_mean(over_cap, counted)
+  else:  # is
+    weight = raw
+  metrics[f"is/{kind}_weight_mean"] = _masked_mean(weight, counted)
+  if kind == "seq":
+    weight = jnp.broadcast_to(weight[:, None], valid.shape)
+  return weight, metrics
+
+
+def _surrogate_term(surrogate, logp, logp_old, ratio, advantages, valid, config):
+  """The per-token surrogate f_t [B, T] (loss is -weight * f_t) and where its clip is active
+  (bool [B, T], or None for pg)."""
+  if surrogate == "ppo_clip":
+    return _ppo_term(ratio, advantages, config.clip_eps_low, config.clip_eps_high)
+  if surrogate == "gspo":
+    tokens_per_seq = jnp.sum(valid.astype(jnp.float32), axis=1)
+    log_seq_ratio = jnp.sum(logp - logp_old, axis=1) / jnp.maximum(tokens_per_seq, 1.0)
+    seq_ratio = _exp_clamped(jax.lax.stop_gradient(log_seq_ratio))
+    token_seq_ratio = seq_ratio[:, None] * jnp.exp(logp - jax.lax.stop_gradient(logp))
+    return _ppo_term(token_seq_ratio, advantages, config.gspo_eps_low, config.gspo_eps_high)
+  return advantages * logp, None  # pg
+
+
 def policy_loss(name, *, logp, logp_old, logp_sampler, advantages, mask, config=LossConfig()):
   """Policy loss ``name`` aggregated by ``config.aggregation``.
 
@@ -223,65 +287,19 @@ def policy_loss(name, *, logp, logp_old, logp_sampler, advantages, mask, config=
   logp_old = jnp.where(valid, jnp.asarray(logp_old, jnp.float32), 0.0)
   logp_sampler = jnp.where(valid, jnp.asarray(logp_sampler, jnp.float32), 0.0)
   advantages = jnp.where(valid, advantages, 0.0)
-  tokens_per_seq = jnp.sum(valid.astype(jnp.float32), axis=1)
-  nonempty = tokens_per_seq > 0
 
+  surrogate, correction = ALGORITHM_PARTS[name]
   ratio = _exp_clamped(logp - logp_old)
-  zero = jnp.zeros((), jnp.float32)
-  metrics = dict.fromkeys(METRIC_NAMES, zero)
+  metrics = dict.fromkeys(METRIC_NAMES, jnp.zeros((), jnp.float32))
   metrics["train/ratio_mean"] = _masked_mean(ratio, valid)
-
-  if name in _PPO_ALGORITHMS:
-    ppo_term, clipped = _ppo_term(ratio, advantages, config.clip_eps_low, config.clip_eps_high)
+  behaviour_logp = jax.lax.stop_gradient(logp) if surrogate == "pg" else logp_old
+  is_weight, is_metrics = _correction_weight(correction, behaviour_logp, logp_sampler, valid,
+                                             config)
+  metrics.update(is_metrics)
+  term, clipped = _surrogate_term(surrogate, logp, logp_old, ratio, advantages, valid, config)
+  if clipped is not None:
     metrics["train/clip_frac"] = _masked_mean(clipped.astype(jnp.float32), valid)
-    if name == "grpo":
-      is_weight = jnp.ones_like(ratio)
-    elif name in ("grpo_token_tis", "grpo_token_mis"):
-      token_weight = jax.lax.stop_gradient(_exp_clamped(logp_old - logp_sampler))
-      over_cap = token_weight > config.token_is_cap
-      if name == "grpo_token_tis":
-        is_weight = jnp.minimum(token_weight, config.token_is_cap)
-        metrics["is/frac_truncated"] = _masked_mean(over_cap.astype(jnp.float32), valid)
-      else:
-        is_weight = jnp.where(over_cap, 0.0, token_weight)
-        metrics["is/frac_masked"] = _masked_mean(over_cap.astype(jnp.float32), valid)
-      metrics["is/token_weight_mean"] = _masked_mean(is_weight, valid)
-    else:  # grpo_seq_mis
-      seq_weight = jax.lax.stop_gradient(
-          _exp_clamped(jnp.sum(logp_old - logp_sampler, axis=1)))
-      over_cap = seq_weight > config.seq_is_cap
-      applied_seq_weight = jnp.where(over_cap, 0.0, seq_weight)
-      metrics["is/frac_masked"] = _masked_mean(over_cap.astype(jnp.float32), nonempty)
-      metrics["is/seq_weight_mean"] = _masked_mean(applied_seq_weight, nonempty)
-      is_weight = jnp.broadcast_to(applied_seq_weight[:, None], ratio.shape)
-    per_token_loss = -is_weight * ppo_term
-
-  elif name == "gspo":
-    log_seq_ratio = jnp.sum(logp - logp_old, axis=1) / jnp.maximum(tokens_per_seq, 1.0)
-    seq_ratio = _exp_clamped(jax.lax.stop_gradient(log_seq_ratio))
-    token_seq_ratio = seq_ratio[:, None] * jnp.exp(logp - jax.lax.stop_gradient(logp))
-    gspo_term, clipped = _ppo_term(
-        token_seq_ratio, advantages, config.gspo_eps_low, config.gspo_eps_high)
-    metrics["train/clip_frac"] = _masked_mean(clipped.astype(jnp.float32), valid)
-    per_token_loss = -gspo_term
-
-  else:  # pg family
-    if name == "pg":
-      seq_weight = jnp.ones_like(tokens_per_seq)
-    else:
-      raw_seq_weight = jax.lax.stop_gradient(
-          _exp_clamped(jnp.sum(logp - logp_sampler, axis=1)))
-      over_cap = raw_seq_weight > config.seq_is_cap
-      if name == "pg_seq_is":
-        seq_weight = raw_seq_weight
-      elif name == "pg_seq_tis":
-        seq_weight = jnp.minimum(raw_seq_weight, config.seq_is_cap)
-        metrics["is/frac_truncated"] = _masked_mean(over_cap.astype(jnp.float32), nonempty)
-      else:  # pg_seq_mis
-        seq_weight = jnp.where(over_cap, 0.0, raw_seq_weight)
-        metrics["is/frac_masked"] = _masked_mean(over_cap.astype(jnp.float32), nonempty)
-      metrics["is/seq_weight_mean"] = _masked_mean(seq_weight, nonempty)
-    per_token_loss = -seq_weight[:, None] * advantages * logp
+  per_token_loss = -is_weight * term
 
   loss = aggregate(per_token_loss, valid, config.aggregation,
                    max_response_len=config.max_response_len)
