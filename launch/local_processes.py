@@ -13,7 +13,8 @@ prefixed with `[process i]`.
 The job succeeds when every process exits with status 0. When one process fails (a non-zero exit,
 a signal such as `kill -9`, or --timeout_s passing), the launcher stops the others (SIGTERM, then
 SIGKILL after --grace_s), names the process that failed and exits with status 1: the survivors
-would otherwise wait in a collective for a peer that is gone. Re-running the same command resumes
+would otherwise wait in a collective for a peer that is gone. (JAX's distributed runtime catches
+SIGTERM as a preemption notice, so the survivors usually end at the SIGKILL.) Re-running the same command resumes
 `experiments.rl` from its last complete checkpoint.
 
 On real hosts there is no launcher: run the same command on each host with the three variables
@@ -49,7 +50,7 @@ _COORDINATOR_PORT = flags.DEFINE_integer(
     lower_bound=0)
 _TIMEOUT_S = flags.DEFINE_float("timeout_s", 0, "Stop every process and fail after this many "
                                 "seconds (0: no limit).", lower_bound=0)
-_GRACE_S = flags.DEFINE_float("grace_s", 10, "After a failure, seconds between SIGTERM and SIGKILL "
+_GRACE_S = flags.DEFINE_float("grace_s", 5, "After a failure, seconds between SIGTERM and SIGKILL "
                               "of the remaining processes.", lower_bound=0)
 
 
@@ -126,7 +127,7 @@ def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
 
 
 def run_processes(command: Sequence[str], num_processes: int, *, devices_per_process: int = 0,
-                  coordinator_port: int = 0, timeout_s: float = 0, grace_s: float = 10,
+                  coordinator_port: int = 0, timeout_s: float = 0, grace_s: float = 5,
                   env: Mapping[str, str] | None = None, out=None) -> JobResult:
   """Starts `command` as `num_processes` JAX processes and supervises them (see the module doc).
 
