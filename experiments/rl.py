@@ -16,6 +16,12 @@ new run with another --config.output_dir. config.json is written by the first st
 rewritten; allowed changes made on a resume are recorded in resumes.jsonl
 (`rl_fp16.results.RunWriter`).
 
+Multi-process (experiments/configs/sharded.py with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID set, e.g. by `python -m launch.local_processes`): each process samples and scores
+its share of a step's prompts with its own engine, the sharded step trains on the global batch,
+and only process 0 writes config.json, metrics, TensorBoard events and plots; checkpoints are
+saved and restored by every process (`rl_fp16.distributed`, docs/sharding.md).
+
 LoRA RL (`--config.lora.enabled=True`, or experiments/configs/lora.py): the train state and its
 checkpoints hold only the adapters (and their optimizer state); the frozen base is reloaded from
 the model directory on every start and the engine gets the merged weights.
@@ -30,7 +36,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from rl_fp16 import objectives, results, sharding
+from rl_fp16 import distributed, objectives, results, sharding
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data import perfectible
@@ -222,13 +228,21 @@ def run(config) -> dict:
   results.check_run_config(run_dir, config, allowed=RESUME_ALLOWED)
   rl_config = make_rl_config(config)
   pair = get_precision_pair(config.precision)
+  processes, primary = jax.process_count(), distributed.is_primary()
+  if processes > 1:
+    check_multiprocess_config(config, processes)
   model = common.load_policy_model(config.model, seed=config.seed)
   task = load_task(model, config)
-  changed = results.init_run_dir(run_dir, config, allowed=RESUME_ALLOWED)  # config.json: 1st start
-  if changed:
-    print(f"{run_dir}: config.json kept as it is; allowed changes on this start (recorded in "
-          f"{results.RESUMES_FILE} once steps are logged): " + "; ".join(map(str, changed)))
-  subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
+  if primary:  # only process 0 writes config.json, metrics, TensorBoard events and plots
+    changed = results.init_run_dir(run_dir, config, allowed=RESUME_ALLOWED)  # 1st start only
+    if changed:
+      print(f"{run_dir}: config.json kept as it is; allowed changes on this start (recorded in "
+            f"{results.RESUMES_FILE} once steps are logged): " + "; ".join(map(str, changed)))
+    subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
+  if processes > 1:  # the others read the subset process 0 wrote (or build the same one)
+    distributed.barrier("subset")
+  if not primary:
+    subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
   if len(subset) < 1:
     raise ValueError(f"The perfectible subset is empty ({subset_path}); widen "
                      "--config.perfectible.low/high or use a stronger base model")
@@ -249,7 +263,7 @@ def run(config) -> dict:
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
   updates_per_step = rl_config.num_minibatches * rl_config.epochs
   start_step = 0
-  train_step = None
+  train_step = logprobs_fn = None
   if "mesh" in config:  # sharded trainer (experiments/configs/sharded.py)
     if rl_config.lora is not None:
       raise ValueError("Sharded LoRA RL is not supported yet; drop --config.mesh or LoRA")
@@ -258,7 +272,10 @@ def run(config) -> dict:
     sharded_step = sharding.make_sharded_rl_train_step(
         model.config, pair.trainer, optimizer, mesh, algorithm=rl_config.algorithm,
         loss_config=rl_config.loss, temperature=rl_config.temperature, state=state)
-    train_step = lambda s, b: sharded_step(s, sharding.shard_batch(b, mesh))
+    # Every process holds the whole (all-gathered) rollout and places its own devices' rows.
+    train_step = lambda s, b: sharded_step(s, sharding.shard_global_batch(b, mesh))
+    logprobs_fn = sharding.make_rollout_logprobs(model.config, pair.trainer, mesh,
+                                                 temperature=rl_config.temperature)
     print(f"sharded trainer on mesh {dict(mesh.shape)}")
   if checkpointer.latest_step() is not None:
     try:
@@ -274,8 +291,9 @@ def run(config) -> dict:
     start_step = int(state.step) // updates_per_step
     print(f"resuming {run_dir} from the checkpoint after RL step {start_step}")
   # Metrics are logged at steps 1..steps; a checkpoint after step k keeps lines 1..k.
-  writer = results.RunWriter(run_dir, config.to_dict(), resume=True, resume_step=start_step + 1,
-                             allowed_changes=RESUME_ALLOWED)
+  writer = (results.RunWriter(run_dir, config.to_dict(), resume=True, resume_step=start_step + 1,
+                              allowed_changes=RESUME_ALLOWED)
+            if primary else distributed.NullRunWriter())
 
   print(f"model: {model.description}")
   if rl_config.lora is not None:
@@ -288,11 +306,19 @@ def run(config) -> dict:
         f"{subset_path}")
   policy_params = (state.params if base_params is None
                    else lora_lib.merge_lora(base_params, state.params, rl_config.lora))
+  if processes > 1:  # one engine per process, fed the gathered params; own vLLM files each
+    policy_params = distributed.gather_params(policy_params)
   engine = make_engine(config.engine, model.config, policy_params, pair.sampler,
-                       workdir=run_dir, tokenizer_dir=model.tokenizer_dir,
+                       workdir=distributed.engine_workdir(run_dir),
+                       tokenizer_dir=model.tokenizer_dir,
                        eos_token_ids=model.eos_token_ids,
                        max_model_len=task.max_sequence_len() + config.max_new_tokens,
                        seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
+  if processes > 1:
+    engine = distributed.ProcessShareEngine(engine)
+    print(f"process {jax.process_index()} of {processes}: samples prompts "
+          f"{distributed.process_share(config.prompts_per_step)} of each step with its own "
+          f"{config.engine} engine; {jax.local_device_count()} of {jax.device_count()} devices")
   every = config.get("expert_mismatch", {}).get("every", 1) if model.config.is_moe else 0
 
   def expert_metrics(rollout, params):
@@ -303,7 +329,8 @@ def run(config) -> dict:
   started = time.time()
   try:
     bar = common.progress(range(start_step, config.steps), desc=f"{config.algorithm}/"
-                          f"{config.precision}", initial=start_step, total=config.steps)
+                          f"{config.precision}", initial=start_step, total=config.steps,
+                          disable=not primary)
     for step in bar:
       problems = step_problems(subset, step, config.prompts_per_step, config.seed)
       extra_metrics = expert_metrics if every and step % every == 0 else None
@@ -311,10 +338,12 @@ def run(config) -> dict:
           state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
           engine=engine, prompts=task.prompt_ids(problems),
           reward_fn=lambda rollout, problems=problems: check_rewards(
-              task.rewards(problems, rollout), config.samples_per_prompt,
+              distributed.rewards_by_share(  # each process scores its share's rows
+                  lambda share, rows: task.rewards(problems[share], rows), rollout,
+                  config.samples_per_prompt), config.samples_per_prompt,
               prompts=[problem_text(p) for p in problems]),
           rl_config=rl_config, seed=config.seed * 1_000_003 + step, train_step=train_step,
-          base_params=base_params, extra_metrics=extra_metrics)
+          base_params=base_params, extra_metrics=extra_metrics, logprobs_fn=logprobs_fn)
       metrics["train/updates"] = float(state.step)
       writer.write(step + 1, metrics)
       history.append(metrics)
@@ -327,6 +356,10 @@ def run(config) -> dict:
     engine.close()
     writer.close()
     checkpointer.close()
+  if not primary:
+    print(f"process {jax.process_index()}: done (process 0 writes the run directory)")
+    return {"run_dir": run_dir, "process_index": jax.process_index(),
+            "minutes": (time.time() - started) / 60}
   frame = results.read_metrics(run_dir)
   summary = {
       "run_dir": run_dir,
@@ -341,6 +374,20 @@ def run(config) -> dict:
         f"mean |pi-mu| {summary['mean_prob_diff']:.2e} ({summary['minutes']:.1f} min) -> "
         f"{run_dir}")
   return summary
+
+
+def check_multiprocess_config(config, processes: int) -> None:
+  """What a run over `processes` processes needs beyond `validate_config`."""
+  problems = []
+  if "mesh" not in config:
+    problems.append("a multi-process run needs the sharded trainer: use "
+                    "--config=experiments/configs/sharded.py (config.mesh)")
+  if config.prompts_per_step % processes:
+    problems.append(f"--config.prompts_per_step={config.prompts_per_step}: must be a multiple of "
+                    f"the {processes} processes (each samples an equal share)")
+  if problems:
+    raise common.ConfigError(f"Invalid multi-process RL config ({processes} processes):\n"
+                             + "\n".join(f"  {p}" for p in problems))
 
 
 def main(config) -> dict:

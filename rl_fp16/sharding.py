@@ -257,6 +257,24 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   return out
 
 
+def shard_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """A batch of [B, ...] arrays as global arrays split over ("data", "fsdp"), where every process
+  passes the whole batch (the same values) and places the rows of its own devices.
+
+  On one process this equals `shard_batch`. B must be divisible by data * fsdp.
+  """
+  sharding = batch_sharding(mesh)
+  ways = _axis_size(dict(mesh.shape), BATCH_AXES)
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.shape[0] % ways:
+      raise ValueError(f"Batch '{key}' has {value.shape[0]} rows, not divisible by data x fsdp = "
+                       f"{ways}; choose a minibatch size that is a multiple of it")
+    out[key] = jax.make_array_from_process_local_data(sharding, value, value.shape)
+  return out
+
+
 # ----------------------------------------------------------------------------- train step ----
 
 
@@ -300,6 +318,39 @@ def make_sharded_rl_train_step(config: ModelConfig, policy: DtypePolicy,
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
 
 
+def make_rollout_logprobs(config: ModelConfig, policy: DtypePolicy, mesh: Mesh, *,
+                          temperature: float = 1.0):
+  """`logprobs(params, rollout) -> float32 [B, T]`: the trainer's log-probs of a rollout's
+  response tokens (aligned with `rollout.logp_sampler`, 0 on padding), data parallel over the
+  mesh's batch axes.
+
+  Every process passes the whole rollout (`rl_fp16.distributed.allgather_rollout`) and the
+  (sharded) params; each device computes its rows and the result is all-gathered to every
+  process. Rows are padded (copies of the last row) to a multiple of data * fsdp.
+  """
+  compute = jax.jit(
+      lambda params, batch: train.packed_logprobs(config, policy, params, batch,
+                                                  temperature=temperature),
+      out_shardings=replicated(mesh))
+  ways = _axis_size(dict(mesh.shape), BATCH_AXES)
+
+  def logprobs(params: Any, rollout) -> np.ndarray:
+    tokens, attention_mask, loss_mask = rollout.full_sequence()
+    longest = int(attention_mask.sum(axis=1).max())
+    if longest > config.max_position_embeddings:
+      raise ValueError(f"A sequence of {longest} tokens exceeds the model's "
+                       f"max_position_embeddings={config.max_position_embeddings}")
+    rows = tokens.shape[0]
+    pad = (-rows) % ways
+    batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    if pad:
+      batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
+    logp = np.asarray(compute(params, shard_global_batch(batch, mesh)))
+    return logp[:rows, rollout.prompt_tokens.shape[1]:] * rollout.response_mask
+
+  return logprobs
+
+
 # ------------------------------------------------------------------------------ multi-host ----
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -331,6 +382,10 @@ def initialize_distributed(coordinator_address: str | None = None,
                      f"process_id too (arguments or {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID})")
   if not 0 <= process_id < num_processes:
     raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+  if not jax.config.jax_cpu_collectives_implementation:
+    # Cross-process collectives of the CPU backend (several processes on one machine, and CPU
+    # tests); JAX 0.10's default already, unset in some older versions. GPUs and TPUs ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
                              local_device_ids=local_device_ids)

@@ -314,7 +314,8 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
                  optimizer: optax.GradientTransformation, engine, prompts: list[list[int]],
                  reward_fn, rl_config: RLConfig, seed: int, base_params=None,
                  train_step: Callable | None = None,
-                 extra_metrics: Callable[[Any, Any], dict[str, float]] | None = None
+                 extra_metrics: Callable[[Any, Any], dict[str, float]] | None = None,
+                 logprobs_fn: Callable[[Any, Any], np.ndarray] | None = None
                  ) -> tuple[TrainState, dict[str, float]]:
   """sample -> reward -> advantage -> trainer logp_old -> minibatch updates -> weight sync.
 
@@ -328,6 +329,9 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
     train_step: (state, minibatch) -> (state, metrics) replacing `rl_train_step` (e.g. the
       sharded step of `rl_fp16.sharding`).
     extra_metrics: (rollout, params that sampled it) -> more metrics for this step.
+    logprobs_fn: with `train_step`, (params, rollout) -> the trainer's log-probs of the
+      response tokens, float32 [B, T] (e.g. `rl_fp16.sharding.make_rollout_logprobs`: data
+      parallel over the mesh, also across processes); default `batched_token_logprobs`.
   Returns:
     The new state and a flat dict of this step's metrics (names: docs/design.md).
   """
@@ -377,8 +381,11 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
     times["time/logp_s"] = time.perf_counter() - start
   else:
     start = time.perf_counter()
-    logp_old = batched_token_logprobs(model_config, policy_params(state.params), rollout,
-                                      policy=trainer_policy, temperature=rl_config.temperature)
+    if logprobs_fn is not None:
+      logp_old = logprobs_fn(policy_params(state.params), rollout)
+    else:
+      logp_old = batched_token_logprobs(model_config, policy_params(state.params), rollout,
+                                        policy=trainer_policy, temperature=rl_config.temperature)
     times["time/logp_s"] = time.perf_counter() - start
   mismatch_metrics = mismatch.mismatch_metrics(logp_old, rollout.logp_sampler,
                                                rollout.response_mask)

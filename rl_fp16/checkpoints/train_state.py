@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
@@ -84,3 +85,24 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def read_state_numpy(directory: str | os.PathLike, step: int | None = None
+                     ) -> tuple[dict[str, Any], int]:
+  """A checkpoint's train state as a nested dict of NumPy arrays, and its step (default: latest).
+
+  Reads checkpoints written on any device topology (e.g. by a multi-process run) on any machine,
+  without a template: for comparing runs, or looking at weights in a notebook.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {directory}")
+  path = os.path.join(directory, str(step), "state")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args)), step

@@ -38,7 +38,7 @@ class Engine(Protocol):
   policy: DtypePolicy
 
   def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int,
-               sampling: SamplingConfig, seed: int) -> Rollout:
+               sampling: SamplingConfig, seed: int, first_row: int = 0) -> Rollout:
     ...
 
   def update_params(self, params: Any) -> float:
@@ -69,11 +69,14 @@ class JaxEngine:
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
-  def generate(self, prompt_token_ids, *, n, sampling, seed) -> Rollout:
+  def generate(self, prompt_token_ids, *, n, sampling, seed, first_row: int = 0) -> Rollout:
+    """`first_row`: this batch's first row in a larger one sampled with the same seed (a
+    process's share of a step); each row gets the tokens it would get there."""
     return jax_sampler.generate(self.model_config, self.params, prompt_token_ids,
                                 policy=self.policy, n=n, sampling=sampling,
                                 rng=jax.random.key(seed), eos_token_ids=self.eos_token_ids,
-                                prompt_bucket=self.prompt_bucket, batch_bucket=self.batch_bucket)
+                                prompt_bucket=self.prompt_bucket, batch_bucket=self.batch_bucket,
+                                row_offset=first_row)
 
   def close(self) -> None:
     self.params = None
@@ -123,13 +126,14 @@ class VllmEngine:
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
-  def generate(self, prompt_token_ids, *, n, sampling, seed) -> Rollout:
+  def generate(self, prompt_token_ids, *, n, sampling, seed, first_row: int = 0) -> Rollout:
+    """`first_row`: as `JaxEngine.generate` (row i is sampled with seed + first_row + i)."""
     if sampling.top_k or sampling.top_p < 1.0:
       raise ValueError(
           f"top_k={sampling.top_k} / top_p={sampling.top_p} with vLLM: its log-probs would be "
           "renormalised over the kept tokens, shifting importance ratios; use top_k=0, top_p=1")
     return self.sampler.generate(prompt_token_ids, n=n, max_new_tokens=sampling.max_new_tokens,
-                                 temperature=sampling.temperature, seed=seed,
+                                 temperature=sampling.temperature, seed=seed + first_row,
                                  eos_token_id=self.eos_token_id)
 
   def close(self) -> None:

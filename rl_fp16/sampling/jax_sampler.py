@@ -73,11 +73,16 @@ def decode_segments(max_new_tokens: int, segment: int) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "top_k",
-                                             "use_top_p", "eos_ids", "segment"))
+                                             "use_top_p", "eos_ids", "segment", "row_offset"))
 def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, prompt_mask, rng,
             temperature, top_p, *, max_new_tokens: int, top_k: int, use_top_p: bool,
-            eos_ids: tuple[int, ...], segment: int = 0):
+            eos_ids: tuple[int, ...], segment: int = 0, row_offset: int = 0):
   """Prefill + while-loop decode. Returns (response_tokens, logp, response_mask, hit_eos).
+
+  `row_offset` > 0: these rows are rows [row_offset, row_offset + B) of a larger batch sampled
+  with the same `rng` (one process's share of a step): each decode step draws the Gumbel noise of
+  that larger batch's first row_offset + B rows and keeps the last B, so every row gets the token
+  it would get in the whole batch (`jax.random.categorical` is argmax(logits + Gumbel noise)).
 
   The decode runs on the device until every row has finished (or max_new_tokens), in segments
   of `segment` steps (0: one): during the segment ending at step e, the KV cache (and so every
@@ -99,7 +104,12 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
   def sample(logits_last, key):
     processed = process_logits(logits_last, temperature=temperature, top_p=top_p, top_k=top_k,
                                use_top_p=use_top_p)
-    token = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
+    if row_offset:
+      noise = jax.random.gumbel(key, (row_offset + processed.shape[0], processed.shape[1]),
+                                processed.dtype)[row_offset:]
+      token = jnp.argmax(processed + noise, axis=-1).astype(jnp.int32)
+    else:
+      token = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
     logp_all = jax.nn.log_softmax(processed, axis=-1)
     return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
 
@@ -170,7 +180,7 @@ def pad_prompts(prompt_token_ids: Sequence[Sequence[int]], n: int, *, prompt_buc
 def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[int]], *,
              policy: DtypePolicy, n: int, sampling: SamplingConfig, rng: jax.Array,
              eos_token_ids: Sequence[int] | None = None, prompt_bucket: int = 16,
-             batch_bucket: int = 1, decode_segment: int = 64) -> Rollout:
+             batch_bucket: int = 1, decode_segment: int = 64, row_offset: int = 0) -> Rollout:
   """Samples `n` responses per prompt with the in-process JAX engine.
 
   Runs in the sampler's dtype policy (weights rounded to `policy.param_dtype`, activations and the
@@ -183,6 +193,10 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
     eos_token_ids: tokens that end a response (default: the config's eos ids).
     decode_segment: decode steps per KV-cache window (see `_decode`; 0: the whole response
       budget from the first step). Each segment is one more while loop to compile.
+    row_offset: the index of this call's first row in a larger batch sampled with the same `rng`
+      (a process's share of a step, `rl_fp16.distributed`): the rows get the tokens they would
+      get there. Needs `jax_threefry_partitionable` (JAX's default), under which a row's random
+      bits depend on its index and not on the batch size.
   Returns:
     A `Rollout` with len(prompts) * n rows grouped by prompt.
   """
@@ -198,13 +212,19 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
     if bad:
       raise ValueError(f"Prompt {i} has token ids {bad[:5]} outside [0, {vocab})")
   eos = tuple(int(t) for t in (config.eos_token_ids if eos_token_ids is None else eos_token_ids))
+  if row_offset < 0:
+    raise ValueError(f"row_offset must be >= 0, got {row_offset}")
+  if row_offset and not jax.config.jax_threefry_partitionable:
+    raise ValueError("row_offset > 0 needs jax_threefry_partitionable=True (JAX's default): "
+                     "without it a row's random bits depend on the batch size")
   prompt_tokens, prompt_mask, prompt_index = pad_prompts(
       prompt_token_ids, n, prompt_bucket=prompt_bucket, batch_bucket=batch_bucket)
   out_tokens, out_logp, out_mask, hit_eos = _decode(
       config, policy, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), rng,
       jnp.asarray(sampling.temperature, jnp.float32), jnp.asarray(sampling.top_p, jnp.float32),
       max_new_tokens=sampling.max_new_tokens, top_k=sampling.top_k,
-      use_top_p=sampling.top_p < 1.0, eos_ids=eos, segment=decode_segment)
+      use_top_p=sampling.top_p < 1.0, eos_ids=eos, segment=decode_segment,
+      row_offset=int(row_offset))
   rows = len(prompt_index)
   out_tokens, out_logp, out_mask, hit_eos = jax.device_get((out_tokens, out_logp, out_mask,
                                                             hit_eos))
