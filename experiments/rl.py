@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from rl_fp16 import objectives, results, sharding
+from rl_fp16 import colocation, objectives, results, sharding
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data import perfectible
@@ -40,7 +40,8 @@ from rl_fp16.models import lora as lora_lib
 from rl_fp16.models import moe
 from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_policy,
                                get_precision_pair, init_loss_scale)
-from rl_fp16.sampling.engines import JaxEngine, make_engine
+from rl_fp16.sampling.engines import JaxEngine
+from rl_fp16.sampling.sync_modes import make_synced_engine
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
 
 PERFECTIBLE_FILE = "perfectible.jsonl"
@@ -215,8 +216,15 @@ def problem_text(problem) -> str:
   return str(getattr(problem, "prompt", None) or getattr(problem, "question", "") or problem)
 
 
+def colocation_config(config) -> colocation.ColocationConfig:
+  """`config.colocate` (absent: no memory split, no sleep) as a `ColocationConfig`."""
+  return colocation.ColocationConfig(**config.get("colocate", {}))
+
+
 def run(config) -> dict:
   validate_config(config)
+  # JAX's share of a GPU shared with vLLM, before anything starts JAX's backend.
+  colocation.apply_colocation_env(colocation.colocation_env(colocation_config(config)))
   run_dir = run_dir_for(config)
   # Refuse a run directory holding another experiment before loading anything.
   results.check_run_config(run_dir, config, allowed=RESUME_ALLOWED)
@@ -288,11 +296,13 @@ def run(config) -> dict:
         f"{subset_path}")
   policy_params = (state.params if base_params is None
                    else lora_lib.merge_lora(base_params, state.params, rl_config.lora))
-  engine = make_engine(config.engine, model.config, policy_params, pair.sampler,
-                       workdir=run_dir, tokenizer_dir=model.tokenizer_dir,
-                       eos_token_ids=model.eos_token_ids,
-                       max_model_len=task.max_sequence_len() + config.max_new_tokens,
-                       seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
+  engine = make_synced_engine(
+      config.get("weight_sync", "memory"), config.engine, model.config, policy_params,
+      pair.sampler, weights_dir=os.path.join(run_dir, "weights"), first_step=start_step,
+      colocation=colocation_config(config), workdir=run_dir, tokenizer_dir=model.tokenizer_dir,
+      eos_token_ids=model.eos_token_ids,
+      max_model_len=task.max_sequence_len() + config.max_new_tokens,
+      seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
   every = config.get("expert_mismatch", {}).get("every", 1) if model.config.is_moe else 0
 
   def expert_metrics(rollout, params):

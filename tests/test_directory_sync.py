@@ -129,3 +129,26 @@ def test_worker_errors_come_back_with_the_worker_traceback(tmp_path):
     engine.close()
   with pytest.raises(RuntimeError, match="closed"):
     engine.generate(PROMPTS, n=2, sampling=SAMPLING, seed=0)
+
+
+@pytest.mark.slow
+def test_rl_run_with_directory_sync(tmp_path):
+  """`--config.weight_sync=directory` end to end (JAX worker process, fp32, committed tiny base):
+  the first update moves the weights, and step 2's rollout must come from the version the worker
+  reloaded (trainer and worker agree to the fp32 floor only on the synced weights)."""
+  from experiments import rl as rl_experiment  # pylint: disable=g-import-not-at-top
+  from experiments.configs import sanity  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import results  # pylint: disable=g-import-not-at-top
+
+  config = sanity.get_config()
+  config.update(dict(model=TINY_BASE, engine="jax", precision="fp32", weight_sync="directory",
+                     steps=2, prompts_per_step=2, samples_per_prompt=8, max_new_tokens=192,
+                     learning_rate=1e-3, output_dir=str(tmp_path / "run")))
+  summary = rl_experiment.run(config)
+  frame = results.read_metrics(summary["run_dir"])
+  assert list(frame["step"]) == [1, 2]
+  assert frame["reward/mean"].iloc[0] > 0 and frame["train/grad_norm"].iloc[0] > 0
+  weights = os.path.join(summary["run_dir"], "weights")
+  assert versions.latest_version(weights) == 2 and versions.list_versions(weights) == [1, 2]
+  assert (frame["time/sync_s"] > 0).all()
+  assert (frame["mismatch/logp_diff_mean"] < 1e-5).all(), frame["mismatch/logp_diff_mean"]

@@ -188,6 +188,8 @@ class DirectorySyncEngine:
         options["log_level"] = level
     if name == "jax":
       options = {k: v for k, v in options.items() if k in _JAX_OPTIONS}
+    else:
+      options = {k: v for k, v in options.items() if k not in ("prompt_bucket", "batch_bucket")}
     self.step = first_step
     self.last_write_s = self.last_reload_s = 0.0
     start = time.perf_counter()

@@ -132,6 +132,13 @@ class VllmEngine:
                                  temperature=sampling.temperature, seed=seed,
                                  eos_token_id=self.eos_token_id)
 
+  def sleep(self, level: int = 1) -> None:
+    """vLLM's sleep mode (needs `enable_sleep_mode=True`; see `VllmSampler.sleep`)."""
+    self.sampler.sleep(level)
+
+  def wake_up(self, tags: Sequence[str] | None = None) -> None:
+    self.sampler.wake_up(tags)
+
   def close(self) -> None:
     self.sampler.close()
 

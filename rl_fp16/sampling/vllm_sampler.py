@@ -524,11 +524,12 @@ class VllmSampler:
       raise RuntimeError("sleep() needs VllmConfig.enable_sleep_mode=True")
     self.llm.sleep(level=level)
 
-  def wake_up(self) -> None:
-    """Re-allocates what ``sleep`` freed."""
+  def wake_up(self, tags: Sequence[str] | None = None) -> None:
+    """Re-allocates what ``sleep`` freed: everything, or only ``tags`` ("weights", "kv_cache";
+    after a level-2 sleep wake "weights", update the weights, then wake "kv_cache")."""
     if not self.config.enable_sleep_mode:
       raise RuntimeError("wake_up() needs VllmConfig.enable_sleep_mode=True")
-    self.llm.wake_up()
+    self.llm.wake_up(None if tags is None else list(tags))
 
   def close(self) -> None:
     """Shuts the engine down and releases its memory; safe to call twice."""
