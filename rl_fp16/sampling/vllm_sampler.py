@@ -514,6 +514,12 @@ class VllmSampler:
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
+  @property
+  def torch_device(self) -> torch.device:
+    """The device the engine's weights live on (in-process, tensor_parallel_size 1: device 0)."""
+    platform = vllm_platforms.current_platform
+    return torch.device("cpu") if platform.is_cpu() else torch.device(platform.device_type, 0)
+
   def sleep(self, level: int = 1) -> None:
     """Frees accelerator memory (needs ``enable_sleep_mode``).
 
