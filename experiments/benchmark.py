@@ -12,7 +12,9 @@ untimed ones, reported with min and max:
   samplers  generated tokens/s of the JAX sampler and of vLLM on the same model, prompts, batch
             and lengths (no EOS: every row runs to the length), per precision.
   sync      seconds per weight sync into vLLM, in memory (`update_params`) and through a
-            Hugging Face directory (`update_params_from_dir`), against the parameter bytes.
+            Hugging Face directory (`update_params_from_dir`), against the parameter bytes;
+            with `sync_worker`, also the directory mode's sync (versioned write + reload by a
+            vLLM worker in another process, `DirectorySyncEngine`).
   e2e       `rl_iteration` time split into sample / score / logp / update / sync, and the
             process's peak resident memory.
   compare   issue 13: rl_fp16's RL iteration (JAX engine per precision, vLLM engine) next to
@@ -77,6 +79,7 @@ from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
                                get_precision_pair, init_loss_scale)
+from rl_fp16.sampling.directory_sync import DirectorySyncEngine
 from rl_fp16.sampling.engines import make_engine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, precompile_rl_update,
@@ -544,6 +547,30 @@ def bench_sync(engine, model: BenchModel, directory: str, *, warmup: int,
           "directory_over_memory": disk["median"] / max(memory["median"], 1e-12)}
 
 
+def bench_worker_sync(model: BenchModel, precision: str, weights_dir: str, *, warmup: int,
+                      repetitions: int, **engine_options) -> dict[str, Any]:
+  """Seconds per sync of `--config.weight_sync=directory`: the trainer writes a versioned HF
+  directory (`versions.write_version`: temp dir + rename, LATEST, pruning) and a vLLM worker in
+  another process reloads it (`DirectorySyncEngine.update_params`, which waits for the reload)."""
+  params = jax.device_put(model.params)
+  engine = DirectorySyncEngine("vllm", model.config, params, get_policy(precision, "sampler"),
+                               weights_dir=weights_dir, eos_token_ids=[], **engine_options)
+  writes, reloads = [], []
+
+  def call(i):
+    engine.update_params(params)
+    writes.append(engine.last_write_s)
+    reloads.append(engine.last_reload_s)
+
+  try:
+    total = time_calls(call, warmup=warmup, repetitions=repetitions).seconds
+  finally:
+    engine.close()
+    shutil.rmtree(weights_dir, ignore_errors=True)
+  return {"worker_s": total, "worker_write_s": summarize(writes[warmup:]),
+          "worker_reload_s": summarize(reloads[warmup:]), "worker_start_s": engine.start_s}
+
+
 def _vllm_available() -> bool:
   try:
     import vllm  # pylint: disable=g-import-not-at-top,unused-import
@@ -602,6 +629,14 @@ def bench_samplers_and_sync(config, models: dict[str, BenchModel], workdir: str,
       if name in sync_models and precision in sync_precisions:
         syncs.append(bench_sync(engine, model, os.path.join(workdir, f"sync_{name}_{precision}"),
                                 **reps))
+        if config.get("sync_worker", False):
+          row = syncs[-1]
+          row.update(bench_worker_sync(
+              model, precision, os.path.join(workdir, f"weights_{name}_{precision}"),
+              max_model_len=max_len, seed=config.seed,
+              cpu_kv_cache_space_gib=config.vllm_kv_cache_gib, **reps))
+          row["worker_over_memory"] = (row["worker_s"]["median"]
+                                       / max(row["memory_s"]["median"], 1e-12))
     finally:
       engine.close()
   return samplers, syncs
@@ -1107,6 +1142,16 @@ def format_report(results: dict[str, Any]) -> str:
           _stat(r["directory_s"]), _stat(r["memory_mib_per_s"], "{:.0f}"),
           _stat(r["directory_mib_per_s"], "{:.0f}"), f"{r['directory_over_memory']:.1f}x"]
          for r in results["sync"]]))
+  worker_rows = [r for r in results.get("sync") or [] if "worker_s" in r]
+  if worker_rows:
+    out.append("### Weight sync to a sampler in another process (weight_sync=directory)")
+    out.append(common.markdown_table(
+        ["model", "dtype", "MiB", "in-memory s", "versioned write s", "worker reload s",
+         "directory mode s", "directory mode/in-memory", "worker start s"],
+        [[r["model"], r["precision"], f"{r['param_mib']:.1f}", _stat(r["memory_s"]),
+          _stat(r["worker_write_s"]), _stat(r["worker_reload_s"]), _stat(r["worker_s"]),
+          f"{r['worker_over_memory']:.1f}x", f"{r['worker_start_s']:.1f}"]
+         for r in worker_rows]))
   e2e = results.get("e2e")
   if e2e:
     out.append(f"### End to end: one RL iteration ({e2e['engine']} {e2e['precision']}, "

@@ -262,6 +262,25 @@ def check_shared_keys(checker: ConfigChecker) -> None:
   checker.text("model", "'default', 'random' or a Hugging Face model directory")
   checker.text("output_dir", "the run directory")
   checker.choice("vllm_log_level", LOG_LEVELS)
+  check_sync_and_colocation(checker)
+
+
+def check_sync_and_colocation(checker: ConfigChecker) -> None:
+  """`weight_sync` (memory / directory) and `colocate` (vLLM's memory share, sleep level)."""
+  from rl_fp16 import colocation  # pylint: disable=g-import-not-at-top
+  from rl_fp16.sampling.directory_sync import WEIGHT_SYNC_MODES  # pylint: disable=g-import-not-at-top
+  checker.choice("weight_sync", WEIGHT_SYNC_MODES)
+  key = "colocate.sampler_memory_fraction"
+  if checker.has(key) and checker.get(key) is not None:
+    checker.number(key, above=0, at_most=colocation.MAX_SAMPLER_FRACTION)
+  checker.choice("colocate.sleep_level", colocation.SLEEP_LEVELS)
+  level = checker.get("colocate.sleep_level") if checker.has("colocate.sleep_level") else 0
+  if level in (1, 2):
+    engine = checker.get("engine") if checker.has("engine") else None
+    sync = checker.get("weight_sync") if checker.has("weight_sync") else "memory"
+    checker.check(engine == "vllm" and sync == "memory", "colocate.sleep_level",
+                  f"sleep mode needs --config.engine=vllm with --config.weight_sync=memory (the "
+                  f"sampler in this process); got engine {engine!r}, weight_sync {sync!r}")
 
 
 def check_config(config) -> None:

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from rl_fp16 import distributed, objectives, results, sharding
+from rl_fp16 import colocation, distributed, objectives, results, sharding
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data import perfectible
@@ -46,7 +46,8 @@ from rl_fp16.models import lora as lora_lib
 from rl_fp16.models import moe
 from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_policy,
                                get_precision_pair, init_loss_scale)
-from rl_fp16.sampling.engines import JaxEngine, make_engine
+from rl_fp16.sampling.engines import JaxEngine
+from rl_fp16.sampling.sync_modes import make_synced_engine
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
 
 PERFECTIBLE_FILE = "perfectible.jsonl"
@@ -221,8 +222,15 @@ def problem_text(problem) -> str:
   return str(getattr(problem, "prompt", None) or getattr(problem, "question", "") or problem)
 
 
+def colocation_config(config) -> colocation.ColocationConfig:
+  """`config.colocate` (absent: no memory split, no sleep) as a `ColocationConfig`."""
+  return colocation.ColocationConfig(**config.get("colocate", {}))
+
+
 def run(config) -> dict:
   validate_config(config)
+  # JAX's share of a GPU shared with vLLM, before anything starts JAX's backend.
+  colocation.apply_colocation_env(colocation.colocation_env(colocation_config(config)))
   run_dir = run_dir_for(config)
   # Refuse a run directory holding another experiment before loading anything.
   results.check_run_config(run_dir, config, allowed=RESUME_ALLOWED)
@@ -308,12 +316,13 @@ def run(config) -> dict:
                    else lora_lib.merge_lora(base_params, state.params, rl_config.lora))
   if processes > 1:  # one engine per process, fed the gathered params; own vLLM files each
     policy_params = distributed.gather_params(policy_params)
-  engine = make_engine(config.engine, model.config, policy_params, pair.sampler,
-                       workdir=distributed.engine_workdir(run_dir),
-                       tokenizer_dir=model.tokenizer_dir,
-                       eos_token_ids=model.eos_token_ids,
-                       max_model_len=task.max_sequence_len() + config.max_new_tokens,
-                       seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
+  engine = make_synced_engine(
+      config.get("weight_sync", "memory"), config.engine, model.config, policy_params,
+      pair.sampler, weights_dir=os.path.join(run_dir, "weights"), first_step=start_step,
+      colocation=colocation_config(config), workdir=distributed.engine_workdir(run_dir),
+      tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
+      max_model_len=task.max_sequence_len() + config.max_new_tokens,
+      seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
   if processes > 1:
     engine = distributed.ProcessShareEngine(engine)
     print(f"process {jax.process_index()} of {processes}: samples prompts "
@@ -385,6 +394,9 @@ def check_multiprocess_config(config, processes: int) -> None:
   if config.prompts_per_step % processes:
     problems.append(f"--config.prompts_per_step={config.prompts_per_step}: must be a multiple of "
                     f"the {processes} processes (each samples an equal share)")
+  if config.get("weight_sync", "memory") != "memory":
+    problems.append(f"--config.weight_sync={config.weight_sync!r}: a multi-process run syncs each "
+                    "process's engine in memory; allowed: 'memory'")
   if problems:
     raise common.ConfigError(f"Invalid multi-process RL config ({processes} processes):\n"
                              + "\n".join(f"  {p}" for p in problems))

@@ -161,6 +161,9 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert row["param_mib"] > 0
     assert _positive_stat(row["memory_s"]) and _positive_stat(row["directory_s"])
     assert _positive_stat(row["memory_convert_s"]) and _positive_stat(row["memory_reload_s"])
+    for key in ("worker_s", "worker_write_s", "worker_reload_s"):  # weight_sync=directory
+      assert _positive_stat(row[key]), key
+  assert "### Weight sync to a sampler in another process" in proc.stdout
   e2e = results["e2e"]
   for part in ("sample", "score", "logp", "update", "sync", "step"):
     assert _positive_stat(e2e[f"{part}_s"]), part

@@ -91,15 +91,16 @@ def test_rl_passes_vllm_log_level_to_the_engine(tiny_task_model_dir, tmp_path, m
   class Stop(Exception):
     pass
 
-  def fake_make_engine(name, *args, **kwargs):
-    seen.update(kwargs, name=name)
+  def fake_make_synced_engine(weight_sync, name, *args, **kwargs):
+    seen.update(kwargs, name=name, weight_sync=weight_sync)
     raise Stop
 
-  monkeypatch.setattr(rl, "make_engine", fake_make_engine)
+  monkeypatch.setattr(rl, "make_synced_engine", fake_make_synced_engine)
   config = _config(tmp_path, model=tiny_task_model_dir, vllm_log_level="INFO")
   with pytest.raises(Stop):
     rl.run(config)
   assert seen["vllm_log_level"] == "INFO" and seen["name"] == "jax"
+  assert seen["weight_sync"] == "memory" and seen["first_step"] == 0
 
 
 def _cli(module, config_file, *overrides):

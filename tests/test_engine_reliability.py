@@ -141,13 +141,19 @@ def _assert_serves(served, params, rollout, what):
   return mean, worst
 
 
+def _hf_names(served):
+  return served.engine.sampler._expected_shapes  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("sync", ["in_memory", "from_dir"])
 def test_sync_serves_the_pushed_weights(served, sync, tmp_path):
   """After a sync of perturbed params, vLLM's log-probs are the trainer's on those params, and
   the bound used would catch a stale LM head (the head's packed copy of the load-time weights)."""
   new = _perturb(served.base, seed=1 if sync == "in_memory" else 2)
   if sync == "in_memory":
-    served.engine.update_params(new)
+    served.engine.update_params(jax.device_put(new))  # device arrays, as the trainer holds them
+    # JAX and vLLM share the (CPU) device: every tensor went over by DLPack, none via the host.
+    assert served.engine.last_transfer == {"dlpack": len(_hf_names(served)), "host": 0}
   else:
     served.engine.update_params_from_dir(new, tmp_path / "synced")
   served.params = new

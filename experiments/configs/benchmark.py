@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Weight sync into vLLM: in memory vs through a Hugging Face directory.
   config.sync_models = "small,medium"
   config.sync_precisions = "fp32,bf16,fp16"
+  # Also time --config.weight_sync=directory: versioned write + reload by a vLLM worker process.
+  config.sync_worker = True
 
   # End to end: RL iterations (`rl_fp16.train.rl_iteration`) as experiments/configs/sanity.py
   # runs them, on the small model (its synthetic task and reward when it has one).

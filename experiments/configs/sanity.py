@@ -50,5 +50,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Level of vLLM's own logger (engine="vllm"): "WARNING" keeps its per-step INFO lines out of the
   # progress output; "INFO" or "DEBUG" bring them back. A resume may change it.
   config.vllm_log_level = "WARNING"
+  # How updated weights reach the sampler: "memory" (the engine in this process takes them in
+  # memory) or "directory" (the trainer writes versioned HF directories under <run_dir>/weights,
+  # step_NNNNNN/ + LATEST, and a sampler worker in a separate process reloads them; see
+  # docs/sharding.md, "Weight sync modes").
+  config.weight_sync = "memory"
+  # A trainer and vLLM on one GPU: sampler_memory_fraction f is vLLM's gpu_memory_utilization and
+  # JAX gets XLA_PYTHON_CLIENT_MEM_FRACTION = 1 - f - 0.05 (set before JAX starts); unset: both
+  # defaults. sleep_level 1 or 2 puts vLLM to sleep between rollouts (GPU only; rl_fp16.colocation).
+  config.colocate = ml_collections.ConfigDict(dict(
+      sampler_memory_fraction=ml_collections.config_dict.placeholder(float), sleep_level=0))
   config.output_dir = "runs/sanity/{algorithm}_{precision}_seed{seed}"
   return config

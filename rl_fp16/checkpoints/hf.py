@@ -134,12 +134,23 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
                      ) -> dict[str, np.ndarray]:
   """Our params -> {HF tensor name: numpy array [HF shape] in `dtype`} (bfloat16 via ml_dtypes).
 
+  `to_hf_device_arrays`, then everything copied to the host at once. The arrays may be read-only
+  (views of JAX's host buffers); copy one before writing to it.
+  """
+  state = jax.device_get(to_hf_device_arrays(config, params, dtype))
+  return {name: np.ascontiguousarray(value) for name, value in state.items()}
+
+
+def to_hf_device_arrays(config: ModelConfig, params: Params, dtype: Any = "float32"
+                        ) -> dict[str, jax.Array]:
+  """Our params -> {HF tensor name: jax.Array [HF shape] in `dtype`}, where the params live (no
+  host copy: e.g. for DLPack into torch on the same device).
+
   Raises ValueError naming the tensor when a parameter is missing, unexpected or mis-shaped, holds
   NaN/inf, or holds a value beyond `dtype`'s range (e.g. 1e5 in float16, which the cast would
   turn into inf): nothing is returned then, so nothing reaches an engine or a file.
   The transposes, the cast and a per-tensor max |value| reduction run in one jitted XLA program
-  where the params live (per config and dtype), then everything is copied to the host at once. The arrays may be read-only (views of JAX's host buffers); copy one before
-  writing to it.
+  where the params live (per config and dtype); only the maxima come to the host.
   """
   np_dtype = _numpy_dtype(dtype)
   layout = hf_layout(config)
@@ -166,7 +177,8 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
       raise ValueError(f"Parameter {'/'.join(path)} has HF shape {shape}, expected "
                        f"{hf_shape} for tensor {name}")
   # params hold exactly the layout's tensors now (checked above), so all of them go to the device.
-  state, max_abs = jax.device_get(_hf_tensors(config, params, np_dtype))
+  state, max_abs = _hf_tensors(config, params, np_dtype)
+  max_abs = np.asarray(jax.device_get(max_abs))
   limit = float(ml_dtypes.finfo(np_dtype).max)
   problems = []
   for name, peak in zip(layout, max_abs):  # max_abs follows the layout's order
@@ -185,7 +197,7 @@ def to_hf_state_dict(config: ModelConfig, params: Params, dtype: Any = "float32"
   if problems:
     raise ValueError(f"params cannot be converted to {np_dtype.name}:\n  " +
                      "\n  ".join(problems))
-  return {name: np.ascontiguousarray(value) for name, value in state.items()}
+  return state
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))

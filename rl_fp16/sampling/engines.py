@@ -10,8 +10,9 @@ params at every weight sync:
 
 `"jax"` is the in-process JAX sampler (KV-cache forward of our decoder); `"vllm"` is real vLLM,
 started from a Hugging Face directory written by `save_hf` and synced in memory with
-`to_hf_state_dict` afterwards. vLLM serves in the policy's compute dtype with its own kernels, so
-the policy's per-op dtypes (norm, softmax, logits) do not apply to it.
+`to_hf_device_arrays` (DLPack into torch where possible) afterwards. vLLM serves in the policy's
+compute dtype with its own kernels, so the policy's per-op dtypes (norm, softmax, logits) do not
+apply to it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Protocol, Sequence
 import jax
 import numpy as np
 
-from rl_fp16.checkpoints import save_hf, to_hf_state_dict
+from rl_fp16.checkpoints import save_hf, to_hf_device_arrays
 from rl_fp16.models import ModelConfig, token_logprobs
 from rl_fp16.precision import DtypePolicy, cast_floating, dtype_name
 from rl_fp16.sampling import jax_sampler
@@ -109,12 +110,19 @@ class VllmEngine:
     self.last_sync_s = 0.0
 
   def update_params(self, params: Any) -> float:
-    """Pushes params in memory (`to_hf_state_dict` -> vLLM reload); returns seconds."""
+    """Pushes params in memory (`to_hf_device_arrays` -> torch -> vLLM reload); returns seconds.
+
+    The HF-layout arrays reach torch by DLPack where JAX and vLLM share the device (no host round
+    trip), else through the host (`torch_transfer.jax_to_torch`); `last_transfer` counts each.
+    """
+    from rl_fp16.sampling import torch_transfer  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
-    # to_hf_state_dict refuses NaN/inf and values beyond the engine dtype's range (naming the
+    # to_hf_device_arrays refuses NaN/inf and values beyond the engine dtype's range (naming the
     # tensor), so the sampler need not read the weights a second time.
-    self.sampler.update_weights(to_hf_state_dict(self.model_config, params, self.dtype),
-                                check_values=False)
+    tensors, self.last_transfer = torch_transfer.jax_to_torch_dict(
+        to_hf_device_arrays(self.model_config, params, self.dtype), self.sampler.torch_device)
+    self.sampler.update_weights(tensors, check_values=False)
+    del tensors  # they may share the trainer's buffers (DLPack); vLLM has copied them
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
@@ -135,6 +143,13 @@ class VllmEngine:
     return self.sampler.generate(prompt_token_ids, n=n, max_new_tokens=sampling.max_new_tokens,
                                  temperature=sampling.temperature, seed=seed + first_row,
                                  eos_token_id=self.eos_token_id)
+
+  def sleep(self, level: int = 1) -> None:
+    """vLLM's sleep mode (needs `enable_sleep_mode=True`; see `VllmSampler.sleep`)."""
+    self.sampler.sleep(level)
+
+  def wake_up(self, tags: Sequence[str] | None = None) -> None:
+    self.sampler.wake_up(tags)
 
   def close(self) -> None:
     self.sampler.close()

@@ -551,6 +551,12 @@ class VllmSampler:
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
+  @property
+  def torch_device(self) -> torch.device:
+    """The device the engine's weights live on (in-process, tensor_parallel_size 1: device 0)."""
+    platform = vllm_platforms.current_platform
+    return torch.device("cpu") if platform.is_cpu() else torch.device(platform.device_type, 0)
+
   def sleep(self, level: int = 1) -> None:
     """Frees accelerator memory (needs ``enable_sleep_mode``).
 
@@ -561,11 +567,12 @@ class VllmSampler:
       raise RuntimeError("sleep() needs VllmConfig.enable_sleep_mode=True")
     self.llm.sleep(level=level)
 
-  def wake_up(self) -> None:
-    """Re-allocates what ``sleep`` freed."""
+  def wake_up(self, tags: Sequence[str] | None = None) -> None:
+    """Re-allocates what ``sleep`` freed: everything, or only ``tags`` ("weights", "kv_cache";
+    after a level-2 sleep wake "weights", update the weights, then wake "kv_cache")."""
     if not self.config.enable_sleep_mode:
       raise RuntimeError("wake_up() needs VllmConfig.enable_sleep_mode=True")
-    self.llm.wake_up()
+    self.llm.wake_up(None if tags is None else list(tags))
 
   def close(self) -> None:
     """Shuts the engine down and releases its memory; safe to call twice."""

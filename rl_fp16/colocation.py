@@ -1,0 +1,157 @@
+"""Trainer (JAX) and sampler (vLLM) sharing one GPU: the memory split and vLLM's sleep mode.
+
+JAX preallocates 75% of a GPU's memory when its backend starts, which leaves vLLM too little on a
+shared device. One number, `ColocationConfig.sampler_memory_fraction` (f), sets both sides:
+    vLLM:  gpu_memory_utilization = f
+    JAX:   XLA_PYTHON_CLIENT_MEM_FRACTION = 1 - f - HEADROOM
+HEADROOM (5%) is left to the CUDA contexts and to what neither allocator counts. The variable only
+acts if it is set before JAX initialises its backend (its first array or device query), so
+`apply_colocation_env` refuses to run after that unless the environment already holds the value.
+JAX's allocator never gives memory back, so the split is fixed for the run.
+
+Sleep mode (`sleep_level` 1 or 2; vLLM on CUDA/ROCm/XPU only): `SleepBetweenRollouts` puts the
+engine to sleep right after each rollout and wakes it just before the weight sync, so the engine's
+KV cache (level 1: and its weights, offloaded to host memory; level 2: discarded, since the sync
+rewrites them anyway) is released while the trainer computes. That frees memory for allocations
+outside JAX's fixed share (e.g. other processes or torch on the same device); it does not enlarge
+JAX's own pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Mapping, MutableMapping, Sequence
+
+HEADROOM = 0.05
+MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+SLEEP_LEVELS = (0, 1, 2)
+MAX_SAMPLER_FRACTION = 0.9  # JAX keeps at least 1 - 0.9 - HEADROOM = 5%
+
+
+@dataclasses.dataclass(frozen=True)
+class ColocationConfig:
+  """How a colocated trainer and sampler share the accelerator.
+
+  Attributes:
+    sampler_memory_fraction: fraction f of the GPU's memory for vLLM (its gpu_memory_utilization);
+      JAX gets 1 - f - HEADROOM. None leaves both at their defaults (a trainer alone, or CPU).
+    sleep_level: 0 (off), 1 or 2: put vLLM to sleep at this level between rollouts.
+  """
+
+  sampler_memory_fraction: float | None = None
+  sleep_level: int = 0
+
+  def __post_init__(self):
+    f = self.sampler_memory_fraction
+    if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
+                          or not 0 < f <= MAX_SAMPLER_FRACTION):
+      raise ValueError(f"sampler_memory_fraction must be in (0, {MAX_SAMPLER_FRACTION}] or None, "
+                       f"got {f!r}")
+    if self.sleep_level not in SLEEP_LEVELS:
+      raise ValueError(f"sleep_level must be one of {SLEEP_LEVELS}, got {self.sleep_level!r}")
+
+
+def colocation_env(config: ColocationConfig) -> dict[str, str]:
+  """The environment variables JAX must start with: {} or {XLA_PYTHON_CLIENT_MEM_FRACTION: ...}."""
+  f = config.sampler_memory_fraction
+  if f is None:
+    return {}
+  return {MEM_FRACTION_VAR: f"{1.0 - f - HEADROOM:.3f}"}
+
+
+def sampler_engine_options(config: ColocationConfig) -> dict[str, Any]:
+  """vLLM engine keywords (`VllmConfig` fields) for this split and sleep level."""
+  options: dict[str, Any] = {}
+  if config.sampler_memory_fraction is not None:
+    options["gpu_memory_utilization"] = float(config.sampler_memory_fraction)
+  if config.sleep_level:
+    options["enable_sleep_mode"] = True
+  return options
+
+
+def jax_backend_initialized() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()
+
+
+def apply_colocation_env(env: Mapping[str, str],
+                         environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+  """Sets `env` in the process environment before JAX's backend starts; returns what it set.
+
+  Raises:
+    ValueError: a variable is already set to another value (the caller's environment and the
+      config disagree).
+    RuntimeError: JAX's backend is already initialised, so a variable not yet set would not act.
+  """
+  environ = os.environ if environ is None else environ
+  conflicts = [f"{k}={environ[k]} (the config needs {v})" for k, v in env.items()
+               if k in environ and environ[k] != v]
+  if conflicts:
+    raise ValueError("the environment already sets " + ", ".join(conflicts) + "; unset it or "
+                     "change --config.colocate.sampler_memory_fraction")
+  missing = {k: v for k, v in env.items() if k not in environ}
+  if missing and jax_backend_initialized():
+    raise RuntimeError(f"JAX's backend is already initialised, so {missing} would have no "
+                       "effect; set it before the first JAX array or device query (experiments."
+                       "rl does so at the start of run())")
+  environ.update(missing)
+  return missing
+
+
+class SleepBetweenRollouts:
+  """Wraps an engine with `sleep(level)` / `wake_up(tags)` (the vLLM engine): sleeps after every
+  `generate`, wakes before every `update_params`.
+
+  Call order in an RL iteration: generate -> sleep -> (trainer: logp, update) -> wake_up -> sync.
+  Level 2 drops the weights, so it wakes the weights, syncs, then wakes the KV cache. The wake-up
+  is counted in the sync's seconds (`last_wake_s` holds it alone).
+  """
+
+  def __init__(self, engine, level: int):
+    if level not in (1, 2):
+      raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+    for method in ("sleep", "wake_up"):
+      if not callable(getattr(engine, method, None)):
+        raise ValueError(f"engine {getattr(engine, 'name', engine)!r} has no {method}(); sleep "
+                         "mode needs the vLLM engine")
+    self.engine, self.level = engine, level
+    self.asleep = False
+    self.last_wake_s = 0.0
+
+  def __getattr__(self, name):  # name, policy, dtype, sampler, ... of the wrapped engine
+    return getattr(self.engine, name)
+
+  def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int, sampling,
+               seed: int):
+    if self.asleep:  # two rollouts without a sync in between
+      self._wake(None)
+    rollout = self.engine.generate(prompt_token_ids, n=n, sampling=sampling, seed=seed)
+    self.engine.sleep(self.level)
+    self.asleep = True
+    return rollout
+
+  def _wake(self, tags: list[str] | None) -> None:
+    start = time.perf_counter()
+    self.engine.wake_up(tags)
+    self.last_wake_s += time.perf_counter() - start
+    if tags is None or "kv_cache" in tags:
+      self.asleep = False
+
+  def update_params(self, params: Any) -> float:
+    start = time.perf_counter()
+    self.last_wake_s = 0.0
+    if self.asleep and self.level == 2:
+      self._wake(["weights"])
+      self.engine.update_params(params)
+      self._wake(["kv_cache"])
+    else:
+      if self.asleep:
+        self._wake(None)
+      self.engine.update_params(params)
+    self.last_sync_s = time.perf_counter() - start
+    return self.last_sync_s
+
+  def close(self) -> None:
+    self.engine.close()
