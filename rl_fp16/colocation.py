@@ -124,10 +124,11 @@ class SleepBetweenRollouts:
     return getattr(self.engine, name)
 
   def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int, sampling,
-               seed: int):
+               seed: int, first_row: int = 0):
     if self.asleep:  # two rollouts without a sync in between
       self._wake(None)
-    rollout = self.engine.generate(prompt_token_ids, n=n, sampling=sampling, seed=seed)
+    rollout = self.engine.generate(prompt_token_ids, n=n, sampling=sampling, seed=seed,
+                                   first_row=first_row)
     self.engine.sleep(self.level)
     self.asleep = True
     return rollout
