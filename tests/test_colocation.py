@@ -54,14 +54,16 @@ from experiments import rl
 from experiments.configs import sanity
 
 seen = {}
+apply = rl.colocation.apply_colocation_env
 
-def first_model_load(*args, **kwargs):  # the first thing run() does that touches JAX arrays
-  seen["env"] = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+def applied_then_stop(env):  # the env is applied by run() before anything starts JAX's backend
   seen["backend_started"] = xla_bridge.backends_are_initialized()
+  apply(env)
+  seen["env"] = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
   print(json.dumps(seen))
   sys.exit(0)
 
-rl.common.load_policy_model = first_model_load
+rl.colocation.apply_colocation_env = applied_then_stop
 config = sanity.get_config()
 config.colocate.sampler_memory_fraction = 0.4
 config.output_dir = sys.argv[1]
