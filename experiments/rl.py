@@ -43,7 +43,7 @@ from rl_fp16.data import perfectible
 from rl_fp16.data import math_data
 from rl_fp16.data.tasks import MathTask, SyntheticTask, problem_from_record
 from rl_fp16.models import lora as lora_lib
-from rl_fp16.models import moe
+from rl_fp16.models import probes
 from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_policy,
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.engines import JaxEngine
@@ -331,8 +331,9 @@ def run(config) -> dict:
   every = config.get("expert_mismatch", {}).get("every", 1) if model.config.is_moe else 0
 
   def expert_metrics(rollout, params):
-    return moe.rollout_expert_mismatch(model.config, params, rollout,
-                                       trainer_policy=pair.trainer, sampler_policy=pair.sampler)
+    return probes.rollout_expert_mismatch(model.config, params, rollout,
+                                          trainer_policy=pair.trainer,
+                                          sampler_policy=pair.sampler)
 
   history = []
   started = time.time()

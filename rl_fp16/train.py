@@ -23,7 +23,7 @@ from rl_fp16 import advantages as advantages_lib
 from rl_fp16 import mismatch, objectives, precision
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
-from rl_fp16.models.decoder import _forward, _token_logprobs
+from rl_fp16.models import apply_logits, apply_token_logprobs
 from rl_fp16.models.lora import LoraConfig, merge_lora
 from rl_fp16.precision import DtypePolicy
 from rl_fp16.sampling.engines import batched_token_logprobs
@@ -96,8 +96,8 @@ def sft_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy
   a target, e.g. the response; entry t scores log p(tokens[t] | tokens[<t])).
   """
   tokens, attention_mask = batch["tokens"], batch["attention_mask"]
-  logits = _forward(config, policy, params, tokens, attention_mask,
-                    default_positions(attention_mask))
+  logits = apply_logits(config, policy, params, tokens, attention_mask,
+                        default_positions(attention_mask))
   logp = shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype)
   mask = batch["loss_mask"].astype(jnp.float32).at[:, 0].set(0.0)
   num_tokens = jnp.maximum(mask.sum(), 1.0)
@@ -132,8 +132,8 @@ def rl_loss(params, batch: dict[str, jax.Array], base_params=None, *, config: Mo
   if lora_config is not None:
     params = merge_lora(base_params, params, lora_config)
   tokens, attention_mask = batch["tokens"], batch["attention_mask"]
-  logits = _forward(config, policy, params, tokens, attention_mask,
-                    default_positions(attention_mask))
+  logits = apply_logits(config, policy, params, tokens, attention_mask,
+                        default_positions(attention_mask))
   logp, entropy = shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype,
                                    temperature=temperature, with_entropy=True)
   mask = batch["loss_mask"]
@@ -278,8 +278,8 @@ def packed_logprobs(config: ModelConfig, policy: DtypePolicy, params, batch: dic
   if lora_config is not None:
     params = merge_lora(base_params, params, lora_config)
   attention_mask = batch["attention_mask"]
-  logp = _token_logprobs(config, policy, params, batch["tokens"], attention_mask,
-                         default_positions(attention_mask), temperature)
+  logp = apply_token_logprobs(config, policy, params, batch["tokens"], attention_mask,
+                              default_positions(attention_mask), temperature)
   return logp * batch["loss_mask"].astype(jnp.float32)
 
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from rl_fp16.checkpoints import from_hf_state_dict, load_hf, save_hf, to_hf_state_dict
-from rl_fp16.models import ModelConfig, decoder, init_params, moe, token_logprobs
+from rl_fp16.models import ModelConfig, decoder, init_params, moe, probes, token_logprobs
 from rl_fp16.precision import get_policy
 from rl_fp16.sampling.jax_sampler import SamplingConfig, generate
 
@@ -124,7 +124,7 @@ def test_load_hf_matches_transformers(case, tmp_path):
   assert np.abs(ours - theirs).max() <= 1e-4
   assert np.abs(theirs).max() > 1.0
   # The same experts are selected, layer by layer (router logits of the sparse layers only).
-  choices = np.asarray(decoder.expert_choices(config, params, tokens, policy=FP32))
+  choices = np.asarray(probes.expert_choices(config, params, tokens, policy=FP32))
   assert choices.shape == (len(config.moe_layers), 2, 11, 2) and choices.dtype == np.int32
   for j, layer_logits in enumerate(router_logits):
     top = torch.topk(torch.softmax(layer_logits.float(), -1), 2).indices.numpy()
@@ -216,10 +216,10 @@ def test_full_sequence_vs_kv_cache_expert_choices(tiny_moe):
   tokens = _tokens(config.vocab_size, (8, 48), seed=4)
   mask = np.ones_like(tokens)
   mask[:4, :10] = 0  # left padding
-  full, logits = decoder.expert_choices(config, params, tokens, policy=FP32, attention_mask=mask,
-                                        return_logits=True)
+  full, logits = probes.expert_choices(config, params, tokens, policy=FP32, attention_mask=mask,
+                                       return_logits=True)
   for prefill_len in (0, 16):
-    cached, cached_logits = decoder.expert_choices_cached(
+    cached, cached_logits = probes.expert_choices_cached(
         config, params, tokens, policy=FP32, attention_mask=mask, prefill_len=prefill_len,
         return_logits=True)
     assert moe.expert_mismatch(full, cached, mask) == 0.0
@@ -227,10 +227,10 @@ def test_full_sequence_vs_kv_cache_expert_choices(tiny_moe):
     assert np.abs(np.asarray(logits)[valid] - np.asarray(cached_logits)[valid]).max() <= 1e-4
   observed = {}
   for precision in ("bf16", "fp16"):
-    trainer = decoder.expert_choices(config, params, tokens, attention_mask=mask,
-                                     policy=get_policy(precision, "trainer"))
-    sampler = decoder.expert_choices_cached(config, params, tokens, attention_mask=mask,
-                                            policy=get_policy(precision, "sampler"))
+    trainer = probes.expert_choices(config, params, tokens, attention_mask=mask,
+                                    policy=get_policy(precision, "trainer"))
+    sampler = probes.expert_choices_cached(config, params, tokens, attention_mask=mask,
+                                           policy=get_policy(precision, "sampler"))
     observed[precision] = moe.expert_mismatch(trainer, sampler, mask)
     assert 0.0 <= observed[precision] < 0.05
   print(f"expert-set mismatch, full-sequence trainer vs KV-cache sampler: {observed}")
@@ -248,8 +248,8 @@ def test_jax_sampler_serves_moe_and_rollout_mismatch(tiny_moe):
                                    attention_mask=attention_mask))
   logp = logp[:, rollout.prompt_tokens.shape[1]:]
   assert np.abs(logp - rollout.logp_sampler)[rollout.response_mask > 0].max() <= 1e-4
-  metrics = moe.rollout_expert_mismatch(config, params, rollout, trainer_policy=FP32,
-                                        sampler_policy=policy)
+  metrics = probes.rollout_expert_mismatch(config, params, rollout, trainer_policy=FP32,
+                                           sampler_policy=policy)
   assert metrics["mismatch/expert_set_diff"] == 0.0
   assert metrics["mismatch/expert_set_diff_any_layer"] == 0.0
   assert metrics["mismatch/expert_set_diff_num_decisions"] == 6 * 16

@@ -12,7 +12,7 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 from rl_fp16.models import ModelConfig, init_params
-from rl_fp16.models.decoder import _forward
+from rl_fp16.models import apply_logits
 from rl_fp16.precision import get_policy
 
 CONFIG = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
@@ -23,7 +23,7 @@ CONFIG = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermed
 def _loss(config, params, tokens):
   mask = jnp.ones_like(tokens)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  logits = _forward(config, get_policy("fp32"), params, tokens, mask, positions)
+  logits = apply_logits(config, get_policy("fp32"), params, tokens, mask, positions)
   return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
 
 

@@ -6,7 +6,7 @@ The paper reports that the FP16 fix carries over to MoE RL (Qwen3-30B-A3B). Here
 tiny `qwen3_moe` base model (top-k routed experts on every layer) trained on the synthetic task;
 besides the usual mismatch metrics, MoE runs log the fraction of tokens whose selected expert set
 differs between the trainer's full-sequence forward and the sampler's KV-cache forward
-(`rl_fp16.models.moe.rollout_expert_mismatch`, JAX engine).
+(`rl_fp16.models.probes.rollout_expert_mismatch`, JAX engine).
 
 The policy starts from the committed tiny MoE base model (experiments/assets/tiny_moe_base, made
 by `python -m experiments.pretrain_base --config=experiments/configs/pretrain_base.py:moe`, see

@@ -1,8 +1,13 @@
 """The Flax (linen) decoder: one module, two forward paths.
 
-* Full-sequence causal forward (the training engine): `forward`, `token_logprobs`.
+* Full-sequence causal forward (the training engine): the pure jitted `apply_logits` and
+  `apply_token_logprobs` (what step functions call), and `forward` / `token_logprobs`, which
+  validate and default their inputs first.
 * KV-cache forward for incremental decoding (the JAX inference engine): `init_cache`,
   `forward_cached`.
+
+Views into the forward (residual streams, expert choices) live in `rl_fp16.models.probes`; the
+shared layers (`Linear`, `RMSNorm`, RoPE, `attend`, `engine_weight`) in `rl_fp16.models.layers`.
 
 Parameters are a plain nested dict (no `{"params": ...}` wrapper) whose names mirror Hugging Face's:
 
@@ -27,7 +32,6 @@ probabilities and outputs, the MLP activation product, residual adds); it is the
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -37,104 +41,12 @@ import numpy as np
 
 from rl_fp16.models import moe
 from rl_fp16.models.config import ModelConfig
+from rl_fp16.models.layers import (LMHead, Linear, RMSNorm, apply_rope, attend, engine_weight,
+                                   rope_inv_freq)
 from rl_fp16.precision import DtypePolicy, cast_floating
 
 Params = dict[str, Any]
-
-
-def _weight(x: jax.Array, policy: DtypePolicy) -> jax.Array:
-  return policy.round(x.astype(policy.param_dtype).astype(policy.compute_dtype))
-
-
-class Linear(nn.Module):
-  """y = x @ kernel + bias in the compute dtype; kernel is [in, out] (HF weight transposed)."""
-
-  features: int
-  use_bias: bool
-  policy: DtypePolicy
-  init_std: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.normal(self.init_std),
-                        (x.shape[-1], self.features), jnp.float32)
-    y = self.policy.round(jnp.matmul(x.astype(self.policy.compute_dtype),
-                                     _weight(kernel, self.policy)))
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-      y = self.policy.round(y + _weight(bias, self.policy))
-    return y
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm with statistics in `policy.norm_dtype`; the scale multiplies in the compute dtype."""
-
-  eps: float
-  policy: DtypePolicy
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    stats = x.astype(self.policy.norm_dtype)
-    variance = jnp.mean(jnp.square(stats), axis=-1, keepdims=True)
-    normed = (stats * jax.lax.rsqrt(variance + self.eps)).astype(self.policy.compute_dtype)
-    return self.policy.round(_weight(scale, self.policy) * self.policy.round(normed))
-
-
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-  """float32 [head_dim // 2] inverse frequencies, with `llama3` scaling when configured."""
-  dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-  rope = config.rope_dict
-  if rope.get("rope_type") == "llama3":
-    factor = rope["factor"]
-    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    old_len = rope["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    inv_freq = np.where(medium, smoothed, scaled)
-  return inv_freq.astype(np.float32)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
-               policy: DtypePolicy | None = None) -> jax.Array:
-  """Rotates x [B, T, H, Dh] by positions [B, T] (half-split layout, as Hugging Face Qwen/Llama).
-
-  Angles and cos/sin are computed in float32 and rounded to x's dtype, as transformers does (and
-  to an emulated `policy`'s format, as is the result).
-  """
-  rnd = policy.round if policy is not None else lambda v: v
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  cos, sin = rnd(jnp.cos(angles).astype(x.dtype)), rnd(jnp.sin(angles).astype(x.dtype))
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return rnd(x * cos + rotated * sin)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           policy: DtypePolicy) -> jax.Array:
-  """Grouped-query attention.
-
-  Args:
-    q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] (compute dtype).
-    mask: bool [B, T, S], True where query t may attend to key s.
-  Returns:
-    [B, T, H, Dh] in the compute dtype. Scores and softmax run in `policy.softmax_dtype`.
-  """
-  b, t, h, dh = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=policy.softmax_dtype)
-  scores = scores.astype(policy.softmax_dtype) * jnp.asarray(dh ** -0.5, policy.softmax_dtype)
-  big_negative = jnp.finfo(policy.softmax_dtype).min
-  scores = jnp.where(mask[:, None, None, :, :], scores, big_negative)
-  probs = policy.round(jax.nn.softmax(scores, axis=-1).astype(policy.compute_dtype))
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=policy.softmax_dtype)
-  return policy.round(out.astype(policy.compute_dtype)).reshape(b, t, h, dh)
+Cache = tuple[dict[str, jax.Array], ...]  # one {"k", "v"} dict per layer (see `init_cache`)
 
 
 class Attention(nn.Module):
@@ -213,7 +125,7 @@ class Decoder(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32,
                      embedding_init=nn.initializers.normal(cfg.initializer_range),
                      name="embed_tokens")
-    x = _weight(embed.embedding, pol)[tokens]
+    x = engine_weight(embed.embedding, pol)[tokens]
     residuals = [x]
     new_layers = []
     sparse_layers = set(cfg.moe_layers)
@@ -227,26 +139,14 @@ class Decoder(nn.Module):
       new_layers.append(new_layer_cache)
     x = RMSNorm(cfg.rms_norm_eps, pol, name="norm")(x)
     if cfg.tie_word_embeddings:
-      head = _weight(embed.embedding, pol).T
+      head = engine_weight(embed.embedding, pol).T
     else:
-      head = _weight(LMHead(cfg, name="lm_head")(), pol)
+      head = engine_weight(LMHead(cfg, name="lm_head")(), pol)
     logits = jnp.matmul(x, head, preferred_element_type=pol.output_dtype).astype(pol.output_dtype)
     new_cache = None
     if cache is not None:
       new_cache = tuple(new_layers)
     return logits, new_cache, residuals
-
-
-class LMHead(nn.Module):
-  """Holds the untied output projection kernel [D, V]."""
-
-  config: ModelConfig
-
-  @nn.compact
-  def __call__(self):
-    cfg = self.config
-    return self.param("kernel", nn.initializers.normal(cfg.initializer_range),
-                      (cfg.hidden_size, cfg.vocab_size), jnp.float32)
 
 
 # ------------------------------------------------------------------------- public functions ----
@@ -279,19 +179,43 @@ def causal_mask(attention_mask: jax.Array) -> jax.Array:
   return causal[None] & attention_mask.astype(bool)[:, None, :]
 
 
-def _apply(config, policy, params, tokens, positions, mask, cache=None, cache_index=None):
+def apply_decoder(config: ModelConfig, policy: DtypePolicy, params: Params, tokens: jax.Array,
+                  positions: jax.Array, mask: jax.Array, cache: Cache | None = None,
+                  cache_index: jax.Array | None = None, *, mutable=False):
+  """`Decoder.apply` on float32 `params` rounded to `policy.param_dtype` (not jitted).
+
+  Args:
+    tokens, positions: int32 [B, t]; mask: bool [B, t, S] (S = t without a cache).
+    cache, cache_index: as in `forward_cached` (None for the full-sequence path).
+    mutable: flax collections to return (e.g. ["intermediates"]); False for none.
+  Returns:
+    (logits [B, t, V] in `policy.output_dtype`, new cache or None, residuals [L + 1] x [B, t, D]),
+    and the mutated collections when `mutable` names any.
+  """
   params = cast_floating(params, policy.param_dtype)
   return Decoder(config, policy).apply({"params": params}, tokens, positions, mask, cache,
-                                       cache_index)
+                                       cache_index, mutable=mutable)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy"))
-def _forward(config, policy, params, tokens, attention_mask, positions):
-  logits, _, _ = _apply(config, policy, params, tokens, positions, causal_mask(attention_mask))
+def apply_logits(config: ModelConfig, policy: DtypePolicy, params: Params, tokens: jax.Array,
+                 attention_mask: jax.Array, positions: jax.Array) -> jax.Array:
+  """The pure, jitted full-sequence forward (`config`, `policy` static; no input checks).
+
+  Args:
+    params: float32 parameter pytree (see the module docstring).
+    tokens: int32 [B, T]; attention_mask: int32 [B, T], 1 on real tokens; positions: int32 [B, T].
+  Returns:
+    logits [B, T, V] in `policy.output_dtype`.
+  """
+  logits, _, _ = apply_decoder(config, policy, params, tokens, positions,
+                               causal_mask(attention_mask))
   return logits
 
 
-def _prepare(tokens, attention_mask, positions):
+def prepare_inputs(tokens, attention_mask=None, positions=None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Validated int32 (tokens, attention_mask, positions), each [B, T], with the defaults filled."""
   tokens = jnp.asarray(tokens, jnp.int32)
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
@@ -320,8 +244,8 @@ def forward(config: ModelConfig, params: Params, tokens, *, policy: DtypePolicy,
   Returns:
     logits [B, T, V] in `policy.output_dtype`.
   """
-  tokens, attention_mask, positions = _prepare(tokens, attention_mask, positions)
-  return _forward(config, policy, params, tokens, attention_mask, positions)
+  tokens, attention_mask, positions = prepare_inputs(tokens, attention_mask, positions)
+  return apply_logits(config, policy, params, tokens, attention_mask, positions)
 
 
 def logprobs_from_logits(logits: jax.Array, targets: jax.Array, *, dtype=jnp.float32,
@@ -361,8 +285,19 @@ def shifted_logprobs(logits: jax.Array, tokens: jax.Array, attention_mask: jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "temperature"))
-def _token_logprobs(config, policy, params, tokens, attention_mask, positions, temperature):
-  logits = _forward(config, policy, params, tokens, attention_mask, positions)
+def apply_token_logprobs(config: ModelConfig, policy: DtypePolicy, params: Params,
+                         tokens: jax.Array, attention_mask: jax.Array, positions: jax.Array,
+                         temperature: float) -> jax.Array:
+  """The pure, jitted `token_logprobs` (`config`, `policy`, `temperature` static; no checks).
+
+  Args:
+    tokens: int32 [B, T]; attention_mask: int32 [B, T]; positions: int32 [B, T].
+    temperature: a Python float.
+  Returns:
+    float32 [B, T] log p(tokens[t] | tokens[<t]) (0 at t = 0 and at padding), log-softmax in
+    `policy.logsoftmax_dtype`.
+  """
+  logits = apply_logits(config, policy, params, tokens, attention_mask, positions)
   return shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype,
                           temperature=temperature)
 
@@ -394,12 +329,9 @@ def token_logprobs(config: ModelConfig, params: Params, tokens, *, policy: Dtype
       there; RoPE scaling rules are defined up to it).
   """
   _check_max_position(config, tokens, attention_mask, positions)
-  tokens, attention_mask, positions = _prepare(tokens, attention_mask, positions)
-  return _token_logprobs(config, policy, params, tokens, attention_mask, positions,
-                         float(temperature))
-
-
-Cache = tuple[dict[str, jax.Array], ...]
+  tokens, attention_mask, positions = prepare_inputs(tokens, attention_mask, positions)
+  return apply_token_logprobs(config, policy, params, tokens, attention_mask, positions,
+                              float(temperature))
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype) -> Cache:
@@ -433,133 +365,6 @@ def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, posit
   query_slot = cache_index + jnp.arange(t)
   visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [t, S]
   mask = visible[None] & kv_mask.astype(bool)[:, None, :]
-  logits, new_cache, _ = _apply(config, policy, params, tokens, positions, mask, cache,
-                                cache_index)
+  logits, new_cache, _ = apply_decoder(config, policy, params, tokens, positions, mask, cache,
+                                       cache_index)
   return logits, new_cache
-
-
-@functools.partial(jax.jit, static_argnames=("config", "policy"))
-def residual_stream(config: ModelConfig, policy: DtypePolicy, params: Params, tokens: jax.Array,
-                    attention_mask: jax.Array) -> tuple[list[jax.Array], jax.Array]:
-  """Residual stream after the embedding and after each layer ([L + 1] x [B, T, D]) and logits."""
-  positions = default_positions(attention_mask)
-  logits, _, residuals = _apply(config, policy, params, tokens, positions,
-                                causal_mask(attention_mask))
-  return residuals, logits
-
-
-@functools.partial(jax.jit, static_argnames=("config", "policy"))
-def residual_stream_cached(config: ModelConfig, policy: DtypePolicy, params: Params,
-                           tokens: jax.Array, attention_mask: jax.Array
-                           ) -> tuple[jax.Array, jax.Array]:
-  """Like `residual_stream`, but through the KV-cache path, one token at a time.
-
-  Returns residuals [L + 1, B, T, D] and logits [B, T, V]: what the inference engine computes when
-  it decodes these tokens incrementally.
-  """
-  batch, length = tokens.shape
-  cache = init_cache(config, batch, length, policy.compute_dtype)
-  positions = default_positions(attention_mask)
-
-  def step(cache, index):
-    token = jax.lax.dynamic_slice_in_dim(tokens, index, 1, axis=1)
-    position = jax.lax.dynamic_slice_in_dim(positions, index, 1, axis=1)
-    visible = ((jnp.arange(length)[None, None, :] <= index)
-               & attention_mask.astype(bool)[:, None, :])
-    logits, new_cache, residuals = _apply(config, policy, params, token, position, visible, cache,
-                                          index)
-    return new_cache, (jnp.stack(residuals)[:, :, 0], logits[:, 0])
-
-  _, (residuals, logits) = jax.lax.scan(step, cache, jnp.arange(length))
-  return jnp.transpose(residuals, (1, 2, 0, 3)), jnp.transpose(logits, (1, 0, 2))
-
-
-# ------------------------------------------------------------------- mixture-of-experts views ----
-
-
-def _apply_with_choices(config, policy, params, tokens, positions, mask, cache=None,
-                        cache_index=None):
-  """`_apply`, plus the sparse layers' expert choices: int32 [L_moe, B, t, k]."""
-  if not config.moe_layers:
-    raise ValueError(f"a {config.model_type} config has no mixture-of-experts layers")
-  params = cast_floating(params, policy.param_dtype)
-  (logits, new_cache, residuals), state = Decoder(config, policy).apply(
-      {"params": params}, tokens, positions, mask, cache, cache_index, mutable=["intermediates"])
-  sown = state["intermediates"]
-  choices = jnp.stack([sown[f"layers_{i}"]["mlp"][moe.EXPERT_CHOICES][0]
-                       for i in config.moe_layers])
-  return logits, new_cache, residuals, choices
-
-
-@functools.partial(jax.jit, static_argnames=("config", "policy"))
-def _expert_choices(config, policy, params, tokens, attention_mask, positions):
-  logits, _, _, choices = _apply_with_choices(config, policy, params, tokens, positions,
-                                              causal_mask(attention_mask))
-  return choices, logits
-
-
-def expert_choices(config: ModelConfig, params: Params, tokens, *, policy: DtypePolicy,
-                   attention_mask=None, positions=None, return_logits: bool = False):
-  """Experts each sparse layer selects in the full-sequence forward (the training engine).
-
-  Args:
-    tokens, attention_mask, positions: as in `forward`.
-  Returns:
-    int32 [L_moe, B, T, k] (layer j is `config.moe_layers[j]`; the k in descending router
-    probability), and logits [B, T, V] when `return_logits`.
-  """
-  tokens, attention_mask, positions = _prepare(tokens, attention_mask, positions)
-  choices, logits = _expert_choices(config, policy, params, tokens, attention_mask, positions)
-  return (choices, logits) if return_logits else choices
-
-
-@functools.partial(jax.jit, static_argnames=("config", "policy", "prefill_len"))
-def _expert_choices_cached(config, policy, params, tokens, attention_mask, prefill_len):
-  batch, length = tokens.shape
-  cache = init_cache(config, batch, length, policy.compute_dtype)
-  positions = default_positions(attention_mask)
-  kv_mask = attention_mask.astype(bool)
-  choices, logits = [], []
-  if prefill_len:
-    visible = (jnp.arange(length)[None, :] <= jnp.arange(prefill_len)[:, None])[None]
-    out, cache, _, prefill_choices = _apply_with_choices(
-        config, policy, params, tokens[:, :prefill_len], positions[:, :prefill_len],
-        visible & kv_mask[:, None, :], cache, jnp.asarray(0, jnp.int32))
-    choices.append(prefill_choices)
-    logits.append(out)
-
-  def step(cache, index):
-    token = jax.lax.dynamic_slice_in_dim(tokens, index, 1, axis=1)
-    position = jax.lax.dynamic_slice_in_dim(positions, index, 1, axis=1)
-    visible = (jnp.arange(length)[None, None, :] <= index) & kv_mask[:, None, :]
-    out, new_cache, _, step_choices = _apply_with_choices(config, policy, params, token,
-                                                          position, visible, cache, index)
-    return new_cache, (step_choices[:, :, 0], out[:, 0])
-
-  if prefill_len < length:
-    _, (step_choices, step_logits) = jax.lax.scan(step, cache, jnp.arange(prefill_len, length))
-    choices.append(jnp.transpose(step_choices, (1, 2, 0, 3)))  # [T', L, B, k] -> [L, B, T', k]
-    logits.append(jnp.transpose(step_logits, (1, 0, 2)))
-  return jnp.concatenate(choices, axis=2), jnp.concatenate(logits, axis=1)
-
-
-def expert_choices_cached(config: ModelConfig, params: Params, tokens, *, policy: DtypePolicy,
-                          attention_mask=None, prefill_len: int = 0,
-                          return_logits: bool = False):
-  """Experts each sparse layer selects in the KV-cache forward (the in-process sampler's path).
-
-  The first `prefill_len` tokens go through one prefill call (as `JaxSampler` does with the
-  prompt), the rest one token at a time, like `residual_stream_cached`.
-
-  Args:
-    tokens: int [B, T]; attention_mask: int/bool [B, T] (default all ones). Positions are the
-      running count of real tokens, as in `forward`.
-  Returns:
-    int32 [L_moe, B, T, k], and logits [B, T, V] when `return_logits`.
-  """
-  tokens, attention_mask, _ = _prepare(tokens, attention_mask, None)
-  if not 0 <= prefill_len <= tokens.shape[1]:
-    raise ValueError(f"prefill_len={prefill_len} is outside [0, {tokens.shape[1]}]")
-  choices, logits = _expert_choices_cached(config, policy, params, tokens, attention_mask,
-                                           int(prefill_len))
-  return (choices, logits) if return_logits else choices

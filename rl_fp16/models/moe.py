@@ -1,4 +1,4 @@
-"""Qwen3-MoE style sparse MLP (router + top-k experts) and the expert-choice mismatch metric.
+"""Qwen3-MoE style sparse MLP (router + top-k experts) and the expert-set mismatch metric.
 
 The sparse block mirrors Hugging Face's `Qwen3MoeSparseMoeBlock` (transformers 5.19):
 
@@ -19,7 +19,9 @@ Parameters of a sparse layer (HF's per-expert `[out, in]` weights transposed and
     mlp/experts/down_proj/kernel [E, moe_intermediate_size, D]
 
 The selected experts (int32 [B, T, k], in descending router probability) are sown into the
-`intermediates` collection as `expert_choices`; `decoder.expert_choices` collects them.
+`intermediates` collection as `expert_choices`; `probes.expert_choices` collects them, and
+`probes.rollout_expert_mismatch` compares the trainer's and the sampler's choices on a rollout with
+the metric here. This module imports neither the decoder nor the probes.
 """
 
 from __future__ import annotations
@@ -32,15 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_fp16.models.config import ModelConfig
+from rl_fp16.models.layers import StackedKernel, engine_weight
 from rl_fp16.precision import DtypePolicy
 
 EXPERT_CHOICES = "expert_choices"
 ROUTER_SOFTMAX_DTYPE = jnp.float32
-
-
-def _weight(x: jax.Array, policy: DtypePolicy) -> jax.Array:
-  """Rounds a float32 weight to the engine's storage dtype, then to the compute dtype."""
-  return policy.round(x.astype(policy.param_dtype).astype(policy.compute_dtype))
 
 
 def route(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -56,17 +54,6 @@ def route(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Arra
   return weights, indices.astype(jnp.int32)
 
 
-class StackedKernel(nn.Module):
-  """Holds one float32 parameter `kernel` of `shape` (the experts' stacked weights)."""
-
-  shape: tuple[int, ...]
-  init_std: float
-
-  @nn.compact
-  def __call__(self) -> jax.Array:
-    return self.param("kernel", nn.initializers.normal(self.init_std), self.shape, jnp.float32)
-
-
 class SparseMoE(nn.Module):
   """Router + top-k experts. Maps x [B, T, D] to [B, T, D] in the compute dtype."""
 
@@ -79,12 +66,12 @@ class SparseMoE(nn.Module):
     x = x.astype(pol.compute_dtype)
     router = StackedKernel((cfg.hidden_size, cfg.num_experts), cfg.initializer_range,
                            name="gate")()
-    logits = pol.round(jnp.matmul(x, _weight(router, pol)))  # [B, T, E], compute dtype
+    logits = pol.round(jnp.matmul(x, engine_weight(router, pol)))  # [B, T, E], compute dtype
     weights, indices = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
     self.sow("intermediates", EXPERT_CHOICES, indices)
 
     experts = _Experts(cfg, name="experts")
-    w_gate, w_up, w_down = (_weight(w, pol) for w in experts())
+    w_gate, w_up, w_down = (engine_weight(w, pol) for w in experts())
     gate = pol.round(jnp.einsum("btd,edi->btei", x, w_gate))
     up = pol.round(jnp.einsum("btd,edi->btei", x, w_up))
     out = pol.round(jnp.einsum("btei,eid->bted", pol.round(jax.nn.silu(gate) * up),
@@ -117,7 +104,7 @@ def expert_set_differs(choices_a: Any, choices_b: Any) -> np.ndarray:
 
   Args:
     choices_a, choices_b: int [..., k] expert indices of the same shape, e.g. [L_moe, B, T, k]
-      from `expert_choices` and `expert_choices_cached`.
+      from `probes.expert_choices` and `probes.expert_choices_cached`.
   """
   a, b = np.asarray(choices_a), np.asarray(choices_b)
   if a.shape != b.shape:
@@ -175,42 +162,3 @@ def expert_mismatch_metrics(choices_a: Any, choices_b: Any, mask: Any = None, *,
   for j in range(differs.shape[0]):
     out[f"{prefix}_layer{j}"] = frac(differs[j])
   return out
-
-
-def decision_mask(loss_mask: Any, attention_mask: Any) -> np.ndarray:
-  """int32 [B, S]: positions whose forward output predicts a response token.
-
-  Those are the routing decisions behind the response log-probabilities: the last prompt token and
-  every response token but the last (position s predicts token s + 1).
-  """
-  loss_mask, attention_mask = np.asarray(loss_mask), np.asarray(attention_mask)
-  predicts = np.pad(loss_mask[:, 1:], ((0, 0), (0, 1)))
-  return (predicts * attention_mask).astype(np.int32)
-
-
-def rollout_expert_mismatch(config: ModelConfig, params: Any, rollout: Any, *,
-                            trainer_policy: DtypePolicy, sampler_policy: DtypePolicy,
-                            prefix: str = "mismatch/expert_set_diff") -> dict[str, float]:
-  """Expert-set mismatch between the trainer's forward and the JAX sampler's KV-cache forward.
-
-  The trainer path is `expert_choices` (full sequence, `trainer_policy`); the sampler path replays
-  the rollout through the KV cache as `JaxSampler` decodes it (prompt prefilled in one call, then
-  one token at a time, `sampler_policy`). Compared on `decision_mask` positions.
-
-  Args:
-    rollout: a `rl_fp16.sampling.Rollout`.
-  Returns:
-    `expert_mismatch_metrics` of the two, plus `prefix + "_num_decisions"` (tokens compared).
-  """
-  from rl_fp16.models import decoder  # pylint: disable=g-import-not-at-top  (decoder imports us)
-
-  tokens, attention_mask, loss_mask = rollout.full_sequence()
-  trainer = decoder.expert_choices(config, params, tokens, policy=trainer_policy,
-                                   attention_mask=attention_mask)
-  sampler = decoder.expert_choices_cached(config, params, tokens, policy=sampler_policy,
-                                          attention_mask=attention_mask,
-                                          prefill_len=rollout.prompt_tokens.shape[1])
-  mask = decision_mask(loss_mask, attention_mask)
-  metrics = expert_mismatch_metrics(trainer, sampler, mask, prefix=prefix)
-  metrics[f"{prefix}_num_decisions"] = float(mask.sum())
-  return metrics
