@@ -82,8 +82,8 @@ from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy
 from rl_fp16.sampling.directory_sync import DirectorySyncEngine
 from rl_fp16.sampling.engines import make_engine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
-from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, precompile_rl_update,
-                           rl_iteration, rl_train_step)
+from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, make_train_step,
+                           precompile_rl_update, rl_iteration)
 
 SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e", "compare")
 MODEL_NAMES = ("small", "medium")
@@ -402,7 +402,7 @@ def synthetic_rl_batch(vocab_size: int, rows: int, prompt_len: int, response_len
 
 
 def xla_op_profile(trace_dir: str, module: str, top: int = 8) -> list[dict[str, Any]]:
-  """Op time of the jitted `module` (e.g. "jit_rl_train_step") in the newest trace under
+  """Op time of the jitted `module` (e.g. "jit_train_step") in the newest trace under
   `trace_dir`, grouped by op kind (HLO op name without ".N"), largest first.
 
   Returns [{"op", "ms", "share", "count"}] for the `top` kinds; times are summed over threads, so
@@ -444,11 +444,11 @@ def bench_trainer_case(config, model: BenchModel, response_len: int, precision: 
   state = TrainState.create(model.params, optimizer, seed=config.seed,
                             loss_scale=init_loss_scale(default_loss_scale_config(policy)))
   holder = {"state": state}
+  train_step = make_train_step(model.config, policy, optimizer, rl_config=RLConfig(
+      algorithm=config.algorithm, loss=loss_config, temperature=1.0))
 
   def step(_):
-    new_state, metrics = rl_train_step(model.config, policy, optimizer, holder["state"], batch,
-                                       algorithm=config.algorithm, loss_config=loss_config,
-                                       temperature=1.0)
+    new_state, metrics = train_step(holder["state"], batch)
     holder["state"] = jax.block_until_ready(new_state)
     jax.block_until_ready(metrics)
 
@@ -457,7 +457,7 @@ def bench_trainer_case(config, model: BenchModel, response_len: int, precision: 
   if profile_dir:
     with jax.profiler.trace(profile_dir):
       step(0)
-    profile = xla_op_profile(profile_dir, "jit_rl_train_step")
+    profile = xla_op_profile(profile_dir, "jit_train_step")
   seconds = timing.seconds
   flops = train_step_flops(model.config, rows, seq)
   tokens = rows * seq

@@ -49,7 +49,7 @@ from rl_fp16.models.paper_configs import get_paper_config
 from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
                                init_loss_scale)
 from rl_fp16.sampling.engines import make_engine
-from rl_fp16.train import OptimizerConfig, make_optimizer, rl_train_step
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, make_train_step
 
 
 STAGES = ("mismatch", "trainer", "paper")
@@ -137,16 +137,16 @@ def paper_train_case(model_config: ModelConfig, params, precision: str, paper, p
   state = TrainState.create(params, optimizer, seed=seed,
                             loss_scale=init_loss_scale(default_loss_scale_config(policy)))
   start = time.perf_counter()
-  compiled = rl_train_step.lower(
-      model_config, policy, optimizer, state, batch, algorithm="grpo",
-      loss_config=objectives.LossConfig(max_response_len=response_len), temperature=1.0
-  ).compile()
+  train_step = make_train_step(model_config, policy, optimizer, rl_config=RLConfig(
+      algorithm="grpo", loss=objectives.LossConfig(max_response_len=response_len),
+      temperature=1.0))
+  compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   plan = compiled.memory_analysis()
   holder, skipped = {"state": state}, []
 
   def step(_):
-    new_state, metrics = compiled(holder["state"], batch)
+    new_state, metrics = compiled(holder["state"], batch, train_step.base_params)
     holder["state"] = jax.block_until_ready(new_state)
     skipped.append(float(jax.device_get(metrics["train/skipped"])))
 

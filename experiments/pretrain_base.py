@@ -1,9 +1,9 @@
 r"""Trains the tiny base model: a small Qwen2 that is partly competent at the synthetic task.
 
-Supervised training (`sft_step`) on freshly generated problems until held-out pass@1 (sampled at
-temperature 1 with the JAX engine) reaches `target_pass_rate`, then writes a Hugging Face
-directory (safetensors, config.json, tokenizer, task_config.json, pretrain_log.json) that
-transformers and vLLM load as is.
+Supervised training (`make_train_step(..., loss="sft")`) on freshly generated problems until
+held-out pass@1 (sampled at temperature 1 with the JAX engine) reaches `target_pass_rate`, then
+writes a Hugging Face directory (safetensors, config.json, tokenizer, task_config.json,
+pretrain_log.json) that transformers and vLLM load as is.
 
     python -m experiments.pretrain_base --config=experiments/configs/pretrain_base.py
 """
@@ -25,7 +25,7 @@ from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.precision import default_loss_scale_config, get_policy, init_loss_scale
 from rl_fp16.sampling.engines import JaxEngine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
-from rl_fp16.train import OptimizerConfig, make_optimizer, sft_step
+from rl_fp16.train import OptimizerConfig, make_optimizer, make_train_step
 
 
 
@@ -78,6 +78,7 @@ def train(config) -> dict:
   state = TrainState.create(params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(policy)),
                             seed=config.seed)
+  sft_step = make_train_step(model_config, policy, optimizer, loss="sft")
   seq_len = int(-(-task.max_sequence_len() // 32) * 32)
   eval_problems = task.problems(config.eval_problems, seed=config.seed + 999_999)
   max_new_tokens = seq_len
@@ -94,8 +95,7 @@ def train(config) -> dict:
   bar = common.progress(range(1, config.max_steps + 1), desc="pretrain")
   for step in bar:
     problems = task.problems(config.batch_size, seed=config.seed * 1_000_003 + step)
-    state, metrics = sft_step(model_config, policy, optimizer, state,
-                              task.sft_batch(problems, seq_len))
+    state, metrics = sft_step(state, task.sft_batch(problems, seq_len))
     if step % 20 == 0:
       bar.set_postfix(loss=f"{float(metrics['train/loss']):.3f}",
                       tok_acc=f"{float(metrics['sft/token_accuracy']):.3f}", pass1=f"{rate:.2f}")

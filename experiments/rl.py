@@ -48,7 +48,8 @@ from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_pol
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.engines import JaxEngine
 from rl_fp16.sampling.sync_modes import make_synced_engine
-from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
+from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, make_train_step,
+                           rl_iteration)
 
 PERFECTIBLE_FILE = "perfectible.jsonl"
 TASKS = ("synthetic", "math")
@@ -273,13 +274,11 @@ def run(config) -> dict:
   start_step = 0
   train_step = logprobs_fn = None
   if "mesh" in config:  # sharded trainer (experiments/configs/sharded.py)
-    if rl_config.lora is not None:
-      raise ValueError("Sharded LoRA RL is not supported yet; drop --config.mesh or LoRA")
     mesh = sharding.mesh_from_config(config.mesh)
     state = sharding.shard_state(state, mesh)  # restore() below keeps these shardings
-    sharded_step = sharding.make_sharded_rl_train_step(
-        model.config, pair.trainer, optimizer, mesh, algorithm=rl_config.algorithm,
-        loss_config=rl_config.loss, temperature=rl_config.temperature, state=state)
+    sharded_step = make_train_step(model.config, pair.trainer, optimizer, rl_config=rl_config,
+                                   mesh=mesh, state=state, base_params=base_params)
+    base_params = sharded_step.base_params  # LoRA: the frozen base, placed on the mesh once
     # Every process holds the whole (all-gathered) rollout and places its own devices' rows.
     train_step = lambda s, b: sharded_step(s, sharding.shard_global_batch(b, mesh))
     logprobs_fn = sharding.make_rollout_logprobs(model.config, pair.trainer, mesh,

@@ -1,4 +1,5 @@
-"""Sharded training on a device mesh: rules on parameter names -> shardings -> a jitted RL step.
+"""Sharded training on a device mesh: rules on parameter names -> shardings (which
+`rl_fp16.train.make_train_step(..., mesh=mesh)` jits the train step with), placement helpers.
 
 The mesh has three named axes:
 
@@ -13,6 +14,7 @@ dropped for that dimension (logged), so every rule works for every model and mes
 state mirrors the parameters: a leaf whose dict-key path and shape match a parameter (optax's Adam
 ``mu`` / ``nu``) gets that parameter's sharding; anything else (step counts, loss scale, PRNG key)
 is replicated. On one device (mesh 1x1x1) everything is replicated and the step is the plain one.
+LoRA: the adapters (no rule matches them) take the fallback spec, the frozen base the rules.
 
 Multi-host: call `initialize_distributed` first in every process; `jax.devices()` then lists the
 devices of all hosts and the mesh spans them. See docs/sharding.md.
@@ -20,11 +22,11 @@ devices of all hosts and the mesh spans them. See docs/sharding.md.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -35,6 +37,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from rl_fp16 import objectives, precision, train
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
+from rl_fp16.models.lora import LoraConfig, init_lora
 from rl_fp16.precision import DtypePolicy
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -279,15 +282,19 @@ def shard_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
 
 
 def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransformation,
-                         policy: DtypePolicy) -> TrainState:
-  """Shapes and dtypes (no allocation) of the `TrainState` `rl_fp16.train` builds for `config`."""
+                         policy: DtypePolicy, *, lora_config: LoraConfig | None = None,
+                         base_params: Any = None) -> TrainState:
+  """Shapes and dtypes (no allocation) of the `TrainState` `rl_fp16.train` builds for `config`:
+  full params, or with `lora_config` the adapters `init_lora` makes for `base_params`."""
   loss_scale = precision.init_loss_scale(precision.default_loss_scale_config(policy))
 
-  def build():
-    return TrainState.create(init_params(config, jax.random.key(0)), optimizer,
-                             loss_scale=loss_scale, seed=0)
+  def build(base_params):
+    key = jax.random.key(0)
+    params = (init_params(config, key) if lora_config is None
+              else init_lora(lora_config, base_params, key))
+    return TrainState.create(params, optimizer, loss_scale=loss_scale, seed=0)
 
-  return jax.eval_shape(build)
+  return jax.eval_shape(build, base_params)
 
 
 def make_sharded_rl_train_step(config: ModelConfig, policy: DtypePolicy,
@@ -295,27 +302,12 @@ def make_sharded_rl_train_step(config: ModelConfig, policy: DtypePolicy,
                                algorithm: str, loss_config: objectives.LossConfig,
                                temperature: float = 1.0, state: TrainState | None = None,
                                rules: Rules = DEFAULT_RULES):
-  """`rl_fp16.train.rl_train_step` jitted over `mesh`: `step(state, batch) -> (state, metrics)`.
-
-  in_shardings: state by `state_shardings`, batch by `batch_sharding`; out_shardings: the same
-  state shardings and replicated metrics; the input state is donated. Place inputs with
-  `shard_state` / `shard_batch` first (jit does not move committed arrays for you).
-
-  Args:
-    state: a template (concrete, or `jax.eval_shape` output) when the state is not the one
-      `abstract_train_state` builds (e.g. a different loss-scale setting or LoRA params).
-  """
-  if state is None:
-    state = abstract_train_state(config, optimizer, policy)
-  shardings = state_shardings(state, mesh, rules)
-  loss_fn = functools.partial(train.rl_loss, config=config, policy=policy, algorithm=algorithm,
-                              loss_config=loss_config, temperature=temperature)
-
-  def step(state: TrainState, batch: dict[str, jax.Array]):
-    return train.apply_gradients(state, optimizer, loss_fn, batch)
-
-  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
-                 out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+  """Deprecated: `rl_fp16.train.make_train_step(..., mesh=mesh, state=state, rules=rules)`."""
+  warnings.warn("make_sharded_rl_train_step is deprecated; use train.make_train_step(mesh=...)",
+                DeprecationWarning, stacklevel=2)
+  rl_config = train.RLConfig(algorithm=algorithm, loss=loss_config, temperature=temperature)
+  return train.make_train_step(config, policy, optimizer, rl_config=rl_config, mesh=mesh,
+                               state=state, rules=rules)
 
 
 def make_rollout_logprobs(config: ModelConfig, policy: DtypePolicy, mesh: Mesh, *,

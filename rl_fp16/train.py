@@ -1,4 +1,9 @@
-"""Pure step functions (`sft_step`, `rl_train_step`) and the RL iteration that composes them.
+"""The train step factory (`make_train_step`, `make_update`) and the RL iteration around it.
+
+One pure per-minibatch update (`apply_gradients` on the loss of `make_loss_fn`) is the core of
+every step: supervised or RL, full params or LoRA adapters, one device or a mesh. The factories
+jit it once per (model config, policy, optimizer, loss, mesh, shardings), with the state donated
+and, given a mesh, explicit in/out shardings from `rl_fp16.sharding`'s rules.
 
 Every step takes and returns a `TrainState`. Params and optimizer state are float32 master copies;
 the forward/backward runs in the trainer policy's compute dtype. With a loss scale (fp16), the
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -107,14 +113,6 @@ def sft_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy
   return loss, {"sft/token_accuracy": accuracy, "sft/num_tokens": mask.sum()}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "optimizer"), donate_argnums=(3,))
-def sft_step(config: ModelConfig, policy: DtypePolicy, optimizer: optax.GradientTransformation,
-             state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-  """One supervised update on `batch` (see `sft_loss`). Pure; the input state is donated."""
-  return apply_gradients(state, optimizer, functools.partial(sft_loss, config=config,
-                                                             policy=policy), batch)
-
-
 # ------------------------------------------------------------------------------------ RL ----
 
 
@@ -146,63 +144,6 @@ def rl_loss(params, batch: dict[str, jax.Array], base_params=None, *, config: Mo
   return loss, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "optimizer", "algorithm",
-                                             "loss_config", "temperature", "lora_config"),
-                   donate_argnums=(3,))
-def rl_train_step(config: ModelConfig, policy: DtypePolicy,
-                  optimizer: optax.GradientTransformation, state: TrainState,
-                  batch: dict[str, jax.Array], *, algorithm: str,
-                  loss_config: objectives.LossConfig, temperature: float = 1.0,
-                  base_params=None, lora_config: LoraConfig | None = None
-                  ) -> tuple[TrainState, dict]:
-  """One policy-gradient update on a minibatch (see `rl_loss`). Pure; the state is donated.
-
-  LoRA: `state.params` (and the optimizer state) hold only the adapters; pass the frozen
-  `base_params` (not donated, not updated) and a static `lora_config`.
-  """
-  if (base_params is None) != (lora_config is None):
-    raise ValueError("LoRA needs both base_params and lora_config (or neither); got "
-                     f"base_params={'set' if base_params is not None else None}, "
-                     f"lora_config={lora_config}")
-  loss_fn = functools.partial(rl_loss, config=config, policy=policy, algorithm=algorithm,
-                              loss_config=loss_config, temperature=temperature,
-                              lora_config=lora_config)
-  if lora_config is None:
-    return apply_gradients(state, optimizer, loss_fn, batch)
-  return apply_gradients(state, optimizer, loss_fn, batch, base_params)
-
-
-def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
-                         trainer_policy: DtypePolicy, optimizer: optax.GradientTransformation,
-                         rl_config: "RLConfig", rows: int, widths, base_params=None) -> list[int]:
-  """Compiles `packed_logprobs` and `rl_update` for every packed width in `widths` now, so that
-  a later iteration whose batch lands in one of those buckets does not compile.
-
-  Runs both once per width on an all-padding batch (no loss tokens) and a copy of `state`; the
-  state itself is not touched. Returns the widths compiled.
-  """
-  lora = rl_config.lora
-  lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
-  size = rows // rl_config.num_minibatches
-  order = jnp.arange(rows * rl_config.epochs, dtype=jnp.int32).reshape(-1, size) % rows
-  done = []
-  for width in sorted({int(w) for w in widths}):
-    zeros = np.zeros((rows, width), np.int32)
-    batch = jax.device_put({
-        "tokens": zeros, "attention_mask": zeros.copy(), "loss_mask": zeros.copy(),
-        "logp_sampler": np.zeros((rows, width), np.float32),
-        "advantages": np.zeros((rows,), np.float32)})
-    batch["logp_old"] = packed_logprobs(model_config, trainer_policy, state.params, batch,
-                                        temperature=rl_config.temperature, **lora_args)
-    scratch = jax.tree_util.tree_map(jnp.copy, state)  # rl_update donates its state
-    jax.block_until_ready(rl_update(
-        model_config, trainer_policy, optimizer, scratch, batch, order,
-        algorithm=rl_config.algorithm, loss_config=rl_config.loss,
-        temperature=rl_config.temperature, **lora_args))
-    done.append(width)
-  return done
-
-
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
   """What one RL iteration does."""
@@ -220,7 +161,7 @@ class RLConfig:
   # The trainer's sequences: > 0 packs each row's prompt and response from column 0 and pads all
   # rows to the longest prompt + response rounded up to a multiple of `sequence_bucket` (few
   # widths, so few compilations), then computes logp_old in one jitted pass and runs every
-  # minibatch update in one jitted `lax.scan` (`rl_update`). 0: the unbucketed path (prompts
+  # minibatch update in one jitted `lax.scan` (`make_update`). 0: the unbucketed path (prompts
   # left-padded to `prompt_bucket`, responses to `max_new_tokens`, one jitted call per
   # minibatch); the same results up to float rounding (tests/test_speed_levers.py).
   sequence_bucket: int = 64
@@ -256,8 +197,8 @@ _merge_lora = jax.jit(merge_lora, static_argnames=("lora_config", "dtype"))
 
 
 def packed_rollout_batch(rollout, advantages: np.ndarray, width: int) -> dict[str, np.ndarray]:
-  """A rollout as `rl_update` takes it: `Rollout.packed_sequence(width)` arrays, the sampler's
-  log-probs at their packed columns, advantages [B] (logp_old is computed on device)."""
+  """A rollout as `make_update`'s update takes it: `Rollout.packed_sequence(width)` arrays, the
+  sampler's log-probs at their packed columns, advantages [B] (logp_old is computed on device)."""
   tokens, attention_mask, loss_mask = rollout.packed_sequence(width)
   return {
       "tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
@@ -271,7 +212,7 @@ def packed_logprobs(config: ModelConfig, policy: DtypePolicy, params, batch: dic
                     *, temperature: float = 1.0, base_params=None,
                     lora_config: LoraConfig | None = None) -> jax.Array:
   """The trainer's log-probs of every row's response tokens, float32 [B, S] (0 off
-  `batch["loss_mask"]`), in one jitted forward over all rows: the logp_old of `rl_update`.
+  `batch["loss_mask"]`), in one jitted forward over all rows: the logp_old of `make_update`.
 
   With `lora_config`, `params` are the adapters and the model is `merge_lora(base_params, params)`.
   """
@@ -283,31 +224,247 @@ def packed_logprobs(config: ModelConfig, policy: DtypePolicy, params, batch: dic
   return logp * batch["loss_mask"].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "optimizer", "algorithm",
-                                             "loss_config", "temperature", "lora_config"),
-                   donate_argnums=(3,))
-def rl_update(config: ModelConfig, policy: DtypePolicy, optimizer: optax.GradientTransformation,
-              state: TrainState, batch: dict[str, jax.Array], order: jax.Array, *,
-              algorithm: str, loss_config: objectives.LossConfig, temperature: float = 1.0,
-              base_params=None, lora_config: LoraConfig | None = None
-              ) -> tuple[TrainState, dict]:
-  """Every minibatch update of one generation batch in one jitted `lax.scan`.
+# ---------------------------------------------------------------------------- step factory ----
 
-  batch: as `rl_loss` takes it, for all rows (logp_old included); order: int32 [K, M], row
-  indices of the K minibatches in the order they are applied. Each scan step is `rl_train_step`'s
-  update on rows `order[k]`. Returns the state after K updates and the metrics stacked [K].
-  One dispatch and one host round trip for all K updates; the state is donated.
+LOSSES = ("rl", "sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """The static settings of a step's loss (hashable: part of the jit cache key).
+
+  kind "sft": `sft_loss`. kind "rl": `rl_loss` with `algorithm`, `loss_config`, `temperature`
+  and, for LoRA, `lora` (the adapters train on a frozen base passed to the step).
   """
-  loss_fn = functools.partial(rl_loss, config=config, policy=policy, algorithm=algorithm,
-                              loss_config=loss_config, temperature=temperature,
-                              lora_config=lora_config)
-  extra = () if lora_config is None else (base_params,)
 
-  def body(state, rows):
-    minibatch = {key: jnp.take(value, rows, axis=0) for key, value in batch.items()}
-    return apply_gradients(state, optimizer, loss_fn, minibatch, *extra)
+  kind: str
+  algorithm: str | None = None
+  loss_config: objectives.LossConfig | None = None
+  temperature: float = 1.0
+  lora: LoraConfig | None = None
 
-  return jax.lax.scan(body, state, order)
+
+def loss_spec(loss: str, rl_config: "RLConfig | None" = None, base_params=None) -> LossSpec:
+  """The `LossSpec` of `make_train_step`'s arguments, after checking that they fit together."""
+  if loss not in LOSSES:
+    raise ValueError(f"Unknown loss {loss!r}; allowed: {list(LOSSES)}")
+  if loss == "sft":
+    if rl_config is not None or base_params is not None:
+      raise ValueError("loss='sft' takes no rl_config and no base_params (full fine-tuning)")
+    return LossSpec("sft")
+  if rl_config is None:
+    raise ValueError("loss='rl' needs rl_config (its algorithm, loss, temperature and lora)")
+  if (base_params is None) != (rl_config.lora is None):
+    raise ValueError("LoRA needs both base_params and lora_config (rl_config.lora), or neither; "
+                     f"got base_params={'set' if base_params is not None else None}, "
+                     f"lora_config={rl_config.lora}")
+  return LossSpec("rl", rl_config.algorithm, rl_config.loss, rl_config.temperature,
+                  rl_config.lora)
+
+
+def make_loss_fn(model_config: ModelConfig, policy: DtypePolicy, spec: LossSpec) -> Callable:
+  """`loss_fn(params, batch, base_params) -> (loss float32 [], metrics)` for `spec`.
+
+  With `spec.lora`, `params` are the adapters and `base_params` the frozen base they merge into;
+  otherwise `base_params` is None and unused.
+  """
+  if spec.kind == "sft":
+    def loss_fn(params, batch, base_params):
+      del base_params  # full fine-tuning
+      return sft_loss(params, batch, config=model_config, policy=policy)
+    return loss_fn
+  return functools.partial(rl_loss, config=model_config, policy=policy, algorithm=spec.algorithm,
+                           loss_config=spec.loss_config, temperature=spec.temperature,
+                           lora_config=spec.lora)
+
+
+def minibatch_update(state: TrainState, batch: dict[str, jax.Array], base_params, *,
+                     optimizer: optax.GradientTransformation, loss_fn: Callable
+                     ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on one minibatch: the body of every step (plain, LoRA, sharded, and
+  each iteration of `make_update`'s scan)."""
+  return apply_gradients(state, optimizer, loss_fn, batch, base_params)
+
+
+def _freeze(tree) -> tuple:
+  """A pytree of shardings as a hashable key (its treedef and leaves)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple(leaves)
+
+
+def _thaw(key: tuple):
+  treedef, leaves = key
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(form: str, model_config: ModelConfig, policy: DtypePolicy,
+            optimizer: optax.GradientTransformation, spec: LossSpec, shardings: tuple | None):
+  """The one jitted function of `form` for these statics (cached: building the same step again,
+  e.g. in every `rl_iteration`, reuses its compilations; a rebuilt optimizer is a new key).
+
+  form "step": `train_step(state, batch, base_params)`; form "update":
+  `update(state, batch, order, base_params)`. shardings: None, or `_freeze` of (state, batch,
+  base, replicated) shardings. The state is donated.
+  """
+  update_fn = functools.partial(minibatch_update, optimizer=optimizer,
+                                loss_fn=make_loss_fn(model_config, policy, spec))
+
+  def train_step(state, batch, base_params):
+    return update_fn(state, batch, base_params)
+
+  def update(state, batch, order, base_params):
+    def body(state, rows):
+      minibatch = {key: jnp.take(value, rows, axis=0) for key, value in batch.items()}
+      return update_fn(state, minibatch, base_params)
+    return jax.lax.scan(body, state, order)
+
+  fn = train_step if form == "step" else update
+  if shardings is None:
+    return jax.jit(fn, donate_argnames="state")
+  state_sharding, batch_sharding, base_sharding, replicated = _thaw(shardings)
+  in_shardings = ((state_sharding, batch_sharding, base_sharding) if form == "step"
+                  else (state_sharding, batch_sharding, replicated, base_sharding))
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=(state_sharding, replicated),
+                 donate_argnames="state")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainStep:
+  """A jitted step with the frozen LoRA base bound (None without LoRA).
+
+  `step(state, batch) -> (state, metrics)` (`make_train_step`) or
+  `update(state, batch, order) -> (state, metrics [K])` (`make_update`); `lower(...)` takes the
+  same arguments (ahead-of-time compilation). The state is donated; the base is not.
+  """
+
+  jitted: Any
+  base_params: Any = None
+
+  def __call__(self, state: TrainState, *args):
+    return self.jitted(state, *args, self.base_params)
+
+  def lower(self, state: TrainState, *args):
+    return self.jitted.lower(state, *args, self.base_params)
+
+
+def _make(form: str, model_config: ModelConfig, policy: DtypePolicy,
+          optimizer: optax.GradientTransformation, *, loss: str, rl_config, mesh, base_params,
+          state, rules) -> TrainStep:
+  spec = loss_spec(loss, rl_config, base_params)
+  shardings = None
+  if mesh is not None:
+    from rl_fp16 import sharding  # pylint: disable=g-import-not-at-top (sharding imports train)
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    if state is None:
+      state = sharding.abstract_train_state(model_config, optimizer, policy,
+                                            lora_config=spec.lora, base_params=base_params)
+    base_sharding = None
+    if base_params is not None:  # placed once here, so every call passes it as jit expects
+      base_sharding = sharding.param_shardings(base_params, mesh, rules)
+      base_params = jax.device_put(base_params, base_sharding)
+    shardings = _freeze((sharding.state_shardings(state, mesh, rules),
+                         sharding.batch_sharding(mesh), base_sharding, sharding.replicated(mesh)))
+  return TrainStep(_jitted(form, model_config, policy, optimizer, spec, shardings), base_params)
+
+
+def make_train_step(model_config: ModelConfig, policy: DtypePolicy,
+                    optimizer: optax.GradientTransformation, *, loss: str = "rl",
+                    rl_config: "RLConfig | None" = None, mesh=None, base_params=None,
+                    state: TrainState | None = None, rules=None) -> TrainStep:
+  """The train step: `step(state, batch) -> (state, metrics)`, one minibatch, jitted once.
+
+  Closes over the optimizer and the static configs (none is a jit argument); the state is
+  donated. Metrics: `apply_gradients`'s (float32 scalars).
+
+  Args:
+    loss: "rl" (`rl_loss`; batch: tokens, attention_mask, loss_mask [B, S], logp_old,
+      logp_sampler float32 [B, S], advantages float32 [B]) or "sft" (`sft_loss`; batch:
+      tokens, attention_mask, loss_mask [B, S]).
+    rl_config: with loss "rl": its algorithm, loss, temperature and lora are used.
+    mesh: a `rl_fp16.sharding.make_mesh` mesh: the state goes in and out with
+      `sharding.state_shardings`, the batch with `sharding.batch_sharding`, metrics replicated.
+      Place the state with `sharding.shard_state` and the batch with `sharding.shard_batch` /
+      `shard_global_batch` (jit does not move committed arrays).
+    base_params: the frozen base params of LoRA (`rl_config.lora`; then `state.params` are the
+      adapters); bound to the step, not donated, not updated; with a mesh, placed by
+      `sharding.param_shardings` here.
+    state: with a mesh, a template (concrete or from `jax.eval_shape`) of the state the step
+      takes, when it is not `sharding.abstract_train_state`'s (e.g. another loss-scale setting).
+    rules: with a mesh, the sharding rules (default `sharding.DEFAULT_RULES`).
+  """
+  return _make("step", model_config, policy, optimizer, loss=loss, rl_config=rl_config,
+               mesh=mesh, base_params=base_params, state=state, rules=rules)
+
+
+def make_update(model_config: ModelConfig, policy: DtypePolicy,
+                optimizer: optax.GradientTransformation, *, loss: str = "rl",
+                rl_config: "RLConfig | None" = None, mesh=None, base_params=None,
+                state: TrainState | None = None, rules=None) -> TrainStep:
+  """Every minibatch update of one generation batch in one jitted `lax.scan`:
+  `update(state, batch, order) -> (state, metrics)`.
+
+  batch: as `make_train_step`'s, for all rows; order: int32 [K, M], the row indices of the K
+  minibatches in the order they are applied. Each scan iteration is `make_train_step`'s update
+  (`minibatch_update`) on rows `order[k]`; metrics come back stacked [K]. One dispatch and one
+  host round trip for all K updates; the state is donated. Arguments as `make_train_step`.
+  """
+  return _make("update", model_config, policy, optimizer, loss=loss, rl_config=rl_config,
+               mesh=mesh, base_params=base_params, state=state, rules=rules)
+
+
+def sft_step(config: ModelConfig, policy: DtypePolicy, optimizer: optax.GradientTransformation,
+             state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+  """Deprecated: `make_train_step(config, policy, optimizer, loss="sft")(state, batch)`."""
+  warnings.warn("sft_step is deprecated; use make_train_step(..., loss='sft')",
+                DeprecationWarning, stacklevel=2)
+  return make_train_step(config, policy, optimizer, loss="sft")(state, batch)
+
+
+def rl_train_step(config: ModelConfig, policy: DtypePolicy,
+                  optimizer: optax.GradientTransformation, state: TrainState,
+                  batch: dict[str, jax.Array], *, algorithm: str,
+                  loss_config: objectives.LossConfig, temperature: float = 1.0,
+                  base_params=None, lora_config: LoraConfig | None = None
+                  ) -> tuple[TrainState, dict]:
+  """Deprecated: `make_train_step(config, policy, optimizer, rl_config=RLConfig(algorithm=...,
+  loss=..., temperature=..., lora=...), base_params=...)(state, batch)`."""
+  warnings.warn("rl_train_step is deprecated; use make_train_step", DeprecationWarning,
+                stacklevel=2)
+  rl_config = RLConfig(algorithm=algorithm, loss=loss_config, temperature=temperature,
+                       lora=lora_config)
+  return make_train_step(config, policy, optimizer, rl_config=rl_config,
+                         base_params=base_params)(state, batch)
+
+
+def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
+                         trainer_policy: DtypePolicy, optimizer: optax.GradientTransformation,
+                         rl_config: "RLConfig", rows: int, widths, base_params=None) -> list[int]:
+  """Compiles `packed_logprobs` and `make_update`'s update for every packed width in `widths`
+  now, so that a later iteration whose batch lands in one of those buckets does not compile.
+
+  Runs both once per width on an all-padding batch (no loss tokens) and a copy of `state`; the
+  state itself is not touched. Returns the widths compiled.
+  """
+  lora = rl_config.lora
+  lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
+  update = make_update(model_config, trainer_policy, optimizer, rl_config=rl_config,
+                       base_params=base_params)
+  size = rows // rl_config.num_minibatches
+  order = jnp.arange(rows * rl_config.epochs, dtype=jnp.int32).reshape(-1, size) % rows
+  done = []
+  for width in sorted({int(w) for w in widths}):
+    zeros = np.zeros((rows, width), np.int32)
+    batch = jax.device_put({
+        "tokens": zeros, "attention_mask": zeros.copy(), "loss_mask": zeros.copy(),
+        "logp_sampler": np.zeros((rows, width), np.float32),
+        "advantages": np.zeros((rows,), np.float32)})
+    batch["logp_old"] = packed_logprobs(model_config, trainer_policy, state.params, batch,
+                                        temperature=rl_config.temperature, **lora_args)
+    scratch = jax.tree_util.tree_map(jnp.copy, state)  # the update donates its state
+    jax.block_until_ready(update(scratch, batch, order))
+    done.append(width)
+  return done
 
 
 def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy,
@@ -326,8 +483,8 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
     reward_fn: (rollout) -> float32 [B] rewards.
     seed: sampling seed of this step (and of the minibatch shuffle).
     base_params: the frozen base params; required with `rl_config.lora`, else must be None.
-    train_step: (state, minibatch) -> (state, metrics) replacing `rl_train_step` (e.g. the
-      sharded step of `rl_fp16.sharding`).
+    train_step: (state, minibatch) -> (state, metrics) replacing the default
+      `make_train_step` step (e.g. one built with a mesh); it also turns off the packed path.
     extra_metrics: (rollout, params that sampled it) -> more metrics for this step.
     logprobs_fn: with `train_step`, (params, rollout) -> the trainer's log-probs of the
       response tokens, float32 [B, T] (e.g. `rl_fp16.sharding.make_rollout_logprobs`: data
@@ -395,24 +552,19 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
   start = time.perf_counter()
   if packed:
     batch["logp_old"] = logp_old_packed
-    state, stacked = rl_update(model_config, trainer_policy, optimizer, state, batch,
-                               jnp.asarray(order, jnp.int32), algorithm=rl_config.algorithm,
-                               loss_config=rl_config.loss, temperature=rl_config.temperature,
-                               **lora_args)
+    update = make_update(model_config, trainer_policy, optimizer, rl_config=rl_config,
+                         base_params=base_params)
+    state, stacked = update(state, batch, jnp.asarray(order, jnp.int32))
     stacked = jax.device_get(stacked)
     update_metrics = [{key: value[k] for key, value in stacked.items()}
                       for k in range(order.shape[0])]
   else:
     batch = rollout_batch(rollout, logp_old, advantages)
+    step = train_step or make_train_step(model_config, trainer_policy, optimizer,
+                                         rl_config=rl_config, base_params=base_params)
     update_metrics = []
     for idx in order:
-      minibatch = {key: value[idx] for key, value in batch.items()}
-      if train_step is not None:  # e.g. the sharded step of rl_fp16.sharding
-        state, metrics = train_step(state, minibatch)
-      else:
-        state, metrics = rl_train_step(model_config, trainer_policy, optimizer, state, minibatch,
-                                       algorithm=rl_config.algorithm, loss_config=rl_config.loss,
-                                       temperature=rl_config.temperature, **lora_args)
+      state, metrics = step(state, {key: value[idx] for key, value in batch.items()})
       update_metrics.append(jax.device_get(metrics))
   times["time/update_s"] = time.perf_counter() - start
 

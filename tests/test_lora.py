@@ -21,7 +21,8 @@ from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models import lora as lora_lib
 from rl_fp16.precision import get_policy, get_precision_pair
 from rl_fp16.sampling.engines import JaxEngine
-from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration, rl_train_step
+from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, make_train_step,
+                            rl_iteration)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32 = get_policy("fp32")
@@ -141,8 +142,11 @@ def test_rl_train_step_needs_base_and_config_together():
   base = init_params(CONFIG, jax.random.key(0))
   config = lora_lib.LoraConfig(rank=1, alpha=2.0)
   with pytest.raises(ValueError, match="both base_params and lora_config"):
-    rl_train_step(CONFIG, FP32, make_optimizer(OptimizerConfig()), None, {}, algorithm="grpo",
-                  loss_config=objectives.LossConfig(), lora_config=config)
+    make_train_step(CONFIG, FP32, make_optimizer(OptimizerConfig()),
+                    rl_config=RLConfig(loss=objectives.LossConfig(), lora=config))
+  with pytest.raises(ValueError, match="both base_params and lora_config"):
+    make_train_step(CONFIG, FP32, make_optimizer(OptimizerConfig()), rl_config=RLConfig(),
+                    base_params=base)
   with pytest.raises(ValueError, match="needs base_params"):
     rl_iteration(None, model_config=CONFIG, trainer_policy=FP32, optimizer=None, engine=None,
                  prompts=[], reward_fn=None, rl_config=RLConfig(lora=config), seed=0)

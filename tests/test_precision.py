@@ -10,7 +10,7 @@ from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params, token_logprobs
 from rl_fp16.precision import (DtypePolicy, LossScaleConfig, get_policy, get_precision_pair,
                                init_loss_scale)
-from rl_fp16.train import OptimizerConfig, apply_gradients, make_optimizer, sft_step
+from rl_fp16.train import OptimizerConfig, apply_gradients, make_optimizer, make_train_step
 
 CONFIG = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -132,7 +132,7 @@ def test_fp16_sft_step_keeps_float32_master_weights():
       precision.default_loss_scale_config(policy)))
   tokens = np.random.default_rng(1).integers(0, 48, (4, 12)).astype(np.int32)
   batch = dict(tokens=tokens, attention_mask=np.ones_like(tokens), loss_mask=np.ones_like(tokens))
-  state, metrics = sft_step(CONFIG, policy, optimizer, state, batch)
+  state, metrics = make_train_step(CONFIG, policy, optimizer, loss="sft")(state, batch)
   assert float(metrics["train/skipped"]) == 0.0 and float(metrics["train/loss_scale"]) == 2.0**15
   dtypes = {x.dtype for x in jax.tree_util.tree_leaves((state.params, state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)}

@@ -1,4 +1,5 @@
-"""Sharded training: rules, placement, and sharded RL step == single-device step.
+"""Sharded training: rules, placement, and sharded RL step == single-device step (full params and
+LoRA).
 
 The 8-device check needs `XLA_FLAGS=--xla_force_host_platform_device_count=8` before JAX starts,
 so it runs this file as a script in a subprocess (`python tests/test_sharding.py --child`) and
@@ -20,8 +21,9 @@ from jax.sharding import PartitionSpec as P
 from rl_fp16 import objectives, sharding
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params, token_logprobs
+from rl_fp16.models import lora as lora_lib
 from rl_fp16.precision import get_policy
-from rl_fp16.train import OptimizerConfig, make_optimizer, rl_train_step
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
@@ -30,6 +32,9 @@ TINY = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermedia
 MESHES = ((2, 4, 1), (2, 2, 2), (1, 1, 1))  # (data, fsdp, tensor); 1x1x1 on the first device
 ALGORITHM = "grpo_token_tis"
 LOSS = objectives.LossConfig()
+RL_CONFIG = RLConfig(algorithm=ALGORITHM, loss=LOSS)
+LORA = lora_lib.LoraConfig(rank=2, alpha=4.0)  # every projection
+LORA_MESH = (2, 2, 2)
 
 
 def _setup(seed=0, batch_size=8, seq_len=16):
@@ -64,13 +69,13 @@ def _new_state(params, optimizer):
 
 
 def _reference(steps=2):
-  """Params and per-step metrics of the unsharded `rl_train_step`."""
+  """Params and per-step metrics of the unsharded `make_train_step` step."""
   policy, optimizer, params, batch = _setup()
   state = _new_state(params, optimizer)
+  step = make_train_step(TINY, policy, optimizer, rl_config=RL_CONFIG)
   losses, grad_norms = [], []
   for _ in range(steps):
-    state, metrics = rl_train_step(TINY, policy, optimizer, state, batch, algorithm=ALGORITHM,
-                                   loss_config=LOSS)
+    state, metrics = step(state, batch)
     losses.append(float(metrics["train/loss"]))
     grad_norms.append(float(metrics["train/grad_norm"]))
   return jax.device_get(state.params), losses, grad_norms
@@ -94,8 +99,7 @@ def _child() -> dict:
     policy, optimizer, params, batch = _setup()
     mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor,
                               devices=jax.devices()[:data * fsdp * tensor])
-    step = sharding.make_sharded_rl_train_step(TINY, policy, optimizer, mesh, algorithm=ALGORITHM,
-                                               loss_config=LOSS)
+    step = make_train_step(TINY, policy, optimizer, rl_config=RL_CONFIG, mesh=mesh)
     state = sharding.shard_state(_new_state(params, optimizer), mesh)
     sharded_batch = sharding.shard_batch(batch, mesh)
     losses, grad_norms = [], []
@@ -125,7 +129,44 @@ def _child() -> dict:
         "tokens_shard": list(sharded_batch["tokens"].addressable_shards[0].data.shape),
         "seconds": time.perf_counter() - start,
     }
+  report["lora"] = _lora_report()
   return report
+
+
+def _lora_steps(mesh=None, steps=2):
+  """(adapters after `steps` LoRA updates, losses, the step's base params): on one device, or
+  on `mesh` with the state, batch and frozen base sharded."""
+  policy, optimizer, base, batch = _setup()
+  adapters = lora_lib.init_lora(LORA, base, jax.random.key(1))
+  step = make_train_step(TINY, policy, optimizer, rl_config=RLConfig(
+      algorithm=ALGORITHM, loss=LOSS, lora=LORA), base_params=base, mesh=mesh)
+  state = _new_state(adapters, optimizer)
+  if mesh is not None:
+    state, batch = sharding.shard_state(state, mesh), sharding.shard_batch(batch, mesh)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["train/loss"]))
+  return state.params, losses, step.base_params
+
+
+def _lora_report() -> dict:
+  ref_adapters, ref_losses, _ = _lora_steps()
+  data, fsdp, tensor = LORA_MESH
+  mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+  adapters, losses, base = _lora_steps(mesh)
+  fresh = lora_lib.init_lora(LORA, _setup()[2], jax.random.key(1))
+  q_base = base["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  return {
+      "mesh": f"{data}x{fsdp}x{tensor}",
+      "adapter_max_abs_diff": _max_diff(adapters, ref_adapters),
+      "adapter_moved": _max_diff(ref_adapters, fresh),
+      "loss": losses, "ref_loss": ref_losses,
+      "base_q_kernel_spec": str(q_base.sharding.spec),
+      "base_q_kernel_shard": list(q_base.addressable_shards[0].data.shape),
+      "lora_b_devices": len(adapters["layers_0"]["self_attn"]["q_proj"]["lora_b"]
+                            .sharding.device_set),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +190,17 @@ def test_sharded_step_matches_single_device(eight_device_report, mesh_name):
   np.testing.assert_allclose(r["loss"], r["ref_loss"], atol=1e-5, rtol=0)
   np.testing.assert_allclose(r["grad_norm"], r["ref_grad_norm"], rtol=1e-5)
   assert r["ref_loss"][0] != r["ref_loss"][1]  # the second step sees updated params
+
+
+def test_sharded_lora_step_matches_single_device(eight_device_report):
+  r = eight_device_report["lora"]
+  assert r["mesh"] == "2x2x2"
+  assert r["adapter_moved"] > 1e-3, r  # the adapters trained
+  assert r["adapter_max_abs_diff"] <= 1e-5, r
+  np.testing.assert_allclose(r["loss"], r["ref_loss"], atol=1e-5, rtol=0)
+  # The frozen base is sharded by the rules; the adapter state spans the mesh.
+  assert r["base_q_kernel_spec"] == str(P("fsdp", "tensor"))
+  assert r["base_q_kernel_shard"] == [32, 32] and r["lora_b_devices"] == 8
 
 
 def test_one_device_mesh_is_replicated(eight_device_report):

@@ -9,7 +9,7 @@ import pytest
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.precision import LossScaleConfig, get_policy, init_loss_scale
-from rl_fp16.train import OptimizerConfig, make_optimizer, sft_step
+from rl_fp16.train import OptimizerConfig, make_optimizer, make_train_step
 
 CONFIG = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -29,7 +29,7 @@ def _run(state, steps, policy):
   losses = []
   for _ in range(steps):
     batch = _batch(state)
-    state, metrics = sft_step(CONFIG, policy, OPTIMIZER, state, batch)
+    state, metrics = make_train_step(CONFIG, policy, OPTIMIZER, loss="sft")(state, batch)
     state = state.replace(data_position=state.data_position + 1,
                           rng=jax.random.split(state.rng)[0])
     losses.append(float(metrics["train/loss"]))
