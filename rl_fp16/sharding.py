@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -34,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from rl_fp16 import objectives, precision, train
+from rl_fp16 import precision, train
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models.lora import LoraConfig, init_lora
@@ -295,19 +294,6 @@ def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransform
     return TrainState.create(params, optimizer, loss_scale=loss_scale, seed=0)
 
   return jax.eval_shape(build, base_params)
-
-
-def make_sharded_rl_train_step(config: ModelConfig, policy: DtypePolicy,
-                               optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                               algorithm: str, loss_config: objectives.LossConfig,
-                               temperature: float = 1.0, state: TrainState | None = None,
-                               rules: Rules = DEFAULT_RULES):
-  """Deprecated: `rl_fp16.train.make_train_step(..., mesh=mesh, state=state, rules=rules)`."""
-  warnings.warn("make_sharded_rl_train_step is deprecated; use train.make_train_step(mesh=...)",
-                DeprecationWarning, stacklevel=2)
-  rl_config = train.RLConfig(algorithm=algorithm, loss=loss_config, temperature=temperature)
-  return train.make_train_step(config, policy, optimizer, rl_config=rl_config, mesh=mesh,
-                               state=state, rules=rules)
 
 
 def make_rollout_logprobs(config: ModelConfig, policy: DtypePolicy, mesh: Mesh, *,

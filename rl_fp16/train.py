@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-import warnings
 from typing import Any, Callable
 
 import jax
@@ -411,30 +410,6 @@ def make_update(model_config: ModelConfig, policy: DtypePolicy,
   """
   return _make("update", model_config, policy, optimizer, loss=loss, rl_config=rl_config,
                mesh=mesh, base_params=base_params, state=state, rules=rules)
-
-
-def sft_step(config: ModelConfig, policy: DtypePolicy, optimizer: optax.GradientTransformation,
-             state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-  """Deprecated: `make_train_step(config, policy, optimizer, loss="sft")(state, batch)`."""
-  warnings.warn("sft_step is deprecated; use make_train_step(..., loss='sft')",
-                DeprecationWarning, stacklevel=2)
-  return make_train_step(config, policy, optimizer, loss="sft")(state, batch)
-
-
-def rl_train_step(config: ModelConfig, policy: DtypePolicy,
-                  optimizer: optax.GradientTransformation, state: TrainState,
-                  batch: dict[str, jax.Array], *, algorithm: str,
-                  loss_config: objectives.LossConfig, temperature: float = 1.0,
-                  base_params=None, lora_config: LoraConfig | None = None
-                  ) -> tuple[TrainState, dict]:
-  """Deprecated: `make_train_step(config, policy, optimizer, rl_config=RLConfig(algorithm=...,
-  loss=..., temperature=..., lora=...), base_params=...)(state, batch)`."""
-  warnings.warn("rl_train_step is deprecated; use make_train_step", DeprecationWarning,
-                stacklevel=2)
-  rl_config = RLConfig(algorithm=algorithm, loss=loss_config, temperature=temperature,
-                       lora=lora_config)
-  return make_train_step(config, policy, optimizer, rl_config=rl_config,
-                         base_params=base_params)(state, batch)
 
 
 def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
