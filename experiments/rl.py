@@ -39,19 +39,17 @@ from experiments import common
 from rl_fp16 import colocation, distributed, objectives, results, sharding
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
-from rl_fp16.data import perfectible
-from rl_fp16.data import math_data
-from rl_fp16.data.tasks import MathTask, SyntheticTask, problem_from_record
+# Task, subset and step problems: re-exported (tests and scripts use rl.PERFECTIBLE_FILE etc.).
+from rl_fp16.data.rl_problems import (PERFECTIBLE_FILE, TASKS, build_subset,  # pylint: disable=unused-import
+                                      load_or_build_subset, load_task, problem_text,
+                                      step_problems)
 from rl_fp16.models import lora as lora_lib
 from rl_fp16.models import moe
-from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_policy,
+from rl_fp16.precision import (cast_floating, default_loss_scale_config,
                                get_precision_pair, init_loss_scale)
-from rl_fp16.sampling.engines import JaxEngine
 from rl_fp16.sampling.sync_modes import make_synced_engine
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
 
-PERFECTIBLE_FILE = "perfectible.jsonl"
-TASKS = ("synthetic", "math")
 OUTPUT_DIR_FIELDS = ("algorithm", "precision", "seed", "engine", "advantage")
 # Keys a resume may change (see rl_fp16.results.check_run_config): the length of the run, how often
 # it checkpoints, where its directory is, how much vLLM logs, and the multi-host coordinator.
@@ -131,64 +129,6 @@ def validate_config(config) -> None:
   check.raise_if_failed("RL experiment config")
 
 
-def load_task(model, config=None):
-  """The task to train on: the synthetic task of the model directory (default), or MATH problems
-  from `config.data_path` when `config.task == "math"`."""
-  if config is not None and config.get("task", "synthetic") == "math":
-    import transformers  # pylint: disable=g-import-not-at-top
-    if model.tokenizer_dir is None:
-      raise ValueError(f"The MATH task needs a model directory with a tokenizer; got "
-                       f"{model.description}")
-    return MathTask(transformers.AutoTokenizer.from_pretrained(model.tokenizer_dir),
-                    template=config.template, max_prompt_tokens=config.max_prompt_tokens)
-  if config is not None and config.get("task", "synthetic") != "synthetic":
-    raise ValueError(f"Unknown --config.task={config.task!r}; allowed: synthetic, math")
-  if model.tokenizer_dir is None:
-    raise ValueError(f"RL needs a model with a tokenizer and task_config.json; got "
-                     f"{model.description}. Train one with experiments.pretrain_base.")
-  from rl_fp16.data import synthetic, tokenizer  # pylint: disable=g-import-not-at-top
-  return SyntheticTask(synthetic.load_task_config(model.tokenizer_dir),
-                       tokenizer.load_tokenizer(model.tokenizer_dir))
-
-
-def build_subset(model, task: SyntheticTask, *, pool: int, k: int, low: float, high: float,
-                 max_new_tokens: int, seed: int):
-  """The perfectible subset of `pool` fresh problems: pass rate over k samples in [low, high].
-
-  Sampled with the fp32 JAX engine at temperature 1, so the subset does not depend on the
-  precision under study.
-  """
-  engine = JaxEngine(model.config, model.params, get_policy("fp32", "sampler"),
-                     eos_token_ids=model.eos_token_ids, batch_bucket=64)
-  return task.pass_rates_subset(engine, task.problems(pool, seed=seed + 77), k=k, low=low,
-                                high=high, max_new_tokens=max_new_tokens, seed=seed)
-
-
-def load_or_build_subset(config, model, task, run_dir: str):
-  """The problems to train on.
-
-  MATH: the problems of `config.data_path` (JSONL / parquet / tfds directory; e.g. a perfectible
-  subset written by `rl_fp16.data.perfectible.write_subset`). Synthetic: the perfectible subset
-  shipped with the model, cached in the run dir, or built now.
-  """
-  if isinstance(task, MathTask):
-    problems = math_data.load_math_problems(config.data_path)
-    rates = [float(p.metadata.get("pass_rate", float("nan"))) for p in problems]
-    return problems, rates, config.data_path
-  for path in (os.path.join(model.tokenizer_dir, PERFECTIBLE_FILE),
-               os.path.join(run_dir, PERFECTIBLE_FILE)):
-    if os.path.exists(path):
-      records, rates = perfectible.read_subset(path)
-      return [problem_from_record(r) for r in records], rates, path
-  pc = config.perfectible
-  print(f"building the perfectible subset: {pc.pool} problems x {pc.k} samples (fp32 JAX engine)")
-  subset, rates = build_subset(model, task, pool=pc.pool, k=pc.k, low=pc.low, high=pc.high,
-                               max_new_tokens=config.max_new_tokens, seed=config.seed)
-  path = os.path.join(run_dir, PERFECTIBLE_FILE)
-  perfectible.write_subset(path, subset, rates)
-  return subset, rates, path
-
-
 def make_lora_config(config) -> lora_lib.LoraConfig | None:
   """`config.lora` as a `LoraConfig`, or None when absent or not enabled."""
   lora = config.get("lora")
@@ -204,22 +144,6 @@ def make_rl_config(config) -> RLConfig:
                   num_minibatches=config.num_minibatches, epochs=config.epochs,
                   temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                   lora=make_lora_config(config))
-
-
-def step_problems(subset, step: int, prompts_per_step: int, seed: int):
-  """The problems of a step: epochs over the subset, each in a seeded random order."""
-  per_epoch = max(len(subset) // prompts_per_step, 1)
-  epoch, index = divmod(step, per_epoch)
-  order = np.random.default_rng(seed * 7919 + epoch).permutation(len(subset))
-  chosen = order[index * prompts_per_step:(index + 1) * prompts_per_step]
-  if len(chosen) < prompts_per_step:  # tiny subsets: wrap around
-    chosen = np.resize(order, prompts_per_step)
-  return [subset[i] for i in chosen]
-
-
-def problem_text(problem) -> str:
-  """A problem's prompt as a person reads it (synthetic `prompt`, MATH `question`)."""
-  return str(getattr(problem, "prompt", None) or getattr(problem, "question", "") or problem)
 
 
 def colocation_config(config) -> colocation.ColocationConfig:
