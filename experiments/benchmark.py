@@ -59,9 +59,9 @@ from experiments import common
 from rl_fp16 import objectives
 from rl_fp16.data.rl_problems import PERFECTIBLE_FILE, load_task
 from rl_fp16.profiling import (MIB, CompileCounter, SectionClock, current_rss_mib, decode_flops,
-                               generate_speed, invert_stat, matmul_peak, peak_flops_per_s,
-                               peak_rss_mib, summarize, time_calls, train_step_flops,
-                               train_step_speed)
+                               generate_speed, host_params, invert_stat, matmul_peak,
+                               peak_flops_per_s, peak_rss_mib, random_qwen2_config, summarize,
+                               time_calls, train_step_flops, train_step_speed, with_context)
 from rl_fp16.checkpoints import to_hf_state_dict
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
@@ -159,38 +159,18 @@ class BenchModel:
     return self.config.num_params()
 
 
-def _host(params: Any) -> Any:
-  """Numpy copies: every train state and engine then builds its own device buffers (a donated
-  train state never deletes the model's arrays)."""
-  return jax.tree_util.tree_map(lambda x: np.array(x, np.float32), params)
-
-
-def _with_context(config: ModelConfig, length: int) -> ModelConfig:
-  """The config with max_position_embeddings >= length (vLLM refuses longer max_model_len)."""
-  need = int(-(-length // 64) * 64)
-  if config.max_position_embeddings >= need:
-    return config
-  return config.replace(max_position_embeddings=need)
-
-
 def load_models(config, names: Sequence[str], max_len: int) -> dict[str, BenchModel]:
   """The named models ("small", "medium") with a context of at least `max_len` tokens."""
   models = {}
   if "small" in names:
     policy_model = common.load_policy_model(config.model, seed=config.seed)
     models["small"] = BenchModel(
-        "small", _with_context(policy_model.config, max_len), _host(policy_model.params),
+        "small", with_context(policy_model.config, max_len), host_params(policy_model.params),
         policy_model.description, policy_model.make_prompts,
         tuple(policy_model.eos_token_ids), policy_model.tokenizer_dir)
   if "medium" in names:
-    m = config.medium
-    model_config = ModelConfig(
-        model_type="qwen2", vocab_size=m.vocab_size, hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
-        qkv_bias=True, tie_word_embeddings=False, max_position_embeddings=max(max_len, 2048))
-    model_config = _with_context(model_config, max_len)
-    params = _host(init_params(model_config, jax.random.key(config.seed)))
+    model_config = random_qwen2_config(config.medium, max_len)
+    params = host_params(init_params(model_config, jax.random.key(config.seed)))
     models["medium"] = BenchModel(
         "medium", model_config, params,
         f"random Qwen2 ({model_config.num_hidden_layers} layers, d={model_config.hidden_size}, "

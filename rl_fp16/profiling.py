@@ -40,7 +40,7 @@ import os
 import re
 import resource
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -290,6 +290,36 @@ def decode_flops(model_config: ModelConfig, rows: int, prompt_len: int, steps: i
                 * model_config.head_dim)
   contexts = prompt_len + np.arange(steps)
   return float(rows * (dense * steps + attn * contexts.sum()))
+
+
+# ------------------------------------------------------------------------ models to time ----
+
+
+def host_params(params: Any) -> Any:
+  """Numpy float32 copies: every train state and engine then builds its own device buffers (a
+  donated train state never deletes the model's arrays)."""
+  return jax.tree_util.tree_map(lambda x: np.array(x, np.float32), params)
+
+
+def with_context(config: ModelConfig, length: int) -> ModelConfig:
+  """The config with max_position_embeddings >= length, rounded up to 64 (vLLM refuses a longer
+  max_model_len)."""
+  need = int(-(-length // 64) * 64)
+  if config.max_position_embeddings >= need:
+    return config
+  return config.replace(max_position_embeddings=need)
+
+
+def random_qwen2_config(shape: Mapping[str, int], max_len: int) -> ModelConfig:
+  """A Qwen2 config (q/k/v bias, untied embeddings) of `shape` (vocab_size, hidden_size,
+  intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads) with a context
+  of at least `max_len` (and 2048) tokens: a model to time with random weights."""
+  keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads", "num_key_value_heads")
+  config = ModelConfig(model_type="qwen2", qkv_bias=True, tie_word_embeddings=False,
+                       max_position_embeddings=max(max_len, 2048),
+                       **{key: int(shape[key]) for key in keys})
+  return with_context(config, max_len)
 
 
 # -------------------------------------------------------------------------------- speeds ----
