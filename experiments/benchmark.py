@@ -7,7 +7,7 @@ Sections (`--config.sections`), each figure the median of `repetitions` timed ru
 untimed ones, reported with min and max:
   peak      a jitted N x N float32 matmul (bf16 and fp16 for reference): FLOP/s, the reference
             for utilisation.
-  trainer   `rl_train_step` tokens/s and model-FLOPs utilisation (MFU) per model size, response
+  trainer   train-step (`make_train_step`) tokens/s and model-FLOPs utilisation (MFU) per model size, response
             length and precision.
   samplers  generated tokens/s of the JAX sampler and of vLLM on the same model, prompts, batch
             and lengths (no EOS: every row runs to the length), per precision.
@@ -27,39 +27,23 @@ untimed ones, reported with min and max:
 Writes `benchmark.json` (every figure, its repetitions, the targets) and `config.json` to
 `--config.output_dir` and prints markdown tables and the issue's targets with PASS/FAIL.
 
-Model FLOPs of one training step (the MFU numerator), on B sequences of S tokens:
-    6 * (N + d * V) * B * S  +  12 * L * H * d_head * S^2 * B
-N: non-embedding parameters (`ModelConfig.num_params(include_embeddings=False)`); d * V: the
-output projection, a matmul even when tied (the input embedding is a gather, not counted);
-6 = 2 (multiply-add) x 3 (forward, and backward for activations and weights). Attention: per
-layer and sequence the forward computes QK^T and PV, 2 * S^2 * H * d_head each, x 3 for the
-backward; counted over the full S x S square our attention evaluates (as PaLM's MFU does). The
-log-softmax, entropy, norms, optimizer and loss are not counted. MFU = model FLOPs / step
-seconds / the measured float32 matmul peak.
+Model FLOPs, MFU (model FLOPs / step seconds / the measured float32 matmul peak) and the compile
+counting (`CompileCounter`: a call that reuses cached executables counts 0): the measuring tools
+of rl_fp16/profiling.py, whose module doc gives the formulas.
 
 Profiles (`--config.profile=True`): after each trainer case's timed steps, one more step runs under
 `jax.profiler.trace` into `<output_dir>/profile/<case>/` (open it in Perfetto or TensorBoard's
 profile plugin); the report lists the step's XLA ops grouped by kind (the HLO op name without its
 ".N" suffix: `ynn_fusion` and `dot` are matmuls on CPU, `copy*`/`transpose*` layout changes) with
 their share of op time, summed over threads.
-
-Compilations are counted with a `jax.monitoring` listener (`CompileCounter`): every XLA backend
-compile (event "/jax/core/compile/backend_compile_duration", which carries the function name) and
-every executable loaded from the persistent compilation cache. A call that reuses cached
-executables counts 0.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import glob
-import gzip
 import json
 import os
 import platform
-import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -72,8 +56,12 @@ import ml_collections
 import numpy as np
 
 from experiments import common
-from experiments import rl
 from rl_fp16 import objectives
+from rl_fp16.data.rl_problems import PERFECTIBLE_FILE, load_task
+from rl_fp16.profiling import (MIB, CompileCounter, SectionClock, current_rss_mib, decode_flops,
+                               generate_speed, host_params, invert_stat, matmul_peak,
+                               peak_flops_per_s, peak_rss_mib, random_qwen2_config, summarize,
+                               time_calls, train_step_flops, train_step_speed, with_context)
 from rl_fp16.checkpoints import to_hf_state_dict
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
@@ -81,13 +69,11 @@ from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.directory_sync import DirectorySyncEngine
 from rl_fp16.sampling.engines import make_engine
-from rl_fp16.sampling.jax_sampler import SamplingConfig
-from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, make_train_step,
-                           precompile_rl_update, rl_iteration)
+from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, precompile_rl_update,
+                           rl_iteration)
 
 SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e", "compare")
 MODEL_NAMES = ("small", "medium")
-MIB = 2.0**20
 
 # The issue's targets (ratios, since absolute times drift on a shared 2-core machine).
 TARGET_MFU = 0.40
@@ -106,142 +92,7 @@ TRL_SETUP = "bash experiments/peers/setup_trl.sh ~/.venvs/trl-peer"
 COMPARE_ENGINES = ("jax", "vllm", "vllm_compiled")
 
 
-# ------------------------------------------------------------------------ measuring tools ----
-
-
-class CompileCounter:
-  """Counts XLA compilations in this process while active (a context manager).
-
-  Listens to `jax.monitoring` events: each backend compile records its duration under
-  "/jax/core/compile/backend_compile_duration" with the jitted function's name; an executable
-  loaded from the persistent compilation cache instead records "/jax/compilation_cache/
-  cache_hits". Either means a call needed an executable it did not have in memory. `seconds`
-  adds up every "/jax/core/compile/" stage (tracing, lowering, XLA compile), also per function
-  in `seconds_by_function`.
-  """
-
-  COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-  STAGE_PREFIX = "/jax/core/compile/"
-  CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-
-  def __init__(self):
-    self.names: list[str] = []
-    self.seconds = 0.0
-    self.seconds_by_function: dict[str, float] = {}
-
-  @property
-  def count(self) -> int:
-    return len(self.names)
-
-  def _on_duration(self, event: str, duration: float, **kwargs) -> None:
-    if event.startswith(self.STAGE_PREFIX):  # tracing, lowering to MLIR, XLA compile
-      self.seconds += duration
-      name = str(kwargs.get("fun_name", "?"))
-      name = name[4:-1] if name.startswith("jit(") and name.endswith(")") else name
-      self.seconds_by_function[name] = self.seconds_by_function.get(name, 0.0) + duration
-    if event == self.COMPILE_EVENT:
-      self.names.append(str(kwargs.get("fun_name", "?")))
-
-  def _on_event(self, event: str, **kwargs) -> None:
-    if event == self.CACHE_HIT_EVENT:
-      self.names.append(f"cache:{kwargs.get('fun_name', '?')}")
-
-  def __enter__(self) -> "CompileCounter":
-    jax.monitoring.register_event_duration_secs_listener(self._on_duration)
-    jax.monitoring.register_event_listener(self._on_event)
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    jax.monitoring.unregister_event_duration_listener(self._on_duration)
-    jax.monitoring.unregister_event_listener(self._on_event)
-
-
-def summarize(values: Sequence[float]) -> dict[str, Any]:
-  """{"median", "min", "max", "values"} of the repetitions."""
-  values = [float(v) for v in values]
-  if not values:
-    raise ValueError("No repetitions to summarize")
-  return {"median": float(np.median(values)), "min": min(values), "max": max(values),
-          "values": values}
-
-
-def invert_stat(stat: dict[str, Any], numerator: float) -> dict[str, Any]:
-  """numerator / value per repetition (seconds -> a rate)."""
-  return summarize([numerator / max(v, 1e-12) for v in stat["values"]])
-
-
-@dataclasses.dataclass
-class Timing:
-  """What `time_calls` measured.
-
-  Attributes:
-    seconds: the timed calls' seconds, summarized (median, min, max, values).
-    compiles: compilations during each timed call (0 when nothing recompiled).
-    recompiled: names of what compiled during the timed calls.
-    warmup_compile_s: seconds spent tracing, lowering and compiling during the warm-up calls.
-  """
-
-  seconds: dict[str, Any]
-  compiles: list[int]
-  recompiled: list[str]
-  warmup_compile_s: float
-
-
-def time_calls(fn: Callable[[int], Any], *, warmup: int, repetitions: int) -> Timing:
-  """Calls `fn(i)` for i in range(warmup + repetitions), timing the last `repetitions` calls.
-
-  `fn` must block until its work is done (`jax.block_until_ready`).
-  """
-  with CompileCounter() as warmup_counter:
-    for i in range(warmup):
-      fn(i)
-  seconds, compiles, names = [], [], []
-  for i in range(warmup, warmup + repetitions):
-    with CompileCounter() as counter:
-      start = time.perf_counter()
-      fn(i)
-      seconds.append(time.perf_counter() - start)
-    compiles.append(counter.count)
-    names += counter.names
-  return Timing(summarize(seconds), compiles, sorted(set(names)), warmup_counter.seconds)
-
-
-class SectionClock:
-  """Wall and process CPU seconds of a block (CPU / wall shows how much of the machine the
-  benchmark got: about the number of busy cores when nothing else runs)."""
-
-  def __init__(self):
-    self.wall = self.cpu = 0.0
-
-  @staticmethod
-  def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-  def __enter__(self) -> "SectionClock":
-    self._wall0, self._cpu0 = time.perf_counter(), self._cpu()
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.wall = time.perf_counter() - self._wall0
-    self.cpu = self._cpu() - self._cpu0
-
-  def to_dict(self) -> dict[str, float]:
-    return {"wall_s": self.wall, "cpu_s": self.cpu}
-
-
-def peak_rss_mib() -> float:
-  """The process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def current_rss_mib() -> float:
-  """The process's resident set size now (Linux /proc/self/statm), MiB."""
-  try:
-    with open("/proc/self/statm") as f:
-      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
-  except OSError:
-    return float("nan")
+# ------------------------------------------------------------------------------- helpers ----
 
 
 def _csv(text: str) -> list[str]:
@@ -308,38 +159,18 @@ class BenchModel:
     return self.config.num_params()
 
 
-def _host(params: Any) -> Any:
-  """Numpy copies: every train state and engine then builds its own device buffers (a donated
-  train state never deletes the model's arrays)."""
-  return jax.tree_util.tree_map(lambda x: np.array(x, np.float32), params)
-
-
-def _with_context(config: ModelConfig, length: int) -> ModelConfig:
-  """The config with max_position_embeddings >= length (vLLM refuses longer max_model_len)."""
-  need = int(-(-length // 64) * 64)
-  if config.max_position_embeddings >= need:
-    return config
-  return config.replace(max_position_embeddings=need)
-
-
 def load_models(config, names: Sequence[str], max_len: int) -> dict[str, BenchModel]:
   """The named models ("small", "medium") with a context of at least `max_len` tokens."""
   models = {}
   if "small" in names:
     policy_model = common.load_policy_model(config.model, seed=config.seed)
     models["small"] = BenchModel(
-        "small", _with_context(policy_model.config, max_len), _host(policy_model.params),
+        "small", with_context(policy_model.config, max_len), host_params(policy_model.params),
         policy_model.description, policy_model.make_prompts,
         tuple(policy_model.eos_token_ids), policy_model.tokenizer_dir)
   if "medium" in names:
-    m = config.medium
-    model_config = ModelConfig(
-        model_type="qwen2", vocab_size=m.vocab_size, hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
-        qkv_bias=True, tie_word_embeddings=False, max_position_embeddings=max(max_len, 2048))
-    model_config = _with_context(model_config, max_len)
-    params = _host(init_params(model_config, jax.random.key(config.seed)))
+    model_config = random_qwen2_config(config.medium, max_len)
+    params = host_params(init_params(model_config, jax.random.key(config.seed)))
     models["medium"] = BenchModel(
         "medium", model_config, params,
         f"random Qwen2 ({model_config.num_hidden_layers} layers, d={model_config.hidden_size}, "
@@ -353,132 +184,23 @@ def load_models(config, names: Sequence[str], max_len: int) -> dict[str, BenchMo
 
 
 def bench_peak(config) -> dict[str, Any]:
-  """FLOP/s of a jitted N x N @ N x N matmul per dtype (float32 is the MFU reference)."""
-  n = int(config.peak_matmul_size)
-  flops = 2.0 * n**3
-  matmul = jax.jit(jnp.matmul)
-  out = {"matmul_size": n}
-  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-    keys = jax.random.split(jax.random.key(config.seed))
-    a = jax.random.normal(keys[0], (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(keys[1], (n, n), jnp.float32).astype(dtype)
-    seconds = time_calls(lambda i, a=a, b=b: matmul(a, b).block_until_ready(),
-                         warmup=max(config.warmup, 1), repetitions=config.repetitions).seconds
-    out[dtype_name(dtype)] = {"seconds": seconds, "flops_per_s": invert_stat(seconds, flops)}
-  return out
+  """`profiling.matmul_peak` at the config's size, seed, warm-up and repetitions."""
+  return matmul_peak(config.peak_matmul_size, seed=config.seed, warmup=config.warmup,
+                     repetitions=config.repetitions)
 
 
 # --------------------------------------------------------------------------------- trainer ----
 
 
-def train_step_flops(model_config: ModelConfig, batch: int, seq_len: int) -> dict[str, float]:
-  """Model FLOPs of one training step on `batch` sequences of `seq_len` tokens (module doc)."""
-  dense_params = (model_config.num_params(include_embeddings=False, active_only=True)
-                  + model_config.hidden_size * model_config.vocab_size)
-  dense = 6.0 * dense_params * batch * seq_len
-  attention = (12.0 * model_config.num_hidden_layers * model_config.num_attention_heads
-               * model_config.head_dim * seq_len**2 * batch)
-  return {"dense": dense, "attention": attention, "total": dense + attention,
-          "dense_params": float(dense_params)}
-
-
-def synthetic_rl_batch(vocab_size: int, rows: int, prompt_len: int, response_len: int,
-                       seed: int) -> dict[str, np.ndarray]:
-  """A full-sequence RL minibatch as `rl_train_step` takes it, with random tokens."""
-  rng = np.random.default_rng(seed)
-  seq = prompt_len + response_len
-  loss_mask = np.zeros((rows, seq), np.int32)
-  loss_mask[:, prompt_len:] = 1
-  logp = np.where(loss_mask > 0, -np.log(vocab_size), 0.0).astype(np.float32)
-  return {
-      "tokens": rng.integers(0, vocab_size, (rows, seq)).astype(np.int32),
-      "attention_mask": np.ones((rows, seq), np.int32),
-      "loss_mask": loss_mask,
-      "logp_old": logp,
-      "logp_sampler": logp + (0.01 * rng.standard_normal(logp.shape) * loss_mask
-                              ).astype(np.float32),
-      "advantages": rng.standard_normal(rows).astype(np.float32),
-  }
-
-
-def xla_op_profile(trace_dir: str, module: str, top: int = 8) -> list[dict[str, Any]]:
-  """Op time of the jitted `module` (e.g. "jit_train_step") in the newest trace under
-  `trace_dir`, grouped by op kind (HLO op name without ".N"), largest first.
-
-  Returns [{"op", "ms", "share", "count"}] for the `top` kinds; times are summed over threads, so
-  on a multi-threaded backend they can exceed wall time. Reads the Chrome-trace JSON that
-  `jax.profiler.trace` writes next to its xplane file.
-  """
-  traces = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
-  if not traces:
-    raise FileNotFoundError(f"No *.trace.json.gz under {trace_dir}/plugins/profile")
-  with gzip.open(traces[-1], "rt") as f:
-    events = json.load(f)["traceEvents"]
-  micros, counts = collections.Counter(), collections.Counter()
-  for event in events:
-    args = event.get("args") or {}
-    if event.get("ph") == "X" and args.get("hlo_module") == module and "hlo_op" in args:
-      kind = re.sub(r"\.\d+$", "", args["hlo_op"])
-      micros[kind] += float(event.get("dur", 0.0))
-      counts[kind] += 1
-  total = sum(micros.values())
-  return [{"op": kind, "ms": us / 1e3, "share": us / total if total else 0.0,
-           "count": counts[kind]} for kind, us in micros.most_common(top)]
-
-
 def bench_trainer_case(config, model: BenchModel, response_len: int, precision: str,
                        optimizer, peak: dict[str, Any],
                        profile_dir: str | None = None) -> dict[str, Any]:
-  """One `rl_train_step` configuration: seconds per step, tokens/s, MFU, compiles per step.
-
-  `peak` is `bench_peak`'s result. "mfu" is against the float32 matmul peak (the reference on
-  every machine); "mfu_compute_dtype" against the peak of the step's compute dtype (on a GPU the
-  bf16/fp16 matrix units are many times faster than float32)."""
-  policy = get_policy(precision, "trainer")
-  seq = config.trainer_prompt_len + response_len
-  rows = max(1, round(config.trainer_tokens_per_step / seq))
-  batch = jax.device_put(synthetic_rl_batch(model.config.vocab_size, rows,
-                                            config.trainer_prompt_len, response_len,
-                                            config.seed))
-  loss_config = objectives.LossConfig(max_response_len=response_len)
-  state = TrainState.create(model.params, optimizer, seed=config.seed,
-                            loss_scale=init_loss_scale(default_loss_scale_config(policy)))
-  holder = {"state": state}
-  train_step = make_train_step(model.config, policy, optimizer, rl_config=RLConfig(
-      algorithm=config.algorithm, loss=loss_config, temperature=1.0))
-
-  def step(_):
-    new_state, metrics = train_step(holder["state"], batch)
-    holder["state"] = jax.block_until_ready(new_state)
-    jax.block_until_ready(metrics)
-
-  timing = time_calls(step, warmup=max(config.warmup, 1), repetitions=config.repetitions)
-  profile = None
-  if profile_dir:
-    with jax.profiler.trace(profile_dir):
-      step(0)
-    profile = xla_op_profile(profile_dir, "jit_train_step")
-  seconds = timing.seconds
-  flops = train_step_flops(model.config, rows, seq)
-  tokens = rows * seq
-  del holder
-  return {
-      "profile": profile, "profile_dir": profile_dir,
-      "model": model.name, "params": model.num_params, "response_len": response_len,
-      "prompt_len": config.trainer_prompt_len, "rows": rows, "tokens": tokens,
-      "precision": precision, "seconds": seconds,
-      "tokens_per_s": invert_stat(seconds, tokens),
-      "model_flops": flops,
-      "mfu": invert_stat(seconds, flops["total"] / _peak_median(peak, "float32")),
-      "mfu_compute_dtype": invert_stat(
-          seconds, flops["total"] / _peak_median(peak, dtype_name(policy.compute_dtype))),
-      "compiles_per_step": max(timing.compiles), "recompiled": timing.recompiled,
-      "warmup_compile_s": timing.warmup_compile_s,
-  }
-
-
-def _peak_median(peak: dict[str, Any], dtype: str) -> float:
-  return peak[dtype]["flops_per_s"]["median"]
+  """One train-step configuration of the trainer section (`profiling.train_step_speed`)."""
+  return {"model": model.name, **train_step_speed(
+      model.config, model.params, precision=precision, prompt_len=config.trainer_prompt_len,
+      response_len=response_len, tokens_per_step=config.trainer_tokens_per_step,
+      optimizer=optimizer, peak=peak, algorithm=config.algorithm, seed=config.seed,
+      warmup=config.warmup, repetitions=config.repetitions, profile_dir=profile_dir)}
 
 
 def bench_trainer(config, models: dict[str, BenchModel], peak: dict[str, Any],
@@ -496,28 +218,6 @@ def bench_trainer(config, models: dict[str, BenchModel], peak: dict[str, Any],
 
 
 # -------------------------------------------------------------------------------- samplers ----
-
-
-def bench_generate(engine, prompts: list[list[int]], *, n: int, max_new_tokens: int, warmup: int,
-                   repetitions: int, seed: int) -> dict[str, Any]:
-  """Generated tokens/s of `engine.generate` (same prompts every call, a new seed each)."""
-  sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0)
-  generated = []
-
-  def call(i):
-    rollout = engine.generate(prompts, n=n, sampling=sampling, seed=seed + i)
-    generated.append(int(rollout.response_mask.sum()))
-
-  timing = time_calls(call, warmup=warmup, repetitions=repetitions)
-  seconds = timing.seconds
-  tokens = generated[-1]
-  if len(set(generated)) != 1:
-    raise RuntimeError(f"Calls generated different token counts {generated}; the benchmark "
-                       "needs every row to run to the length (no EOS)")
-  return {"rows": len(prompts) * n, "new_tokens": max_new_tokens, "generated_tokens": tokens,
-          "seconds": seconds, "tokens_per_s": invert_stat(seconds, tokens),
-          "compiles_per_call": max(timing.compiles), "recompiled": timing.recompiled,
-          "warmup_compile_s": timing.warmup_compile_s}
 
 
 def bench_sync(engine, model: BenchModel, directory: str, *, warmup: int,
@@ -599,7 +299,7 @@ def bench_samplers_and_sync(config, models: dict[str, BenchModel], workdir: str,
       engine = make_engine("jax", model.config, model.params, get_policy(precision, "sampler"),
                            eos_token_ids=[])
       for length in lengths:
-        row = bench_generate(engine, prompts[name], n=n, max_new_tokens=length,
+        row = generate_speed(engine, prompts[name], n=n, max_new_tokens=length,
                              seed=config.seed, **reps)
         samplers.append({"model": name, "engine": "jax", "precision": precision, **row})
       engine.close()
@@ -622,7 +322,7 @@ def bench_samplers_and_sync(config, models: dict[str, BenchModel], workdir: str,
     try:
       if name in sampler_models and precision in _csv(config.precisions):
         for length in lengths:
-          row = bench_generate(engine, prompts[name], n=n, max_new_tokens=length,
+          row = generate_speed(engine, prompts[name], n=n, max_new_tokens=length,
                                seed=config.seed, **reps)
           samplers.append({"model": name, "engine": "vllm", "precision": precision,
                            "engine_start_s": start_s, **row})
@@ -665,7 +365,7 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
   task = None
   if model.tokenizer_dir is not None and os.path.exists(
       os.path.join(model.tokenizer_dir, "task_config.json")):
-    task = rl.load_task(model)
+    task = load_task(model)
   if task is not None:
     problems = [task.problems(e.prompts_per_step, seed=config.seed + i) for i in range(iterations)]
     prompts = [task.prompt_ids(p) for p in problems]
@@ -737,15 +437,15 @@ def timed_rl_iteration(state, model_config, trainer_policy, optimizer, engine, p
 
 def _problems_and_task(model: BenchModel):
   """The model directory's perfectible problems (what TRL's script trains on) and its task."""
-  path = os.path.join(model.tokenizer_dir or "", rl.PERFECTIBLE_FILE)
+  path = os.path.join(model.tokenizer_dir or "", PERFECTIBLE_FILE)
   if model.tokenizer_dir is None or not os.path.exists(path):
     raise FileNotFoundError(f"The compare section needs a model directory with a task and "
-                            f"{rl.PERFECTIBLE_FILE} (the committed tiny base model); got "
+                            f"{PERFECTIBLE_FILE} (the committed tiny base model); got "
                             f"{model.description}")
   from rl_fp16.data.tasks import problem_from_record  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     problems = [problem_from_record(json.loads(line)) for line in f if line.strip()]
-  return problems, rl.load_task(model)
+  return problems, load_task(model)
 
 
 def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, workdir: str,
@@ -898,17 +598,6 @@ def bench_trl(config, model: BenchModel) -> dict[str, Any]:
   return out
 
 
-def decode_flops(model_config: ModelConfig, rows: int, prompt_len: int, steps: int) -> float:
-  """Model FLOPs of decoding `steps` tokens for `rows` rows (every row runs every step, as the
-  batched decode does): 2 (N + d V) per token plus attention 4 L H d_head x context."""
-  dense = 2.0 * (model_config.num_params(include_embeddings=False, active_only=True)
-                 + model_config.hidden_size * model_config.vocab_size)
-  attn = 4.0 * (model_config.num_hidden_layers * model_config.num_attention_heads
-                * model_config.head_dim)
-  contexts = prompt_len + np.arange(steps)
-  return float(rows * (dense * steps + attn * contexts.sum()))
-
-
 def physical_floor(model: BenchModel, case: dict[str, Any], c, peak: dict[str, Any] | None
                    ) -> dict[str, Any]:
   """FLOPs of the update, of logp_old and of decoding at the measured shapes, and the seconds
@@ -928,7 +617,7 @@ def physical_floor(model: BenchModel, case: dict[str, Any], c, peak: dict[str, A
          "decode_step_ms": 1e3 * case["sample_s"]["median"] / max(steps, 1)}
   dtype = dtype_name(get_policy(case["precision"], "trainer").compute_dtype)
   if peak and dtype in peak:
-    rate = _peak_median(peak, dtype)
+    rate = peak_flops_per_s(peak, dtype)
     out.update({"peak_dtype": dtype, "peak_flops_per_s": rate,
                 "update_floor_s": update / rate, "logp_floor_s": logp / rate,
                 "decode_floor_s": decode / rate,
@@ -1104,7 +793,7 @@ def format_report(results: dict[str, Any]) -> str:
         [d, _stat(peak[d]["flops_per_s"], "{:.1f}", 1e-9), _stat(peak[d]["seconds"])]
         for d in ("float32", "bfloat16", "float16")]))
   if results.get("trainer"):
-    out.append("### Trainer: rl_train_step (MFU against the float32 matmul peak; MFU* against "
+    out.append("### Trainer: train step (MFU against the float32 matmul peak; MFU* against "
                "the peak of the step's compute dtype)")
     out.append(common.markdown_table(
         ["model", "params", "resp len", "rows x seq", "precision", "step s", "tokens/s", "MFU",

@@ -16,12 +16,15 @@ import tqdm
 from rl_fp16.checkpoints import load_hf
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.presets import peaked_random_model
+from rl_fp16 import results as _results
 from rl_fp16.results import ConfigMismatchError
 from rl_fp16.results import write_json_atomic  # re-exported for experiments
 
 __all__ = ["PolicyModel", "load_policy_model", "progress", "write_json_atomic", "max_model_len",
            "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "run_main",
-           "markdown_table", "ConfigError", "ConfigChecker", "check_shared_keys"]
+           "markdown_table", "ConfigError", "ConfigChecker", "check_shared_keys",
+           "RL_OUTPUT_DIR_FIELDS", "RL_RESUME_ALLOWED", "rl_run_dir", "validate_rl_config",
+           "make_rl_config", "make_lora_config"]
 
 # The tiny base model trained by experiments/pretrain_base.py and committed with the repo.
 BASE_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
@@ -321,3 +324,110 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
       raise SystemExit(2) from None
 
   app.run(main)
+
+
+# -------------------------------------------- the RL experiment's config (rl, sanity) ----
+# Shared by experiments.rl (which runs it) and experiments.sanity (which checks every run's config
+# before the first starts, then runs `python -m experiments.rl` per precision).
+
+RL_OUTPUT_DIR_FIELDS = ("algorithm", "precision", "seed", "engine", "advantage")
+# Keys a resume may change (see rl_fp16.results.check_run_config): the length of the run, how often
+# it checkpoints, where its directory is, how much vLLM logs, and the multi-host coordinator.
+RL_RESUME_ALLOWED = _results.RESUME_ALLOWED_KEYS + ("distributed",)
+
+
+def rl_run_dir(config) -> str:
+  """The run directory of an RL config: `output_dir` with its {field}s filled in, absolute."""
+  return os.path.abspath(config.output_dir.format(**{k: config[k] for k in RL_OUTPUT_DIR_FIELDS}))
+
+
+def validate_rl_config(config) -> None:
+  """Checks every value of an RL experiment config; reads no model and writes nothing.
+
+  Raises:
+    ConfigError: listing every bad value (as `--config.key=value`) with what is allowed.
+  """
+  from rl_fp16 import objectives  # pylint: disable=g-import-not-at-top
+  from rl_fp16.data.rl_problems import TASKS  # pylint: disable=g-import-not-at-top
+  from rl_fp16.models.lora import LORA_TARGETS  # pylint: disable=g-import-not-at-top
+  check = ConfigChecker(config)
+  check_shared_keys(check)
+  for key in ("engine", "precision", "algorithm", "advantage", "steps", "prompts_per_step",
+              "samples_per_prompt", "num_minibatches", "epochs", "max_new_tokens", "temperature",
+              "learning_rate", "seed", "checkpoint_every", "output_dir", "model"):
+    check.check(check.has(key), key, "missing from the config")
+  check.integer("samples_per_prompt", 2)  # group-relative advantages need groups
+  counts = [config.get(k) for k in ("prompts_per_step", "samples_per_prompt", "num_minibatches")]
+  if all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+    rows = config.prompts_per_step * config.samples_per_prompt
+    check.check(rows % config.num_minibatches == 0, "num_minibatches",
+                f"must divide the {rows} rollouts of a step (prompts_per_step "
+                f"{config.prompts_per_step} x samples_per_prompt {config.samples_per_prompt})")
+  if check.has("grad_clip") and config.grad_clip is not None:
+    check.number("grad_clip", above=0)
+  check.choice("task", TASKS)
+  if config.get("task", "synthetic") == "math":
+    check.text("data_path", "the MATH problems (JSONL / parquet / tfds directory) for task 'math'")
+    if isinstance(config.get("data_path"), str) and config.data_path:
+      check.check(os.path.exists(config.data_path), "data_path", "no such file or directory")
+  if check.has("loss"):
+    check.choice("loss.aggregation", objectives.AGGREGATIONS)
+    for key in ("token_is_cap", "seq_is_cap"):
+      check.number(f"loss.{key}", above=0)
+    for key in ("clip_eps_low", "clip_eps_high", "gspo_eps_low", "gspo_eps_high"):
+      check.number(f"loss.{key}", at_least=0)
+  if check.has("perfectible"):
+    check.integer("perfectible.pool", 1)
+    check.integer("perfectible.k", 1)
+    check.number("perfectible.low", at_least=0, at_most=1)
+    check.number("perfectible.high", at_least=0, at_most=1)
+    low, high = config.perfectible.get("low"), config.perfectible.get("high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+      check.check(low <= high, "perfectible.low", f"must be <= perfectible.high ({high})")
+  if check.has("lora") and config.lora.get("enabled", False):
+    check.integer("lora.rank", 1)
+    check.number("lora.alpha", above=0)
+    targets = config.lora.get("targets")
+    check.check(not isinstance(targets, str) and bool(targets)
+                and all(t in LORA_TARGETS for t in targets), "lora.targets",
+                f"must be a non-empty list of: {', '.join(LORA_TARGETS)}")
+  if check.has("expert_mismatch"):
+    check.integer("expert_mismatch.every", 0)
+  if check.has("mesh"):
+    for axis in ("data", "fsdp", "tensor"):
+      value = config.mesh.get(axis)
+      check.check(isinstance(value, int) and (value >= 1 or value == -1), f"mesh.{axis}",
+                  "must be a positive device count, or -1 for the rest of the devices")
+  if check.has("output_dir") and isinstance(config.output_dir, str) and not check.errors:
+    try:
+      rl_run_dir(config)
+    except (KeyError, IndexError, ValueError) as e:
+      check.fail("output_dir", f"may use only the fields {{{'}, {'.join(RL_OUTPUT_DIR_FIELDS)}}} "
+                 f"({type(e).__name__}: {e})")
+  if not check.errors:  # anything the library's own checks still refuse
+    try:
+      make_rl_config(config)
+    except ValueError as e:
+      check.errors.append(str(e))
+  check.raise_if_failed("RL experiment config")
+
+
+def make_lora_config(config) -> lora_lib.LoraConfig | None:
+  """`config.lora` as a `LoraConfig`, or None when absent or not enabled."""
+  from rl_fp16.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  lora = config.get("lora")
+  if lora is None or not lora.enabled:
+    return None
+  return lora_lib.LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
+
+
+def make_rl_config(config) -> RLConfig:
+  """The library's `RLConfig` of an RL experiment config (raises ValueError on what it refuses)."""
+  from rl_fp16 import objectives  # pylint: disable=g-import-not-at-top
+  from rl_fp16.train import RLConfig  # pylint: disable=g-import-not-at-top
+  loss = objectives.LossConfig(max_response_len=config.max_new_tokens, **config.loss.to_dict())
+  return RLConfig(algorithm=config.algorithm, advantage=config.advantage, loss=loss,
+                  samples_per_prompt=config.samples_per_prompt,
+                  num_minibatches=config.num_minibatches, epochs=config.epochs,
+                  temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                  lora=make_lora_config(config))

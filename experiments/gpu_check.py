@@ -6,15 +6,16 @@ One command for a short lease on a GPU machine (it runs on CPU too, at smoke siz
 
 Stages, each in this process, each kept going past another's failure (device time is scarce; the
 command still exits non-zero and names the failed stage):
-  1. `experiments.offline_mismatch` with the JAX engine: the sampler's KV-cache decode in the
+  1. The offline mismatch measurement (`rl_fp16.offline`, as experiments.offline_mismatch runs
+     it; metrics.json, no plots) with the JAX engine: the sampler's KV-cache decode in the
      sampler dtype against the trainer's full-sequence forward in the trainer dtype.
   2. The fp32 pair (`highest_pairs`) again under `jax.default_matmul_precision("highest")`
      (`fp32_highest`): on NVIDIA GPUs JAX runs float32 matmuls in TF32 by default.
-  3. `experiments.benchmark` sections peak and trainer: matmul peak per dtype and `rl_train_step`
-     tokens/s and MFU for fp32, bf16 and fp16.
+  3. The benchmark's peak and trainer measurements (`rl_fp16.profiling`): matmul peak per dtype
+     and train-step (`make_train_step`) tokens/s and MFU for fp32, bf16 and fp16 (benchmark.json).
   4. The fp32 train step under "highest" (`fp32_highest`).
   paper (issue 13): the paper's model shape (`paper.model`, random weights, `remat` per layer):
-     `rl_train_step` on `paper.rows` sequences of `paper.seq_len` tokens per precision (fp16 with
+     the RL train step on `paper.rows` sequences of `paper.seq_len` tokens per precision (fp16 with
      dynamic loss scaling), compiled ahead of time: seconds, tokens/s, MFU against the measured
      matmul peak of the compute dtype, XLA's memory plan and the device's peak memory; then the
      JAX sampler's decode at `paper.decode_rows` rows: tokens/s, seconds per decode step and the
@@ -36,18 +37,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import benchmark
 from experiments import common
-from experiments import offline_mismatch
 from experiments.configs import benchmark as benchmark_config
 from experiments.configs import offline_mismatch as offline_mismatch_config
-from rl_fp16 import objectives
+from rl_fp16 import objectives, offline, profiling
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.fileio import write_text_atomic
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models.paper_configs import get_paper_config
 from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
-                               init_loss_scale)
+                               get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.engines import make_engine
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, make_train_step
 
@@ -104,6 +103,89 @@ def _trainer_rows(result: dict[str, Any], matmul_precision: str) -> list[dict[st
           for r in result["trainer"]]
 
 
+# --------------------------------------------------------------- mismatch and trainer stages ----
+
+
+def _csv(text: str) -> list[str]:
+  return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def measure_mismatch(mismatch_config, run_dir: str) -> dict[str, Any]:
+  """The offline measurement (`rl_fp16.offline`) of every pair in `mismatch_config` (an
+  experiments/configs/offline_mismatch.py config): writes config.json and metrics.json to
+  `run_dir` and returns the summary ({"metrics": {pair: dict}, "layer_view": ...})."""
+  config = mismatch_config
+  pairs = _csv(config.precisions)
+  for pair in pairs:
+    get_precision_pair(pair)  # fail before any work on a bad name
+  model = common.load_policy_model(config.model, seed=config.seed)
+  prompts = model.make_prompts(config.num_prompts, seed=config.seed)
+  os.makedirs(run_dir, exist_ok=True)
+  common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+  results = {}
+  for pair in pairs:
+    results[pair] = offline.measure_pair(
+        model, pair, prompts, engine=config.engine,
+        samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature, seed=config.seed, workdir=run_dir,
+        max_model_len=common.max_model_len(prompts, config.max_new_tokens))
+    print(f"  {pair}: mean|dlogp|={results[pair]['metrics']['mismatch/logp_diff_mean']:.3g}",
+          flush=True)
+  view = (offline.layer_view(model, results, config.layer_view_sequences) if config.layer_view
+          else None)
+  summary = {"model": model.description, "engine": config.engine,
+             **offline.summarize_pairs(results, view)}
+  common.write_json_atomic(os.path.join(run_dir, "metrics.json"), summary)
+  return summary
+
+
+def trainer_models(bench) -> dict[str, tuple[ModelConfig, Any]]:
+  """{name: (model config, float32 host params)} of `bench.trainer_models` (a benchmark config):
+  "small" is `bench.model`, "medium" a random Qwen2 of `bench.medium`'s shape."""
+  names = _csv(bench.trainer_models)
+  unknown = sorted(set(names) - {"small", "medium"})
+  if unknown:
+    raise ValueError(f"config.benchmark.trainer_models has {unknown}; allowed: small, medium")
+  max_len = bench.trainer_prompt_len + max(int(n) for n in _csv(bench.trainer_response_lengths))
+  models = {}
+  if "small" in names:
+    small = common.load_policy_model(bench.model, seed=bench.seed)
+    models["small"] = (profiling.with_context(small.config, max_len),
+                       profiling.host_params(small.params))
+  if "medium" in names:
+    medium = profiling.random_qwen2_config(bench.medium, max_len)
+    models["medium"] = (medium, profiling.host_params(init_params(medium,
+                                                                  jax.random.key(bench.seed))))
+  return models
+
+
+def measure_trainer(bench, run_dir: str) -> dict[str, Any]:
+  """The matmul peak and train-step speed per model, response length and precision of
+  `bench` (a benchmark config); writes config.json and benchmark.json ({"peak", "trainer"}) to
+  `run_dir` and returns them."""
+  os.makedirs(run_dir, exist_ok=True)
+  common.write_json_atomic(os.path.join(run_dir, "config.json"), bench.to_dict())
+  for precision in _csv(bench.precisions):
+    get_policy(precision)  # a clear error on a bad name, before any work
+  models = trainer_models(bench)
+  peak = profiling.matmul_peak(bench.peak_matmul_size, seed=bench.seed, warmup=bench.warmup,
+                               repetitions=bench.repetitions)
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))  # one object: one jit key
+  rows = []
+  for name in _csv(bench.trainer_models):
+    model_config, params = models[name]
+    for length in [int(n) for n in _csv(bench.trainer_response_lengths)]:
+      for precision in _csv(bench.precisions):
+        rows.append({"model": name, **profiling.train_step_speed(
+            model_config, params, precision=precision, prompt_len=bench.trainer_prompt_len,
+            response_len=length, tokens_per_step=bench.trainer_tokens_per_step,
+            optimizer=optimizer, peak=peak, algorithm=bench.algorithm, seed=bench.seed,
+            warmup=bench.warmup, repetitions=bench.repetitions)})
+  result = {"peak": peak, "trainer": rows}
+  common.write_json_atomic(os.path.join(run_dir, "benchmark.json"), result)
+  return result
+
+
 # ---------------------------------------------------------------------- paper-scale stage ----
 
 
@@ -130,7 +212,7 @@ def paper_train_case(model_config: ModelConfig, params, precision: str, paper, p
   policy = get_policy(precision, "trainer")
   rows, seq, prompt_len = int(paper.rows), int(paper.seq_len), int(paper.prompt_len)
   response_len = seq - prompt_len
-  batch = jax.device_put(benchmark.synthetic_rl_batch(model_config.vocab_size, rows, prompt_len,
+  batch = jax.device_put(profiling.synthetic_rl_batch(model_config.vocab_size, rows, prompt_len,
                                                       response_len, seed))
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-6))
   params = jax.tree_util.tree_map(jnp.copy, params)  # the step donates its state
@@ -150,10 +232,10 @@ def paper_train_case(model_config: ModelConfig, params, precision: str, paper, p
     holder["state"] = jax.block_until_ready(new_state)
     skipped.append(float(jax.device_get(metrics["train/skipped"])))
 
-  timing = benchmark.time_calls(step, warmup=1, repetitions=int(paper.repetitions))
+  timing = profiling.time_calls(step, warmup=1, repetitions=int(paper.repetitions))
   del holder, state
   seconds = timing.seconds
-  flops = benchmark.train_step_flops(model_config, rows, seq)
+  flops = profiling.train_step_flops(model_config, rows, seq)
   dtype_peak = peak[dtype_name(policy.compute_dtype)]["flops_per_s"]["median"]
   return {
       "model": paper.model, "params": model_config.num_params(), "remat": model_config.remat,
@@ -182,7 +264,7 @@ def paper_decode_case(model_config: ModelConfig, params, paper, seed: int) -> di
   prompts = rng.integers(0, model_config.vocab_size,
                          (int(paper.decode_rows), int(paper.decode_prompt_len))).tolist()
   try:
-    row = benchmark.bench_generate(engine, prompts, n=1,
+    row = profiling.generate_speed(engine, prompts, n=1,
                                    max_new_tokens=int(paper.decode_new_tokens), warmup=1,
                                    repetitions=int(paper.repetitions), seed=seed)
   finally:
@@ -195,7 +277,7 @@ def paper_decode_case(model_config: ModelConfig, params, paper, seed: int) -> di
           "seconds": seconds, "tokens_per_s": row["tokens_per_s"]["median"],
           "ms_per_decode_step": 1e3 * seconds / steps,
           "weight_gb_per_s": weight_bytes * steps / seconds / 1e9,
-          "decode_model_flops": benchmark.decode_flops(model_config, row["rows"],
+          "decode_model_flops": profiling.decode_flops(model_config, row["rows"],
                                                        int(paper.decode_prompt_len), steps),
           "compiles_per_call": row["compiles_per_call"],
           "warmup_compile_s": row["warmup_compile_s"],
@@ -225,7 +307,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{dtype} {peak[dtype]['flops_per_s']['median'] / 1e12:.1f} TFLOP/s"
         for dtype in ("float32", "bfloat16", "float16")))
   if summary["trainer"]:
-    out.append("### rl_train_step (median of the timed steps; MFU against the fp32 peak and "
+    out.append("### RL train step (median of the timed steps; MFU against the fp32 peak and "
                "against the compute dtype's peak)")
     out.append(common.markdown_table(
         ["model", "params", "tokens/step", "precision", "matmul precision", "step ms",
@@ -298,7 +380,7 @@ def run(config) -> dict[str, Any]:
       fields["precisions"] = config.highest_pairs
     sub = _sub_config(offline_mismatch_config, config.mismatch.to_dict(), **fields)
     with _matmul_precision(matmul_precision):
-      result = offline_mismatch.run(sub)
+      result = measure_mismatch(sub, fields["output_dir"])
     summary["mismatch"] += _mismatch_rows(result, matmul_precision)
     if result.get("layer_view"):
       summary["layer_view"][matmul_precision] = result["layer_view"]
@@ -310,7 +392,7 @@ def run(config) -> dict[str, Any]:
       fields["precisions"] = "fp32"
     sub = _sub_config(benchmark_config, config.benchmark.to_dict(), **fields)
     with _matmul_precision(matmul_precision):
-      result = benchmark.run(sub)
+      result = measure_trainer(sub, fields["output_dir"])
     summary["peaks"][matmul_precision] = result["peak"]
     summary["trainer"] += _trainer_rows(result, matmul_precision)
 
@@ -318,8 +400,10 @@ def run(config) -> dict[str, Any]:
     paper = config.paper
     model_config = paper_model_config(paper)
     if "default" not in summary["peaks"]:
-      summary["peaks"]["default"] = benchmark.bench_peak(_sub_config(
-          benchmark_config, config.benchmark.to_dict(), seed=config.seed))
+      bench = _sub_config(benchmark_config, config.benchmark.to_dict(), seed=config.seed)
+      summary["peaks"]["default"] = profiling.matmul_peak(
+          bench.peak_matmul_size, seed=bench.seed, warmup=bench.warmup,
+          repetitions=bench.repetitions)
     params = init_params(model_config, jax.random.key(config.seed))
     for precision in [p.strip() for p in paper.precisions.split(",") if p.strip()]:
       print(f"paper train step: {precision}", flush=True)

@@ -1,10 +1,10 @@
 r"""Offline training-inference mismatch: sample with an engine, re-score with the trainer.
 
 For each precision pair (trainer-sampler), the engine samples responses in the sampler's dtype and
-the trainer recomputes their log-probabilities in its dtype. Writes to the run directory:
-`metrics.json` (one flat dict per pair), `tokens.csv` (per-token values), `plots/` (pi vs mu
-scatter, per-sequence log(pi/mu) against length with the fitted slope, mean |delta log p| by
-position, the per-layer view) and prints a summary table.
+the trainer recomputes their log-probabilities in its dtype (the measurement: `rl_fp16.offline`).
+Writes to the run directory: `metrics.json` (one flat dict per pair), `tokens.csv` (per-token
+values), `plots/` (pi vs mu scatter, per-sequence log(pi/mu) against length with the fitted
+slope, mean |delta log p| by position, the per-layer view) and prints a summary table.
 
     python -m experiments.offline_mismatch --config=experiments/configs/offline_mismatch.py
 """
@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import csv
 import os
-import time
 
 import numpy as np
 
 from experiments import common
-from rl_fp16 import mismatch
-from rl_fp16.precision import get_policy, get_precision_pair
-from rl_fp16.sampling.engines import batched_token_logprobs, make_engine
-from rl_fp16.sampling.jax_sampler import SamplingConfig
+from rl_fp16 import mismatch, offline
+from rl_fp16.precision import get_precision_pair
 
 
 SUMMARY_COLUMNS = (
@@ -37,27 +34,12 @@ SUMMARY_COLUMNS = (
 
 
 def measure_pair(config, model, pair_name: str, prompts, workdir: str) -> dict:
-  """Samples with the engine in the sampler dtype; returns arrays and metrics for one pair."""
-  pair = get_precision_pair(pair_name)
-  sampling = SamplingConfig(max_new_tokens=config.max_new_tokens,
-                            temperature=config.temperature)
-  start = time.perf_counter()
-  engine = make_engine(config.engine, model.config, model.params, pair.sampler, workdir=workdir,
-                       tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
-                       max_model_len=common.max_model_len(prompts, config.max_new_tokens),
-                       seed=config.seed)
-  try:
-    rollout = engine.generate(prompts, n=config.samples_per_prompt, sampling=sampling,
-                              seed=config.seed)
-  finally:
-    engine.close()
-  sample_s = time.perf_counter() - start
-  logp_trainer = batched_token_logprobs(model.config, model.params, rollout,
-                                        policy=pair.trainer, temperature=config.temperature)
-  metrics = mismatch.mismatch_metrics(logp_trainer, rollout.logp_sampler, rollout.response_mask)
-  metrics["time/sample_s"] = sample_s
-  metrics["response/length_mean"] = float(rollout.response_lengths.mean())
-  return {"rollout": rollout, "logp_trainer": logp_trainer, "metrics": metrics}
+  """`rl_fp16.offline.measure_pair` with the config's engine, sampling settings and seed."""
+  return offline.measure_pair(
+      model, pair_name, prompts, engine=config.engine,
+      samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
+      temperature=config.temperature, seed=config.seed, workdir=workdir,
+      max_model_len=common.max_model_len(prompts, config.max_new_tokens))
 
 
 def write_tokens_csv(path: str, results: dict[str, dict]) -> None:
@@ -73,40 +55,6 @@ def write_tokens_csv(path: str, results: dict[str, dict]) -> None:
         writer.writerow([name, int(r), int(t), int(rollout.response_tokens[r, t]),
                          f"{logp_trainer[r, t]:.9g}", f"{rollout.logp_sampler[r, t]:.9g}"])
   os.replace(tmp, path)
-
-
-def layer_view(model, results: dict[str, dict], num_sequences: int) -> dict[str, list[float]]:
-  """Relative error of each layer's residual stream (and the logits) against fp32.
-
-  Uses the fp32 pair's sampled sequences (or the first pair's), for the full-sequence path and
-  the KV-cache path of our decoder in bf16 and fp16. Keys like "bf16/full", "fp16/kv_cache"; each
-  value has one entry per layer boundary (embedding, layer 1..L) and the logits last.
-  """
-  from rl_fp16.models import residual_stream, residual_stream_cached  # pylint: disable=g-import-not-at-top,line-too-long
-
-  source = results.get("fp32") or next(iter(results.values()))
-  tokens, attention_mask, _ = source["rollout"].full_sequence()
-  tokens, attention_mask = tokens[:num_sequences], attention_mask[:num_sequences]
-  valid = attention_mask.astype(bool)
-  ref_res, ref_logits = residual_stream(model.config, get_policy("fp32"), model.params, tokens,
-                                        attention_mask)
-  ref = [np.asarray(r)[valid] for r in ref_res] + [np.asarray(ref_logits)[valid]]
-
-  def rel_errors(layers):
-    return [float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-            for a, b in zip(layers, ref)]
-
-  view = {}
-  for name in ("bf16", "fp16"):
-    policy = get_policy(name, "sampler")
-    res, logits = residual_stream(model.config, policy, model.params, tokens, attention_mask)
-    view[f"{name}/full"] = rel_errors([np.asarray(r, np.float32)[valid] for r in res]
-                                      + [np.asarray(logits, np.float32)[valid]])
-    res, logits = residual_stream_cached(model.config, policy, model.params, tokens,
-                                         attention_mask)
-    view[f"{name}/kv_cache"] = rel_errors([np.asarray(r, np.float32)[valid] for r in res]
-                                          + [np.asarray(logits, np.float32)[valid]])
-  return view
 
 
 def make_plots(plots_dir: str, results: dict[str, dict], view: dict | None) -> list[str]:
@@ -215,15 +163,10 @@ def run(config) -> dict:
     m = results[pair]["metrics"]
     print(f"  {pair}: mean|dlogp|={m['mismatch/logp_diff_mean']:.3g} "
           f"k1={m['mismatch/kl_k1']:.3g} sample {m['time/sample_s']:.1f}s")
-  view = layer_view(model, results, config.layer_view_sequences) if config.layer_view else None
+  view = (offline.layer_view(model, results, config.layer_view_sequences) if config.layer_view
+          else None)
   summary = {"model": model.description, "engine": config.engine,
-             "metrics": {k: r["metrics"] for k, r in results.items()}, "layer_view": view}
-  if "bf16" in results and "fp16" in results:
-    bf16, fp16 = results["bf16"]["metrics"], results["fp16"]["metrics"]
-    summary["fp16_over_bf16_reduction"] = {
-        key: bf16[key] / fp16[key] if fp16[key] else float("inf")
-        for key in ("mismatch/logp_diff_mean", "mismatch/prob_diff_mean", "mismatch/kl_k1",
-                    "mismatch/kl_k3", "mismatch/seq_log_ratio_abs_mean")}
+             **offline.summarize_pairs(results, view)}
   common.write_json_atomic(os.path.join(run_dir, "metrics.json"), summary)
   write_tokens_csv(os.path.join(run_dir, "tokens.csv"), results)
   plots = make_plots(os.path.join(run_dir, "plots"), results, view)

@@ -36,191 +36,22 @@ import jax
 import numpy as np
 
 from experiments import common
-from rl_fp16 import colocation, distributed, objectives, results, sharding
+# The RL config's checks and conversions (in common: experiments.sanity checks them too).
+from experiments.common import RL_RESUME_ALLOWED as RESUME_ALLOWED
+from experiments.common import make_rl_config
+from experiments.common import rl_run_dir as run_dir_for
+from experiments.common import validate_rl_config as validate_config
+from rl_fp16 import colocation, distributed, results, sharding
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
-from rl_fp16.data import perfectible
-from rl_fp16.data import math_data
-from rl_fp16.data.tasks import MathTask, SyntheticTask, problem_from_record
+from rl_fp16.data.rl_problems import (load_or_build_subset, load_task, problem_text,
+                                      step_problems)
 from rl_fp16.models import lora as lora_lib
 from rl_fp16.models import probes
-from rl_fp16.precision import (cast_floating, default_loss_scale_config, get_policy,
+from rl_fp16.precision import (cast_floating, default_loss_scale_config,
                                get_precision_pair, init_loss_scale)
-from rl_fp16.sampling.engines import JaxEngine
 from rl_fp16.sampling.sync_modes import make_synced_engine
-from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, make_train_step,
-                           rl_iteration)
-
-PERFECTIBLE_FILE = "perfectible.jsonl"
-TASKS = ("synthetic", "math")
-OUTPUT_DIR_FIELDS = ("algorithm", "precision", "seed", "engine", "advantage")
-# Keys a resume may change (see rl_fp16.results.check_run_config): the length of the run, how often
-# it checkpoints, where its directory is, how much vLLM logs, and the multi-host coordinator.
-RESUME_ALLOWED = results.RESUME_ALLOWED_KEYS + ("distributed",)
-
-
-def run_dir_for(config) -> str:
-  return os.path.abspath(config.output_dir.format(**{k: config[k] for k in OUTPUT_DIR_FIELDS}))
-
-
-def validate_config(config) -> None:
-  """Checks every value of an RL experiment config; reads no model and writes nothing.
-
-  Raises:
-    common.ConfigError: listing every bad value (as `--config.key=value`) with what is allowed.
-  """
-  from rl_fp16.models.lora import LORA_TARGETS  # pylint: disable=g-import-not-at-top
-  check = common.ConfigChecker(config)
-  common.check_shared_keys(check)
-  for key in ("engine", "precision", "algorithm", "advantage", "steps", "prompts_per_step",
-              "samples_per_prompt", "num_minibatches", "epochs", "max_new_tokens", "temperature",
-              "learning_rate", "seed", "checkpoint_every", "output_dir", "model"):
-    check.check(check.has(key), key, "missing from the config")
-  check.integer("samples_per_prompt", 2)  # group-relative advantages need groups
-  counts = [config.get(k) for k in ("prompts_per_step", "samples_per_prompt", "num_minibatches")]
-  if all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
-    rows = config.prompts_per_step * config.samples_per_prompt
-    check.check(rows % config.num_minibatches == 0, "num_minibatches",
-                f"must divide the {rows} rollouts of a step (prompts_per_step "
-                f"{config.prompts_per_step} x samples_per_prompt {config.samples_per_prompt})")
-  if check.has("grad_clip") and config.grad_clip is not None:
-    check.number("grad_clip", above=0)
-  check.choice("task", TASKS)
-  if config.get("task", "synthetic") == "math":
-    check.text("data_path", "the MATH problems (JSONL / parquet / tfds directory) for task 'math'")
-    if isinstance(config.get("data_path"), str) and config.data_path:
-      check.check(os.path.exists(config.data_path), "data_path", "no such file or directory")
-  if check.has("loss"):
-    check.choice("loss.aggregation", objectives.AGGREGATIONS)
-    for key in ("token_is_cap", "seq_is_cap"):
-      check.number(f"loss.{key}", above=0)
-    for key in ("clip_eps_low", "clip_eps_high", "gspo_eps_low", "gspo_eps_high"):
-      check.number(f"loss.{key}", at_least=0)
-  if check.has("perfectible"):
-    check.integer("perfectible.pool", 1)
-    check.integer("perfectible.k", 1)
-    check.number("perfectible.low", at_least=0, at_most=1)
-    check.number("perfectible.high", at_least=0, at_most=1)
-    low, high = config.perfectible.get("low"), config.perfectible.get("high")
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
-      check.check(low <= high, "perfectible.low", f"must be <= perfectible.high ({high})")
-  if check.has("lora") and config.lora.get("enabled", False):
-    check.integer("lora.rank", 1)
-    check.number("lora.alpha", above=0)
-    targets = config.lora.get("targets")
-    check.check(not isinstance(targets, str) and bool(targets)
-                and all(t in LORA_TARGETS for t in targets), "lora.targets",
-                f"must be a non-empty list of: {', '.join(LORA_TARGETS)}")
-  if check.has("expert_mismatch"):
-    check.integer("expert_mismatch.every", 0)
-  if check.has("mesh"):
-    for axis in ("data", "fsdp", "tensor"):
-      value = config.mesh.get(axis)
-      check.check(isinstance(value, int) and (value >= 1 or value == -1), f"mesh.{axis}",
-                  "must be a positive device count, or -1 for the rest of the devices")
-  if check.has("output_dir") and isinstance(config.output_dir, str) and not check.errors:
-    try:
-      run_dir_for(config)
-    except (KeyError, IndexError, ValueError) as e:
-      check.fail("output_dir", f"may use only the fields {{{'}, {'.join(OUTPUT_DIR_FIELDS)}}} "
-                 f"({type(e).__name__}: {e})")
-  if not check.errors:  # anything the library's own checks still refuse
-    try:
-      make_rl_config(config)
-    except ValueError as e:
-      check.errors.append(str(e))
-  check.raise_if_failed("RL experiment config")
-
-
-def load_task(model, config=None):
-  """The task to train on: the synthetic task of the model directory (default), or MATH problems
-  from `config.data_path` when `config.task == "math"`."""
-  if config is not None and config.get("task", "synthetic") == "math":
-    import transformers  # pylint: disable=g-import-not-at-top
-    if model.tokenizer_dir is None:
-      raise ValueError(f"The MATH task needs a model directory with a tokenizer; got "
-                       f"{model.description}")
-    return MathTask(transformers.AutoTokenizer.from_pretrained(model.tokenizer_dir),
-                    template=config.template, max_prompt_tokens=config.max_prompt_tokens)
-  if config is not None and config.get("task", "synthetic") != "synthetic":
-    raise ValueError(f"Unknown --config.task={config.task!r}; allowed: synthetic, math")
-  if model.tokenizer_dir is None:
-    raise ValueError(f"RL needs a model with a tokenizer and task_config.json; got "
-                     f"{model.description}. Train one with experiments.pretrain_base.")
-  from rl_fp16.data import synthetic, tokenizer  # pylint: disable=g-import-not-at-top
-  return SyntheticTask(synthetic.load_task_config(model.tokenizer_dir),
-                       tokenizer.load_tokenizer(model.tokenizer_dir))
-
-
-def build_subset(model, task: SyntheticTask, *, pool: int, k: int, low: float, high: float,
-                 max_new_tokens: int, seed: int):
-  """The perfectible subset of `pool` fresh problems: pass rate over k samples in [low, high].
-
-  Sampled with the fp32 JAX engine at temperature 1, so the subset does not depend on the
-  precision under study.
-  """
-  engine = JaxEngine(model.config, model.params, get_policy("fp32", "sampler"),
-                     eos_token_ids=model.eos_token_ids, batch_bucket=64)
-  return task.pass_rates_subset(engine, task.problems(pool, seed=seed + 77), k=k, low=low,
-                                high=high, max_new_tokens=max_new_tokens, seed=seed)
-
-
-def load_or_build_subset(config, model, task, run_dir: str):
-  """The problems to train on.
-
-  MATH: the problems of `config.data_path` (JSONL / parquet / tfds directory; e.g. a perfectible
-  subset written by `rl_fp16.data.perfectible.write_subset`). Synthetic: the perfectible subset
-  shipped with the model, cached in the run dir, or built now.
-  """
-  if isinstance(task, MathTask):
-    problems = math_data.load_math_problems(config.data_path)
-    rates = [float(p.metadata.get("pass_rate", float("nan"))) for p in problems]
-    return problems, rates, config.data_path
-  for path in (os.path.join(model.tokenizer_dir, PERFECTIBLE_FILE),
-               os.path.join(run_dir, PERFECTIBLE_FILE)):
-    if os.path.exists(path):
-      records, rates = perfectible.read_subset(path)
-      return [problem_from_record(r) for r in records], rates, path
-  pc = config.perfectible
-  print(f"building the perfectible subset: {pc.pool} problems x {pc.k} samples (fp32 JAX engine)")
-  subset, rates = build_subset(model, task, pool=pc.pool, k=pc.k, low=pc.low, high=pc.high,
-                               max_new_tokens=config.max_new_tokens, seed=config.seed)
-  path = os.path.join(run_dir, PERFECTIBLE_FILE)
-  perfectible.write_subset(path, subset, rates)
-  return subset, rates, path
-
-
-def make_lora_config(config) -> lora_lib.LoraConfig | None:
-  """`config.lora` as a `LoraConfig`, or None when absent or not enabled."""
-  lora = config.get("lora")
-  if lora is None or not lora.enabled:
-    return None
-  return lora_lib.LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
-
-
-def make_rl_config(config) -> RLConfig:
-  loss = objectives.LossConfig(max_response_len=config.max_new_tokens, **config.loss.to_dict())
-  return RLConfig(algorithm=config.algorithm, advantage=config.advantage, loss=loss,
-                  samples_per_prompt=config.samples_per_prompt,
-                  num_minibatches=config.num_minibatches, epochs=config.epochs,
-                  temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                  lora=make_lora_config(config))
-
-
-def step_problems(subset, step: int, prompts_per_step: int, seed: int):
-  """The problems of a step: epochs over the subset, each in a seeded random order."""
-  per_epoch = max(len(subset) // prompts_per_step, 1)
-  epoch, index = divmod(step, per_epoch)
-  order = np.random.default_rng(seed * 7919 + epoch).permutation(len(subset))
-  chosen = order[index * prompts_per_step:(index + 1) * prompts_per_step]
-  if len(chosen) < prompts_per_step:  # tiny subsets: wrap around
-    chosen = np.resize(order, prompts_per_step)
-  return [subset[i] for i in chosen]
-
-
-def problem_text(problem) -> str:
-  """A problem's prompt as a person reads it (synthetic `prompt`, MATH `question`)."""
-  return str(getattr(problem, "prompt", None) or getattr(problem, "question", "") or problem)
+from rl_fp16.train import OptimizerConfig, make_optimizer, make_train_step, rl_iteration
 
 
 def colocation_config(config) -> colocation.ColocationConfig:

@@ -3,7 +3,9 @@ r"""The README's main job: the sanity experiment in BF16 and in FP16, then a com
 Runs `experiments.rl` once per precision in `--compare` (same algorithm, seed and data), prints
 final and best reward and the mismatch of each, and plots reward and mismatch curves side by side.
 Every run's config (values, and the config.json of a run directory it would resume) is checked
-before the first run starts.
+before the first run starts. Each run is its own `python -m experiments.rl` process (the config
+handed over as JSON through experiments/configs/from_json.py), so that no experiment module
+imports another; its summary is read back from the run directory.
 
     python -m experiments.sanity --config=experiments/configs/sanity.py [--compare=bf16,fp16]
     python -m experiments.sanity --config=experiments/configs/moe.py   # the MoE policy
@@ -12,14 +14,20 @@ before the first run starts.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import time
 
 from absl import flags
 
 from experiments import common
-from experiments import rl
 from rl_fp16 import results
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FROM_JSON_CONFIG = os.path.join(REPO_ROOT, "experiments", "configs", "from_json.py")
 
 
 def run_configs(config, precisions) -> list:
@@ -31,10 +39,40 @@ def run_configs(config, precisions) -> list:
   for precision in precisions:
     run_config = copy.deepcopy(config)
     run_config.precision = precision
-    rl.validate_config(run_config)
-    results.check_run_config(rl.run_dir_for(run_config), run_config, allowed=rl.RESUME_ALLOWED)
+    common.validate_rl_config(run_config)
+    results.check_run_config(common.rl_run_dir(run_config), run_config,
+                             allowed=common.RL_RESUME_ALLOWED)
     configs.append(run_config)
   return configs
+
+
+def run_summary(run_dir: str, minutes: float) -> dict:
+  """What `experiments.rl.run` returns, read back from a finished run directory."""
+  frame = results.read_metrics(run_dir)
+  return {"run_dir": run_dir, "final_reward": float(frame["reward/mean"].iloc[-1]),
+          "best_reward": float(frame["reward/mean"].max()),
+          "mean_prob_diff": float(frame["mismatch/prob_diff_mean"].mean()), "minutes": minutes}
+
+
+def run_rl(run_config) -> dict:
+  """One RL run as `python -m experiments.rl` (output shown as it goes); returns its summary.
+
+  Raises:
+    RuntimeError: when the run exits non-zero.
+  """
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+  started = time.time()
+  with tempfile.TemporaryDirectory() as tmp:
+    config_path = os.path.join(tmp, "config.json")
+    with open(config_path, "w", encoding="utf-8") as f:
+      json.dump(run_config.to_dict(), f)
+    command = [sys.executable, "-m", "experiments.rl", f"--config={FROM_JSON_CONFIG}:{config_path}"]
+    done = subprocess.run(command, env=env, check=False)
+  if done.returncode:
+    raise RuntimeError(f"The {run_config.precision} run failed (exit status {done.returncode}): "
+                       f"{' '.join(command)}")
+  return run_summary(common.rl_run_dir(run_config), (time.time() - started) / 60)
 
 
 def compare(config, precisions) -> dict:
@@ -42,7 +80,7 @@ def compare(config, precisions) -> dict:
   run_dirs = []
   for run_config in run_configs(config, precisions):
     precision = run_config.precision
-    summaries[precision] = rl.run(run_config)
+    summaries[precision] = run_rl(run_config)
     run_dirs.append(summaries[precision]["run_dir"])
   experiment_dir = os.path.commonpath(run_dirs)
   frame = results.load_runs(experiment_dir, settings=["algorithm", "precision", "seed"])
@@ -70,4 +108,4 @@ def compare(config, precisions) -> dict:
 if __name__ == "__main__":
   flags.DEFINE_list("compare", ["bf16", "fp16"], "Precisions to run and compare.")
   common.run_main(lambda config: compare(config, flags.FLAGS.compare), lock_config=False,
-                  validate=rl.validate_config)
+                  validate=common.validate_rl_config)

@@ -1,11 +1,12 @@
-"""The benchmark suite: its measuring tools, and quick mode end to end with real vLLM."""
+"""The benchmark suite: its targets and report, and quick mode end to end with real vLLM.
+
+Its measuring tools (rl_fp16/profiling.py) are tested in test_profiling.py."""
 
 import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,10 +14,8 @@ from deps import require
 
 from experiments import benchmark
 from experiments.configs import benchmark as benchmark_config
-from rl_fp16.models import ModelConfig, init_params
-from rl_fp16.precision import get_policy
-from rl_fp16.sampling.engines import make_engine
-from rl_fp16.sampling.jax_sampler import SamplingConfig
+from rl_fp16 import profiling
+from rl_fp16.models import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
@@ -24,66 +23,27 @@ CONFIG = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermed
                      qkv_bias=True, initializer_range=0.2)
 
 
-def test_jax_sampler_does_not_recompile_on_a_repeated_call():
-  engine = make_engine("jax", CONFIG, init_params(CONFIG, jax.random.key(0)),
-                       get_policy("fp32", "sampler"), eos_token_ids=[])
-  prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-  sampling = SamplingConfig(max_new_tokens=7)  # a shape no other test in this process uses
-  with benchmark.CompileCounter() as first:
-    engine.generate(prompts, n=2, sampling=sampling, seed=0)
-  assert first.count >= 1 and any("_decode" in name for name in first.names), first.names
-  assert first.seconds > 0
-  with benchmark.CompileCounter() as again:
-    rollout = engine.generate(prompts, n=2, sampling=sampling, seed=1)
-  assert again.count == 0, again.names
-  assert int(rollout.response_mask.sum()) == 4 * 7  # no EOS: every row runs to the length
-  # Other prompts of lengths in the same bucket, same batch: still the same executable.
-  with benchmark.CompileCounter() as same_bucket:
-    engine.generate([[9, 10], [11]], n=2, sampling=sampling, seed=2)
-  assert same_bucket.count == 0, same_bucket.names
-
-
-def test_time_calls_reports_compiles_of_timed_calls_only():
-  f = jax.jit(lambda x: x * 3 + 1)
-  shapes = [(5,), (5,), (6,)]  # warm-up compiles (5,); the second timed call compiles (6,)
-  timing = benchmark.time_calls(lambda i: f(np.ones(shapes[i])).block_until_ready(), warmup=1,
-                                repetitions=2)
-  assert timing.compiles == [0, 1]
-  assert timing.recompiled and all("lambda" in name for name in timing.recompiled)
-  assert timing.warmup_compile_s > 0
-  assert 0 < timing.seconds["min"] <= timing.seconds["median"] <= timing.seconds["max"]
-  assert len(timing.seconds["values"]) == 2
-
-
-def test_train_step_flops_formula():
-  flops = benchmark.train_step_flops(CONFIG, batch=3, seq_len=10)
-  n = CONFIG.num_params(include_embeddings=False) + 64 * 64  # + the output projection
-  assert flops["dense"] == 6 * n * 3 * 10
-  assert flops["attention"] == 12 * 2 * 2 * 32 * 10**2 * 3  # 12 L H d_head S^2 B
-  assert flops["total"] == flops["dense"] + flops["attention"]
-
-
 def test_summarize_and_targets():
-  stat = benchmark.summarize([3.0, 1.0, 2.0])
+  stat = profiling.summarize([3.0, 1.0, 2.0])
   assert (stat["median"], stat["min"], stat["max"]) == (2.0, 1.0, 3.0)
-  rate = benchmark.invert_stat(stat, 6.0)
+  rate = profiling.invert_stat(stat, 6.0)
   assert (rate["median"], rate["min"], rate["max"]) == (3.0, 2.0, 6.0)
 
   def trainer_row(precision, tokens_per_s, mfu):
     return {"model": "medium", "response_len": 256, "precision": precision,
-            "tokens_per_s": benchmark.summarize([tokens_per_s]),
-            "mfu": benchmark.summarize([mfu]), "compiles_per_step": 0}
+            "tokens_per_s": profiling.summarize([tokens_per_s]),
+            "mfu": profiling.summarize([mfu]), "compiles_per_step": 0}
 
   def sampler_row(engine, tokens_per_s):
     return {"model": "small", "engine": engine, "precision": "fp16", "new_tokens": 256,
-            "tokens_per_s": benchmark.summarize([tokens_per_s]), "compiles_per_call": 0}
+            "tokens_per_s": profiling.summarize([tokens_per_s]), "compiles_per_call": 0}
 
   results = {
       "trainer": [trainer_row("fp32", 100.0, 0.5), trainer_row("bf16", 90.0, 0.45)],
       "samplers": [sampler_row("jax", 40.0), sampler_row("vllm", 100.0)],
       "sync": [{"model": "small", "precision": "float16", "directory_over_memory": 6.0}],
       "e2e": {"engine": "vllm", "precision": "fp16",
-              "other_fraction": benchmark.summarize([0.2])},
+              "other_fraction": profiling.summarize([0.2])},
   }
   passed = {t["name"]: t["passed"] for t in benchmark.evaluate_targets(results)}
   assert passed == {
@@ -175,25 +135,6 @@ def test_quick_benchmark_end_to_end(tmp_path):
   assert any(n.startswith("sync directory") for n in names)
   assert any(n.startswith("score+logp+sync") for n in names)
   assert all(t["passed"] in (True, False) for t in results["targets"])
-
-
-def test_xla_op_profile_groups_a_traced_function_by_op_kind(tmp_path):
-  @jax.jit
-  def two_matmuls_and_a_tanh(a, b):
-    return jax.numpy.tanh(a @ b) @ b
-
-  a = jax.numpy.ones((256, 256))
-  two_matmuls_and_a_tanh(a, a).block_until_ready()  # compile outside the trace
-  with jax.profiler.trace(str(tmp_path)):
-    two_matmuls_and_a_tanh(a, a).block_until_ready()
-  profile = benchmark.xla_op_profile(str(tmp_path), "jit_two_matmuls_and_a_tanh")
-  assert profile, "no op events for the traced function"
-  assert sum(p["share"] for p in profile) == pytest.approx(1.0)
-  assert all(p["ms"] >= 0 and p["count"] >= 1 for p in profile)
-  assert all(not p["op"][-1].isdigit() for p in profile)  # ".N" suffixes are grouped away
-  assert benchmark.xla_op_profile(str(tmp_path), "jit_not_traced") == []
-  with pytest.raises(FileNotFoundError, match="trace.json.gz"):
-    benchmark.xla_op_profile(str(tmp_path / "missing"), "jit_two_matmuls_and_a_tanh")
 
 
 def test_trl_peer_output_and_skip_message():

@@ -47,7 +47,7 @@ def test_gpu_check_runs_every_stage_and_writes_the_summary(tmp_path):
   written = json.loads((out / "summary.json").read_text())
   assert written["mismatch"] == json.loads(json.dumps(summary["mismatch"]))
   report = (out / "summary.md").read_text()
-  assert "Trainer vs JAX sampler" in report and "rl_train_step" in report
+  assert "Trainer vs JAX sampler" in report and "RL train step" in report
   assert (out / "mismatch_default" / "metrics.json").exists()
   assert (out / "benchmark_default" / "benchmark.json").exists()
 

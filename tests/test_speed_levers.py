@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.benchmark import CompileCounter, padding_waste
+from experiments.benchmark import padding_waste
+from rl_fp16.profiling import CompileCounter
 from experiments.configs import benchmark as benchmark_config
 from rl_fp16 import objectives
 from rl_fp16.checkpoints.train_state import TrainState
