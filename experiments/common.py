@@ -393,6 +393,15 @@ def validate_rl_config(config) -> None:
                 f"must be a non-empty list of: {', '.join(LORA_TARGETS)}")
   if check.has("expert_mismatch"):
     check.integer("expert_mismatch.every", 0)
+  if check.has("eval"):
+    check.integer("eval.every", 0)
+    check.integer("eval.num_problems", 1)
+    check.integer("eval.samples_per_problem", 1)
+    check.number("eval.temperature", above=0)
+    check.integer("eval.seed", 0)
+    check.check(not config.eval.get("every") or config.get("task", "synthetic") == "synthetic",
+                "eval.every", "held-out evaluation draws fresh problems from the synthetic task's "
+                "generator; allowed with task 'math': 0")
   if check.has("mesh"):
     for axis in ("data", "fsdp", "tensor"):
       value = config.mesh.get(axis)

@@ -41,7 +41,7 @@ from experiments.common import RL_RESUME_ALLOWED as RESUME_ALLOWED
 from experiments.common import make_rl_config
 from experiments.common import rl_run_dir as run_dir_for
 from experiments.common import validate_rl_config as validate_config
-from rl_fp16 import colocation, distributed, results, sharding
+from rl_fp16 import colocation, distributed, evaluation, results, sharding
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data.rl_problems import (load_or_build_subset, load_task, problem_text,
@@ -83,6 +83,9 @@ def run(config) -> dict:
     distributed.barrier("subset")
   if not primary:
     subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
+  eval_config = evaluation.EvalConfig(**config.get("eval", {}))
+  held_out = (evaluation.held_out_problems(task, subset, eval_config) if eval_config.every
+              else [])
   if len(subset) < 1:
     raise ValueError(f"The perfectible subset is empty ({subset_path}); widen "
                      "--config.perfectible.low/high or use a stronger base model")
@@ -185,6 +188,9 @@ def run(config) -> dict:
           rl_config=rl_config, seed=config.seed * 1_000_003 + step, train_step=train_step,
           base_params=base_params, extra_metrics=extra_metrics, logprobs_fn=logprobs_fn)
       metrics["train/updates"] = float(state.step)
+      if eval_config.due(step + 1, config.steps):  # the engine serves the updated weights
+        metrics.update(evaluation.evaluate(engine, task, held_out, config=eval_config,
+                                           max_new_tokens=config.max_new_tokens))
       writer.write(step + 1, metrics)
       history.append(metrics)
       bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
@@ -225,6 +231,10 @@ def check_multiprocess_config(config, processes: int) -> None:
   if config.prompts_per_step % processes:
     problems.append(f"--config.prompts_per_step={config.prompts_per_step}: must be a multiple of "
                     f"the {processes} processes (each samples an equal share)")
+  every = config.get("eval", {}).get("every", 0)
+  if every and config.eval.num_problems % processes:
+    problems.append(f"--config.eval.num_problems={config.eval.num_problems}: must be a multiple "
+                    f"of the {processes} processes (each samples an equal share)")
   if config.get("weight_sync", "memory") != "memory":
     problems.append(f"--config.weight_sync={config.weight_sync!r}: a multi-process run syncs each "
                     "process's engine in memory; allowed: 'memory'")

@@ -1,5 +1,7 @@
 """Held-out evaluation: disjoint from training, scored by the task, the same draw every time."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,29 @@ def test_eval_schedule_and_refusals():
     evaluation.EvalConfig(every=-1)
   with pytest.raises(ValueError, match="temperature"):
     evaluation.EvalConfig(temperature=0.0)
+
+
+@pytest.mark.slow
+def test_rl_run_logs_the_held_out_accuracy_of_the_updated_policy(tiny, tmp_path):
+  """experiments.rl evaluates after each `eval.every` steps with the engine's updated weights:
+  the logged figures equal a fresh evaluation of the run's final checkpoint."""
+  from experiments import rl  # pylint: disable=g-import-not-at-top
+  from experiments.configs import sanity  # pylint: disable=g-import-not-at-top
+  from rl_fp16.checkpoints.train_state import read_state_numpy  # pylint: disable=g-import-not-at-top
+  model, task, _ = tiny
+  config = sanity.get_config()
+  config.update(dict(engine="jax", precision="fp32", steps=2, prompts_per_step=2,
+                     samples_per_prompt=4, num_minibatches=1, checkpoint_every=1,
+                     learning_rate=3e-3, output_dir=str(tmp_path / "run")))
+  config.eval.update(dict(every=1, num_problems=6, samples_per_problem=2))
+  rl.run(config)
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [("eval/accuracy" in r) for r in rows] == [True, True]
+  state, _ = read_state_numpy(str(tmp_path / "run" / "checkpoints"))
+  engine = JaxEngine(model.config, state["params"], get_policy("fp32", "sampler"),
+                     eos_token_ids=model.eos_token_ids)
+  eval_config = evaluation.EvalConfig(**config.eval.to_dict())
+  problems = evaluation.held_out_problems(task, rl.load_or_build_subset(
+      config, model, task, str(tmp_path / "run"))[0], eval_config)
+  expected = evaluation.evaluate(engine, task, problems, config=eval_config, max_new_tokens=256)
+  assert {k: rows[-1][k] for k in expected} == pytest.approx(expected, abs=1e-6)

@@ -112,5 +112,7 @@ def get_config(name: str = "grpo") -> ml_collections.ConfigDict:
        if f.name not in ("learning_rate", "grad_clip")})
   # config.learning_rate: sanity's 1e-4 (the paper's 1e-6 is for a 1.5B model; the tiny base
   # barely moves at it). config.max_new_tokens: sanity's 256 (the paper's budget is 8192).
+  # Held-out accuracy every 25 RL steps and after the last (docs/long_runs_preregistration.md).
+  config.eval.every = 25
   config.output_dir = "runs/paper/{algorithm}_{precision}_seed{seed}"
   return config

@@ -7,7 +7,11 @@ A sound algorithm should drive training reward on a perfectible set towards 1; t
 runs of uncorrected GRPO collapse while FP16 runs of every algorithm reach ~0.97-0.99.
 """
 
+import dataclasses
+
 import ml_collections
+
+from rl_fp16 import evaluation
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -60,5 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   # defaults. sleep_level 1 or 2 puts vLLM to sleep between rollouts (GPU only; rl_fp16.colocation).
   config.colocate = ml_collections.ConfigDict(dict(
       sampler_memory_fraction=ml_collections.config_dict.placeholder(float), sleep_level=0))
+  # Held-out evaluation (rl_fp16/evaluation.py): every `every` RL steps and after the last, sample
+  # `samples_per_problem` responses to `num_problems` fresh problems not in the training set.
+  # 0: off (the main job's 20 steps do not need it).
+  config.eval = ml_collections.ConfigDict(dataclasses.asdict(evaluation.EvalConfig()))
   config.output_dir = "runs/sanity/{algorithm}_{precision}_seed{seed}"
   return config
