@@ -88,30 +88,26 @@ def _check_follows_directory(engine, config, params0, tmp_path, bound):
   assert old > 100 * bound, old  # the worker does not serve the old weights any more
 
 
-@pytest.mark.slow
-def test_jax_worker_in_another_process_follows_the_directory(tmp_path):
-  config, params0 = load_hf(TINY_BASE)
-  engine = DirectorySyncEngine("jax", config, params0, FP32, weights_dir=tmp_path / "weights",
-                               eos_token_ids=[], timeout_s=300)
-  try:
-    assert engine.pid != os.getpid()
-    _check_follows_directory(engine, config, params0, tmp_path, bound=1e-5)
-  finally:
-    engine.close()
-  assert not engine._process.is_alive()  # pylint: disable=protected-access
+# Per worker engine: its DirectorySyncEngine options and the |dlogp| bound of the new params.
+WORKERS = {
+    "jax": (dict(timeout_s=300), 1e-5),
+    "vllm": (dict(max_model_len=128, cpu_kv_cache_space_gib=0.25, max_num_seqs=16,
+                  timeout_s=600), 1e-4),
+}
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
-def test_vllm_worker_in_another_process_follows_the_directory(tmp_path):
-  require("vllm")
+@pytest.mark.parametrize("name", ["jax", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_worker_in_another_process_follows_the_directory(tmp_path, name):
+  if name == "vllm":
+    require("vllm")
+  options, bound = WORKERS[name]
   config, params0 = load_hf(TINY_BASE)
-  engine = DirectorySyncEngine("vllm", config, params0, FP32, weights_dir=tmp_path / "weights",
-                               eos_token_ids=[], max_model_len=128, cpu_kv_cache_space_gib=0.25,
-                               max_num_seqs=16, timeout_s=600)
+  engine = DirectorySyncEngine(name, config, params0, FP32, weights_dir=tmp_path / "weights",
+                               eos_token_ids=[], **options)
   try:
     assert engine.pid != os.getpid()
-    _check_follows_directory(engine, config, params0, tmp_path, bound=1e-4)
+    _check_follows_directory(engine, config, params0, tmp_path, bound=bound)
   finally:
     engine.close()
   assert not engine._process.is_alive()  # pylint: disable=protected-access
