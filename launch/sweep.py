@@ -1,10 +1,24 @@
-r"""Shared machinery of the XManager launch scripts: job specs, run-directory names, launching.
+r"""The generic sweep launcher: a config file's `sweep()` -> one XManager job per config variant.
 
-A sweep is a function that yields config variants (dicts of `--config.KEY=VALUE` settings, in the
-style of big_vision). `make_jobs` turns the variants into `JobSpec`s, one run directory per job
-under one experiment directory, named by the job's settings (EXP/grpo_fp16_seed0). `main` then
-prints them (`--dry_run`) or launches them through XManager with at most `--max_parallel` running
-at a time.
+    python -m launch.sweep --config=experiments/configs/sanity.py --dry_run
+    python -m launch.sweep --config=experiments/configs/sanity.py --max_parallel=2 \
+        --sweep_arg=algorithms=grpo,gspo --sweep_arg=seeds=0,1 --override=steps=10
+    python -m launch.sweep --config=experiments/configs/dose_response.py:grpo --dry_run
+
+An experiment is a config file (big_vision style): `get_config(arg)` makes the base config and
+`sweep(...)` yields the variants, dicts of config overrides (nested dicts allowed). The launcher
+imports the config file by path (`FILE.py[:ARG]`, as ml_collections' config_flags does; ARG goes to
+`get_config`, and to `sweep` when it has a parameter named `arg`), turns each variant into
+`--config.KEY=VALUE` flags (nested keys joined with dots, tuples and lists as Python literals, the
+form ml_collections parses), names each job's run directory from its settings with the config
+file's `NAME` template (default "{algorithm}_{precision}_seed{seed}"), and runs
+`python -m MODULE --config=FILE.py[:ARG] --config.KEY=VALUE ... --config.output_dir=EXP/NAME`,
+MODULE being --module, else the config file's `MODULE`, else experiments.rl. `--sweep_arg=KEY=V1,V2`
+passes a keyword argument to `sweep()` (a list of literals when the parameter's default is a
+tuple or list). `main` prints the jobs (`--dry_run`) or launches them through XManager with at most
+`--max_parallel` running at a time.
+
+This module imports rl_fp16.names only (no JAX); a config file is imported only when it is used.
 
 How the jobs run (xmanager 0.8.1):
 - `--executor=local` (the default): each job is `xm.binary(path=sys.executable,
@@ -22,15 +36,18 @@ How the jobs run (xmanager 0.8.1):
   the containers can write, e.g. a Cloud Storage FUSE path such as /gcs/BUCKET/runs).
 
 XManager keeps its own record of experiments in ~/.xmanager/experiments.sqlite3 (change it with
---xm_db_yaml_config_path). The launcher also writes EXP/sweep_NAME.json: the jobs, their command
-lines and, when they end, their outcome.
+--xm_db_yaml_config_path). The launcher also writes EXP/sweep_NAME.json (NAME: the config file's
+name): the jobs, their command lines and, when they end, their outcome.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import collections
 import dataclasses
+import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -112,10 +129,31 @@ class JobSpec:
 
 
 def format_value(value: Any) -> str:
-  """A config value as written after `--config.KEY=`."""
-  if isinstance(value, (list, tuple)):
-    return ",".join(format_value(item) for item in value)
+  """A config value as written after `--config.KEY=`: tuples and lists as Python literals
+  (`('q_proj', 'k_proj')`), which ml_collections' config flags parse; anything else as str()."""
+  if isinstance(value, list):
+    return repr(list(value))
+  if isinstance(value, tuple):
+    return repr(tuple(value))
   return str(value)
+
+
+def flatten(variant: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"loss": {"token_is_cap": 2.0}, "seed": 0} -> {"loss.token_is_cap": 2.0, "seed": 0}."""
+  flat = {}
+  for key, value in variant.items():
+    if hasattr(value, "to_dict"):  # A ConfigDict.
+      value = value.to_dict()
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _keys_clash(a: str, b: str) -> bool:
+  """True when setting config key `a` and `b` touches the same field ("loss" and "loss.x")."""
+  return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, str]:
@@ -149,7 +187,8 @@ def make_jobs(variants: Iterable[Mapping[str, Any]], *, module: str, config_file
   """Builds one JobSpec per config variant.
 
   Args:
-    variants: config settings per job, e.g. {"algorithm": "grpo", "precision": "fp16", "seed": 0}.
+    variants: config settings per job, e.g. {"algorithm": "grpo", "precision": "fp16", "seed": 0};
+      nested dicts set nested keys ({"loss": {"token_is_cap": 2.0}} -> loss.token_is_cap).
     module: experiment module run with `python -m`.
     config_file: config file relative to the repository root.
     experiment_dir: every run directory is EXPERIMENT_DIR/<name>.
@@ -168,17 +207,18 @@ def make_jobs(variants: Iterable[Mapping[str, Any]], *, module: str, config_file
                      "EXPERIMENT_DIR/<job name>; set --experiment_dir instead")
   jobs, seen = [], {}
   for variant in variants:
-    clash = sorted(set(variant) & set(overrides))
+    flat = flatten(variant)
+    clash = sorted(o for o in overrides if any(_keys_clash(o, k) for k in flat))
     if clash:
       raise ValueError(f"--override sets {clash}, which this sweep varies; choose its values with "
-                       "the sweep's own flags instead")
+                       "the sweep's own arguments (--sweep_arg) instead")
     job_name = run_name(name, variant)
     if job_name in seen:
       raise ValueError(f"variants {seen[job_name]} and {dict(variant)} both get run name "
                        f"{job_name!r}")
     seen[job_name] = dict(variant)
     settings = tuple((key, format_value(value)) for key, value in
-                     [*variant.items(), *overrides.items()])
+                     [*flat.items(), *overrides.items()])
     jobs.append(JobSpec(name=job_name, module=module, config_file=config_file, settings=settings,
                         run_dir=os.path.join(experiment_dir, job_name)))
   if not jobs:
@@ -366,39 +406,123 @@ def launch(jobs: Sequence[JobSpec], *, sweep_name: str, experiment_dir: str, exe
   return results
 
 
-def jobs_from_flags(variants: Iterable[Mapping[str, Any]], *, module: str, config_file: str,
-                    sweep_name: str, name: str = DEFAULT_NAME) -> tuple[list[JobSpec], str]:
-  """`make_jobs` with --experiment_dir (default runs/SWEEP_NAME) and --override.
+# ------------------------------------------------------------------------------------------------
+# Config files with a sweep().
 
-  Returns:
-    (jobs, absolute experiment directory).
-  Raises:
-    app.UsageError: the flags make a bad sweep.
+
+def split_config_arg(value: str) -> tuple[str, str | None]:
+  """"experiments/configs/paper.py:grpo" -> ("experiments/configs/paper.py", "grpo")."""
+  path, sep, arg = value.partition(":")
+  return path, (arg if sep else None)
+
+
+def load_config_module(path: str):
+  """Imports a config file by path, as ml_collections' config_flags does (REPO_ROOT on sys.path,
+  so that it may import `experiments.configs.OTHER`)."""
+  if not os.path.isfile(path):
+    raise ValueError(f"--config: no config file {path!r}")
+  if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+  stem = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"_sweep_config_{stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def parse_sweep_args(items: Iterable[str], sweep_fn) -> dict[str, Any]:
+  """--sweep_arg=KEY=VALUE items -> keyword arguments of `sweep_fn`.
+
+  VALUE is split on commas into a list when the parameter's default is a tuple or list (or it has
+  no default); each item (or the whole VALUE) is a Python literal when it parses as one
+  ("0" -> 0), else a string ("grpo").
   """
-  experiment_dir = os.path.abspath(_EXPERIMENT_DIR.value or os.path.join("runs", sweep_name))
-  try:
-    jobs = make_jobs(variants, module=module, config_file=config_file,
-                     experiment_dir=experiment_dir, name=name,
-                     overrides=parse_overrides(_OVERRIDES.value))
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  return jobs, experiment_dir
+  def literal(text):
+    try:
+      return ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+      return text
+
+  parameters = inspect.signature(sweep_fn).parameters
+  kwargs = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise ValueError(f"--sweep_arg={item!r}: expected KEY=VALUE, e.g. --sweep_arg=seeds=0,1")
+    if key not in parameters or key == "arg":
+      raise ValueError(f"--sweep_arg={item!r}: sweep() takes "
+                       f"{[p for p in parameters if p != 'arg']}")
+    default = parameters[key].default
+    if default is inspect.Parameter.empty or isinstance(default, (list, tuple)):
+      kwargs[key] = [literal(v) for v in value.split(",")] if value else []
+    else:
+      kwargs[key] = literal(value)
+  return kwargs
 
 
-def int_list(values: Sequence[str], flag: str) -> list[int]:
-  """Parses a list flag of integers (e.g. --seeds=0,1,2)."""
-  try:
-    return [int(v) for v in values]
-  except ValueError:
-    raise app.UsageError(f"--{flag} must be integers, got {list(values)}") from None
+def _has_key(config, key: str) -> bool:
+  node = config
+  for part in key.split("."):
+    try:
+      if part not in node:
+        return False
+      node = node[part]
+    except TypeError:  # A leaf reached before the last part.
+      return False
+  return True
 
 
-def check_choices(values: Sequence[str], choices: Sequence[str], flag: str) -> list[str]:
-  """Returns `values` if each is one of `choices`; raises a flag error otherwise."""
-  unknown = [v for v in values if v not in choices]
-  if unknown or not values:
-    raise app.UsageError(f"--{flag}: {unknown or 'empty'}; choose from {list(choices)}")
-  return list(values)
+@dataclasses.dataclass(frozen=True)
+class ConfigSweep:
+  """The jobs of one config file's sweep, and where they go."""
+
+  name: str  # The config file's name, e.g. "sanity": EXP/sweep_sanity.json.
+  experiment_dir: str
+  jobs: list[JobSpec]
+
+
+def config_sweep(config: str, *, module: str | None = None, experiment_dir: str | None = None,
+                 overrides: Iterable[str] = (), sweep_args: Iterable[str] = ()) -> ConfigSweep:
+  """The jobs of `config` ("FILE.py[:ARG]")'s `sweep()`.
+
+  Args:
+    config: the config file (absolute, or relative to the current directory), with an optional
+      `:ARG` for `get_config(ARG)` (and `sweep(arg=ARG)` when sweep has an `arg` parameter).
+    module: experiment module; None: the config file's MODULE, else experiments.rl.
+    experiment_dir: None: runs/<config file name>.
+    overrides: KEY=VALUE settings for every job (--override).
+    sweep_args: KEY=VALUE keyword arguments of `sweep()` (--sweep_arg).
+  Raises:
+    ValueError: a bad config file, sweep, setting or run name.
+  """
+  path, arg = split_config_arg(config)
+  config_module = load_config_module(path)
+  sweep_fn = getattr(config_module, "sweep", None)
+  if not callable(sweep_fn):
+    raise ValueError(f"{path} has no sweep(); a config file to sweep defines sweep() yielding "
+                     "dicts of config overrides (see experiments/configs/sanity.py)")
+  base = config_module.get_config() if arg is None else config_module.get_config(arg)
+  kwargs = parse_sweep_args(sweep_args, sweep_fn)
+  if arg is not None and "arg" in inspect.signature(sweep_fn).parameters:
+    kwargs["arg"] = arg
+  variants = list(sweep_fn(**kwargs))
+  parsed_overrides = parse_overrides(overrides)
+  for key in [*parsed_overrides, *(k for v in variants for k in flatten(v))]:
+    if key != "output_dir" and not _has_key(base, key):
+      raise ValueError(f"config key {key!r} (set by the sweep or --override) is not in "
+                       f"{os.path.basename(path)}'s get_config()")
+  name = os.path.splitext(os.path.basename(path))[0]
+  experiment_dir = os.path.abspath(experiment_dir or os.path.join("runs", name))
+  config_file = os.path.relpath(os.path.abspath(path), REPO_ROOT)
+  if config_file.startswith(".."):
+    config_file = os.path.abspath(path)  # Outside the repository: by absolute path.
+  if arg is not None:
+    config_file += f":{arg}"
+  jobs = make_jobs(variants, module=module or getattr(config_module, "MODULE", RL_MODULE),
+                   config_file=config_file, experiment_dir=experiment_dir,
+                   name=getattr(config_module, "NAME", DEFAULT_NAME), overrides=parsed_overrides)
+  return ConfigSweep(name=name, experiment_dir=experiment_dir, jobs=jobs)
 
 
 def check_precision(name: str) -> str:
@@ -421,3 +545,34 @@ def main(jobs: Sequence[JobSpec], *, sweep_name: str, experiment_dir: str) -> in
   results = launch(jobs, sweep_name=sweep_name, experiment_dir=experiment_dir,
                    executor=executor, max_parallel=max_parallel)
   return 0 if all(r.ok for r in results) else 1
+
+
+def _define_main_flags():
+  """The flags of `python -m launch.sweep`, defined only when it runs as a program: experiment
+  modules define their own --config flag when they run, and may share a process with this one."""
+  config = flags.DEFINE_string(
+      "config", None, "Config file to sweep, FILE.py[:ARG]; it defines sweep() (and get_config).")
+  module = flags.DEFINE_string(
+      "module", None, "Experiment module the jobs run (python -m MODULE); default: the config "
+      f"file's MODULE, else {RL_MODULE}.")
+  sweep_args = flags.DEFINE_multi_string(
+      "sweep_arg", [], "KEY=VALUE keyword argument of the config file's sweep(), e.g. "
+      "--sweep_arg=algorithms=grpo,gspo --sweep_arg=seeds=0,1. Repeat the flag for several.")
+  flags.mark_flag_as_required("config")
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+      found = config_sweep(config.value, module=module.value,
+                           experiment_dir=_EXPERIMENT_DIR.value, overrides=_OVERRIDES.value,
+                           sweep_args=sweep_args.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    return main(found.jobs, sweep_name=found.name, experiment_dir=found.experiment_dir)
+
+  return run
+
+
+if __name__ == "__main__":
+  app.run(_define_main_flags())

@@ -1,4 +1,5 @@
-"""The XManager launch scripts: job lists (--dry_run), sweep helpers, and a real local sweep."""
+"""The XManager sweep launcher (launch.sweep): job lists (--dry_run), sweep helpers, and a real
+local sweep. The config files' sweeps themselves: tests/test_sweep_configs.py."""
 
 import json
 import os
@@ -15,9 +16,11 @@ TINY_RL = ("--override=engine=jax", "--override=steps=2", "--override=prompts_pe
            "--override=samples_per_prompt=4", "--override=max_new_tokens=24")
 
 
-def _launch(script, *args, timeout=60):
-  """Runs `python -m launch.SCRIPT ARGS...` from the repository root."""
-  return subprocess.run([sys.executable, "-m", f"launch.{script}", *args], cwd=REPO,
+def _launch(config, *args, timeout=60):
+  """Runs `python -m launch.sweep --config=experiments/configs/CONFIG.py ARGS...` from the
+  repository root."""
+  return subprocess.run([sys.executable, "-m", "launch.sweep",
+                         f"--config=experiments/configs/{config}.py", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -101,9 +104,9 @@ def test_cloud_jobs_build_without_launching(parsed_flags, executor):
 
 def test_sanity_sweep_dry_run(tmp_path):
   exp = tmp_path / "exp"
-  result = _launch("sanity_sweep", "--dry_run", "--algorithms=grpo,gspo",
-                   "--precisions=bf16,fp16", "--seeds=0,1", "--override=steps=3",
-                   f"--experiment_dir={exp}", "--max_parallel=2")
+  result = _launch("sanity", "--dry_run", "--sweep_arg=algorithms=grpo,gspo",
+                   "--sweep_arg=precisions=bf16,fp16", "--sweep_arg=seeds=0,1",
+                   "--override=steps=3", f"--experiment_dir={exp}", "--max_parallel=2")
   assert result.returncode == 0, result.stderr
   assert "8 job(s), executor local, at most 2 at a time" in result.stdout
   jobs = _jobs_of(result.stdout)
@@ -119,7 +122,7 @@ def test_sanity_sweep_dry_run(tmp_path):
 
 
 def test_sanity_sweep_defaults_are_the_papers_algorithms(tmp_path):
-  result = _launch("sanity_sweep", "--dry_run", f"--experiment_dir={tmp_path}")
+  result = _launch("sanity", "--dry_run", f"--experiment_dir={tmp_path}")
   assert result.returncode == 0, result.stderr
   assert sorted(_jobs_of(result.stdout)) == sorted(
       f"{a}_{p}_seed0" for a in ("grpo", "grpo_token_tis", "gspo", "pg_seq_is", "grpo_seq_mis",
@@ -138,8 +141,8 @@ def test_precision_ablation_dry_run(tmp_path):
 
 
 def test_offline_mismatch_dry_run(tmp_path):
-  result = _launch("offline_mismatch", "--dry_run", "--engines=jax,vllm",
-                   "--precisions=bf16,fp16,bf16-fp16", f"--experiment_dir={tmp_path}",
+  result = _launch("offline_mismatch", "--dry_run", "--sweep_arg=engines=jax,vllm",
+                   "--sweep_arg=precisions=bf16,fp16,bf16-fp16", f"--experiment_dir={tmp_path}",
                    "--override=num_prompts=2")
   assert result.returncode == 0, result.stderr
   jobs = _jobs_of(result.stdout)
@@ -151,8 +154,8 @@ def test_offline_mismatch_dry_run(tmp_path):
 
 
 def test_cloud_executor_dry_run(tmp_path):
-  result = _launch("sanity_sweep", "--dry_run", "--executor=vertex", "--algorithms=grpo",
-                   "--precisions=fp16", f"--experiment_dir={tmp_path}")
+  result = _launch("sanity", "--dry_run", "--executor=vertex", "--sweep_arg=algorithms=grpo",
+                   "--sweep_arg=precisions=fp16", f"--experiment_dir={tmp_path}")
   assert result.returncode == 0, result.stderr
   assert "executor vertex" in result.stdout
   assert "command: python -m experiments.rl --config=/rl_fp16/experiments/configs/sanity.py" in (
@@ -160,15 +163,17 @@ def test_cloud_executor_dry_run(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--algorithms=ppo"], "choose from"),
-    (["--precisions=fp8"], "precision 'fp8'"),
-    (["--seeds=a"], "must be integers"),
+    (["--sweep_arg=algorithms=ppo"], "choose from"),
+    (["--sweep_arg=precisions=fp8"], "precision 'fp8'"),
+    (["--sweep_arg=seeds=a"], "must be integers"),
+    (["--sweep_arg=engines=jax"], "sweep() takes"),
+    (["--override=stpes=3"], "'stpes'"),
     (["--override=algorithm=gspo"], "varies"),
     (["--max_parallel=0"], "max_parallel"),
     (["--executor=vertex", "--cloud_accelerator=XYZ"], "Unknown ResourceType"),
 ])
 def test_bad_flags_fail_clearly(tmp_path, args, message):
-  result = _launch("sanity_sweep", "--dry_run", f"--experiment_dir={tmp_path}", *args)
+  result = _launch("sanity", "--dry_run", f"--experiment_dir={tmp_path}", *args)
   assert result.returncode != 0
   assert message in result.stderr + result.stdout
 
@@ -184,7 +189,7 @@ def _db_flag(tmp_path):
 @pytest.mark.slow
 def test_local_sweep_runs_through_xmanager(tmp_path, tiny_task_model_dir):
   exp = tmp_path / "exp"
-  result = _launch("sanity_sweep", "--algorithms=grpo", "--precisions=bf16,fp16", "--seeds=0",
+  result = _launch("sanity", "--sweep_arg=algorithms=grpo", "--sweep_arg=precisions=bf16,fp16",
                    f"--experiment_dir={exp}", "--max_parallel=2", _db_flag(tmp_path),
                    f"--override=model={tiny_task_model_dir}", *TINY_RL, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -199,7 +204,7 @@ def test_local_sweep_runs_through_xmanager(tmp_path, tiny_task_model_dir):
       config = json.load(f)
     assert config["precision"] == name.split("_")[1]
     assert config["output_dir"] == str(exp / name)
-  with open(exp / "sweep_sanity_sweep.json") as f:
+  with open(exp / "sweep_sanity.json") as f:
     manifest = json.load(f)
   assert [(job["name"], job["ok"]) for job in manifest["jobs"]] == [
       ("grpo_bf16_seed0", True), ("grpo_fp16_seed0", True)]
@@ -208,13 +213,13 @@ def test_local_sweep_runs_through_xmanager(tmp_path, tiny_task_model_dir):
 @pytest.mark.slow
 def test_failed_job_is_reported(tmp_path):
   exp = tmp_path / "exp"
-  result = _launch("sanity_sweep", "--algorithms=grpo", "--precisions=fp16",
+  result = _launch("sanity", "--sweep_arg=algorithms=grpo", "--sweep_arg=precisions=fp16",
                    f"--experiment_dir={exp}", _db_flag(tmp_path),
                    f"--override=model={tmp_path / 'missing'}", *TINY_RL, timeout=300)
   assert result.returncode == 1
   assert "0/1 job(s) succeeded" in result.stdout
   assert "FAILED grpo_fp16_seed0" in result.stdout
-  with open(exp / "sweep_sanity_sweep.json") as f:
+  with open(exp / "sweep_sanity.json") as f:
     assert json.load(f)["jobs"][0]["ok"] is False
 
 

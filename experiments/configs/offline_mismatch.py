@@ -1,10 +1,23 @@
-"""Offline mismatch: sample with an engine, recompute with the trainer, compare.
+r"""Offline mismatch: sample with an engine, recompute with the trainer, compare.
 
     python -m experiments.offline_mismatch --config=experiments/configs/offline_mismatch.py \
         --config.engine=vllm --config.precisions=fp32,bf16,fp16,bf16-fp16
+
+`sweep()`: one job per engine and seed, each measuring every precision pair of `precisions`, in
+EXP/offline_{engine}_seed{seed} (metrics.json, tokens.csv, plots/):
+
+    python -m launch.sweep --config=experiments/configs/offline_mismatch.py \
+        --sweep_arg=engines=jax,vllm --experiment_dir=runs/offline_mismatch
 """
 
+from collections.abc import Iterator, Sequence
+
 import ml_collections
+
+from rl_fp16 import names
+
+MODULE = "experiments.offline_mismatch"  # What launch.sweep runs for each job.
+NAME = "offline_{engine}_seed{seed}"  # Each job's run directory under the experiment directory.
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -28,3 +41,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.layer_view_sequences = 4
   config.output_dir = "runs/offline_mismatch"
   return config
+
+
+def sweep(engines: Sequence[str] = ("vllm",),
+          precisions: Sequence[str] = ("fp32", "bf16", "fp16"),
+          seeds: Sequence[int] = (0,)) -> Iterator[dict]:
+  """Yields the overrides of each (engine, seed); every job measures all `precisions`."""
+  unknown = [e for e in engines if e not in names.ENGINES]
+  if unknown or not engines:
+    raise ValueError(f"engines {unknown or 'empty'}: choose from {list(names.ENGINES)}")
+  if not precisions:
+    raise ValueError("precisions is empty")
+  for precision in precisions:
+    try:
+      names.precision_pair_parts(precision)
+    except ValueError as e:
+      raise ValueError(f"precision {precision!r}: {e}") from None
+  if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    raise ValueError(f"seeds must be integers, got {list(seeds)}")
+  for engine in engines:
+    for seed in seeds:
+      yield {"engine": engine, "precisions": ",".join(precisions), "seed": seed}

@@ -1,17 +1,29 @@
-"""The sanity experiment at CPU scale: RL on the tiny base model's perfectible subset.
+r"""The sanity experiment at CPU scale: RL on the tiny base model's perfectible subset.
 
     python -m experiments.rl --config=experiments/configs/sanity.py \
         --config.algorithm=grpo --config.precision=fp16
 
 A sound algorithm should drive training reward on a perfectible set towards 1; the paper's BF16
 runs of uncorrected GRPO collapse while FP16 runs of every algorithm reach ~0.97-0.99.
+
+`sweep()` is the sanity test's sweep, algorithm x precision x seed (launch/README.md):
+
+    python -m launch.sweep --config=experiments/configs/sanity.py --max_parallel=2
+    python -m launch.sweep --config=experiments/configs/sanity.py \
+        --sweep_arg=algorithms=grpo,gspo --sweep_arg=precisions=bf16,fp16 --sweep_arg=seeds=0,1 \
+        --override=steps=10 --override=engine=jax --dry_run
 """
 
+from collections.abc import Iterator, Sequence
 import dataclasses
 
 import ml_collections
 
 from rl_fp16 import evaluation
+from rl_fp16 import names
+
+# The algorithms of the paper's sanity test.
+PAPER_ALGORITHMS = ("grpo", "grpo_token_tis", "gspo", "pg_seq_is", "grpo_seq_mis", "pg_seq_mis")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -70,3 +82,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dataclasses.asdict(evaluation.EvalConfig()))
   config.output_dir = "runs/sanity/{algorithm}_{precision}_seed{seed}"
   return config
+
+
+def check_sweep_values(algorithms: Sequence[str] = (), precisions: Sequence[str] = (),
+                       seeds: Sequence[int] = ()) -> None:
+  """ValueError for an unknown algorithm, a bad precision pair or a seed that is not an int."""
+  unknown = [a for a in algorithms if a not in names.ALGORITHMS]
+  if unknown:
+    raise ValueError(f"algorithms {unknown}: choose from {list(names.ALGORITHMS)}")
+  for precision in precisions:
+    try:
+      names.precision_pair_parts(precision)
+    except ValueError as e:
+      raise ValueError(f"precision {precision!r}: {e}") from None
+  if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    raise ValueError(f"seeds must be integers, got {list(seeds)}")
+
+
+def sweep(algorithms: Sequence[str] = PAPER_ALGORITHMS,
+          precisions: Sequence[str] = ("bf16", "fp16"),
+          seeds: Sequence[int] = (0,)) -> Iterator[dict]:
+  """Yields the overrides of each (algorithm, precision, seed); run directory
+  {algorithm}_{precision}_seed{seed}."""
+  check_sweep_values(algorithms, precisions, seeds)
+  for algorithm in algorithms:
+    for precision in precisions:
+      for seed in seeds:
+        yield {"algorithm": algorithm, "precision": precision, "seed": seed}
