@@ -6,7 +6,8 @@ One arm (the paper recipe's algorithm, sampler precision, seed):
         --config.precision=fp32-e6 --config.seed=0
 
 `sweep()` lists every arm as a nested dict of overrides of `get_config()` (apply them with
-`experiments.common.merge_overrides`): the paper variants of GRPO, GRPO-Token-TIS and
+`experiments.common.merge_overrides`; `python -m launch.sweep
+--config=experiments/configs/dose_response.py --dry_run` lists the jobs): the paper variants of GRPO, GRPO-Token-TIS and
 GRPO-Seq-MIS (experiments/configs/paper.py), sampler K in 4, 5, 6, 7, 8, 9, 11, 24 (`fp32-eK`:
 float32 exponent range, docs/dose_response.md), plus real bf16 and fp16 samplers (`fp32-bf16`,
 `fp32-fp16`) to place them on the curve. The engine is the in-process JAX sampler (the emulation
