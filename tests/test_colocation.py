@@ -150,11 +150,11 @@ def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir):
   rl_config = train.RLConfig(samples_per_prompt=2, num_minibatches=1, max_new_tokens=8,
                              loss=objectives.LossConfig(max_response_len=8))
 
-  step = train.make_train_step(config, pair.trainer, optimizer, rl_config=rl_config)
+  update = train.make_train_step(config, pair.trainer, optimizer, rl_config=rl_config)
 
   def train_step(state, minibatch):
     calls.append("train")  # the list of the level being run
-    return step(state, minibatch)
+    return update(state, minibatch)
 
   for level, wakes in ((1, ["wake_up(all)", "sync"]),
                        (2, ["wake_up(weights)", "sync", "wake_up(kv_cache)"])):
