@@ -9,17 +9,24 @@ takes the median `time/step_s` over steps 3-10 and stops at the first one at or 
 takes the last, recording the overrun). It refuses to measure on a loaded machine (1-minute load
 average over `--max_load`), as the registration requires, and writes `decision.json`.
 
-`run` reads `decision.json` and advances the 9 primary runs (`paper:grpo` x bf16/fp16/fp32 x seeds
-0/1/2) round-robin, `--chunk` RL steps at a time, so that every arm progresses together across
-sessions; each chunk is `python -m experiments.rl` resuming from its last checkpoint with a larger
-`--config.steps` (an allowed resume change; the computation equals one uninterrupted run). Stop it
-at any time (Ctrl-C, end of session) and rerun the same command to continue.
+Nothing outside the git checkout survives between this project's sessions (each starts from a
+fresh clone), so a run must finish inside one session and its results must be committed: the
+speed rule also requires that `--steps` steps fit in `--session_hours` (registered change of
+2026-11-30, docs/long_runs_preregistration.md).
+
+`run` reads `decision.json` and runs the 9 primary runs (`paper:grpo` x bf16/fp16/fp32 x seeds
+0/1/2) one after another, in the registered order, each to the end (an interrupted run resumes
+from its last checkpoint when the command is rerun in the same session). After each finished run
+it copies `config.json` and a gzipped `metrics.jsonl` to `docs/long_runs/data/<run>/` (commit
+them), and skips runs whose data is already there.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,7 +38,7 @@ from absl import flags
 
 SPEEDCHECK_ORDER = (("vllm", 64), ("jax", 64), ("vllm", 32), ("jax", 32), ("vllm", 16),
                     ("jax", 16))
-MAX_SECONDS_PER_STEP = 40.0
+MAX_SECONDS_PER_STEP = 40.0  # the registered budget (30 machine-hours for the primary block)
 SPEEDCHECK_STEPS = 10
 PRECISIONS = ("bf16", "fp16", "fp32")
 SEEDS = (0, 1, 2)
@@ -39,8 +46,10 @@ PAPER_CONFIG = "experiments/configs/paper.py:grpo"
 
 _MODE = flags.DEFINE_enum("mode", "run", ["speedcheck", "run"], "What to do (module doc).")
 _ROOT = flags.DEFINE_string("root", "runs/long", "Directory of the speed checks and the runs.")
+_DATA = flags.DEFINE_string("data", "docs/long_runs/data", "Where finished runs' data is kept.")
 _STEPS = flags.DEFINE_integer("steps", 300, "RL steps per primary run (registered: 300).")
-_CHUNK = flags.DEFINE_integer("chunk", 25, "RL steps a run advances before the next run's turn.")
+_SESSION_HOURS = flags.DEFINE_float("session_hours", 2.0,
+                                    "A run's `steps` must fit in this many hours.")
 _MAX_LOAD = flags.DEFINE_float("max_load", 0.7, "Refuse to speed-check above this load average.")
 
 
@@ -55,10 +64,17 @@ def median_step_seconds(metrics_path: str, first: int = 3, last: int = SPEEDCHEC
   return float(statistics.median(seconds))
 
 
-def choose(measured: Sequence[tuple[str, int, float]]) -> dict:
-  """The registered rule over (engine, prompts, seconds) measured in `SPEEDCHECK_ORDER`."""
+def step_budget(steps: int, session_hours: float) -> float:
+  """Seconds per RL step allowed: the registered 40 s, and `steps` steps within a session."""
+  return min(MAX_SECONDS_PER_STEP, session_hours * 3600.0 / steps)
+
+
+def choose(measured: Sequence[tuple[str, int, float]],
+           budget: float = MAX_SECONDS_PER_STEP) -> dict:
+  """The registered rule over (engine, prompts, seconds) measured in `SPEEDCHECK_ORDER`: the
+  first within `budget` seconds per step, else the last (an overrun)."""
   for engine, prompts, seconds in measured:
-    if seconds <= MAX_SECONDS_PER_STEP:
+    if seconds <= budget:
       return {"engine": engine, "prompts_per_step": prompts, "seconds_per_step": seconds,
               "overrun": False}
   engine, prompts, seconds = measured[-1]
@@ -74,6 +90,9 @@ def rl_command(run_dir: str, *, engine: str, prompts: int, precision: str, seed:
           f"--config.output_dir={run_dir}"]
 
 
+ARMS = tuple((f"grpo_{p}_seed{s}", p, s) for s in SEEDS for p in PRECISIONS)
+
+
 def completed_steps(run_dir: str) -> int:
   """RL steps logged in `run_dir/metrics.jsonl` (0 when the run has not started)."""
   path = os.path.join(run_dir, "metrics.jsonl")
@@ -83,21 +102,30 @@ def completed_steps(run_dir: str) -> int:
     return max((json.loads(line)["step"] for line in f if line.strip()), default=0)
 
 
-def next_chunk(done: dict[str, int], steps: int, chunk: int) -> tuple[str, int] | None:
-  """The run to advance next and its new step target: the least advanced unfinished run (ties in
-  the given order), to the next multiple of `chunk` (at most `steps`); None when all are done."""
-  pending = [(n, name) for name, n in done.items() if n < steps]
-  if not pending:
-    return None
-  n, name = min(pending, key=lambda item: item[0])
-  return name, min(steps, (n // chunk + 1) * chunk)
+def keep_run_data(run_dir: str, data_dir: str) -> None:
+  """Copies a finished run's config.json and gzipped metrics.jsonl to `data_dir` (atomically)."""
+  os.makedirs(data_dir, exist_ok=True)
+  shutil.copyfile(os.path.join(run_dir, "config.json"), os.path.join(data_dir, "config.json"))
+  target = os.path.join(data_dir, "metrics.jsonl.gz")
+  with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as src, \
+      gzip.open(target + ".tmp", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+  os.replace(target + ".tmp", target)
 
 
-def speedcheck(root: str, max_load: float) -> dict:
+def pending_arms(data_root: str) -> list[tuple[str, str, int]]:
+  """The primary runs, in the registered order, whose data is not kept yet."""
+  return [arm for arm in ARMS
+          if not os.path.exists(os.path.join(data_root, arm[0], "metrics.jsonl.gz"))]
+
+
+def speedcheck(root: str, data_root: str, steps: int, session_hours: float,
+               max_load: float) -> dict:
   load = os.getloadavg()[0]
   if load > max_load:
     raise SystemExit(f"load average {load:.2f} > --max_load={max_load}: the registration measures "
                      "on an idle machine; stop other work first")
+  budget = step_budget(steps, session_hours)
   measured = []
   for engine, prompts in SPEEDCHECK_ORDER:
     run_dir = os.path.join(root, "speedcheck", f"{engine}_{prompts}")
@@ -105,46 +133,43 @@ def speedcheck(root: str, max_load: float) -> dict:
     subprocess.run(rl_command(run_dir, engine=engine, prompts=prompts, precision="bf16", seed=0,
                               steps=SPEEDCHECK_STEPS), check=True)
     seconds = median_step_seconds(os.path.join(run_dir, "metrics.jsonl"))
-    print(f"  median s/step (steps 3-10): {seconds:.1f}", flush=True)
+    print(f"  median s/step (steps 3-10): {seconds:.1f} (budget {budget:.1f})", flush=True)
     measured.append((engine, prompts, seconds))
-    if seconds <= MAX_SECONDS_PER_STEP:
+    if seconds <= budget:
       break
-  decision = dict(choose(measured), measured=measured, load_average_at_start=load,
-                  date=time.strftime("%Y-%m-%d %H:%M"))
-  with open(os.path.join(root, "decision.json"), "w") as f:
+  decision = dict(choose(measured, budget), measured=measured, budget_s_per_step=budget,
+                  load_average_at_start=load, date=time.strftime("%Y-%m-%d %H:%M"))
+  os.makedirs(data_root, exist_ok=True)
+  with open(os.path.join(data_root, "decision.json"), "w") as f:
     json.dump(decision, f, indent=1)
   print(json.dumps(decision, indent=1))
   return decision
 
 
-def run(root: str, steps: int, chunk: int) -> None:
-  path = os.path.join(root, "decision.json")
+def run(root: str, data_root: str, steps: int) -> None:
+  path = os.path.join(data_root, "decision.json")
   if not os.path.exists(path):
     raise SystemExit(f"No {path}: run --mode=speedcheck first (the registered engine rule)")
   with open(path) as f:
     decision = json.load(f)
-  arms = {f"grpo_{p}_seed{s}": (p, s) for s in SEEDS for p in PRECISIONS}
-  while True:
-    done = {name: completed_steps(os.path.join(root, name)) for name in arms}
-    print("progress: " + ", ".join(f"{k} {v}/{steps}" for k, v in done.items()), flush=True)
-    step = next_chunk(done, steps, chunk)
-    if step is None:
-      print("all primary runs finished")
-      return
-    name, target = step
-    precision, seed = arms[name]
-    subprocess.run(rl_command(os.path.join(root, name), engine=decision["engine"],
+  for name, precision, seed in pending_arms(data_root):
+    run_dir = os.path.join(root, name)
+    print(f"{name}: {completed_steps(run_dir)}/{steps} steps so far", flush=True)
+    subprocess.run(rl_command(run_dir, engine=decision["engine"],
                               prompts=decision["prompts_per_step"], precision=precision,
-                              seed=seed, steps=target), check=True)
+                              seed=seed, steps=steps), check=True)
+    keep_run_data(run_dir, os.path.join(data_root, name))
+    print(f"{name}: finished; data in {os.path.join(data_root, name)} (commit it)", flush=True)
+  print("all primary runs finished")
 
 
 def main(argv):
   del argv
   os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
   if _MODE.value == "speedcheck":
-    speedcheck(_ROOT.value, _MAX_LOAD.value)
+    speedcheck(_ROOT.value, _DATA.value, _STEPS.value, _SESSION_HOURS.value, _MAX_LOAD.value)
   else:
-    run(_ROOT.value, _STEPS.value, _CHUNK.value)
+    run(_ROOT.value, _DATA.value, _STEPS.value)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""launch.long_runs: the registered engine rule and the round-robin schedule (pure parts)."""
+"""launch.long_runs: the registered engine rule, the session budget and the kept run data."""
 
+import gzip
 import json
 
 import pytest
@@ -28,12 +29,28 @@ def test_rule_takes_the_first_configuration_within_40_s_else_the_last():
   assert (over["engine"], over["prompts_per_step"], over["overrun"]) == ("jax", 16, True)
 
 
-def test_round_robin_advances_the_least_advanced_run_by_a_chunk():
-  assert long_runs.next_chunk({"a": 0, "b": 0}, steps=300, chunk=25) == ("a", 25)
-  assert long_runs.next_chunk({"a": 25, "b": 0}, steps=300, chunk=25) == ("b", 25)
-  assert long_runs.next_chunk({"a": 25, "b": 31}, steps=300, chunk=25) == ("a", 50)
-  assert long_runs.next_chunk({"a": 290, "b": 300}, steps=300, chunk=25) == ("a", 300)
-  assert long_runs.next_chunk({"a": 300, "b": 300}, steps=300, chunk=25) is None
+def test_session_budget_tightens_the_registered_40_s():
+  assert long_runs.step_budget(300, 2.0) == 24.0
+  assert long_runs.step_budget(100, 2.0) == 40.0
+  measured = [("vllm", 64, 36.0), ("jax", 64, 30.0), ("vllm", 32, 19.0)]
+  assert long_runs.choose(measured)["prompts_per_step"] == 64
+  assert long_runs.choose(measured, budget=24.0)["prompts_per_step"] == 32
+
+
+def test_finished_runs_are_kept_and_skipped(tmp_path):
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  (run_dir / "config.json").write_text("{}")
+  _metrics(run_dir / "metrics.jsonl", {1: 2.0, 2: 3.0})
+  data = tmp_path / "data"
+  assert len(long_runs.pending_arms(str(data))) == 9
+  first = long_runs.pending_arms(str(data))[0]
+  assert first == ("grpo_bf16_seed0", "bf16", 0)
+  long_runs.keep_run_data(str(run_dir), str(data / first[0]))
+  with gzip.open(data / first[0] / "metrics.jsonl.gz", "rt") as f:
+    assert f.read() == (run_dir / "metrics.jsonl").read_text()
+  assert [a[0] for a in long_runs.pending_arms(str(data))][:2] == ["grpo_fp16_seed0",
+                                                                   "grpo_fp32_seed0"]
 
 
 def test_completed_steps_reads_the_run_metrics(tmp_path):
