@@ -51,7 +51,8 @@ from rl_fp16.models import probes
 from rl_fp16.precision import (cast_floating, default_loss_scale_config,
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.sync_modes import make_synced_engine
-from rl_fp16.train import OptimizerConfig, make_optimizer, make_train_step, rl_iteration
+from rl_fp16.train import (OptimizerConfig, make_optimizer, make_rollout_logprobs,
+                           make_train_step, rl_iteration)
 
 
 def colocation_config(config) -> colocation.ColocationConfig:
@@ -115,7 +116,7 @@ def run(config) -> dict:
     base_params = sharded_step.base_params  # LoRA: the frozen base, placed on the mesh once
     # Every process holds the whole (all-gathered) rollout and places its own devices' rows.
     train_step = lambda s, b: sharded_step(s, sharding.shard_global_batch(b, mesh))
-    logprobs_fn = sharding.make_rollout_logprobs(model.config, pair.trainer, mesh,
+    logprobs_fn = make_rollout_logprobs(model.config, pair.trainer, mesh,
                                                  temperature=rl_config.temperature)
     print(f"sharded trainer on mesh {dict(mesh.shape)}")
   if checkpointer.latest_step() is not None:

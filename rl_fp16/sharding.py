@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from rl_fp16 import precision, train
+from rl_fp16 import precision
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models.lora import LoraConfig, init_lora
@@ -294,39 +294,6 @@ def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransform
     return TrainState.create(params, optimizer, loss_scale=loss_scale, seed=0)
 
   return jax.eval_shape(build, base_params)
-
-
-def make_rollout_logprobs(config: ModelConfig, policy: DtypePolicy, mesh: Mesh, *,
-                          temperature: float = 1.0):
-  """`logprobs(params, rollout) -> float32 [B, T]`: the trainer's log-probs of a rollout's
-  response tokens (aligned with `rollout.logp_sampler`, 0 on padding), data parallel over the
-  mesh's batch axes.
-
-  Every process passes the whole rollout (`rl_fp16.distributed.allgather_rollout`) and the
-  (sharded) params; each device computes its rows and the result is all-gathered to every
-  process. Rows are padded (copies of the last row) to a multiple of data * fsdp.
-  """
-  compute = jax.jit(
-      lambda params, batch: train.packed_logprobs(config, policy, params, batch,
-                                                  temperature=temperature),
-      out_shardings=replicated(mesh))
-  ways = _axis_size(dict(mesh.shape), BATCH_AXES)
-
-  def logprobs(params: Any, rollout) -> np.ndarray:
-    tokens, attention_mask, loss_mask = rollout.full_sequence()
-    longest = int(attention_mask.sum(axis=1).max())
-    if longest > config.max_position_embeddings:
-      raise ValueError(f"A sequence of {longest} tokens exceeds the model's "
-                       f"max_position_embeddings={config.max_position_embeddings}")
-    rows = tokens.shape[0]
-    pad = (-rows) % ways
-    batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
-    if pad:
-      batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
-    logp = np.asarray(compute(params, shard_global_batch(batch, mesh)))
-    return logp[:rows, rollout.prompt_tokens.shape[1]:] * rollout.response_mask
-
-  return logprobs
 
 
 # ------------------------------------------------------------------------------ multi-host ----

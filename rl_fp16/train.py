@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ import numpy as np
 import optax
 
 from rl_fp16 import advantages as advantages_lib
-from rl_fp16 import mismatch, objectives, precision
+from rl_fp16 import mismatch, objectives, precision, sharding
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
 from rl_fp16.models import apply_logits, apply_token_logprobs
@@ -353,7 +354,6 @@ def _make(form: str, model_config: ModelConfig, policy: DtypePolicy,
   spec = loss_spec(loss, rl_config, base_params)
   shardings = None
   if mesh is not None:
-    from rl_fp16 import sharding  # pylint: disable=g-import-not-at-top (sharding imports train)
     rules = sharding.DEFAULT_RULES if rules is None else rules
     if state is None:
       state = sharding.abstract_train_state(model_config, optimizer, policy,
@@ -442,6 +442,38 @@ def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
   return done
 
 
+def make_rollout_logprobs(config: ModelConfig, policy: DtypePolicy, mesh, *,
+                          temperature: float = 1.0):
+  """`logprobs(params, rollout) -> float32 [B, T]`: the trainer's log-probs of a rollout's
+  response tokens (aligned with `rollout.logp_sampler`, 0 on padding), data parallel over the
+  mesh's batch axes.
+
+  Every process passes the whole rollout (`rl_fp16.distributed.allgather_rollout`) and the
+  (sharded) params; each device computes its rows and the result is all-gathered to every
+  process. Rows are padded (copies of the last row) to a multiple of data * fsdp.
+  """
+  compute = jax.jit(
+      lambda params, batch: packed_logprobs(config, policy, params, batch, temperature=temperature),
+      out_shardings=sharding.replicated(mesh))
+  ways = math.prod(dict(mesh.shape)[axis] for axis in sharding.BATCH_AXES)
+
+  def logprobs(params: Any, rollout) -> np.ndarray:
+    tokens, attention_mask, loss_mask = rollout.full_sequence()
+    longest = int(attention_mask.sum(axis=1).max())
+    if longest > config.max_position_embeddings:
+      raise ValueError(f"A sequence of {longest} tokens exceeds the model's "
+                       f"max_position_embeddings={config.max_position_embeddings}")
+    rows = tokens.shape[0]
+    pad = (-rows) % ways
+    batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    if pad:
+      batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
+    logp = np.asarray(compute(params, sharding.shard_global_batch(batch, mesh)))
+    return logp[:rows, rollout.prompt_tokens.shape[1]:] * rollout.response_mask
+
+  return logprobs
+
+
 def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy,
                  optimizer: optax.GradientTransformation, engine, prompts: list[list[int]],
                  reward_fn, rl_config: RLConfig, seed: int, base_params=None,
@@ -462,7 +494,7 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
       `make_train_step` step (e.g. one built with a mesh); it also turns off the packed path.
     extra_metrics: (rollout, params that sampled it) -> more metrics for this step.
     logprobs_fn: with `train_step`, (params, rollout) -> the trainer's log-probs of the
-      response tokens, float32 [B, T] (e.g. `rl_fp16.sharding.make_rollout_logprobs`: data
+      response tokens, float32 [B, T] (e.g. `make_rollout_logprobs`: data
       parallel over the mesh, also across processes); default `batched_token_logprobs`.
   Returns:
     The new state and a flat dict of this step's metrics (names: docs/design.md).
