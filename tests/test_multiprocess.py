@@ -211,7 +211,7 @@ def test_only_process_zero_writes_the_run_directory(one_and_two_process_runs):
 @pytest.mark.slow
 def test_killed_process_fails_the_job_and_rerun_resumes(tiny_task_model_dir, tmp_path):
   run_dir = tmp_path / "killed"
-  steps = 8
+  steps = 4
   proc = subprocess.Popen(_launch_command(tiny_task_model_dir, run_dir, steps), cwd=REPO,
                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
