@@ -76,3 +76,14 @@ def precision_pair_parts(name: str) -> tuple[str, str]:
                      f"TRAINER-SAMPLER with each in {list(PRESETS)}, e.g. 'bf16-fp16'; emulated "
                      "'eK' / 'eKxE' on either side, e.g. 'fp32-e6'")
   return parts[0], parts[1]
+
+
+def check_precisions_and_seeds(precisions, seeds) -> None:
+  """ValueError for a bad precision pair name or a seed that is not an int (sweep arguments)."""
+  for precision in precisions:
+    try:
+      precision_pair_parts(precision)
+    except ValueError as e:
+      raise ValueError(f"precision {precision!r}: {e}") from None
+  if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    raise ValueError(f"seeds must be integers, got {list(seeds)}")

@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from deps import require
+
 from rl_fp16 import colocation
 from rl_fp16.colocation import ColocationConfig, SleepBetweenRollouts
 
@@ -178,7 +180,7 @@ def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_refuses_sleep_mode_on_cpu(tmp_path):
-  pytest.importorskip("vllm")
+  require("vllm")
   from rl_fp16.sampling import vllm_sampler  # pylint: disable=g-import-not-at-top
   from vllm import platforms  # pylint: disable=g-import-not-at-top
   if not platforms.current_platform.is_cpu():

@@ -52,13 +52,7 @@ def sweep(engines: Sequence[str] = ("vllm",),
     raise ValueError(f"engines {unknown or 'empty'}: choose from {list(names.ENGINES)}")
   if not precisions:
     raise ValueError("precisions is empty")
-  for precision in precisions:
-    try:
-      names.precision_pair_parts(precision)
-    except ValueError as e:
-      raise ValueError(f"precision {precision!r}: {e}") from None
-  if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-    raise ValueError(f"seeds must be integers, got {list(seeds)}")
+  names.check_precisions_and_seeds(precisions, seeds)
   for engine in engines:
     for seed in seeds:
       yield {"engine": engine, "precisions": ",".join(precisions), "seed": seed}

@@ -90,13 +90,7 @@ def check_sweep_values(algorithms: Sequence[str] = (), precisions: Sequence[str]
   unknown = [a for a in algorithms if a not in names.ALGORITHMS]
   if unknown:
     raise ValueError(f"algorithms {unknown}: choose from {list(names.ALGORITHMS)}")
-  for precision in precisions:
-    try:
-      names.precision_pair_parts(precision)
-    except ValueError as e:
-      raise ValueError(f"precision {precision!r}: {e}") from None
-  if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-    raise ValueError(f"seeds must be integers, got {list(seeds)}")
+  names.check_precisions_and_seeds(precisions, seeds)
 
 
 def sweep(algorithms: Sequence[str] = PAPER_ALGORITHMS,
