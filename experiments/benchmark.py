@@ -56,7 +56,7 @@ import ml_collections
 import numpy as np
 
 from experiments import common
-from rl_fp16 import objectives
+from rl_fp16 import fileio, objectives
 from rl_fp16.data.rl_problems import PERFECTIBLE_FILE, load_task
 from rl_fp16.profiling import (MIB, CompileCounter, SectionClock, current_rss_mib, decode_flops,
                                generate_speed, host_params, invert_stat, matmul_peak,
@@ -978,7 +978,7 @@ def run(config) -> dict[str, Any]:
   run_dir = os.path.abspath(config.output_dir)
   workdir = os.path.join(run_dir, "work")
   os.makedirs(workdir, exist_ok=True)
-  common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+  fileio.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
   compare_vllm = "compare" in sections and any(
       case.startswith("vllm") for case in _csv(config.compare.cases))
   if config.vllm and ({"samplers", "sync"} & set(sections) or compare_vllm or
@@ -1046,7 +1046,7 @@ def run(config) -> dict[str, Any]:
   results["seconds"] = time.perf_counter() - started
   results["machine"]["load_average_end"] = os.getloadavg()
   shutil.rmtree(workdir, ignore_errors=True)
-  common.write_json_atomic(os.path.join(run_dir, "benchmark.json"), results)
+  fileio.write_json_atomic(os.path.join(run_dir, "benchmark.json"), results)
   report = format_report(results)
   print("\n" + report)
   print("\nsection seconds (wall / process CPU): " + ", ".join(

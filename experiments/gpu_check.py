@@ -40,9 +40,8 @@ import numpy as np
 from experiments import common
 from experiments.configs import benchmark as benchmark_config
 from experiments.configs import offline_mismatch as offline_mismatch_config
-from rl_fp16 import objectives, offline, profiling
+from rl_fp16 import fileio, objectives, offline, profiling
 from rl_fp16.checkpoints.train_state import TrainState
-from rl_fp16.fileio import write_text_atomic
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models.paper_configs import get_paper_config
 from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
@@ -121,7 +120,7 @@ def measure_mismatch(mismatch_config, run_dir: str) -> dict[str, Any]:
   model = common.load_policy_model(config.model, seed=config.seed)
   prompts = model.make_prompts(config.num_prompts, seed=config.seed)
   os.makedirs(run_dir, exist_ok=True)
-  common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+  fileio.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
   results = {}
   for pair in pairs:
     results[pair] = offline.measure_pair(
@@ -135,7 +134,7 @@ def measure_mismatch(mismatch_config, run_dir: str) -> dict[str, Any]:
           else None)
   summary = {"model": model.description, "engine": config.engine,
              **offline.summarize_pairs(results, view)}
-  common.write_json_atomic(os.path.join(run_dir, "metrics.json"), summary)
+  fileio.write_json_atomic(os.path.join(run_dir, "metrics.json"), summary)
   return summary
 
 
@@ -164,7 +163,7 @@ def measure_trainer(bench, run_dir: str) -> dict[str, Any]:
   `bench` (a benchmark config); writes config.json and benchmark.json ({"peak", "trainer"}) to
   `run_dir` and returns them."""
   os.makedirs(run_dir, exist_ok=True)
-  common.write_json_atomic(os.path.join(run_dir, "config.json"), bench.to_dict())
+  fileio.write_json_atomic(os.path.join(run_dir, "config.json"), bench.to_dict())
   for precision in _csv(bench.precisions):
     get_policy(precision)  # a clear error on a bad name, before any work
   models = trainer_models(bench)
@@ -182,7 +181,7 @@ def measure_trainer(bench, run_dir: str) -> dict[str, Any]:
             optimizer=optimizer, peak=peak, algorithm=bench.algorithm, seed=bench.seed,
             warmup=bench.warmup, repetitions=bench.repetitions)})
   result = {"peak": peak, "trainer": rows}
-  common.write_json_atomic(os.path.join(run_dir, "benchmark.json"), result)
+  fileio.write_json_atomic(os.path.join(run_dir, "benchmark.json"), result)
   return result
 
 
@@ -354,7 +353,7 @@ def run(config) -> dict[str, Any]:
     raise ValueError(f"config.stages={config.stages!r}; allowed: a subset of {list(STAGES)}")
   out = os.path.abspath(config.output_dir)
   os.makedirs(out, exist_ok=True)
-  common.write_json_atomic(os.path.join(out, "config.json"), config.to_dict())
+  fileio.write_json_atomic(os.path.join(out, "config.json"), config.to_dict())
   summary: dict[str, Any] = {"device": device_info(), "mismatch": [], "trainer": [], "peaks": {},
                              "paper_train": [], "paper_decode": [], "layer_view": {},
                              "errors": {},
@@ -371,7 +370,7 @@ def run(config) -> dict[str, Any]:
       summary["errors"][name] = traceback.format_exc()
       print(summary["errors"][name], flush=True)
     summary["seconds"][name] = time.perf_counter() - start
-    common.write_json_atomic(os.path.join(out, "summary.json"), summary)
+    fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
 
   def mismatch_stage(matmul_precision: str) -> None:
     fields = dict(model=config.model, seed=config.seed,
@@ -409,7 +408,7 @@ def run(config) -> dict[str, Any]:
       print(f"paper train step: {precision}", flush=True)
       summary["paper_train"].append(paper_train_case(
           model_config, params, precision, paper, summary["peaks"]["default"], config.seed))
-      common.write_json_atomic(os.path.join(out, "summary.json"), summary)
+      fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
     if int(paper.decode_rows) > 0:
       print("paper decode", flush=True)
       summary["paper_decode"].append(paper_decode_case(model_config, params, paper, config.seed))
@@ -427,8 +426,8 @@ def run(config) -> dict[str, Any]:
               lambda p=matmul_precision: trainer_stage(p))
 
   report = format_summary(summary)
-  common.write_json_atomic(os.path.join(out, "summary.json"), summary)
-  write_text_atomic(os.path.join(out, "summary.md"), report + "\n")
+  fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
+  fileio.write_text_atomic(os.path.join(out, "summary.md"), report + "\n")
   print("\n" + report, flush=True)
   if summary["errors"]:
     raise RuntimeError(f"gpu_check stages failed: {sorted(summary['errors'])} (tracebacks in "

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from experiments import common
-from rl_fp16 import mismatch, offline
+from rl_fp16 import fileio, mismatch, offline
 from rl_fp16.precision import get_precision_pair
 
 
@@ -150,7 +150,7 @@ def run(config) -> dict:
   prompts = model.make_prompts(config.num_prompts, seed=config.seed)
   run_dir = os.path.abspath(config.output_dir)
   os.makedirs(run_dir, exist_ok=True)
-  common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+  fileio.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
   print(f"model: {model.description}")
   print(f"engine: {config.engine}; {len(prompts)} prompts x {config.samples_per_prompt} samples, "
         f"up to {config.max_new_tokens} new tokens, T={config.temperature}")
@@ -167,7 +167,7 @@ def run(config) -> dict:
           else None)
   summary = {"model": model.description, "engine": config.engine,
              **offline.summarize_pairs(results, view)}
-  common.write_json_atomic(os.path.join(run_dir, "metrics.json"), summary)
+  fileio.write_json_atomic(os.path.join(run_dir, "metrics.json"), summary)
   write_tokens_csv(os.path.join(run_dir, "tokens.csv"), results)
   plots = make_plots(os.path.join(run_dir, "plots"), results, view)
   table = format_table(results)

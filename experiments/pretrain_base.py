@@ -16,7 +16,7 @@ import time
 import jax
 
 from experiments import common
-from rl_fp16 import results
+from rl_fp16 import fileio
 from rl_fp16.checkpoints import load_hf, save_hf
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.data import synthetic, tokenizer as tokenizer_lib
@@ -88,7 +88,7 @@ def train(config) -> dict:
   if config.init_from:
     previous = os.path.join(config.init_from, "pretrain_log.json")
     if os.path.exists(previous):
-      log = list(results.read_json(previous)["log"])
+      log = list(fileio.read_json(previous)["log"])
   step_offset = log[-1]["step"] if log else 0
   start = time.time()
   rate = 0.0
@@ -114,7 +114,7 @@ def train(config) -> dict:
   out = save_hf(config.output_dir, model_config, state.params, dtype="float32")
   tok.save(out)
   synthetic.save_task_config(out, task.config)
-  common.write_json_atomic(os.path.join(out, "pretrain_log.json"),
+  fileio.write_json_atomic(os.path.join(out, "pretrain_log.json"),
                            {"config": config.to_dict(), "log": log,
                             "made_by": "python -m experiments.pretrain_base "
                                        "--config=experiments/configs/pretrain_base.py"})
