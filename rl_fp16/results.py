@@ -305,6 +305,22 @@ class RunWriter:
     self.close()
 
 
+def flatten_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+  """The numbers of a nested record as metric names: {"bf16": {"kl": 0.1}} -> {"bf16/kl": 0.1}.
+
+  For one-shot measurements (one `RunWriter.write` of many cases). Bools count as numbers;
+  strings, None and lists (e.g. the repetitions behind a median) are left out.
+  """
+  out = {}
+  for key, value in record.items():
+    name = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      out.update(flatten_metrics(value, name))
+    elif isinstance(value, (bool, int, float, np.bool_, np.number)):
+      out[name] = float(value)
+  return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Readers.
 

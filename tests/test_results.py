@@ -258,3 +258,11 @@ def test_plots(experiment_dir, tmp_path):
   plots.plot_is_quantiles(results.read_metrics(experiment_dir / "fp16-gspo"))
   for path in paths.values():
     assert path.stat().st_size > 1024 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flatten_metrics_keeps_the_numbers_of_a_nested_record():
+  record = {"bf16": {"mismatch/kl_k3": np.float32(0.5), "tokens": 7, "ok": True,
+                     "engine": "jax", "values": [1.0, 2.0], "none": None}, "seconds": 3.0}
+  assert results.flatten_metrics(record) == {"bf16/mismatch/kl_k3": 0.5, "bf16/tokens": 7.0,
+                                             "bf16/ok": 1.0, "seconds": 3.0}
+  assert results.flatten_metrics({"a": 1}, prefix="peak") == {"peak/a": 1.0}
