@@ -1,5 +1,5 @@
-"""Figures of runs read back by `rl_fp16.results`: metric curves, pi-vs-mu scatter, importance-weight
-quantiles.
+"""Figures of runs read back by `rl_fp16.results`: metric curves, the pi-vs-mu scatter and the
+importance-weight quantiles.
 
 Plots are built on `matplotlib.figure.Figure` objects with the Agg canvas, not through `pyplot`, so
 they touch no global matplotlib state (backend, current figure) and are not leaked in long loops.

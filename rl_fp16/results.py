@@ -383,14 +383,16 @@ def find_runs(experiment_dir: str | os.PathLike) -> list[str]:
   return sorted(runs)
 
 
-def load_runs(experiment_dir: str | os.PathLike,
-              settings: Sequence[str] | None = None) -> pd.DataFrame:
+def load_runs(experiment_dir: str | os.PathLike, settings: Sequence[str] | None = None, *,
+              having: str | None = None) -> pd.DataFrame:
   """Reads every run under `experiment_dir` into one long DataFrame.
 
   Args:
     experiment_dir: searched at any depth for run directories (those holding metrics.jsonl).
     settings: flattened config keys to add as columns (e.g. ["algorithm", "precision", "seed",
       "optimizer.learning_rate"]); None adds every key of every run's config.json.
+    having: only the runs that log this metric (e.g. "reward/mean": RL runs, not one-shot
+      measurements in the same directory).
   Returns:
     One row per (run, step), ordered by run then step. Columns: "run" (the run directory relative
     to `experiment_dir`, with "/"; "." if it is the run itself), the settings (None / NaN where a
@@ -398,13 +400,14 @@ def load_runs(experiment_dir: str | os.PathLike,
     "step" or a metric name is renamed "config.<key>".
   """
   root = os.fspath(experiment_dir)
-  run_dirs = find_runs(root)
-  if not run_dirs:
-    raise FileNotFoundError(f"no run directories (directories holding {METRICS_FILE}) under "
-                            f"{root!r}")
-  frames, configs = [], []
+  frames = {run_dir: read_metrics(run_dir) for run_dir in find_runs(root)}
+  if having is not None:
+    frames = {d: f for d, f in frames.items() if having in f and f[having].notna().any()}
+  if not frames:
+    raise FileNotFoundError(f"no run directories (directories holding {METRICS_FILE}"
+                            f"{'' if having is None else ' with ' + having}) under {root!r}")
+  run_dirs, frames, configs = list(frames), list(frames.values()), []
   for run_dir in run_dirs:
-    frames.append(read_metrics(run_dir))
     has_config = os.path.exists(os.path.join(run_dir, CONFIG_FILE))
     configs.append(flatten_config(read_config(run_dir)) if has_config else {})
 

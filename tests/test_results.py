@@ -266,3 +266,15 @@ def test_flatten_metrics_keeps_the_numbers_of_a_nested_record():
   assert results.flatten_metrics(record) == {"bf16/mismatch/kl_k3": 0.5, "bf16/tokens": 7.0,
                                              "bf16/ok": 1.0, "seconds": 3.0}
   assert results.flatten_metrics({"a": 1}, prefix="peak") == {"peak/a": 1.0}
+
+
+def test_load_runs_having_a_metric_keeps_only_the_runs_that_log_it(tmp_path):
+  with results.RunWriter(tmp_path / "rl", {"seed": 1}) as writer:
+    writer.write(1, {"reward/mean": 0.5})
+  with results.RunWriter(tmp_path / "offline", {"engine": "jax"}) as writer:
+    writer.write(0, {"bf16/mismatch/kl_k3": 0.1})
+  df = results.load_runs(tmp_path, having="reward/mean")
+  assert df["run"].tolist() == ["rl"] and df["seed"].tolist() == [1]
+  assert "engine" not in df and "bf16/mismatch/kl_k3" not in df
+  with pytest.raises(FileNotFoundError, match="with train/loss"):
+    results.load_runs(tmp_path, having="train/loss")
