@@ -24,8 +24,10 @@ untimed ones, reported with min and max:
             resident memory over `compare.memory_iterations` iterations, the physical floor of
             each part at the measured matmul peak, and the padding the length bucketing removes
             at paper scale (an assumed response-length distribution, stated in the report).
-Writes `benchmark.json` (every figure, its repetitions, the targets) and `config.json` to
-`--config.output_dir` and prints markdown tables and the issue's targets with PASS/FAIL.
+Writes the run `--config.output_dir` through `rl_fp16.results.RunWriter` (config.json, one
+metrics.jsonl row at step 0 named by section and case, `run_metrics`; TensorBoard) and
+`benchmark.json` there (every figure with its repetitions, the machine, the targets); prints
+markdown tables and the issue's targets with PASS/FAIL.
 
 Model FLOPs, MFU (model FLOPs / step seconds / the measured float32 matmul peak) and the compile
 counting (`CompileCounter`: a call that reuses cached executables counts 0): the measuring tools
@@ -56,7 +58,8 @@ import ml_collections
 import numpy as np
 
 from experiments import common
-from rl_fp16 import objectives
+from rl_fp16 import fileio, objectives
+from rl_fp16.results import RunWriter, flatten_metrics
 from rl_fp16.data.rl_problems import PERFECTIBLE_FILE, load_task
 from rl_fp16.profiling import (MIB, CompileCounter, SectionClock, current_rss_mib, decode_flops,
                                generate_speed, host_params, invert_stat, matmul_peak,
@@ -775,6 +778,27 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
   return targets
 
 
+def run_metrics(results: dict[str, Any]) -> dict[str, float]:
+  """The measured numbers as one metrics row, named by section and case: "peak/float32/...",
+  "trainer/{model}/{precision}/resp{n}/tokens_per_s/median", "samplers/{model}/{engine}/
+  {precision}/new{n}/...", "sync/{model}/{precision}/...", "e2e/...", "compare/{engine}/
+  {precision}/...", "compare/trl/...". Repetitions and targets stay in benchmark.json."""
+  record = {k: results[k] for k in ("peak", "e2e", "peak_rss_mib", "seconds", "section_seconds")
+            if k in results}
+  labels = {"trainer": lambda r: f"{r['model']}/{r['precision']}/resp{r['response_len']}",
+            "samplers": lambda r: (f"{r['model']}/{r['engine']}/{r['precision']}/"
+                                   f"new{r['new_tokens']}"),
+            "sync": lambda r: f"{r['model']}/{r['precision']}"}
+  for section, label in labels.items():
+    if section in results:
+      record[section] = {label(r): r for r in results[section]}
+  if "compare" in results:
+    compare = results["compare"]
+    record["compare"] = {"trl": compare["trl"], "padding": compare["padding"],
+                         **{f"{r['engine']}/{r['precision']}": r for r in compare["cases"]}}
+  return flatten_metrics(record)
+
+
 # ---------------------------------------------------------------------------------- tables ----
 
 
@@ -978,7 +1002,8 @@ def run(config) -> dict[str, Any]:
   run_dir = os.path.abspath(config.output_dir)
   workdir = os.path.join(run_dir, "work")
   os.makedirs(workdir, exist_ok=True)
-  common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+  # resume_step=0: a rerun with the same config replaces the earlier measurement.
+  writer = RunWriter(run_dir, config.to_dict(), resume=True, resume_step=0)
   compare_vllm = "compare" in sections and any(
       case.startswith("vllm") for case in _csv(config.compare.cases))
   if config.vllm and ({"samplers", "sync"} & set(sections) or compare_vllm or
@@ -1046,14 +1071,16 @@ def run(config) -> dict[str, Any]:
   results["seconds"] = time.perf_counter() - started
   results["machine"]["load_average_end"] = os.getloadavg()
   shutil.rmtree(workdir, ignore_errors=True)
-  common.write_json_atomic(os.path.join(run_dir, "benchmark.json"), results)
+  with writer:
+    writer.write(0, run_metrics(results))
+  fileio.write_json_atomic(os.path.join(run_dir, "benchmark.json"), results)
   report = format_report(results)
   print("\n" + report)
   print("\nsection seconds (wall / process CPU): " + ", ".join(
       f"{k} {v['wall_s']:.0f}/{v['cpu_s']:.0f}" for k, v in clocks.items()))
   print(f"peak RSS {results['peak_rss_mib']:.0f} MiB; {results['seconds']:.0f} s; load "
         f"average {results['machine']['load_average_end'][0]:.2f} at the end; wrote "
-        f"{os.path.join(run_dir, 'benchmark.json')}")
+        f"{run_dir}: config.json, metrics.jsonl, benchmark.json")
   results["run_dir"] = run_dir
   results["report"] = report
   return results

@@ -16,11 +16,10 @@ import tqdm
 from rl_fp16.checkpoints import load_hf
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.presets import peaked_random_model
-from rl_fp16 import results as _results
-from rl_fp16.results import ConfigMismatchError
-from rl_fp16.results import write_json_atomic  # re-exported for experiments
+from rl_fp16 import run_config
+from rl_fp16.run_config import ConfigMismatchError
 
-__all__ = ["PolicyModel", "load_policy_model", "progress", "write_json_atomic", "max_model_len",
+__all__ = ["PolicyModel", "load_policy_model", "progress", "max_model_len",
            "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "run_main",
            "markdown_table", "ConfigError", "ConfigChecker", "check_shared_keys",
            "RL_OUTPUT_DIR_FIELDS", "RL_RESUME_ALLOWED", "rl_run_dir", "validate_rl_config",
@@ -331,9 +330,10 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
 # before the first starts, then runs `python -m experiments.rl` per precision).
 
 RL_OUTPUT_DIR_FIELDS = ("algorithm", "precision", "seed", "engine", "advantage")
-# Keys a resume may change (see rl_fp16.results.check_run_config): the length of the run, how often
-# it checkpoints, where its directory is, how much vLLM logs, and the multi-host coordinator.
-RL_RESUME_ALLOWED = _results.RESUME_ALLOWED_KEYS + ("distributed",)
+# Keys a resume may change (see rl_fp16.run_config.check_run_config): the length of the run,
+# how often it checkpoints, where its directory is, how much vLLM logs, and the multi-host
+# coordinator.
+RL_RESUME_ALLOWED = run_config.RESUME_ALLOWED_KEYS + ("distributed",)
 
 
 def rl_run_dir(config) -> str:

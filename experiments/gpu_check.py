@@ -7,12 +7,12 @@ One command for a short lease on a GPU machine (it runs on CPU too, at smoke siz
 Stages, each in this process, each kept going past another's failure (device time is scarce; the
 command still exits non-zero and names the failed stage):
   1. The offline mismatch measurement (`rl_fp16.offline`, as experiments.offline_mismatch runs
-     it; metrics.json, no plots) with the JAX engine: the sampler's KV-cache decode in the
+     it; its metrics.jsonl row, no plots) with the JAX engine: the sampler's KV-cache decode in the
      sampler dtype against the trainer's full-sequence forward in the trainer dtype.
   2. The fp32 pair (`highest_pairs`) again under `jax.default_matmul_precision("highest")`
      (`fp32_highest`): on NVIDIA GPUs JAX runs float32 matmuls in TF32 by default.
   3. The benchmark's peak and trainer measurements (`rl_fp16.profiling`): matmul peak per dtype
-     and train-step (`make_train_step`) tokens/s and MFU for fp32, bf16 and fp16 (benchmark.json).
+     and train-step (`make_train_step`) tokens/s and MFU for fp32, bf16 and fp16.
   4. The fp32 train step under "highest" (`fp32_highest`).
   paper (issue 13): the paper's model shape (`paper.model`, random weights, `remat` per layer):
      the RL train step on `paper.rows` sequences of `paper.seq_len` tokens per precision (fp16 with
@@ -20,8 +20,12 @@ command still exits non-zero and names the failed stage):
      matmul peak of the compute dtype, XLA's memory plan and the device's peak memory; then the
      JAX sampler's decode at `paper.decode_rows` rows: tokens/s, seconds per decode step and the
      weight bytes it streams per second.
-Stages run in the order `stages` names them. Writes `summary.json` and `summary.md` to `output_dir` (the stages' own outputs under it) and
-prints the summary last.
+Stages run in the order `stages` names them. Each stage is a run directory under `output_dir`
+(mismatch_default, benchmark_default, ..._highest, paper), written through
+`rl_fp16.results.RunWriter`: config.json and one metrics.jsonl row at step 0
+(`results.load_runs(output_dir)` reads them all). `output_dir` also gets the report:
+`summary.json` (every row, the device, the stage seconds and failed stages' tracebacks) and
+`summary.md`, printed last.
 """
 
 from __future__ import annotations
@@ -40,9 +44,8 @@ import numpy as np
 from experiments import common
 from experiments.configs import benchmark as benchmark_config
 from experiments.configs import offline_mismatch as offline_mismatch_config
-from rl_fp16 import objectives, offline, profiling
+from rl_fp16 import fileio, objectives, offline, profiling, results
 from rl_fp16.checkpoints.train_state import TrainState
-from rl_fp16.fileio import write_text_atomic
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models.paper_configs import get_paper_config
 from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
@@ -112,30 +115,31 @@ def _csv(text: str) -> list[str]:
 
 def measure_mismatch(mismatch_config, run_dir: str) -> dict[str, Any]:
   """The offline measurement (`rl_fp16.offline`) of every pair in `mismatch_config` (an
-  experiments/configs/offline_mismatch.py config): writes config.json and metrics.json to
-  `run_dir` and returns the summary ({"metrics": {pair: dict}, "layer_view": ...})."""
+  experiments/configs/offline_mismatch.py config): writes the run `run_dir` (`offline.run_metrics`
+  at step 0) and returns the summary ({"metrics": {pair: dict}, "layer_view": ...})."""
   config = mismatch_config
   pairs = _csv(config.precisions)
   for pair in pairs:
     get_precision_pair(pair)  # fail before any work on a bad name
   model = common.load_policy_model(config.model, seed=config.seed)
   prompts = model.make_prompts(config.num_prompts, seed=config.seed)
-  os.makedirs(run_dir, exist_ok=True)
-  common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
-  results = {}
+  # resume_step=0: a rerun with the same config replaces the earlier measurement.
+  writer = results.RunWriter(run_dir, config.to_dict(), resume=True, resume_step=0)
+  measured = {}
   for pair in pairs:
-    results[pair] = offline.measure_pair(
+    measured[pair] = offline.measure_pair(
         model, pair, prompts, engine=config.engine,
         samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
         temperature=config.temperature, seed=config.seed, workdir=run_dir,
         max_model_len=common.max_model_len(prompts, config.max_new_tokens))
-    print(f"  {pair}: mean|dlogp|={results[pair]['metrics']['mismatch/logp_diff_mean']:.3g}",
+    print(f"  {pair}: mean|dlogp|={measured[pair]['metrics']['mismatch/logp_diff_mean']:.3g}",
           flush=True)
-  view = (offline.layer_view(model, results, config.layer_view_sequences) if config.layer_view
+  view = (offline.layer_view(model, measured, config.layer_view_sequences) if config.layer_view
           else None)
   summary = {"model": model.description, "engine": config.engine,
-             **offline.summarize_pairs(results, view)}
-  common.write_json_atomic(os.path.join(run_dir, "metrics.json"), summary)
+             **offline.summarize_pairs(measured, view)}
+  with writer:
+    writer.write(0, offline.run_metrics(summary))
   return summary
 
 
@@ -161,13 +165,12 @@ def trainer_models(bench) -> dict[str, tuple[ModelConfig, Any]]:
 
 def measure_trainer(bench, run_dir: str) -> dict[str, Any]:
   """The matmul peak and train-step speed per model, response length and precision of
-  `bench` (a benchmark config); writes config.json and benchmark.json ({"peak", "trainer"}) to
-  `run_dir` and returns them."""
-  os.makedirs(run_dir, exist_ok=True)
-  common.write_json_atomic(os.path.join(run_dir, "config.json"), bench.to_dict())
+  `bench` (a benchmark config); writes the run `run_dir` (`trainer_metrics` at step 0) and
+  returns {"peak", "trainer"}."""
   for precision in _csv(bench.precisions):
     get_policy(precision)  # a clear error on a bad name, before any work
   models = trainer_models(bench)
+  writer = results.RunWriter(run_dir, bench.to_dict(), resume=True, resume_step=0)
   peak = profiling.matmul_peak(bench.peak_matmul_size, seed=bench.seed, warmup=bench.warmup,
                                repetitions=bench.repetitions)
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))  # one object: one jit key
@@ -182,8 +185,16 @@ def measure_trainer(bench, run_dir: str) -> dict[str, Any]:
             optimizer=optimizer, peak=peak, algorithm=bench.algorithm, seed=bench.seed,
             warmup=bench.warmup, repetitions=bench.repetitions)})
   result = {"peak": peak, "trainer": rows}
-  common.write_json_atomic(os.path.join(run_dir, "benchmark.json"), result)
+  with writer:
+    writer.write(0, trainer_metrics(result))
   return result
+
+
+def trainer_metrics(result: dict[str, Any]) -> dict[str, float]:
+  """{"peak", "trainer"} as one metrics row: "peak/float32/flops_per_s/median", ...,
+  "trainer/{model}/{precision}/resp{length}/tokens_per_s/median", ..."""
+  cases = {f"{r['model']}/{r['precision']}/resp{r['response_len']}": r for r in result["trainer"]}
+  return results.flatten_metrics({"peak": result["peak"], "trainer": cases})
 
 
 # ---------------------------------------------------------------------- paper-scale stage ----
@@ -354,7 +365,7 @@ def run(config) -> dict[str, Any]:
     raise ValueError(f"config.stages={config.stages!r}; allowed: a subset of {list(STAGES)}")
   out = os.path.abspath(config.output_dir)
   os.makedirs(out, exist_ok=True)
-  common.write_json_atomic(os.path.join(out, "config.json"), config.to_dict())
+  fileio.write_json_atomic(os.path.join(out, "config.json"), config.to_dict())
   summary: dict[str, Any] = {"device": device_info(), "mismatch": [], "trainer": [], "peaks": {},
                              "paper_train": [], "paper_decode": [], "layer_view": {},
                              "errors": {},
@@ -371,7 +382,7 @@ def run(config) -> dict[str, Any]:
       summary["errors"][name] = traceback.format_exc()
       print(summary["errors"][name], flush=True)
     summary["seconds"][name] = time.perf_counter() - start
-    common.write_json_atomic(os.path.join(out, "summary.json"), summary)
+    fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
 
   def mismatch_stage(matmul_precision: str) -> None:
     fields = dict(model=config.model, seed=config.seed,
@@ -405,14 +416,20 @@ def run(config) -> dict[str, Any]:
           bench.peak_matmul_size, seed=bench.seed, warmup=bench.warmup,
           repetitions=bench.repetitions)
     params = init_params(model_config, jax.random.key(config.seed))
-    for precision in [p.strip() for p in paper.precisions.split(",") if p.strip()]:
-      print(f"paper train step: {precision}", flush=True)
-      summary["paper_train"].append(paper_train_case(
-          model_config, params, precision, paper, summary["peaks"]["default"], config.seed))
-      common.write_json_atomic(os.path.join(out, "summary.json"), summary)
-    if int(paper.decode_rows) > 0:
-      print("paper decode", flush=True)
-      summary["paper_decode"].append(paper_decode_case(model_config, params, paper, config.seed))
+    with results.RunWriter(os.path.join(out, "paper"), paper.to_dict(), resume=True,
+                           resume_step=0) as writer:  # rows "train/{precision}/...", "decode/..."
+      for precision in [p.strip() for p in paper.precisions.split(",") if p.strip()]:
+        print(f"paper train step: {precision}", flush=True)
+        row = paper_train_case(model_config, params, precision, paper,
+                               summary["peaks"]["default"], config.seed)
+        summary["paper_train"].append(row)
+        writer.write(0, results.flatten_metrics({precision: row}, prefix="train"))
+        fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
+      if int(paper.decode_rows) > 0:
+        print("paper decode", flush=True)
+        row = paper_decode_case(model_config, params, paper, config.seed)
+        summary["paper_decode"].append(row)
+        writer.write(0, results.flatten_metrics({row["precision"]: row}, prefix="decode"))
 
   for name in stages:
     if name == "paper":
@@ -427,8 +444,8 @@ def run(config) -> dict[str, Any]:
               lambda p=matmul_precision: trainer_stage(p))
 
   report = format_summary(summary)
-  common.write_json_atomic(os.path.join(out, "summary.json"), summary)
-  write_text_atomic(os.path.join(out, "summary.md"), report + "\n")
+  fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
+  fileio.write_text_atomic(os.path.join(out, "summary.md"), report + "\n")
   print("\n" + report, flush=True)
   if summary["errors"]:
     raise RuntimeError(f"gpu_check stages failed: {sorted(summary['errors'])} (tracebacks in "

@@ -2,9 +2,11 @@ r"""Offline training-inference mismatch: sample with an engine, re-score with th
 
 For each precision pair (trainer-sampler), the engine samples responses in the sampler's dtype and
 the trainer recomputes their log-probabilities in its dtype (the measurement: `rl_fp16.offline`).
-Writes to the run directory: `metrics.json` (one flat dict per pair), `tokens.csv` (per-token
-values), `plots/` (pi vs mu scatter, per-sequence log(pi/mu) against length with the fitted
-slope, mean |delta log p| by position, the per-layer view) and prints a summary table.
+Writes the run directory through `rl_fp16.results.RunWriter`: config.json, metrics.jsonl (one
+row at step 0: "{pair}/{metric}", `rl_fp16.offline.run_metrics`), TensorBoard events, and
+`tokens.csv` (per-token values), `plots/` (pi vs mu scatter, per-sequence log(pi/mu) against
+length with the fitted slope, mean |delta log p| by position, the per-layer view); prints a
+summary table. A rerun in the same directory (same config) replaces the measurement.
 
     python -m experiments.offline_mismatch --config=experiments/configs/offline_mismatch.py
 """
@@ -12,12 +14,14 @@ slope, mean |delta log p| by position, the per-layer view) and prints a summary 
 from __future__ import annotations
 
 import csv
+import io
 import os
 
 import numpy as np
 
 from experiments import common
-from rl_fp16 import mismatch, offline
+from rl_fp16 import fileio, mismatch, offline
+from rl_fp16.results import RunWriter
 from rl_fp16.precision import get_precision_pair
 
 
@@ -44,17 +48,16 @@ def measure_pair(config, model, pair_name: str, prompts, workdir: str) -> dict:
 
 def write_tokens_csv(path: str, results: dict[str, dict]) -> None:
   """One row per response token: pair, row, position, token, logp_trainer, logp_sampler."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["precision", "row", "position", "token", "logp_trainer", "logp_sampler"])
-    for name, result in results.items():
-      rollout, logp_trainer = result["rollout"], result["logp_trainer"]
-      rows, positions = np.nonzero(rollout.response_mask)
-      for r, t in zip(rows, positions):
-        writer.writerow([name, int(r), int(t), int(rollout.response_tokens[r, t]),
-                         f"{logp_trainer[r, t]:.9g}", f"{rollout.logp_sampler[r, t]:.9g}"])
-  os.replace(tmp, path)
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(["precision", "row", "position", "token", "logp_trainer", "logp_sampler"])
+  for name, result in results.items():
+    rollout, logp_trainer = result["rollout"], result["logp_trainer"]
+    rows, positions = np.nonzero(rollout.response_mask)
+    for r, t in zip(rows, positions):
+      writer.writerow([name, int(r), int(t), int(rollout.response_tokens[r, t]),
+                       f"{logp_trainer[r, t]:.9g}", f"{rollout.logp_sampler[r, t]:.9g}"])
+  fileio.write_text_atomic(path, text.getvalue())
 
 
 def make_plots(plots_dir: str, results: dict[str, dict], view: dict | None) -> list[str]:
@@ -149,14 +152,14 @@ def run(config) -> dict:
   model = common.load_policy_model(config.model, seed=config.seed)
   prompts = model.make_prompts(config.num_prompts, seed=config.seed)
   run_dir = os.path.abspath(config.output_dir)
-  os.makedirs(run_dir, exist_ok=True)
-  common.write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
   print(f"model: {model.description}")
   print(f"engine: {config.engine}; {len(prompts)} prompts x {config.samples_per_prompt} samples, "
         f"up to {config.max_new_tokens} new tokens, T={config.temperature}")
   pairs = [p.strip() for p in config.precisions.split(",") if p.strip()]
   for p in pairs:
     get_precision_pair(p)  # fail before any work on a bad name
+  # resume_step=0: a rerun with the same config replaces the earlier measurement.
+  writer = RunWriter(run_dir, config.to_dict(), resume=True, resume_step=0)
   results = {}
   for pair in common.progress(pairs, desc="precision pairs"):
     results[pair] = measure_pair(config, model, pair, prompts, workdir=run_dir)
@@ -167,9 +170,10 @@ def run(config) -> dict:
           else None)
   summary = {"model": model.description, "engine": config.engine,
              **offline.summarize_pairs(results, view)}
-  common.write_json_atomic(os.path.join(run_dir, "metrics.json"), summary)
+  with writer:
+    writer.write(0, offline.run_metrics(summary))
   write_tokens_csv(os.path.join(run_dir, "tokens.csv"), results)
-  plots = make_plots(os.path.join(run_dir, "plots"), results, view)
+  plots = make_plots(writer.plots_dir, results, view)
   table = format_table(results)
   print("\n" + table)
   if "fp16_over_bf16_reduction" in summary:
@@ -180,7 +184,7 @@ def run(config) -> dict:
     print("\nper-layer relative error vs fp32 (embedding, layers..., logits):")
     for key, errors in view.items():
       print(f"  {key:>14}: " + " ".join(f"{e:.1e}" for e in errors))
-  print(f"\nwrote {run_dir}: metrics.json, tokens.csv, " + ", ".join(
+  print(f"\nwrote {run_dir}: config.json, metrics.jsonl, tokens.csv, " + ", ".join(
       os.path.relpath(p, run_dir) for p in plots))
   summary["run_dir"] = run_dir
   summary["table"] = table

@@ -2,8 +2,11 @@ r"""Trains the tiny base model: a small Qwen2 that is partly competent at the sy
 
 Supervised training (`make_train_step(..., loss="sft")`) on freshly generated problems until
 held-out pass@1 (sampled at temperature 1 with the JAX engine) reaches `target_pass_rate`, then
-writes a Hugging Face directory (safetensors, config.json, tokenizer, task_config.json,
-pretrain_log.json) that transformers and vLLM load as is.
+writes a Hugging Face directory (safetensors, config.json, tokenizer, task_config.json) that
+transformers and vLLM load as is. The training run is the run directory `pretrain/` inside it
+(`rl_fp16.results.RunWriter`: this config, one metrics.jsonl row per evaluation with
+"train/loss", "sft/token_accuracy", "eval/pass_at_1", "time/minutes"; with `init_from`, the
+earlier run's rows come first, so the log covers every stage).
 
     python -m experiments.pretrain_base --config=experiments/configs/pretrain_base.py
 """
@@ -27,6 +30,17 @@ from rl_fp16.sampling.engines import JaxEngine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 from rl_fp16.train import OptimizerConfig, make_optimizer, make_train_step
 
+
+
+RUN_DIR = "pretrain"  # the run directory inside the output (Hugging Face) directory
+
+
+def earlier_log(init_from: str) -> list[dict]:
+  """The metrics rows ({"step", ...}) of the run that wrote `init_from`; [] without one."""
+  run_dir = os.path.join(init_from, RUN_DIR) if init_from else ""
+  if not os.path.exists(os.path.join(run_dir, results.METRICS_FILE)):
+    return []
+  return results.read_metrics(run_dir).to_dict("records")
 
 
 def make_task(config) -> SyntheticTask:
@@ -84,12 +98,12 @@ def train(config) -> dict:
   max_new_tokens = seq_len
   print(f"model: {model_config.num_params() / 1e6:.2f}M params; seq_len {seq_len}; "
         f"target pass@1 {config.target_pass_rate}")
-  log = []
-  if config.init_from:
-    previous = os.path.join(config.init_from, "pretrain_log.json")
-    if os.path.exists(previous):
-      log = list(results.read_json(previous)["log"])
-  step_offset = log[-1]["step"] if log else 0
+  log = earlier_log(config.init_from)  # read before a rerun in place replaces it
+  writer = results.RunWriter(os.path.join(config.output_dir, RUN_DIR), config.to_dict(),
+                             resume=True, resume_step=0)  # a rerun replaces the log
+  for row in log:
+    writer.write(int(row.pop(results.STEP_KEY)), row)
+  step_offset = last_step = writer.last_step or 0
   start = time.time()
   rate = 0.0
   bar = common.progress(range(1, config.max_steps + 1), desc="pretrain")
@@ -102,24 +116,27 @@ def train(config) -> dict:
     if step % config.eval_every == 0 or step == config.max_steps:
       rate = pass_rate(task, model_config, state.params, eval_problems, seed=step,
                        max_new_tokens=max_new_tokens)
-      entry = {"step": step_offset + step, "loss": float(metrics["train/loss"]),
-               "token_accuracy": float(metrics["sft/token_accuracy"]), "pass_at_1": rate,
-               "minutes": (time.time() - start) / 60, "init_from": config.init_from or None}
-      log.append(entry)
-      print(f"\nstep {step_offset + step}: loss {entry['loss']:.4f} "
-            f"token acc {entry['token_accuracy']:.4f} "
-            f"held-out pass@1 {rate:.3f} ({entry['minutes']:.1f} min)")
-      if rate >= config.target_pass_rate or entry["minutes"] > config.max_minutes:
+      entry = {"train/loss": float(metrics["train/loss"]),
+               "sft/token_accuracy": float(metrics["sft/token_accuracy"]), "eval/pass_at_1": rate,
+               "time/minutes": (time.time() - start) / 60}
+      writer.write(step_offset + step, entry)
+      last_step = step_offset + step
+      print(f"\nstep {last_step}: loss {entry['train/loss']:.4f} "
+            f"token acc {entry['sft/token_accuracy']:.4f} "
+            f"held-out pass@1 {rate:.3f} ({entry['time/minutes']:.1f} min)")
+      if rate >= config.target_pass_rate or entry["time/minutes"] > config.max_minutes:
         break
+  writer.close()
+  # save_hf replaces the whole output directory: the run directory steps aside meanwhile.
+  aside = os.path.abspath(config.output_dir) + f".{RUN_DIR}"
+  os.rename(writer.run_dir, aside)
   out = save_hf(config.output_dir, model_config, state.params, dtype="float32")
+  os.rename(aside, os.path.join(out, RUN_DIR))
   tok.save(out)
   synthetic.save_task_config(out, task.config)
-  common.write_json_atomic(os.path.join(out, "pretrain_log.json"),
-                           {"config": config.to_dict(), "log": log,
-                            "made_by": "python -m experiments.pretrain_base "
-                                       "--config=experiments/configs/pretrain_base.py"})
-  print(f"wrote {out} (held-out pass@1 {rate:.3f} after {log[-1]['step']} steps)")
-  return {"output_dir": out, "pass_at_1": rate, "log": log}
+  print(f"wrote {out} (held-out pass@1 {rate:.3f} after {last_step} steps)")
+  return {"output_dir": out, "pass_at_1": rate,
+          "log": results.read_metrics(os.path.join(out, RUN_DIR)).to_dict("records")}
 
 
 if __name__ == "__main__":

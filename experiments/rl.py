@@ -41,7 +41,7 @@ from experiments.common import RL_RESUME_ALLOWED as RESUME_ALLOWED
 from experiments.common import make_rl_config
 from experiments.common import rl_run_dir as run_dir_for
 from experiments.common import validate_rl_config as validate_config
-from rl_fp16 import colocation, distributed, evaluation, results, sharding
+from rl_fp16 import colocation, distributed, evaluation, plots, results, run_config, sharding
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data.rl_problems import (load_or_build_subset, load_task, problem_text,
@@ -66,7 +66,7 @@ def run(config) -> dict:
   colocation.apply_colocation_env(colocation.colocation_env(colocation_config(config)))
   run_dir = run_dir_for(config)
   # Refuse a run directory holding another experiment before loading anything.
-  results.check_run_config(run_dir, config, allowed=RESUME_ALLOWED)
+  run_config.check_run_config(run_dir, config, allowed=RESUME_ALLOWED)
   rl_config = make_rl_config(config)
   pair = get_precision_pair(config.precision)
   processes, primary = jax.process_count(), distributed.is_primary()
@@ -75,10 +75,10 @@ def run(config) -> dict:
   model = common.load_policy_model(config.model, seed=config.seed)
   task = load_task(model, config)
   if primary:  # only process 0 writes config.json, metrics, TensorBoard events and plots
-    changed = results.init_run_dir(run_dir, config, allowed=RESUME_ALLOWED)  # 1st start only
+    changed = run_config.init_run_dir(run_dir, config, allowed=RESUME_ALLOWED)  # 1st start only
     if changed:
       print(f"{run_dir}: config.json kept as it is; allowed changes on this start (recorded in "
-            f"{results.RESUMES_FILE} once steps are logged): " + "; ".join(map(str, changed)))
+            f"{run_config.RESUMES_FILE} once steps are logged): " + "; ".join(map(str, changed)))
     subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
   if processes > 1:  # the others read the subset process 0 wrote (or build the same one)
     distributed.barrier("subset")
@@ -215,8 +215,8 @@ def run(config) -> dict:
       "mean_prob_diff": float(frame["mismatch/prob_diff_mean"].mean()),
       "minutes": (time.time() - started) / 60,
   }
-  results.plot_curves(frame.assign(precision=config.precision, algorithm=config.algorithm),
-                      "reward/mean", path=os.path.join(run_dir, "plots", "reward.png"))
+  plots.plot_curves(frame.assign(precision=config.precision, algorithm=config.algorithm),
+                    "reward/mean", path=os.path.join(run_dir, "plots", "reward.png"))
   print(f"done: final reward {summary['final_reward']:.3f}, best {summary['best_reward']:.3f}, "
         f"mean |pi-mu| {summary['mean_prob_diff']:.2e} ({summary['minutes']:.1f} min) -> "
         f"{run_dir}")

@@ -24,7 +24,7 @@ import time
 from absl import flags
 
 from experiments import common
-from rl_fp16 import results
+from rl_fp16 import plots, results, run_config as run_config_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROM_JSON_CONFIG = os.path.join(REPO_ROOT, "experiments", "configs", "from_json.py")
@@ -40,8 +40,8 @@ def run_configs(config, precisions) -> list:
     run_config = copy.deepcopy(config)
     run_config.precision = precision
     common.validate_rl_config(run_config)
-    results.check_run_config(common.rl_run_dir(run_config), run_config,
-                             allowed=common.RL_RESUME_ALLOWED)
+    run_config_lib.check_run_config(common.rl_run_dir(run_config), run_config,
+                                    allowed=common.RL_RESUME_ALLOWED)
     configs.append(run_config)
   return configs
 
@@ -85,16 +85,16 @@ def compare(config, precisions) -> dict:
   experiment_dir = os.path.commonpath(run_dirs)
   frame = results.load_runs(experiment_dir, settings=["algorithm", "precision", "seed"])
   frame = frame[frame["run"].isin([os.path.relpath(d, experiment_dir) for d in run_dirs])]
-  plots = os.path.join(experiment_dir, "plots")
-  os.makedirs(plots, exist_ok=True)
+  plots_dir = os.path.join(experiment_dir, "plots")
+  os.makedirs(plots_dir, exist_ok=True)
   metrics = [("reward/mean", "reward"), ("mismatch/prob_diff_mean", "mismatch"),
              ("mismatch/kl_k3", "kl_k3")]
   if "mismatch/expert_set_diff" in frame:  # MoE policies (experiments/configs/moe.py)
     metrics.append(("mismatch/expert_set_diff", "expert_set_diff"))
   for metric, name in metrics:
-    results.plot_curves(frame, metric, hue="precision", col="algorithm",
-                        logy=name in ("mismatch", "kl_k3"),  # the expert-set fraction can be 0
-                        path=os.path.join(plots, f"compare_{name}_{config.algorithm}.png"))
+    plots.plot_curves(frame, metric, hue="precision", col="algorithm",
+                      logy=name in ("mismatch", "kl_k3"),  # the expert-set fraction can be 0
+                      path=os.path.join(plots_dir, f"compare_{name}_{config.algorithm}.png"))
   print(f"\n{config.algorithm}, seed {config.seed}, {config.steps} steps, engine {config.engine}:")
   print(f"{'precision':>10} {'final reward':>13} {'best reward':>12} {'mean |pi-mu|':>13} "
         f"{'minutes':>8}")

@@ -8,7 +8,8 @@ decoder; `summarize_pairs` is the per-pair summary with FP16's reduction over BF
 
 The `model` arguments are any object with `config`, `params`, `tokenizer_dir` and
 `eos_token_ids` (e.g. experiments.common.PolicyModel). Used by experiments/offline_mismatch.py
-(which adds tokens.csv and the plots) and experiments/gpu_check.py.
+(which adds tokens.csv and the plots) and experiments/gpu_check.py; both log `run_metrics` as one
+metrics.jsonl row (`rl_fp16.results.RunWriter`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from rl_fp16 import mismatch
 from rl_fp16.precision import get_policy, get_precision_pair
+from rl_fp16.results import flatten_metrics
 from rl_fp16.sampling.engines import batched_token_logprobs, make_engine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 
@@ -98,3 +100,16 @@ def summarize_pairs(results: dict[str, dict], view: dict | None) -> dict[str, An
     summary["fp16_over_bf16_reduction"] = {
         key: bf16[key] / fp16[key] if fp16[key] else float("inf") for key in REDUCTION_KEYS}
   return summary
+
+
+def run_metrics(summary: dict[str, Any]) -> dict[str, float]:
+  """`summarize_pairs`' summary as one metrics row: "{pair}/{name}" ("bf16/mismatch/kl_k3"),
+  "fp16_over_bf16/{name}" and "layer_view/{path}/{i}" (i: 0 the embedding, 1..L the layers, then
+  the logits)."""
+  record = dict(summary["metrics"])
+  if "fp16_over_bf16_reduction" in summary:
+    record["fp16_over_bf16"] = summary["fp16_over_bf16_reduction"]
+  if summary.get("layer_view"):
+    record["layer_view"] = {path: dict(enumerate(errors))
+                            for path, errors in summary["layer_view"].items()}
+  return flatten_metrics(record)

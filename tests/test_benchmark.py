@@ -58,6 +58,14 @@ def test_summarize_and_targets():
   report = benchmark.format_report({"targets": benchmark.evaluate_targets(results)})
   assert "| trainer MFU, medium fp32, response 256 | >= 40% | 50.0% | PASS |" in report
 
+  # The metrics.jsonl row: one name per section, case and figure; repetitions stay out.
+  row = benchmark.run_metrics(results)
+  assert row["trainer/medium/bf16/resp256/tokens_per_s/median"] == 90.0
+  assert row["samplers/small/vllm/fp16/new256/tokens_per_s/max"] == 100.0
+  assert row["sync/small/float16/directory_over_memory"] == 6.0
+  assert row["e2e/other_fraction/median"] == 0.2
+  assert not any(name.endswith("/values") or "/values/" in name for name in row)
+
 
 def test_quick_overrides_and_bad_names():
   config = benchmark_config.get_config()

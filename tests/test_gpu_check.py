@@ -7,6 +7,7 @@ import pytest
 
 from experiments import gpu_check
 from experiments.configs import gpu_check as gpu_check_config
+from rl_fp16 import results
 
 
 def _config(tmp_path, **overrides):
@@ -48,8 +49,19 @@ def test_gpu_check_runs_every_stage_and_writes_the_summary(tmp_path):
   assert written["mismatch"] == json.loads(json.dumps(summary["mismatch"]))
   report = (out / "summary.md").read_text()
   assert "Trainer vs JAX sampler" in report and "RL train step" in report
-  assert (out / "mismatch_default" / "metrics.json").exists()
-  assert (out / "benchmark_default" / "benchmark.json").exists()
+  # Each stage is a run directory that rl_fp16.results reads (one row at step 0).
+  runs = results.load_runs(out)
+  assert sorted(runs["run"]) == ["benchmark_default", "benchmark_highest", "mismatch_default",
+                                 "mismatch_highest"]
+  assert runs["step"].tolist() == [0, 0, 0, 0]
+  mismatch_row = results.read_metrics(out / "mismatch_default").iloc[0]
+  assert mismatch_row["bf16/mismatch/logp_diff_mean"] == pytest.approx(
+      by_pair[("bf16", "default")]["mismatch/logp_diff_mean"])
+  trainer_row = results.read_metrics(out / "benchmark_default").iloc[0]
+  speeds = [trainer_row[name] for name in trainer_row.index
+            if name.startswith("trainer/") and name.endswith("/tokens_per_s/median")]
+  assert speeds == pytest.approx([r["tokens_per_s"] for r in summary["trainer"][:2]])
+  assert trainer_row["peak/float32/flops_per_s/median"] > 0
 
 
 def test_gpu_check_keeps_going_past_a_failed_stage_then_fails(tmp_path):

@@ -9,7 +9,7 @@ from nbclient import NotebookClient
 import numpy as np
 import pytest
 
-from rl_fp16 import results
+from rl_fp16 import offline, results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "colabs", "results.ipynb")
@@ -62,9 +62,8 @@ def _write_offline_run(run_dir, pairs=("fp32", "bf16", "fp16")) -> None:
         writer.writerow([pair, index // 8, index % 8, 5, f"{lt:.9g}", f"{ls:.9g}"])
       metrics[pair] = {"mismatch/prob_diff_mean": noise, "mismatch/kl_k3": noise**2,
                        "mismatch/kl_k1": noise / 2, "response/length_mean": 8.0}
-  results.write_json_atomic(os.path.join(run_dir, "config.json"), {"engine": "jax"})
-  results.write_json_atomic(os.path.join(run_dir, "metrics.json"),
-                            {"model": "fake", "engine": "jax", "metrics": metrics})
+  with results.RunWriter(run_dir, {"engine": "jax", "model": "fake"}) as writer:
+    writer.write(0, offline.run_metrics({"metrics": metrics, "layer_view": None}))
 
 
 def _execute(experiment_dir, monkeypatch) -> None:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from tensorboardX.proto import event_pb2
 
-from rl_fp16 import results
+from rl_fp16 import fileio, plots, results
 
 
 @dataclasses.dataclass
@@ -93,16 +93,16 @@ def test_config_serialisation(tmp_path):
       "model": {"dtype": jnp.bfloat16, "np_dtype": np.dtype("float16"), "layers": np.int64(2)},
       "lr": np.float32(0.5), "clip": float("inf"), "shape": (2, 3), "array": np.arange(3),
       "path": tmp_path / "x", "dataclass": _Optimizer()})
-  results.write_json_atomic(tmp_path / "config.json", config)
+  fileio.write_json_atomic(tmp_path / "config.json", config)
   got = json.loads((tmp_path / "config.json").read_text())
   assert got == {"model": {"dtype": "bfloat16", "np_dtype": "float16", "layers": 2}, "lr": 0.5,
                  "clip": "Infinity", "shape": [2, 3], "array": [0, 1, 2],
                  "path": str(tmp_path / "x"),
                  "dataclass": {"learning_rate": 1e-6, "betas": [0.9, 0.999]}}
-  assert results.jsonable(jnp.float32) == "float32"
+  assert fileio.jsonable(jnp.float32) == "float32"
   assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # No temp file left behind.
 
-  results.write_text_atomic(tmp_path / "sub" / "note.txt", "hello\n")
+  fileio.write_text_atomic(tmp_path / "sub" / "note.txt", "hello\n")
   assert (tmp_path / "sub" / "note.txt").read_text() == "hello\n"
 
 
@@ -235,26 +235,46 @@ def test_load_runs(experiment_dir):
 def test_plots(experiment_dir, tmp_path):
   df = results.load_runs(experiment_dir)
   paths = {name: tmp_path / "plots" / f"{name}.png" for name in ("curves", "scatter", "is")}
-  fig = results.plot_curves(df, "reward/mean", path=paths["curves"])
+  fig = plots.plot_curves(df, "reward/mean", path=paths["curves"])
   assert len(fig.axes) == 2  # One panel per algorithm.
   assert [line.get_label() for line in fig.axes[0].get_lines()] == ["bf16 (n=2)"]  # grpo.
-  results.plot_curves(df, "mismatch/prob_diff_mean", hue="precision", col=None, logy=True)
+  plots.plot_curves(df, "mismatch/prob_diff_mean", hue="precision", col=None, logy=True)
   with pytest.raises(KeyError, match="'lr'"):
-    results.plot_curves(df, "reward/mean", hue="lr")
+    plots.plot_curves(df, "reward/mean", hue="lr")
 
   rng = np.random.default_rng(0)
   mu = rng.uniform(size=(8, 64))
   noisy = np.clip(mu + rng.normal(0, 0.05, mu.shape), 0, 1)
-  fig = results.plot_scatter([noisy, mu], [mu, mu],
+  fig = plots.plot_scatter([noisy, mu], [mu, mu],
                              labels=["bf16", "fp16"], path=paths["scatter"])
   assert len(fig.axes) == 2
   with pytest.raises(ValueError, match="exp"):
-    results.plot_scatter(np.log(mu), mu, labels="bf16")
+    plots.plot_scatter(np.log(mu), mu, labels="bf16")
 
-  fig = results.plot_is_quantiles(df, path=paths["is"])
+  fig = plots.plot_is_quantiles(df, path=paths["is"])
   assert len(fig.axes) == 3 and fig.axes[0].get_yscale() == "linear"  # Weights near 1.
   spread = df.assign(**{"is/token_weight_p99": 10.0})
-  assert results.plot_is_quantiles(spread).axes[0].get_yscale() == "log"
-  results.plot_is_quantiles(results.read_metrics(experiment_dir / "fp16-gspo"))
+  assert plots.plot_is_quantiles(spread).axes[0].get_yscale() == "log"
+  plots.plot_is_quantiles(results.read_metrics(experiment_dir / "fp16-gspo"))
   for path in paths.values():
     assert path.stat().st_size > 1024 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flatten_metrics_keeps_the_numbers_of_a_nested_record():
+  record = {"bf16": {"mismatch/kl_k3": np.float32(0.5), "tokens": 7, "ok": True,
+                     "engine": "jax", "values": [1.0, 2.0], "none": None}, "seconds": 3.0}
+  assert results.flatten_metrics(record) == {"bf16/mismatch/kl_k3": 0.5, "bf16/tokens": 7.0,
+                                             "bf16/ok": 1.0, "seconds": 3.0}
+  assert results.flatten_metrics({"a": 1}, prefix="peak") == {"peak/a": 1.0}
+
+
+def test_load_runs_having_a_metric_keeps_only_the_runs_that_log_it(tmp_path):
+  with results.RunWriter(tmp_path / "rl", {"seed": 1}) as writer:
+    writer.write(1, {"reward/mean": 0.5})
+  with results.RunWriter(tmp_path / "offline", {"engine": "jax"}) as writer:
+    writer.write(0, {"bf16/mismatch/kl_k3": 0.1})
+  df = results.load_runs(tmp_path, having="reward/mean")
+  assert df["run"].tolist() == ["rl"] and df["seed"].tolist() == [1]
+  assert "engine" not in df and "bf16/mismatch/kl_k3" not in df
+  with pytest.raises(FileNotFoundError, match="with train/loss"):
+    results.load_runs(tmp_path, having="train/loss")

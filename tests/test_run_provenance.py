@@ -6,7 +6,7 @@ import os
 import ml_collections
 import pytest
 
-from rl_fp16 import results
+from rl_fp16 import fileio, results, run_config
 
 
 def test_config_differences_lists_changed_added_and_removed_keys():
@@ -15,18 +15,18 @@ def test_config_differences_lists_changed_added_and_removed_keys():
   new = ml_collections.ConfigDict({
       "learning_rate": 1e-2, "steps": 3, "loss": {"clip_eps_low": 0.2, "aggregation": "tsn"},
       "targets": ("q", "k"), "added": True})
-  diffs = results.config_differences(old, new, allowed=("steps",))
+  diffs = run_config.config_differences(old, new, allowed=("steps",))
   assert [(d.key, d.old, d.new) for d in diffs] == [
-      ("added", results.MISSING, True), ("gone", 1, results.MISSING),
+      ("added", run_config.MISSING, True), ("gone", 1, run_config.MISSING),
       ("learning_rate", 1e-4, 1e-2), ("loss.aggregation", "tm", "tsn")]
   assert str(diffs[2]) == "learning_rate: 0.0001 -> 0.01"
   # A tuple and the list config.json stores are equal, so are 1 and 1.0; True and 1 are not.
-  assert results.config_differences({"a": [1, 2], "b": 1, "c": 1}, {"a": (1, 2), "b": 1.0,
-                                                                     "c": True}) == [
-      results.ConfigDifference("c", 1, True)]
+  assert run_config.config_differences({"a": [1, 2], "b": 1, "c": 1}, {"a": (1, 2), "b": 1.0,
+                                                                        "c": True}) == [
+      run_config.ConfigDifference("c", 1, True)]
   # An allowed entry covers the keys under it.
-  assert not results.config_differences({"logging": {"level": "INFO"}},
-                                         {"logging": {"level": "DEBUG"}}, allowed=("logging",))
+  assert not run_config.config_differences({"logging": {"level": "INFO"}},
+                                            {"logging": {"level": "DEBUG"}}, allowed=("logging",))
 
 
 def test_run_writer_refuses_another_config_and_never_rewrites_config_json(tmp_path):
@@ -96,7 +96,7 @@ def test_sanity_compare_checks_every_run_directory_first(tiny_task_model_dir, tm
   from experiments import sanity  # pylint: disable=g-import-not-at-top
 
   fp16_dir = tmp_path / "fp16"
-  results.write_json_atomic(fp16_dir / "config.json", _tiny_config(tiny_task_model_dir, fp16_dir))
+  fileio.write_json_atomic(fp16_dir / "config.json", _tiny_config(tiny_task_model_dir, fp16_dir))
   config = _tiny_config(tiny_task_model_dir, tmp_path / "{precision}", learning_rate=5e-3)
   with pytest.raises(ValueError, match="learning_rate: 0.001 -> 0.005"):
     sanity.compare(config, ["bf16", "fp16"])

@@ -4,7 +4,7 @@ r"""Offline mismatch: sample with an engine, recompute with the trainer, compare
         --config.engine=vllm --config.precisions=fp32,bf16,fp16,bf16-fp16
 
 `sweep()`: one job per engine and seed, each measuring every precision pair of `precisions`, in
-EXP/offline_{engine}_seed{seed} (metrics.json, tokens.csv, plots/):
+EXP/offline_{engine}_seed{seed} (config.json, metrics.jsonl, tokens.csv, plots/):
 
     python -m launch.sweep --config=experiments/configs/offline_mismatch.py \
         --sweep_arg=engines=jax,vllm --experiment_dir=runs/offline_mismatch
