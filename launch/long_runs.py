@@ -2,6 +2,7 @@ r"""The pre-registered long runs (docs/long_runs_preregistration.md), as two com
 
     python -m launch.long_runs --mode=speedcheck   # the registered engine rule, on an idle machine
     python -m launch.long_runs --mode=run          # the 9 primary runs, round-robin, resumable
+    python -m launch.long_runs --mode=report       # the registered outcomes of the kept runs
 
 `speedcheck` runs the registered 10-step `paper:grpo` bf16 check for each configuration in the
 registered order ((vLLM, 64 prompts), (JAX, 64), (vLLM, 32), (JAX, 32), (vLLM, 16), (JAX, 16)),
@@ -19,14 +20,18 @@ speed rule also requires that `--steps` steps fit in `--session_hours` (register
 from its last checkpoint when the command is rerun in the same session). After each finished run
 it copies `config.json` and a gzipped `metrics.jsonl` to `docs/long_runs/data/<run>/` (commit
 them), and skips runs whose data is already there.
+
+`report` reads every kept run under `docs/long_runs/data/` and writes `docs/long_runs/results.md`
+(per-run outcomes, per-arm verdicts once an arm and its control have all their seeds, the H3/H4
+window ratios) and `docs/long_runs/figures/` (each seed and the seed median per precision), with
+the registered definitions of `rl_fp16.outcomes`.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
+import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +40,11 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
+import pandas as pd
+
+from rl_fp16 import outcomes
+from rl_fp16 import plots
+from rl_fp16 import results
 
 SPEEDCHECK_ORDER = (("vllm", 64), ("jax", 64), ("vllm", 32), ("jax", 32), ("vllm", 16),
                     ("jax", 16))
@@ -44,7 +54,8 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 SEEDS = (0, 1, 2)
 PAPER_CONFIG = "experiments/configs/paper.py:grpo"
 
-_MODE = flags.DEFINE_enum("mode", "run", ["speedcheck", "run"], "What to do (module doc).")
+_MODE = flags.DEFINE_enum("mode", "run", ["speedcheck", "run", "report"],
+                          "What to do (module doc).")
 _ROOT = flags.DEFINE_string("root", "runs/long", "Directory of the speed checks and the runs.")
 _DATA = flags.DEFINE_string("data", "docs/long_runs/data", "Where finished runs' data is kept.")
 _STEPS = flags.DEFINE_integer("steps", 300, "RL steps per primary run (registered: 300).")
@@ -102,21 +113,10 @@ def completed_steps(run_dir: str) -> int:
     return max((json.loads(line)["step"] for line in f if line.strip()), default=0)
 
 
-def keep_run_data(run_dir: str, data_dir: str) -> None:
-  """Copies a finished run's config.json and gzipped metrics.jsonl to `data_dir` (atomically)."""
-  os.makedirs(data_dir, exist_ok=True)
-  shutil.copyfile(os.path.join(run_dir, "config.json"), os.path.join(data_dir, "config.json"))
-  target = os.path.join(data_dir, "metrics.jsonl.gz")
-  with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as src, \
-      gzip.open(target + ".tmp", "wb") as dst:
-    shutil.copyfileobj(src, dst)
-  os.replace(target + ".tmp", target)
-
-
 def pending_arms(data_root: str) -> list[tuple[str, str, int]]:
   """The primary runs, in the registered order, whose data is not kept yet."""
   return [arm for arm in ARMS
-          if not os.path.exists(os.path.join(data_root, arm[0], "metrics.jsonl.gz"))]
+          if not os.path.exists(os.path.join(data_root, arm[0], results.KEPT_METRICS_FILE))]
 
 
 def speedcheck(root: str, data_root: str, steps: int, session_hours: float,
@@ -158,9 +158,127 @@ def run(root: str, data_root: str, steps: int) -> None:
     subprocess.run(rl_command(run_dir, engine=decision["engine"],
                               prompts=decision["prompts_per_step"], precision=precision,
                               seed=seed, steps=steps), check=True)
-    keep_run_data(run_dir, os.path.join(data_root, name))
+    results.keep_run(run_dir, os.path.join(data_root, name))
     print(f"{name}: finished; data in {os.path.join(data_root, name)} (commit it)", flush=True)
   print("all primary runs finished")
+
+
+# The report: one figure per metric (name, log scale, trailing mean over this many steps; the
+# reward's is the registered R(t)), and the registered comparisons.
+FIGURE_METRICS = (("reward/mean", False, 20), ("eval/accuracy", False, 1),
+                  ("mismatch/prob_diff_mean", True, 10), ("mismatch/kl_k3", True, 10),
+                  ("is/token_weight_max", True, 10), ("is/seq_weight_p99", True, 10),
+                  ("response/length_mean", False, 10), ("train/entropy", True, 10))
+CONTROL = "fp32"
+H3_MIN_RATIO = 8.0
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  return format(value, spec)
+
+
+def run_rows(frames: dict[str, pd.DataFrame]) -> list[dict]:
+  """One row of registered outcomes and summary figures per kept run (`frames` by run name)."""
+  rows = []
+  for name, precision, seed in ARMS:
+    if name not in frames:
+      continue
+    frame = frames[name]
+    first, last = frame.head(outcomes.WINDOW), frame.tail(outcomes.WINDOW)
+    rows.append(dict(outcomes.run_outcomes(frame), run=name, precision=precision, seed=seed,
+                     mismatch_first=first["mismatch/prob_diff_mean"].mean(),
+                     mismatch_last=last["mismatch/prob_diff_mean"].mean(),
+                     token_weight_max=frame["is/token_weight_max"].max(),
+                     seq_weight_p99_max=frame["is/seq_weight_p99"].max(),
+                     length_last=last["response/length_mean"].mean(),
+                     skipped_total=frame["train/skipped_steps"].sum()))
+  return rows
+
+
+def run_table(rows: Sequence[dict]) -> list[str]:
+  head = ("| run | steps | P | F | time to solve | collapse | G (prob diff) | G (KL k3) | "
+          "held-out acc. first -> last | mean abs dp, steps 1-20 -> last 20 | max token IS w | "
+          "max seq IS w p99 | length, last 20 | skipped updates |")
+  lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+  for r in rows:
+    collapse = "yes: " + "; ".join(r["collapse_reasons"]) if r["collapse"] else "no"
+    lines.append(
+        f"| {r['run']} | {r['steps']} | {_fmt(r['P'])} | {_fmt(r['F'])} | "
+        f"{r['time_to_solve'] or 'never'} | {collapse} | "
+        f"{_fmt(r['G[mismatch/prob_diff_mean]'], '.2f')} | {_fmt(r['G[mismatch/kl_k3]'], '.2f')} | "
+        f"{_fmt(r.get('eval_accuracy_first'))} -> {_fmt(r.get('eval_accuracy_final'))} | "
+        f"{_fmt(r['mismatch_first'], '.2e')} -> {_fmt(r['mismatch_last'], '.2e')} | "
+        f"{_fmt(r['token_weight_max'], '.3g')} | {_fmt(r['seq_weight_p99_max'], '.4g')} | "
+        f"{_fmt(r['length_last'], '.0f')} | {int(r['skipped_total'])} |")
+  return lines
+
+
+def comparisons(rows: Sequence[dict], frames: dict[str, pd.DataFrame]) -> list[str]:
+  """The registered per-arm verdicts and hypotheses H2-H4, or what is still missing for each."""
+  by_precision = {p: [r for r in rows if r["precision"] == p] for p in PRECISIONS}
+  frames_of = {p: [frames[r["run"]] for r in by_precision[p]] for p in PRECISIONS}
+  full = {p: len(by_precision[p]) == len(SEEDS) for p in PRECISIONS}
+  lines = []
+  for precision in ("bf16", "fp16"):
+    if full[precision] and full[CONTROL]:
+      verdict = outcomes.arm_verdict(by_precision[precision], by_precision[CONTROL])
+      lines.append(f"- {precision} vs {CONTROL} (H1): **{verdict}**.")
+    else:
+      lines.append(f"- {precision} vs {CONTROL} (H1): not decided: {len(by_precision[precision])}"
+                   f" of {len(SEEDS)} {precision} seeds and {len(by_precision[CONTROL])} of "
+                   f"{len(SEEDS)} {CONTROL} seeds are finished.")
+  growths = [r["G[mismatch/prob_diff_mean]"] for r in by_precision["bf16"]]
+  shown = ", ".join(_fmt(g, ".2f") for g in growths) or "none yet"
+  h2 = outcomes.growth_direction(growths) if full["bf16"] else "not decided"
+  lines.append(f"- H2 (bf16 mismatch grows, G > 2 on every seed): {h2} (G per seed: {shown}).")
+  if frames_of["bf16"] and frames_of["fp16"]:
+    ratio = outcomes.window_ratios(frames_of["bf16"], frames_of["fp16"], "mismatch/prob_diff_mean")
+    held = "holds" if (ratio >= H3_MIN_RATIO).all() else "fails"
+    partial = "" if full["bf16"] and full["fp16"] else " (on the seeds finished so far)"
+    lines.append(f"- H3 (fp16's mismatch >= {H3_MIN_RATIO:g}x below bf16's in every 20-step "
+                 f"window): {held}{partial}: bf16/fp16 ratio of seed medians "
+                 f"{ratio.min():.1f}-{ratio.max():.1f}x over {len(ratio)} windows.")
+    for metric in ("is/seq_weight_p99", "is/token_weight_max"):
+      ratio = outcomes.window_ratios(frames_of["bf16"], frames_of["fp16"], metric)
+      held = "holds" if (ratio > 1).all() else f"fails in {int((ratio <= 1).sum())} windows"
+      lines.append(f"- H4 (bf16's `{metric}` above fp16's in every window): {held}{partial}.")
+  else:
+    lines.append("- H3, H4: need finished bf16 and fp16 runs.")
+  return lines
+
+
+def report(data_root: str, out_path: str, figure_dir: str) -> str:
+  """Writes the registered outcomes of every kept run (markdown at `out_path`, figures under
+  `figure_dir`) and returns the markdown."""
+  frames = {name: results.read_metrics(os.path.join(data_root, name))
+            for name, _, _ in ARMS if os.path.exists(os.path.join(data_root, name))}
+  if not frames:
+    raise SystemExit(f"no kept runs under {data_root}: run --mode=run first")
+  rows = run_rows(frames)
+  long_frame = pd.concat([frames[r["run"]].assign(precision=r["precision"], seed=r["seed"])
+                          for r in rows], ignore_index=True)
+  os.makedirs(figure_dir, exist_ok=True)
+  figures = []
+  for metric, logy, smooth in FIGURE_METRICS:
+    if metric in long_frame:
+      path = os.path.join(figure_dir, metric.replace("/", "_") + ".png")
+      plots.plot_seed_curves(long_frame, metric, panel="precision", logy=logy, smooth=smooth,
+                             path=path)
+      figures.append((metric, os.path.relpath(path, os.path.dirname(out_path))))
+  text = "\n".join([
+      "# Long runs: the registered outcomes (generated)", "",
+      "Generated by `python -m launch.long_runs --mode=report` from the kept runs in "
+      f"`{data_root}/` with the definitions of docs/long_runs_preregistration.md "
+      "(`rl_fp16/outcomes.py`); do not edit by hand. "
+      f"{len(rows)} of {len(ARMS)} primary runs are finished.", "",
+      "## Per run", "", *run_table(rows), "",
+      "## Registered comparisons", "", *comparisons(rows, frames), "",
+      "## Curves (each seed thin, the seed median thick)", "",
+      *[f"![{metric}]({path})" for metric, path in figures], ""])
+  results.write_text_atomic(out_path, text)
+  return text
 
 
 def main(argv):
@@ -168,6 +286,9 @@ def main(argv):
   os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
   if _MODE.value == "speedcheck":
     speedcheck(_ROOT.value, _DATA.value, _STEPS.value, _SESSION_HOURS.value, _MAX_LOAD.value)
+  elif _MODE.value == "report":
+    print(report(_DATA.value, os.path.join(os.path.dirname(_DATA.value), "results.md"),
+                 os.path.join(os.path.dirname(_DATA.value), "figures")))
   else:
     run(_ROOT.value, _DATA.value, _STEPS.value)
 

@@ -113,6 +113,48 @@ def plot_curves(df: pd.DataFrame, y: str, *, hue: str | None = "precision",
   return _save(fig, path)
 
 
+def plot_seed_curves(df: pd.DataFrame, y: str, *, panel: str = "precision", seed: str = "seed",
+                     x: str = STEP_KEY, smooth: int = 1, logy: bool = False,
+                     path: str | os.PathLike | None = None) -> Figure:
+  """Plots metric `y` against `x`, one panel per value of `panel`: each seed as a thin line and
+  the median over seeds (at each x) as a thick one, all panels on one y scale.
+
+  Args:
+    df: long DataFrame with columns `panel`, `seed`, `x` and `y` (e.g. from `load_runs`).
+    smooth: trailing mean over this many rows of each seed before plotting (1: raw values).
+    logy: log-scale y axis.
+    path: if given, the PNG is saved there.
+  """
+  _check_columns(df, [x, y, panel, seed], "plot_seed_curves")
+  data = df.assign(**{y: _finite(df[y])}).dropna(subset=[y]).sort_values(x)
+  if data.empty:
+    raise ValueError(f"plot_seed_curves: column {y!r} has no finite values")
+  panels = _sorted_values(data[panel])
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig, axes = _new_figure(len(panels), sharey=True)
+  for index, (ax, value) in enumerate(zip(axes, panels)):
+    rows = data[_matches(data[panel], value)]
+    color = colors[index % len(colors)]
+    curves = {}
+    for seed_value in _sorted_values(rows[seed]):
+      one = rows[_matches(rows[seed], seed_value)].set_index(x)[y]
+      curves[seed_value] = one.rolling(smooth, min_periods=smooth).mean() if smooth > 1 else one
+      ax.plot(curves[seed_value].index, curves[seed_value], color=color, alpha=0.4,
+              linewidth=0.8)
+    median = pd.concat(curves, axis=1).median(axis=1)
+    ax.plot(median.index, median, color=color, linewidth=2,
+            label=f"median of {len(curves)} seed{'s' * (len(curves) > 1)}")
+    ax.set_title(f"{panel} = {value}")
+    ax.set_xlabel(x)
+    if logy:
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  axes[0].set_ylabel(y if smooth == 1 else f"{y} ({smooth}-step mean)")
+  fig.suptitle(y)
+  return _save(fig, path)
+
+
 def _matches(series: pd.Series, value: Any) -> pd.Series:
   """Boolean mask of `series == value`, where a missing value (None / NaN) matches missing ones."""
   if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -10,6 +10,9 @@ Layout of a run directory (see docs/design.md, "Decisions already taken")::
     checkpoints/     orbax train-state checkpoints (written by rl_fp16.checkpoints)
     resumes.jsonl    only when a resume changed an allowed key: one line per such resume
 
+A finished run can be kept small (e.g. committed to git) with `keep_run`: config.json and
+metrics.jsonl.gz only; every reader here reads such a directory like a live one.
+
 Every experiment writes its run this way; a one-shot measurement logs its figures at one step
 (step 0) with names namespaced by case ("bf16/mismatch/kl_k3").
 
@@ -28,10 +31,12 @@ Only one process writes a given run directory: on multi-host JAX, process 0 (the
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import operator
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -45,6 +50,7 @@ from rl_fp16.run_config import (CONFIG_FILE, RESUME_ALLOWED_KEYS, flatten_config
                                 record_resume)
 
 METRICS_FILE = "metrics.jsonl"
+KEPT_METRICS_FILE = METRICS_FILE + ".gz"  # a kept run's metrics (`keep_run`)
 TB_DIR = "tb"
 PLOTS_DIR = "plots"
 CHECKPOINT_DIR = "checkpoints"
@@ -95,7 +101,7 @@ def _scan_metrics(path: str) -> tuple[list[tuple[int, str]], bool]:
   Raises:
     ValueError: a line other than the last is not a JSON object with an integer "step".
   """
-  with open(path, encoding="utf-8") as f:
+  with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
     text = f.read()
   lines = text.split("\n")
   needs_repair = bool(text) and not text.endswith("\n")
@@ -334,8 +340,31 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     return json.load(f)
 
 
+def _metrics_path(run_dir: str | os.PathLike) -> str:
+  """The run's metrics.jsonl, else its kept metrics.jsonl.gz."""
+  for name in (METRICS_FILE, KEPT_METRICS_FILE):
+    path = os.path.join(os.fspath(run_dir), name)
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(f"no {METRICS_FILE} (or {KEPT_METRICS_FILE}) in run directory "
+                          f"{os.fspath(run_dir)!r}")
+
+
+def keep_run(run_dir: str | os.PathLike, kept_dir: str | os.PathLike) -> None:
+  """Copies a run's config.json and its metrics gzipped (metrics.jsonl.gz) to `kept_dir`, each
+  written atomically: a finished run's record, small enough to commit."""
+  run_dir, kept_dir = os.fspath(run_dir), os.fspath(kept_dir)
+  os.makedirs(kept_dir, exist_ok=True)
+  for name, opener in ((CONFIG_FILE, open), (KEPT_METRICS_FILE, gzip.open)):
+    source = os.path.join(run_dir, CONFIG_FILE if name == CONFIG_FILE else METRICS_FILE)
+    target = os.path.join(kept_dir, name)
+    with open(source, "rb") as src, opener(target + ".tmp", "wb") as dst:
+      shutil.copyfileobj(src, dst)
+    os.replace(target + ".tmp", target)
+
+
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-  """Reads a run's metrics.jsonl.
+  """Reads a run's metrics.jsonl (or a kept run's metrics.jsonl.gz).
 
   Returns:
     DataFrame with one row per step, sorted by step: an int64 "step" column, then one float64
@@ -343,9 +372,7 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     value wins); a metric missing at a step is NaN; "NaN" / "Infinity" / "-Infinity" are restored
     as floats.
   """
-  path = os.path.join(os.fspath(run_dir), METRICS_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no {METRICS_FILE} in run directory {os.fspath(run_dir)!r}")
+  path = _metrics_path(run_dir)
   by_step: dict[int, dict[str, Any]] = {}
   names: dict[str, None] = {}  # An ordered set.
   for step, line in _scan_metrics(path)[0]:
@@ -367,7 +394,8 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def find_runs(experiment_dir: str | os.PathLike) -> list[str]:
-  """Returns every run directory (one holding metrics.jsonl) under `experiment_dir`, sorted.
+  """Returns every run directory (one holding metrics.jsonl or a kept metrics.jsonl.gz) under
+  `experiment_dir`, sorted.
 
   Run directories are not searched further (their checkpoints/ can be large).
   """
@@ -377,7 +405,7 @@ def find_runs(experiment_dir: str | os.PathLike) -> list[str]:
   runs = []
   for dir_path, dir_names, file_names in os.walk(root):
     dir_names.sort()
-    if METRICS_FILE in file_names:
+    if METRICS_FILE in file_names or KEPT_METRICS_FILE in file_names:
       runs.append(dir_path)
       dir_names[:] = []
   return sorted(runs)

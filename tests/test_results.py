@@ -256,6 +256,15 @@ def test_plots(experiment_dir, tmp_path):
   spread = df.assign(**{"is/token_weight_p99": 10.0})
   assert plots.plot_is_quantiles(spread).axes[0].get_yscale() == "log"
   plots.plot_is_quantiles(results.read_metrics(experiment_dir / "fp16-gspo"))
+
+  paths["seeds"] = tmp_path / "plots" / "seeds.png"
+  fig = plots.plot_seed_curves(df, "reward/mean", smooth=2, path=paths["seeds"])
+  assert [ax.get_title() for ax in fig.axes] == ["precision = bf16", "precision = fp16"]
+  bf16_lines = fig.axes[0].get_lines()
+  assert len(bf16_lines) == 3 and bf16_lines[-1].get_label() == "median of 2 seeds"
+  # Seeds 0 and 1 log offset + 0.1 * step; the 2-step mean starts at step 1.
+  np.testing.assert_allclose(bf16_lines[-1].get_ydata(), [np.nan, 0.55, 0.65, 0.75],
+                             equal_nan=True)
   for path in paths.values():
     assert path.stat().st_size > 1024 and path.read_bytes()[:4] == b"\x89PNG"
 
