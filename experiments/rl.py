@@ -51,8 +51,8 @@ from rl_fp16.models import probes
 from rl_fp16.precision import (cast_floating, default_loss_scale_config,
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.sync_modes import make_synced_engine
-from rl_fp16.train import (OptimizerConfig, make_optimizer, make_rollout_logprobs,
-                           make_train_step, rl_iteration)
+from rl_fp16.rl_loop import make_rollout_logprobs, rl_iteration
+from rl_fp16.train import OptimizerConfig, make_optimizer, make_train_step
 
 
 def colocation_config(config) -> colocation.ColocationConfig:

@@ -21,8 +21,8 @@ from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models import lora as lora_lib
 from rl_fp16.precision import get_policy, get_precision_pair
 from rl_fp16.sampling.engines import JaxEngine
-from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, make_train_step,
-                            rl_iteration)
+from rl_fp16.rl_loop import rl_iteration
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32 = get_policy("fp32")

@@ -20,7 +20,8 @@ from rl_fp16.data.tasks import SyntheticTask
 from rl_fp16.checkpoints import load_hf
 from rl_fp16.precision import default_loss_scale_config, get_precision_pair, init_loss_scale
 from rl_fp16.sampling.engines import JaxEngine
-from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
+from rl_fp16.rl_loop import rl_iteration
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN_NAMES = ("reward/mean", "reward/accuracy", "response/length_mean",
