@@ -249,14 +249,6 @@ def make_loss_fn(model_config: ModelConfig, policy: DtypePolicy, spec: LossSpec)
                            lora_config=spec.lora)
 
 
-def minibatch_update(state: TrainState, batch: dict[str, jax.Array], base_params, *,
-                     optimizer: optax.GradientTransformation, loss_fn: Callable
-                     ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on one minibatch: the body of every step (plain, LoRA, sharded, and
-  each iteration of `make_update`'s scan)."""
-  return apply_gradients(state, optimizer, loss_fn, batch, base_params)
-
-
 def _freeze(tree) -> tuple:
   """A pytree of shardings as a hashable key (its treedef and leaves)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -278,16 +270,17 @@ def _jitted(form: str, model_config: ModelConfig, policy: DtypePolicy,
   `update(state, batch, order, base_params)`. shardings: None, or `_freeze` of (state, batch,
   base, replicated) shardings. The state is donated.
   """
-  update_fn = functools.partial(minibatch_update, optimizer=optimizer,
-                                loss_fn=make_loss_fn(model_config, policy, spec))
+  loss_fn = make_loss_fn(model_config, policy, spec)
 
   def train_step(state, batch, base_params):
-    return update_fn(state, batch, base_params)
+    """One optimizer update on one minibatch: the body of every step (plain, LoRA, sharded, and
+    each iteration of the update's scan)."""
+    return apply_gradients(state, optimizer, loss_fn, batch, base_params)
 
   def update(state, batch, order, base_params):
     def body(state, rows):
       minibatch = {key: jnp.take(value, rows, axis=0) for key, value in batch.items()}
-      return update_fn(state, minibatch, base_params)
+      return train_step(state, minibatch, base_params)
     return jax.lax.scan(body, state, order)
 
   fn = train_step if form == "step" else update
@@ -376,7 +369,7 @@ def make_update(model_config: ModelConfig, policy: DtypePolicy,
 
   batch: as `make_train_step`'s, for all rows; order: int32 [K, M], the row indices of the K
   minibatches in the order they are applied. Each scan iteration is `make_train_step`'s update
-  (`minibatch_update`) on rows `order[k]`; metrics come back stacked [K]. One dispatch and one
+  (`apply_gradients`) on rows `order[k]`; metrics come back stacked [K]. One dispatch and one
   host round trip for all K updates; the state is donated. Arguments as `make_train_step`.
   """
   return _make("update", model_config, policy, optimizer, loss=loss, rl_config=rl_config,
