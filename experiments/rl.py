@@ -102,7 +102,7 @@ def run(config) -> dict:
     base_params = cast_floating(model.params, pair.trainer.param_dtype)
     trainable = lora_lib.init_lora(rl_config.lora, base_params,
                                    jax.random.key(config.seed + 1_000_033))
-  state = TrainState.create(trainable, optimizer, seed=config.seed,
+  state = TrainState.create(trainable, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
   updates_per_step = rl_config.num_minibatches * rl_config.epochs

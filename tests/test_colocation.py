@@ -147,7 +147,7 @@ def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir):
   config, params = load_hf(tiny_task_model_dir)
   pair = get_precision_pair("fp32")
   optimizer = train.make_optimizer(train.OptimizerConfig(learning_rate=1e-3))
-  state = TrainState.create(params, optimizer, seed=0, loss_scale=init_loss_scale(
+  state = TrainState.create(params, optimizer, loss_scale=init_loss_scale(
       default_loss_scale_config(pair.trainer)))
   rl_config = train.RLConfig(samples_per_prompt=2, num_minibatches=1, max_new_tokens=8,
                              loss=objectives.LossConfig(max_response_len=8))

@@ -41,7 +41,7 @@ def test_rl_iteration_refuses_a_nan_reward_before_any_update(tiny_task_model_dir
                        tokenizer.load_tokenizer(tiny_task_model_dir))
   pair = get_precision_pair("fp16")
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
-  state = TrainState.create(params, optimizer, seed=0,
+  state = TrainState.create(params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   engine = JaxEngine(config, params, pair.sampler, eos_token_ids=[task.tokenizer.eos_id])
   rl_config = RLConfig(samples_per_prompt=4, num_minibatches=2, max_new_tokens=16,

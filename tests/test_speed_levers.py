@@ -91,7 +91,7 @@ def _run(sequence_bucket, precision, iterations, precompile=False):
   params = init_params(CONFIG, jax.random.key(0))
   pair = get_precision_pair(precision)
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
-  state = TrainState.create(params, optimizer, seed=0,
+  state = TrainState.create(params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   rl_config = RLConfig(samples_per_prompt=4, num_minibatches=2, max_new_tokens=20,
                        prompt_bucket=8, sequence_bucket=sequence_bucket,
