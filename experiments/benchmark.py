@@ -72,8 +72,8 @@ from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.directory_sync import DirectorySyncEngine
 from rl_fp16.sampling.engines import make_engine
-from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, precompile_rl_update,
-                           rl_iteration)
+from rl_fp16.rl_loop import precompile_rl_update, rl_iteration
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer
 
 SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e", "compare")
 MODEL_NAMES = ("small", "medium")

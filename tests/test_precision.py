@@ -82,7 +82,7 @@ def test_per_op_dtypes_change_the_numbers():
 def _quadratic_state(loss_scale):
   params = {"w": jnp.ones((4,), jnp.float32)}
   return TrainState.create(params, make_optimizer(OptimizerConfig(learning_rate=0.1)),
-                           loss_scale=loss_scale, seed=0)
+                           loss_scale=loss_scale)
 
 
 def _fp16_loss(params, factor):
@@ -128,7 +128,7 @@ def test_fp16_sft_step_keeps_float32_master_weights():
   policy = get_policy("fp16")
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
   params = init_params(CONFIG, jax.random.key(0))
-  state = TrainState.create(params, optimizer, seed=0, loss_scale=init_loss_scale(
+  state = TrainState.create(params, optimizer, loss_scale=init_loss_scale(
       precision.default_loss_scale_config(policy)))
   tokens = np.random.default_rng(1).integers(0, 48, (4, 12)).astype(np.int32)
   batch = dict(tokens=tokens, attention_mask=np.ones_like(tokens), loss_mask=np.ones_like(tokens))

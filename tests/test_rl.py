@@ -20,7 +20,8 @@ from rl_fp16.data.tasks import SyntheticTask
 from rl_fp16.checkpoints import load_hf
 from rl_fp16.precision import default_loss_scale_config, get_precision_pair, init_loss_scale
 from rl_fp16.sampling.engines import JaxEngine
-from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, rl_iteration
+from rl_fp16.rl_loop import rl_iteration
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN_NAMES = ("reward/mean", "reward/accuracy", "response/length_mean",
@@ -37,7 +38,7 @@ def _setup(model_dir, precision, algorithm):
   task = SyntheticTask(synthetic.load_task_config(model_dir), tokenizer.load_tokenizer(model_dir))
   pair = get_precision_pair(precision)
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
-  state = TrainState.create(params, optimizer, seed=0,
+  state = TrainState.create(params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   engine = JaxEngine(config, params, pair.sampler, eos_token_ids=[task.tokenizer.eos_id])
   rl_config = RLConfig(algorithm=algorithm, samples_per_prompt=4, num_minibatches=2,
@@ -195,8 +196,7 @@ def test_rl_run_on_vllm(tiny_task_model_dir, tmp_path, precision):
   _, base = load_hf(model_dir)
   pair = get_precision_pair(precision)
   template = TrainState.create(base, make_optimizer(OptimizerConfig(learning_rate=1e-3)),
-                               seed=0, loss_scale=init_loss_scale(
-                                   default_loss_scale_config(pair.trainer)))
+                               loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   checkpointer = Checkpointer(os.path.join(summary["run_dir"], "checkpoints"))
   try:
     state, _ = checkpointer.restore(template)

@@ -64,8 +64,7 @@ def _setup(seed=0, batch_size=8, seq_len=16):
 
 
 def _new_state(params, optimizer):
-  return TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer, loss_scale=None,
-                           seed=0)
+  return TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer, loss_scale=None)
 
 
 def _reference(steps=2):

@@ -27,8 +27,8 @@ from rl_fp16.sampling import jax_sampler
 from rl_fp16.sampling.engines import JaxEngine
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 from rl_fp16.sampling.rollout import Rollout
-from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, precompile_rl_update,
-                           rl_iteration)
+from rl_fp16.rl_loop import precompile_rl_update, rl_iteration
+from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer
 
 CONFIG = ModelConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -91,7 +91,7 @@ def _run(sequence_bucket, precision, iterations, precompile=False):
   params = init_params(CONFIG, jax.random.key(0))
   pair = get_precision_pair(precision)
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
-  state = TrainState.create(params, optimizer, seed=0,
+  state = TrainState.create(params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   rl_config = RLConfig(samples_per_prompt=4, num_minibatches=2, max_new_tokens=20,
                        prompt_bucket=8, sequence_bucket=sequence_bucket,

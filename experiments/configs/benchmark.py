@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Also time --config.weight_sync=directory: versioned write + reload by a vLLM worker process.
   config.sync_worker = True
 
-  # End to end: RL iterations (`rl_fp16.train.rl_iteration`) as experiments/configs/sanity.py
+  # End to end: RL iterations (`rl_fp16.rl_loop.rl_iteration`) as experiments/configs/sanity.py
   # runs them, on the small model (its synthetic task and reward when it has one).
   config.e2e = ml_collections.ConfigDict(dict(
       engine="vllm", precision="fp16", algorithm="grpo", prompts_per_step=8,

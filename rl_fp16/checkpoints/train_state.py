@@ -1,7 +1,8 @@
 """The train state and its orbax checkpoints.
 
-A `TrainState` holds everything a run needs to continue bit-identically: float32 params, the optax
-state, the loss-scale state (or None), the step, the PRNG key and the data position. Orbax writes
+A `TrainState` holds what the updates change: float32 params, the optax state, the loss-scale
+state (or None) and the step. It holds no PRNG key and no data position: a run's sampling seeds
+and problem order come from its config seed and the RL step (experiments/rl.py). Orbax writes
 each checkpoint to a temporary directory and renames it into place, so a crash mid-save leaves the
 previous checkpoint as the latest complete one.
 """
@@ -28,24 +29,24 @@ class TrainState(struct.PyTreeNode):
     params: float32 nested dict (master weights).
     opt_state: optax state (float32).
     loss_scale: `DynamicScale` for fp16 training, None otherwise.
-    rng: uint32 [2] raw PRNG key (split for every sampling call).
-    data_position: int32 scalar, index of the next batch in the data stream.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   loss_scale: DynamicScale | None
-  rng: jax.Array
-  data_position: jax.Array
 
   @classmethod
   def create(cls, params, optimizer: optax.GradientTransformation, *,
-             loss_scale: DynamicScale | None, seed: int) -> "TrainState":
+             loss_scale: DynamicScale | None, seed: int | None = None) -> "TrainState":
+    """The state at step 0: `params` as float32 master weights and a fresh optimizer state.
+
+    `seed` is unused (the state holds no PRNG key); it is still accepted for callers that pass it.
+    """
+    del seed
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     return cls(step=jnp.asarray(0, jnp.int32), params=params, opt_state=optimizer.init(params),
-               loss_scale=loss_scale, rng=jax.random.PRNGKey(seed),
-               data_position=jnp.asarray(0, jnp.int32))
+               loss_scale=loss_scale)
 
 
 class Checkpointer:

@@ -215,15 +215,6 @@ def load_math_problems(path: str | os.PathLike[str], *, split: str = "train",
                    "tensorflow-datasets builder directory")
 
 
-def problem_to_record(problem: MathProblem) -> dict[str, Any]:
-  """The JSON-ready record of a problem (loads back with `record_to_problem`)."""
-  record = {"question": problem.question, "answer": problem.answer, "unique_id": problem.uid}
-  if problem.solution is not None:
-    record["solution"] = problem.solution
-  record.update(problem.metadata)
-  return record
-
-
 def _tfds_feature(name: str, value: Any):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -26,7 +26,7 @@ import json
 import os
 import pathlib
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
@@ -169,10 +169,6 @@ class CharTokenizer:
     if add_eos:
       ids.append(self.eos_id)
     return ids
-
-  def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
-                   add_eos: bool = False) -> list[list[int]]:
-    return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
 
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
     """Text of `ids` (int sequence or 1-D array); special tokens dropped unless asked."""
