@@ -58,7 +58,7 @@ import ml_collections
 import numpy as np
 
 from experiments import common
-from rl_fp16 import fileio, objectives
+from rl_fp16 import fileio, objectives, seeds
 from rl_fp16.results import RunWriter, flatten_metrics
 from rl_fp16.data.rl_problems import PERFECTIBLE_FILE, load_task
 from rl_fp16.profiling import (MIB, CompileCounter, SectionClock, current_rss_mib, decode_flops,
@@ -379,7 +379,7 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
     rewards = [parity_reward] * iterations
     reward_name = "parity of response tokens (model has no task)"
   max_len = common.max_model_len([p for step in prompts for p in step], e.max_new_tokens)
-  state = TrainState.create(model.params, optimizer, seed=config.seed,
+  state = TrainState.create(model.params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   engine = make_engine(e.engine, model.config, model.params, pair.sampler, workdir=workdir,
                        tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
@@ -391,7 +391,7 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
     for i in range(iterations):
       state, metrics, elapsed, counter = timed_rl_iteration(
           state, model.config, pair.trainer, optimizer, engine, prompts[i], rewards[i],
-          rl_config, seed=config.seed * 1_000_003 + i)
+          rl_config, seed=seeds.rl_step(config.seed, i))
       if i < iterations - config.repetitions:
         warmup_s.append(elapsed)
         warmup_compile_s += counter.seconds
@@ -469,7 +469,7 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
              for i in range(iterations)]
   prompts = [task.prompt_ids(b) for b in batches]
   max_len = common.max_model_len([p for step in prompts for p in step], c.max_new_tokens)
-  state = TrainState.create(model.params, optimizer, seed=config.seed,
+  state = TrainState.create(model.params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   # One decode shape for the run: prompts padded to the longest prompt of the problem set.
   longest_prompt = max(len(p) for p in task.prompt_ids(problems))
@@ -490,7 +490,7 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
     for i in range(iterations):
       state, metrics, elapsed, counter = timed_rl_iteration(
           state, model.config, pair.trainer, optimizer, engine, prompts[i],
-          lambda r, b=batches[i]: task.rewards(b, r), rl_config, seed=config.seed * 1_000_003 + i)
+          lambda r, b=batches[i]: task.rewards(b, r), rl_config, seed=seeds.rl_step(config.seed, i))
       rows.append({"seconds": elapsed, "compiles": counter.count, "recompiled": counter.names,
                    "compile_s": counter.seconds, "rss_mib": current_rss_mib(),
                    "peak_rss_mib": peak_rss_mib(), **{k: float(v) for k, v in metrics.items()}})

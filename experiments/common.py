@@ -49,13 +49,14 @@ def random_prompts(vocab_size: int) -> Callable[[int, int], list[list[int]]]:
 
 
 def _task_prompts(model_dir: str) -> Callable[[int, int], list[list[int]]]:
+  from rl_fp16 import seeds  # pylint: disable=g-import-not-at-top
   from rl_fp16.data import synthetic, tokenizer  # pylint: disable=g-import-not-at-top
 
   tok = tokenizer.load_tokenizer(model_dir)
   task = synthetic.load_task_config(model_dir)
 
   def make(num: int, seed: int) -> list[list[int]]:
-    problems = synthetic.generate_problems(task, num, seed=seed + 10_000)
+    problems = synthetic.generate_problems(task, num, seed=seeds.benchmark_prompts(seed))
     return [tok.encode(p.prompt, add_bos=True) for p in problems]
   return make
 

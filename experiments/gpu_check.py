@@ -227,7 +227,7 @@ def paper_train_case(model_config: ModelConfig, params, precision: str, paper, p
                                                       response_len, seed))
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-6))
   params = jax.tree_util.tree_map(jnp.copy, params)  # the step donates its state
-  state = TrainState.create(params, optimizer, seed=seed,
+  state = TrainState.create(params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(policy)))
   start = time.perf_counter()
   train_step = make_train_step(model_config, policy, optimizer, rl_config=RLConfig(

@@ -19,7 +19,7 @@ import time
 import jax
 
 from experiments import common
-from rl_fp16 import results
+from rl_fp16 import results, seeds
 from rl_fp16.checkpoints import load_hf, save_hf
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.data import synthetic, tokenizer as tokenizer_lib
@@ -90,11 +90,10 @@ def train(config) -> dict:
   else:
     params = init_params(model_config, jax.random.key(config.seed))
   state = TrainState.create(params, optimizer,
-                            loss_scale=init_loss_scale(default_loss_scale_config(policy)),
-                            seed=config.seed)
+                            loss_scale=init_loss_scale(default_loss_scale_config(policy)))
   sft_step = make_train_step(model_config, policy, optimizer, loss="sft")
   seq_len = int(-(-task.max_sequence_len() // 32) * 32)
-  eval_problems = task.problems(config.eval_problems, seed=config.seed + 999_999)
+  eval_problems = task.problems(config.eval_problems, seed=seeds.pretrain_eval(config.seed))
   max_new_tokens = seq_len
   print(f"model: {model_config.num_params() / 1e6:.2f}M params; seq_len {seq_len}; "
         f"target pass@1 {config.target_pass_rate}")
@@ -108,7 +107,7 @@ def train(config) -> dict:
   rate = 0.0
   bar = common.progress(range(1, config.max_steps + 1), desc="pretrain")
   for step in bar:
-    problems = task.problems(config.batch_size, seed=config.seed * 1_000_003 + step)
+    problems = task.problems(config.batch_size, seed=seeds.pretrain_batch(config.seed, step))
     state, metrics = sft_step(state, task.sft_batch(problems, seq_len))
     if step % 20 == 0:
       bar.set_postfix(loss=f"{float(metrics['train/loss']):.3f}",

@@ -41,7 +41,8 @@ from experiments.common import RL_RESUME_ALLOWED as RESUME_ALLOWED
 from experiments.common import make_rl_config
 from experiments.common import rl_run_dir as run_dir_for
 from experiments.common import validate_rl_config as validate_config
-from rl_fp16 import colocation, distributed, evaluation, plots, results, run_config, sharding
+from rl_fp16 import (colocation, distributed, evaluation, plots, results, run_config, seeds,
+                     sharding)
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data.rl_problems import (load_or_build_subset, load_task, problem_text,
@@ -101,7 +102,7 @@ def run(config) -> dict:
     # the train state (and so every checkpoint) holds only the adapters.
     base_params = cast_floating(model.params, pair.trainer.param_dtype)
     trainable = lora_lib.init_lora(rl_config.lora, base_params,
-                                   jax.random.key(config.seed + 1_000_033))
+                                   jax.random.key(seeds.lora_init(config.seed)))
   state = TrainState.create(trainable, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
@@ -186,7 +187,7 @@ def run(config) -> dict:
                   lambda share, rows: task.rewards(problems[share], rows), rollout,
                   config.samples_per_prompt), config.samples_per_prompt,
               prompts=[problem_text(p) for p in problems]),
-          rl_config=rl_config, seed=config.seed * 1_000_003 + step, train_step=train_step,
+          rl_config=rl_config, seed=seeds.rl_step(config.seed, step), train_step=train_step,
           base_params=base_params, extra_metrics=extra_metrics, logprobs_fn=logprobs_fn)
       metrics["train/updates"] = float(state.step)
       if eval_config.due(step + 1, config.steps):  # the engine serves the updated weights

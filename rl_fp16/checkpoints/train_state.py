@@ -38,12 +38,8 @@ class TrainState(struct.PyTreeNode):
 
   @classmethod
   def create(cls, params, optimizer: optax.GradientTransformation, *,
-             loss_scale: DynamicScale | None, seed: int | None = None) -> "TrainState":
-    """The state at step 0: `params` as float32 master weights and a fresh optimizer state.
-
-    `seed` is unused (the state holds no PRNG key); it is still accepted for callers that pass it.
-    """
-    del seed
+             loss_scale: DynamicScale | None) -> "TrainState":
+    """The state at step 0: `params` as float32 master weights and a fresh optimizer state."""
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     return cls(step=jnp.asarray(0, jnp.int32), params=params, opt_state=optimizer.init(params),
                loss_scale=loss_scale)

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from rl_fp16 import seeds
 from rl_fp16.data import math_data, perfectible
 from rl_fp16.data.tasks import MathTask, SyntheticTask, problem_from_record
 from rl_fp16.precision import get_policy
@@ -54,7 +55,7 @@ def build_subset(model, task: SyntheticTask, *, pool: int, k: int, low: float, h
   """
   engine = JaxEngine(model.config, model.params, get_policy("fp32", "sampler"),
                      eos_token_ids=model.eos_token_ids, batch_bucket=64)
-  return task.pass_rates_subset(engine, task.problems(pool, seed=seed + 77), k=k, low=low,
+  return task.pass_rates_subset(engine, task.problems(pool, seed=seeds.perfectible_pool(seed)), k=k, low=low,
                                 high=high, max_new_tokens=max_new_tokens, seed=seed)
 
 
@@ -88,7 +89,7 @@ def step_problems(subset, step: int, prompts_per_step: int, seed: int):
   """The problems of a step: epochs over the subset, each in a seeded random order."""
   per_epoch = max(len(subset) // prompts_per_step, 1)
   epoch, index = divmod(step, per_epoch)
-  order = np.random.default_rng(seed * 7919 + epoch).permutation(len(subset))
+  order = np.random.default_rng(seeds.epoch_order(seed, epoch)).permutation(len(subset))
   chosen = order[index * prompts_per_step:(index + 1) * prompts_per_step]
   if len(chosen) < prompts_per_step:  # tiny subsets: wrap around
     chosen = np.resize(order, prompts_per_step)

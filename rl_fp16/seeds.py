@@ -1,0 +1,56 @@
+"""The seed streams of a run, every one derived from the run's single `seed` (docs/design.md,
+"Seeds").
+
+Each consumer draws from its own named stream, so drawing more in one place never shifts another
+place's numbers. A stream is a fixed integer function of (run seed, index), not a
+`jax.random.fold_in` key: vLLM takes one integer seed per request, and numpy's and the task
+generator's RNGs take integers, so an integer is what every consumer needs. The constants are
+the ones every committed figure was measured with (and the pre-registered long runs compare
+precisions on the same streams of the same seed), so they are fixed: changing one changes those
+results.
+
+Known flaw (kept for now, because fixing it changes the vLLM figures): the vLLM engine samples
+row r of a step with the integer seed `rl_step(seed, step) + r`, so row r + 1 of step t and row r
+of step t + 1 share a torch generator seed and hence their sampling noise (different prompts and
+weights, so different tokens, but correlated draws across consecutive steps). The JAX engine
+derives its rows from one `jax.random.key(rl_step(seed, step))` and is unaffected.
+"""
+
+_STEP_STRIDE = 1_000_003  # prime, above any step count: (seed, step) pairs never collide
+_EPOCH_STRIDE = 7919  # prime, above any epoch count
+
+
+def rl_step(seed: int, step: int) -> int:
+  """Sampling seed of RL step `step` (its row i is sampled with this + i; also seeds the
+  minibatch shuffle)."""
+  return seed * _STEP_STRIDE + step
+
+
+def epoch_order(seed: int, epoch: int) -> int:
+  """Seed of the problem order of epoch `epoch` over the training subset."""
+  return seed * _EPOCH_STRIDE + epoch
+
+
+def perfectible_pool(seed: int) -> int:
+  """Seed of the fresh problems screened for the perfectible subset."""
+  return seed + 77
+
+
+def lora_init(seed: int) -> int:
+  """Seed of the LoRA adapters' initialisation (a `jax.random.key` seed)."""
+  return seed + 1_000_033
+
+
+def pretrain_batch(seed: int, step: int) -> int:
+  """Seed of the problems of supervised pre-training step `step`."""
+  return seed * _STEP_STRIDE + step
+
+
+def pretrain_eval(seed: int) -> int:
+  """Seed of the pre-training run's evaluation problems (disjoint from its batches' seeds)."""
+  return seed + 999_999
+
+
+def benchmark_prompts(seed: int) -> int:
+  """Seed of the task problems whose prompts a benchmark times (offset from training's)."""
+  return seed + 10_000
