@@ -34,17 +34,16 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import operator
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from rl_fp16 import metrics_lines
 from rl_fp16.fileio import decode_float, encode_float, write_text_atomic
 from rl_fp16.run_config import (CONFIG_FILE, RESUME_ALLOWED_KEYS, flatten_config, init_run_dir,
                                 record_resume)
@@ -55,75 +54,8 @@ TB_DIR = "tb"
 PLOTS_DIR = "plots"
 CHECKPOINT_DIR = "checkpoints"
 
-STEP_KEY = "step"
+STEP_KEY = metrics_lines.STEP_KEY
 RUN_KEY = "run"
-
-
-# ------------------------------------------------------------------------------------------------
-# Steps, metric values and metrics.jsonl lines.
-
-
-def _as_step(step: Any) -> int:
-  """Returns `step` (Python int, NumPy or JAX integer scalar) as a non-negative int."""
-  if isinstance(step, (bool, np.bool_)):
-    raise TypeError(f"step must be an integer, got the bool {step!r}")
-  try:
-    value = operator.index(step)
-  except TypeError:
-    raise TypeError(
-        f"step must be an integer, got {step!r} of type {type(step).__name__}") from None
-  if value < 0:
-    raise ValueError(f"step must be >= 0, got {value}")
-  return value
-
-
-def _as_float(name: str, value: Any) -> float:
-  """Returns a scalar metric value (Python, NumPy or JAX; bool or number) as a Python float."""
-  if isinstance(value, (str, bytes)) or value is None:
-    raise TypeError(f"metric {name!r} must be a number, got {value!r}")
-  array = np.asarray(value)
-  if array.size != 1:
-    raise ValueError(f"metric {name!r} must be a scalar, got an array of shape {array.shape}")
-  if array.dtype.kind in "cOUSMm":
-    raise TypeError(f"metric {name!r} must be a real number, got {value!r} of dtype {array.dtype}")
-  try:
-    return float(array.reshape(()))
-  except (TypeError, ValueError) as e:
-    raise TypeError(f"metric {name!r} must be a real number, got {value!r}") from e
-
-
-def _scan_metrics(path: str) -> tuple[list[tuple[int, str]], bool]:
-  """Reads metrics.jsonl as (step, raw line) pairs, in file order.
-
-  Returns:
-    (entries, needs_repair): `needs_repair` is True when the last line was cut off (it is dropped,
-    with a warning) or lacks its newline, so that appending to the file as is would corrupt it.
-  Raises:
-    ValueError: a line other than the last is not a JSON object with an integer "step".
-  """
-  with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-    text = f.read()
-  lines = text.split("\n")
-  needs_repair = bool(text) and not text.endswith("\n")
-  entries = []
-  for index, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      if index == len(lines) - 1:  # The final, unterminated line: a write cut off by a kill.
-        warnings.warn(f"{path}:{index + 1}: dropping a truncated last line {line[:80]!r}")
-        needs_repair = True
-        break
-      raise ValueError(f"{path}:{index + 1}: not valid JSON ({e}): {line[:80]!r}") from e
-    step = record.get(STEP_KEY) if isinstance(record, dict) else None
-    if isinstance(step, bool) or not isinstance(step, int):
-      raise ValueError(f"{path}:{index + 1}: expected a JSON object with an integer "
-                       f"{STEP_KEY!r}, got {line[:80]!r}")
-    entries.append((step, line))
-  return entries, needs_repair
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,7 +108,7 @@ class RunWriter:
     if config is not None:
       changed = init_run_dir(self._run_dir, config, allowed=allowed_changes)
       if changed and has_metrics:
-        last = max((step for step, _ in _scan_metrics(self._metrics_path)[0]), default=None)
+        last = max((step for step, _ in metrics_lines.scan(self._metrics_path)[0]), default=None)
         record_resume(self._run_dir, changed, resume_step=resume_step, last_logged_step=last)
     for sub_dir in (self.tb_dir, self.plots_dir, self.checkpoint_dir):
       os.makedirs(sub_dir, exist_ok=True)
@@ -189,7 +121,7 @@ class RunWriter:
       self.truncate_after(resume_step)
       return
     if has_metrics:
-      entries, needs_repair = _scan_metrics(self._metrics_path)
+      entries, needs_repair = metrics_lines.scan(self._metrics_path)
       if needs_repair:  # A line cut off by a kill: drop it before appending.
         self._rewrite(line for _, line in entries)
       self._last_step = max((step for step, _ in entries), default=None)
@@ -253,7 +185,7 @@ class RunWriter:
         Values are stored as Python floats; non-finite ones go to metrics.jsonl only.
     """
     self._check_open()
-    step = _as_step(step)
+    step = metrics_lines.as_step(step)
     if self._last_step is not None and step < self._last_step:
       raise ValueError(f"step {step} is before the last logged step {self._last_step}; call "
                        f"truncate_after({step}) first to rewind the run")
@@ -263,7 +195,7 @@ class RunWriter:
         raise TypeError(f"metric names must be non-empty strings, got {name!r}")
       if name == STEP_KEY:
         raise ValueError(f"{STEP_KEY!r} is reserved for the step and cannot be a metric name")
-      values[name] = _as_float(name, value)
+      values[name] = metrics_lines.as_metric_float(name, value)
     record = {STEP_KEY: step}
     record.update((name, encode_float(value)) for name, value in values.items())
     self._file.write(json.dumps(record, allow_nan=False) + "\n")
@@ -287,11 +219,11 @@ class RunWriter:
       The number of lines dropped.
     """
     self._check_open()
-    step = _as_step(step)
+    step = metrics_lines.as_step(step)
     self._close_files()
     entries = []
     if os.path.exists(self._metrics_path):
-      entries, _ = _scan_metrics(self._metrics_path)
+      entries, _ = metrics_lines.scan(self._metrics_path)
     kept = [(s, line) for s, line in entries if s < step]
     self._rewrite(line for _, line in kept)
     self._last_step = max((s for s, _ in kept), default=None)
@@ -375,7 +307,7 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
   path = _metrics_path(run_dir)
   by_step: dict[int, dict[str, Any]] = {}
   names: dict[str, None] = {}  # An ordered set.
-  for step, line in _scan_metrics(path)[0]:
+  for step, line in metrics_lines.scan(path)[0]:
     record = json.loads(line)
     del record[STEP_KEY]
     names.update(dict.fromkeys(record))
