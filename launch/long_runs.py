@@ -1,4 +1,4 @@
-r"""The pre-registered long runs (docs/long_runs_preregistration.md), as two commands.
+r"""The pre-registered long runs (docs/long_runs_preregistration.md), as three commands.
 
     python -m launch.long_runs --mode=speedcheck   # the registered engine rule, on an idle machine
     python -m launch.long_runs --mode=run          # the 9 primary runs, round-robin, resumable
@@ -10,16 +10,17 @@ takes the median `time/step_s` over steps 3-10 and stops at the first one at or 
 takes the last, recording the overrun). It refuses to measure on a loaded machine (1-minute load
 average over `--max_load`), as the registration requires, and writes `decision.json`.
 
-Nothing outside the git checkout survives between this project's sessions (each starts from a
-fresh clone), so a run must finish inside one session and its results must be committed: the
-speed rule also requires that `--steps` steps fit in `--session_hours` (registered change of
-2026-11-30, docs/long_runs_preregistration.md).
+Only committed data is sure to outlast a session (`runs/` sometimes survives, sometimes not), so
+finished runs' data is committed, and the speed rule also requires that `--steps` steps fit in
+`--session_hours` (registered changes of 2026-11-30 and 2026-12-01,
+docs/long_runs_preregistration.md).
 
 `run` reads `decision.json` and runs the 9 primary runs (`paper:grpo` x bf16/fp16/fp32 x seeds
-0/1/2) one after another, in the registered order, each to the end (an interrupted run resumes
-from its last checkpoint when the command is rerun in the same session). After each finished run
-it copies `config.json` and a gzipped `metrics.jsonl` to `docs/long_runs/data/<run>/` (commit
-them), and skips runs whose data is already there.
+0/1/2) one after another, in the registered order, each to the end. An interrupted run resumes
+from its last checkpoint when the command is rerun (in a later session too, if `runs/` survived;
+else it starts again). After each finished run it keeps `config.json` and a gzipped
+`metrics.jsonl` in `docs/long_runs/data/<run>/` (`results.keep_run`; commit them), and skips
+runs whose data is already there.
 
 `report` reads every kept run under `docs/long_runs/data/` and writes `docs/long_runs/results.md`
 (per-run outcomes, per-arm verdicts once an arm and its control have all their seeds, the H3/H4
