@@ -55,4 +55,6 @@ def sweep(engines: Sequence[str] = ("vllm",),
   names.check_precisions_and_seeds(precisions, seeds)
   for engine in engines:
     for seed in seeds:
+      # The command-line form (--config.precisions=fp32,bf16), which the old launch script
+      # passed and config_list reads: the job command lines stay as they were.
       yield {"engine": engine, "precisions": ",".join(precisions), "seed": seed}
