@@ -93,17 +93,15 @@ TRL_SETUP = "bash experiments/peers/setup_trl.sh ~/.venvs/trl-peer"
 # Engines of the compare section: "vllm_compiled" is vLLM with enforce_eager=False (torch.compile
 # of its model on CPU) instead of the compare block's vllm_enforce_eager.
 COMPARE_ENGINES = ("jax", "vllm", "vllm_compiled")
+# The config fields that list names or integers: tuples in the config file; on the command line
+# `--config.precisions=fp32,bf16` (`resolve_config` reads them with
+# rl_fp16.names.config_list).
+NAME_LISTS = ("sections", "precisions", "trainer_models", "sampler_models", "sync_models",
+              "sync_precisions", "compare.cases")
+INT_LISTS = ("trainer_response_lengths", "sampler_response_lengths")
 
 
 # ------------------------------------------------------------------------------- helpers ----
-
-
-def _csv(text: str) -> list[str]:
-  return [part.strip() for part in str(text).split(",") if part.strip()]
-
-
-def _ints(text: str) -> list[int]:
-  return [int(part) for part in _csv(text)]
 
 
 def _tree_bytes(params: Any, dtype: Any) -> int:
@@ -115,22 +113,24 @@ def _tree_bytes(params: Any, dtype: Any) -> int:
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` with `quick_overrides` applied when `quick` is set; validated."""
+  """A copy of `config` with `quick_overrides` applied when `quick` is set; validated, and every
+  list field (`NAME_LISTS`, `INT_LISTS`) a clean tuple: the rest of this module reads them as is."""
   resolved = ml_collections.ConfigDict(config.to_dict())
   if resolved.quick:
     common.merge_overrides(resolved, resolved.quick_overrides.to_dict())
-  unknown = [s for s in _csv(resolved.sections) if s not in SECTIONS]
+  common.clean_lists(resolved, NAME_LISTS, INT_LISTS)
+  unknown = [s for s in resolved.sections if s not in SECTIONS]
   if unknown:
     raise ValueError(f"Unknown sections {unknown}; allowed: {list(SECTIONS)}")
   for key in ("trainer_models", "sampler_models", "sync_models"):
-    bad = [m for m in _csv(resolved[key]) if m not in MODEL_NAMES]
+    bad = [m for m in resolved[key] if m not in MODEL_NAMES]
     if bad:
       raise ValueError(f"config.{key} has {bad}; allowed: {list(MODEL_NAMES)}")
   for key in ("precisions", "sync_precisions"):
-    for name in _csv(resolved[key]):
+    for name in resolved[key]:
       get_policy(name)  # a clear error on a bad name, before any work
   get_precision_pair(resolved.e2e.precision)
-  for case in _csv(resolved.compare.cases):
+  for case in resolved.compare.cases:
     engine, _, precision = case.partition(":")
     if engine not in COMPARE_ENGINES or not precision:
       raise ValueError(f"config.compare.cases has {case!r}; want engine:precision with engine "
@@ -208,10 +208,11 @@ def bench_trainer_case(config, model: BenchModel, response_len: int, precision: 
 
 def bench_trainer(config, models: dict[str, BenchModel], peak: dict[str, Any],
                   profile_root: str | None = None) -> list[dict]:
+  """Every trainer case of `config` (a `resolve_config` result: its lists are tuples)."""
   rows = []
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))  # one object: one jit key
-  cases = [(m, length, p) for m in _csv(config.trainer_models)
-           for length in _ints(config.trainer_response_lengths) for p in _csv(config.precisions)]
+  cases = [(m, length, p) for m in config.trainer_models
+           for length in config.trainer_response_lengths for p in config.precisions]
   for name, length, precision in common.progress(cases, desc="trainer"):
     profile_dir = (os.path.join(profile_root, f"{name}_{length}_{precision}") if profile_root
                    else None)
@@ -288,9 +289,9 @@ def bench_samplers_and_sync(config, models: dict[str, BenchModel], workdir: str,
   process), then one vLLM engine per model and precision serves both its sampler figures and its
   weight-sync figures."""
   samplers, syncs = [], []
-  sampler_models = _csv(config.sampler_models) if "samplers" in sections else []
-  sync_models = _csv(config.sync_models) if "sync" in sections else []
-  lengths = _ints(config.sampler_response_lengths)
+  sampler_models = config.sampler_models if "samplers" in sections else []
+  sync_models = config.sync_models if "sync" in sections else []
+  lengths = config.sampler_response_lengths
   n = config.sampler_samples_per_prompt
   reps = {"warmup": max(config.warmup, 1), "repetitions": config.repetitions}
   prompts = {name: models[name].make_prompts(config.sampler_prompts, config.seed)
@@ -298,7 +299,7 @@ def bench_samplers_and_sync(config, models: dict[str, BenchModel], workdir: str,
 
   for name in sampler_models:
     model = models[name]
-    for precision in _csv(config.precisions):
+    for precision in config.precisions:
       engine = make_engine("jax", model.config, model.params, get_policy(precision, "sampler"),
                            eos_token_ids=[])
       for length in lengths:
@@ -309,10 +310,10 @@ def bench_samplers_and_sync(config, models: dict[str, BenchModel], workdir: str,
 
   if not config.vllm:
     return samplers, syncs
-  sync_precisions = _csv(config.sync_precisions)
+  sync_precisions = config.sync_precisions
   sessions = [(name, p) for name in MODEL_NAMES for p in
-              dict.fromkeys(_csv(config.precisions) + sync_precisions)
-              if (name in sampler_models and p in _csv(config.precisions))
+              dict.fromkeys([*config.precisions, *sync_precisions])
+              if (name in sampler_models and p in config.precisions)
               or (name in sync_models and p in sync_precisions)]
   for name, precision in common.progress(sessions, desc="vllm engines"):
     model = models[name]
@@ -323,7 +324,7 @@ def bench_samplers_and_sync(config, models: dict[str, BenchModel], workdir: str,
                          seed=config.seed, cpu_kv_cache_space_gib=config.vllm_kv_cache_gib)
     start_s = time.perf_counter() - start
     try:
-      if name in sampler_models and precision in _csv(config.precisions):
+      if name in sampler_models and precision in config.precisions:
         for length in lengths:
           row = generate_speed(engine, prompts[name], n=n, max_new_tokens=length,
                                seed=config.seed, **reps)
@@ -683,7 +684,7 @@ def bench_compare(config, model: BenchModel, workdir: str, peak: dict[str, Any] 
   # One optimizer object for every case: cases with the same trainer precision share the jitted
   # trainer (its static arguments are equal), so they do not compile it again.
   optimizer = make_optimizer(OptimizerConfig(learning_rate=c.learning_rate))
-  for k, case in enumerate(_csv(c.cases)):
+  for k, case in enumerate(c.cases):
     engine_name, _, precision = case.partition(":")
     if engine_name != "jax" and not config.vllm:
       print(f"compare: {case} skipped (--config.vllm=False)")
@@ -998,14 +999,14 @@ def machine_info() -> dict[str, Any]:
 def run(config) -> dict[str, Any]:
   """Runs the selected sections; returns (and writes) every figure and the targets."""
   config = resolve_config(config)
-  sections = _csv(config.sections)
+  sections = list(config.sections)
   run_dir = os.path.abspath(config.output_dir)
   workdir = os.path.join(run_dir, "work")
   os.makedirs(workdir, exist_ok=True)
   # resume_step=0: a rerun with the same config replaces the earlier measurement.
   writer = RunWriter(run_dir, config.to_dict(), resume=True, resume_step=0)
   compare_vllm = "compare" in sections and any(
-      case.startswith("vllm") for case in _csv(config.compare.cases))
+      case.startswith("vllm") for case in config.compare.cases)
   if config.vllm and ({"samplers", "sync"} & set(sections) or compare_vllm or
                       ("e2e" in sections and config.e2e.engine == "vllm")):
     if not _vllm_available():
@@ -1021,16 +1022,16 @@ def run(config) -> dict[str, Any]:
         f"{config.warmup} warm-up + {config.repetitions} timed repetitions each; "
         f"load average {results['machine']['load_average'][0]:.2f} on "
         f"{results['machine']['cpus']} CPUs")
-  max_len = max([config.trainer_prompt_len + max(_ints(config.trainer_response_lengths))]
-                + [64 + max(_ints(config.sampler_response_lengths))]
+  max_len = max([config.trainer_prompt_len + max(config.trainer_response_lengths)]
+                + [64 + max(config.sampler_response_lengths)]
                 + [64 + config.e2e.max_new_tokens, 64 + config.compare.max_new_tokens])
   needed = set()
   if "trainer" in sections:
-    needed |= set(_csv(config.trainer_models))
+    needed |= set(config.trainer_models)
   if "samplers" in sections:
-    needed |= set(_csv(config.sampler_models))
+    needed |= set(config.sampler_models)
   if "sync" in sections and config.vllm:
-    needed |= set(_csv(config.sync_models))
+    needed |= set(config.sync_models)
   if "e2e" in sections or "compare" in sections:
     needed.add("small")
   models = load_models(config, sorted(needed), max_len)

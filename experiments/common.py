@@ -17,10 +17,12 @@ from rl_fp16.checkpoints import load_hf
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.presets import peaked_random_model
 from rl_fp16 import run_config
+from rl_fp16.names import config_list
 from rl_fp16.run_config import ConfigMismatchError
 
 __all__ = ["PolicyModel", "load_policy_model", "progress", "max_model_len",
-           "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "run_main",
+           "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "clean_lists",
+           "run_main",
            "markdown_table", "ConfigError", "ConfigChecker", "check_shared_keys",
            "RL_OUTPUT_DIR_FIELDS", "RL_RESUME_ALLOWED", "rl_run_dir", "validate_rl_config",
            "make_rl_config", "make_lora_config"]
@@ -116,6 +118,18 @@ def merge_overrides(config, overrides: dict[str, Any]) -> None:
       config[key] = value
 
 
+def clean_lists(config, names: Sequence[str] = (), ints: Sequence[str] = ()) -> None:
+  """Sets each list field of the ConfigDict `config` (dotted keys, e.g. "compare.cases") to the
+  clean tuple `rl_fp16.names.config_list` reads from it: names for `names`, integers for `ints`.
+  In place: call it on a copy. Raises ValueError naming the first bad field."""
+  for key, item in [*((k, str) for k in names), *((k, int) for k in ints)]:
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = config_list(node[leaf], key, item=item)
+
+
 class ConfigError(ValueError):
   """An experiment config that cannot work, found before any model is loaded or file written."""
 
@@ -198,13 +212,14 @@ class ConfigChecker:
         self.fail(key, str(e))
 
   def precision_pairs(self, key: str) -> None:
-    """A comma-separated, non-empty list of precision pairs."""
+    """A non-empty list of precision pairs (`rl_fp16.names.config_list`)."""
     from rl_fp16.precision import get_precision_pair  # pylint: disable=g-import-not-at-top
     if not self.has(key):
       return
-    value = self.get(key)
-    names = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else []
-    if not names:
+    try:
+      names = config_list(self.get(key), key)
+    except ValueError:
+      names = ()
       self.fail(key, "must list at least one precision pair, e.g. 'fp32,bf16,fp16'")
     for name in names:
       try:
@@ -219,9 +234,13 @@ class ConfigChecker:
     if not self.has(engine_key):
       return
     for key in precision_keys:
-      if not self.has(key) or not isinstance(self.get(key), str):
+      if not self.has(key):
         continue
-      for name in (p.strip() for p in self.get(key).split(",") if p.strip()):
+      try:  # "precision" is one name, "precisions" a list of them.
+        listed = config_list(self.get(key), key)
+      except ValueError:
+        continue  # reported by precision_pair(s)
+      for name in listed:
         try:
           check_engine_policy(self.get(engine_key), get_precision_pair(name).sampler)
         except ValueError as e:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from experiments import common
@@ -48,6 +49,7 @@ from rl_fp16 import fileio, objectives, offline, profiling, results
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models.paper_configs import get_paper_config
+from rl_fp16.names import config_list
 from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.engines import make_engine
@@ -55,6 +57,11 @@ from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, make_train_
 
 
 STAGES = ("mismatch", "trainer", "paper")
+# The config fields that list names or integers: tuples in the config file; on the command line
+# `--config.stages=paper,mismatch` (`run` reads them with rl_fp16.names.config_list).
+NAME_LISTS = ("stages", "highest_pairs", "mismatch.precisions", "paper.precisions",
+              "benchmark.sections", "benchmark.precisions", "benchmark.trainer_models")
+INT_LISTS = ("benchmark.trainer_response_lengths",)
 GIB = 1024**3
 MISMATCH_COLUMNS = (
     ("mean abs dlogp", "mismatch/logp_diff_mean"),
@@ -109,16 +116,12 @@ def _trainer_rows(result: dict[str, Any], matmul_precision: str) -> list[dict[st
 # --------------------------------------------------------------- mismatch and trainer stages ----
 
 
-def _csv(text: str) -> list[str]:
-  return [part.strip() for part in str(text).split(",") if part.strip()]
-
-
 def measure_mismatch(mismatch_config, run_dir: str) -> dict[str, Any]:
   """The offline measurement (`rl_fp16.offline`) of every pair in `mismatch_config` (an
   experiments/configs/offline_mismatch.py config): writes the run `run_dir` (`offline.run_metrics`
   at step 0) and returns the summary ({"metrics": {pair: dict}, "layer_view": ...})."""
   config = mismatch_config
-  pairs = _csv(config.precisions)
+  pairs = config_list(config.precisions, "mismatch.precisions")
   for pair in pairs:
     get_precision_pair(pair)  # fail before any work on a bad name
   model = common.load_policy_model(config.model, seed=config.seed)
@@ -146,11 +149,12 @@ def measure_mismatch(mismatch_config, run_dir: str) -> dict[str, Any]:
 def trainer_models(bench) -> dict[str, tuple[ModelConfig, Any]]:
   """{name: (model config, float32 host params)} of `bench.trainer_models` (a benchmark config):
   "small" is `bench.model`, "medium" a random Qwen2 of `bench.medium`'s shape."""
-  names = _csv(bench.trainer_models)
+  names = config_list(bench.trainer_models, "benchmark.trainer_models")
   unknown = sorted(set(names) - {"small", "medium"})
   if unknown:
     raise ValueError(f"config.benchmark.trainer_models has {unknown}; allowed: small, medium")
-  max_len = bench.trainer_prompt_len + max(int(n) for n in _csv(bench.trainer_response_lengths))
+  max_len = bench.trainer_prompt_len + max(
+      config_list(bench.trainer_response_lengths, "benchmark.trainer_response_lengths", item=int))
   models = {}
   if "small" in names:
     small = common.load_policy_model(bench.model, seed=bench.seed)
@@ -167,7 +171,10 @@ def measure_trainer(bench, run_dir: str) -> dict[str, Any]:
   """The matmul peak and train-step speed per model, response length and precision of
   `bench` (a benchmark config); writes the run `run_dir` (`trainer_metrics` at step 0) and
   returns {"peak", "trainer"}."""
-  for precision in _csv(bench.precisions):
+  precisions = config_list(bench.precisions, "benchmark.precisions")
+  lengths = config_list(bench.trainer_response_lengths, "benchmark.trainer_response_lengths",
+                        item=int)
+  for precision in precisions:
     get_policy(precision)  # a clear error on a bad name, before any work
   models = trainer_models(bench)
   writer = results.RunWriter(run_dir, bench.to_dict(), resume=True, resume_step=0)
@@ -175,10 +182,10 @@ def measure_trainer(bench, run_dir: str) -> dict[str, Any]:
                                repetitions=bench.repetitions)
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5))  # one object: one jit key
   rows = []
-  for name in _csv(bench.trainer_models):
+  for name in config_list(bench.trainer_models, "benchmark.trainer_models"):
     model_config, params = models[name]
-    for length in [int(n) for n in _csv(bench.trainer_response_lengths)]:
-      for precision in _csv(bench.precisions):
+    for length in lengths:
+      for precision in precisions:
         rows.append({"model": name, **profiling.train_step_speed(
             model_config, params, precision=precision, prompt_len=bench.trainer_prompt_len,
             response_len=length, tokens_per_step=bench.trainer_tokens_per_step,
@@ -360,9 +367,11 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def run(config) -> dict[str, Any]:
   """Runs the stages (module doc); returns the summary. Raises after writing it if one failed."""
-  stages = [s.strip() for s in config.stages.split(",") if s.strip()]
-  if not stages or set(stages) - set(STAGES):
-    raise ValueError(f"config.stages={config.stages!r}; allowed: a subset of {list(STAGES)}")
+  config = ml_collections.ConfigDict(config.to_dict())  # its lists cleaned, the input untouched
+  common.clean_lists(config, NAME_LISTS, INT_LISTS)
+  stages = config.stages
+  if set(stages) - set(STAGES):
+    raise ValueError(f"config.stages={stages!r}; allowed: a subset of {list(STAGES)}")
   out = os.path.abspath(config.output_dir)
   os.makedirs(out, exist_ok=True)
   fileio.write_json_atomic(os.path.join(out, "config.json"), config.to_dict())
@@ -400,7 +409,7 @@ def run(config) -> dict[str, Any]:
     fields = dict(model=config.model, seed=config.seed,
                   output_dir=os.path.join(out, f"benchmark_{matmul_precision}"))
     if matmul_precision != "default":
-      fields["precisions"] = "fp32"
+      fields["precisions"] = ("fp32",)
     sub = _sub_config(benchmark_config, config.benchmark.to_dict(), **fields)
     with _matmul_precision(matmul_precision):
       result = measure_trainer(sub, fields["output_dir"])
@@ -418,7 +427,7 @@ def run(config) -> dict[str, Any]:
     params = init_params(model_config, jax.random.key(config.seed))
     with results.RunWriter(os.path.join(out, "paper"), paper.to_dict(), resume=True,
                            resume_step=0) as writer:  # rows "train/{precision}/...", "decode/..."
-      for precision in [p.strip() for p in paper.precisions.split(",") if p.strip()]:
+      for precision in paper.precisions:
         print(f"paper train step: {precision}", flush=True)
         row = paper_train_case(model_config, params, precision, paper,
                                summary["peaks"]["default"], config.seed)

@@ -21,6 +21,7 @@ import numpy as np
 
 from experiments import common
 from rl_fp16 import fileio, mismatch, offline
+from rl_fp16.names import config_list
 from rl_fp16.results import RunWriter
 from rl_fp16.precision import get_precision_pair
 
@@ -155,11 +156,13 @@ def run(config) -> dict:
   print(f"model: {model.description}")
   print(f"engine: {config.engine}; {len(prompts)} prompts x {config.samples_per_prompt} samples, "
         f"up to {config.max_new_tokens} new tokens, T={config.temperature}")
-  pairs = [p.strip() for p in config.precisions.split(",") if p.strip()]
+  pairs = config_list(config.precisions, "precisions")
   for p in pairs:
     get_precision_pair(p)  # fail before any work on a bad name
   # resume_step=0: a rerun with the same config replaces the earlier measurement.
-  writer = RunWriter(run_dir, config.to_dict(), resume=True, resume_step=0)
+  # config.json records the pairs as a list, however the command line spelled them.
+  writer = RunWriter(run_dir, {**config.to_dict(), "precisions": pairs}, resume=True,
+                     resume_step=0)
   results = {}
   for pair in common.progress(pairs, desc="precision pairs"):
     results[pair] = measure_pair(config, model, pair, prompts, workdir=run_dir)

@@ -87,3 +87,51 @@ def check_precisions_and_seeds(precisions, seeds) -> None:
       raise ValueError(f"precision {precision!r}: {e}") from None
   if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
     raise ValueError(f"seeds must be integers, got {list(seeds)}")
+
+
+def config_list(value, field: str, *, item: type = str) -> tuple:
+  """A config field that lists names (or ints, `item=int`) as a clean, non-empty tuple.
+
+  Config files hold tuples (`config.precisions = ("fp32", "bf16")`). A command-line override
+  `--config.precisions=fp32,bf16` reaches a tuple field as the 1-tuple `("fp32,bf16",)`
+  (ml_collections does not split on commas), so every string element is split on commas and
+  stripped, empty parts dropped: `("fp32,bf16",)`, `("fp32", "bf16")`, `["fp32", " bf16"]` and
+  `"fp32,bf16"` all give `("fp32", "bf16")`. With `item=int`, ints stay as they are and string
+  parts are converted (`("256,1024",)` -> (256, 1024)).
+
+  Args:
+    value: the field's value: a tuple or list of strings (of ints with `item=int`), or a string.
+    field: the key as the user sets it (e.g. "precisions", "benchmark.trainer_models"), for errors.
+    item: str (names) or int.
+  Raises:
+    ValueError: naming the field and its value, for an item of the wrong type or an empty result.
+  """
+  if item not in (str, int):
+    raise ValueError(f"config_list: item must be str or int, got {item!r}")
+  what = "names" if item is str else "integers"
+  example = f"--config.{field}={'a,b' if item is str else '1,2'}"
+
+  def fail(problem: str) -> ValueError:
+    return ValueError(f"config.{field}={value!r}: {problem}; expected a non-empty tuple of {what} "
+                      f"(on the command line: {example})")
+
+  elements = [value] if isinstance(value, str) else value
+  if not isinstance(elements, (tuple, list)):
+    raise fail(f"a {type(value).__name__} is not a list")
+  out = []
+  for element in elements:
+    if isinstance(element, str):
+      parts = [p.strip() for p in element.split(",") if p.strip()]
+      if item is int:
+        try:
+          parts = [int(p) for p in parts]
+        except ValueError:
+          raise fail(f"{element!r} is not a comma-separated list of integers") from None
+      out.extend(parts)
+    elif item is int and isinstance(element, int) and not isinstance(element, bool):
+      out.append(element)
+    else:
+      raise fail(f"{element!r} is not {'a name' if item is str else 'an integer'}")
+  if not out:
+    raise fail("it is empty")
+  return tuple(out)

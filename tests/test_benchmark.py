@@ -75,12 +75,12 @@ def test_quick_overrides_and_bad_names():
   assert resolved.medium.hidden_size // resolved.medium.num_attention_heads == 64
   assert resolved.e2e.engine == "vllm"  # untouched fields keep their values
   assert config.repetitions == 3  # the input is not modified
-  config.sections = "peak,trainr"
+  config.sections = ("peak", "trainr")
   with pytest.raises(ValueError, match="trainr"):
     benchmark.resolve_config(config)
   config.quick = False  # quick mode would replace the precisions
-  config.sections = "peak"
-  config.precisions = "fp32,fp8"
+  config.sections = ("peak",)
+  config.precisions = ("fp32", "fp8")
   with pytest.raises(ValueError, match="fp8"):
     benchmark.resolve_config(config)
 

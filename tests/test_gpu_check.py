@@ -12,7 +12,7 @@ from rl_fp16 import results
 
 def _config(tmp_path, **overrides):
   config = gpu_check_config.get_config("cpu")
-  config.benchmark.precisions = "fp32,fp16"
+  config.benchmark.precisions = ("fp32", "fp16")
   config.output_dir = str(tmp_path / "gpu_check")
   for key, value in overrides.items():
     config[key] = value
@@ -65,8 +65,8 @@ def test_gpu_check_runs_every_stage_and_writes_the_summary(tmp_path):
 
 
 def test_gpu_check_keeps_going_past_a_failed_stage_then_fails(tmp_path):
-  config = _config(tmp_path, fp32_highest=False, stages="mismatch")
-  config.mismatch.precisions = "fp32,fp8"
+  config = _config(tmp_path, fp32_highest=False, stages=("mismatch",))
+  config.mismatch.precisions = ("fp32", "fp8")
   with pytest.raises(RuntimeError, match="mismatch"):
     gpu_check.run(config)
   written = json.loads((tmp_path / "gpu_check" / "summary.json").read_text())
@@ -77,6 +77,6 @@ def test_gpu_check_keeps_going_past_a_failed_stage_then_fails(tmp_path):
 
 def test_gpu_check_rejects_unknown_stages_and_variants(tmp_path):
   with pytest.raises(ValueError, match="trainr"):
-    gpu_check.run(_config(tmp_path, stages="mismatch,trainr"))
+    gpu_check.run(_config(tmp_path, stages=("mismatch", "trainr")))
   with pytest.raises(ValueError, match="tpu"):
     gpu_check_config.get_config("tpu")

@@ -14,14 +14,15 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.quick = False
-  # Comma-separated subset of: peak, trainer, samplers, sync, e2e, compare.
-  config.sections = "peak,trainer,samplers,sync,e2e,compare"
+  # A subset of: peak, trainer, samplers, sync, e2e, compare (on the command line comma-separated:
+  # --config.sections=peak,trainer).
+  config.sections = ("peak", "trainer", "samplers", "sync", "e2e", "compare")
   config.seed = 0
   # Every figure is the median (with min and max) of `repetitions` timed runs after `warmup`
   # untimed ones (the first call compiles).
   config.warmup = 1
   config.repetitions = 3
-  config.precisions = "fp32,bf16,fp16"
+  config.precisions = ("fp32", "bf16", "fp16")
   # Use real vLLM for the vLLM sampler, the weight sync and (engine="vllm") the RL iteration.
   config.vllm = True
   config.vllm_kv_cache_gib = 1.0
@@ -39,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Trainer: one `rl_train_step` on sequences of prompt_len + response_len tokens, with
   # round(tokens_per_step / sequence length) rows (at least one).
-  config.trainer_models = "small,medium"
-  config.trainer_response_lengths = "256,1024"
+  config.trainer_models = ("small", "medium")
+  config.trainer_response_lengths = (256, 1024)
   config.trainer_prompt_len = 32
   config.trainer_tokens_per_step = 1024
   config.algorithm = "grpo"
@@ -50,14 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Samplers: the same prompts, batch and lengths for the JAX sampler and vLLM; no EOS, so every
   # row runs to the length.
-  config.sampler_models = "small"
-  config.sampler_response_lengths = "256"
+  config.sampler_models = ("small",)
+  config.sampler_response_lengths = (256,)
   config.sampler_prompts = 4
   config.sampler_samples_per_prompt = 4
 
   # Weight sync into vLLM: in memory vs through a Hugging Face directory.
-  config.sync_models = "small,medium"
-  config.sync_precisions = "fp32,bf16,fp16"
+  config.sync_models = ("small", "medium")
+  config.sync_precisions = ("fp32", "bf16", "fp16")
   # Also time --config.weight_sync=directory: versioned write + reload by a vLLM worker process.
   config.sync_worker = True
 
@@ -71,12 +72,15 @@ def get_config() -> ml_collections.ConfigDict:
   # tiny base model and its perfectible problems, issue 13), every case in this one run. Cases are
   # engine:precision pairs; each runs `warmup` untimed + `repetitions` timed iterations (the first
   # case continues to `memory_iterations` to show the resident memory does not grow); engines:
-  # jax, vllm, vllm_compiled (vLLM with enforce_eager=False: torch.compile). TRL runs in
+  # jax, vllm, vllm_compiled (vLLM with enforce_eager=False: torch.compile). On the command line
+  # quote several cases (ml_collections refuses a bare `a:b,c:d` for a tuple field):
+  # --config.compare.cases="'jax:fp32,vllm:fp32'" (one case needs no quotes). TRL runs in
   # its own venv as a subprocess (experiments/peers/trl_grpo.py) with `trl_python`; unset or
   # missing: the TRL row is skipped with how to make the venv.
   config.trl_python = ""
   config.compare = ml_collections.ConfigDict(dict(
-      cases="jax:fp32,jax:bf16,jax:fp16,vllm:fp32,vllm_compiled:fp32", warmup=2, repetitions=5,
+      cases=("jax:fp32", "jax:bf16", "jax:fp16", "vllm:fp32", "vllm_compiled:fp32"),
+      warmup=2, repetitions=5,
       memory_iterations=50, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=256,
       num_minibatches=2, learning_rate=1e-4, algorithm="grpo", sequence_bucket=64,
       trl_iterations=6, trl_timeout_s=900,
@@ -89,22 +93,22 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.quick_overrides = ml_collections.ConfigDict(dict(
       repetitions=2,
-      precisions="fp32,fp16",
-      sync_precisions="fp16",
+      precisions=("fp32", "fp16"),
+      sync_precisions=("fp16",),
       peak_matmul_size=512,
       medium=dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=2),
-      trainer_models="medium",
-      trainer_response_lengths="32",
+      trainer_models=("medium",),
+      trainer_response_lengths=(32,),
       trainer_prompt_len=16,
       trainer_tokens_per_step=128,
-      sampler_response_lengths="16",
+      sampler_response_lengths=(16,),
       sampler_prompts=2,
       sampler_samples_per_prompt=2,
-      sync_models="small",
+      sync_models=("small",),
       vllm_kv_cache_gib=0.25,
       e2e=dict(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=16, num_minibatches=1),
-      compare=dict(cases="jax:fp32", warmup=1, repetitions=2, memory_iterations=4,
+      compare=dict(cases=("jax:fp32",), warmup=1, repetitions=2, memory_iterations=4,
                    prompts_per_step=2, samples_per_prompt=2, max_new_tokens=16,
                    num_minibatches=1, sequence_bucket=16, trl_iterations=2),
   ))

@@ -17,36 +17,37 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model = "default"  # the committed tiny base model (a trained policy, peaked logits)
   config.seed = 0
   config.mismatch = ml_collections.ConfigDict(dict(
-      engine="jax", precisions="fp32,bf16,fp16,bf16-fp16", num_prompts=64,
+      engine="jax", precisions=("fp32", "bf16", "fp16", "bf16-fp16"), num_prompts=64,
       samples_per_prompt=4, max_new_tokens=256, temperature=1.0, layer_view=False))
   # JAX's default float32 matmul precision on NVIDIA GPUs is TF32 (10 significand bits); also
   # run the fp32 pair and the fp32 train step under jax.default_matmul_precision("highest").
   config.fp32_highest = True
-  # Pairs re-measured under "highest" (when fp32_highest), e.g. "fp32,bf16,fp16".
-  config.highest_pairs = "fp32"
-  # Comma-separated subset of: mismatch, trainer, paper; run in this order.
-  config.stages = "mismatch,trainer"
+  # Pairs re-measured under "highest" (when fp32_highest), e.g. ("fp32", "bf16", "fp16").
+  config.highest_pairs = ("fp32",)
+  # A subset of: mismatch, trainer, paper; run in this order (on the command line comma-separated:
+  # --config.stages=paper,mismatch).
+  config.stages = ("mismatch", "trainer")
   # Issue 13's paper-scale check: the paper's 1.5B model shape with random weights, train steps on
   # 8K-token sequences with per-layer remat, and the JAX sampler's decode at batch 64.
   # `model_overrides` replaces ModelConfig fields (the cpu variant shrinks the model).
   config.paper = ml_collections.ConfigDict(dict(
       model="DeepSeek-R1-Distill-Qwen-1.5B", model_overrides={}, remat=True,
-      precisions="bf16,fp16", rows=1, seq_len=8192, prompt_len=256, repetitions=3,
+      precisions=("bf16", "fp16"), rows=1, seq_len=8192, prompt_len=256, repetitions=3,
       decode_precision="bf16", decode_rows=64, decode_prompt_len=256, decode_new_tokens=256))
   config.benchmark = ml_collections.ConfigDict(dict(
-      sections="peak,trainer", vllm=False, precisions="fp32,bf16,fp16", warmup=1,
-      repetitions=5, peak_matmul_size=8192, trainer_models="small,medium",
-      trainer_response_lengths="1024", trainer_prompt_len=32, trainer_tokens_per_step=16384,
+      sections=("peak", "trainer"), vllm=False, precisions=("fp32", "bf16", "fp16"), warmup=1,
+      repetitions=5, peak_matmul_size=8192, trainer_models=("small", "medium"),
+      trainer_response_lengths=(1024,), trainer_prompt_len=32, trainer_tokens_per_step=16384,
       # A ~160M-parameter random Qwen2 (head_dim 64): big enough to occupy a GPU.
       medium=dict(vocab_size=32768, hidden_size=1024, intermediate_size=2816,
                   num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8)))
   config.output_dir = "runs/gpu_check"
   if variant == "cpu":
-    config.mismatch.update(dict(precisions="fp32,bf16,fp16", num_prompts=2, samples_per_prompt=2,
-                                max_new_tokens=16))
+    config.mismatch.update(dict(precisions=("fp32", "bf16", "fp16"), num_prompts=2,
+                                samples_per_prompt=2, max_new_tokens=16))
     config.benchmark.update(dict(
-        repetitions=1, peak_matmul_size=256, trainer_models="medium",
-        trainer_response_lengths="32", trainer_prompt_len=16, trainer_tokens_per_step=96,
+        repetitions=1, peak_matmul_size=256, trainer_models=("medium",),
+        trainer_response_lengths=(32,), trainer_prompt_len=16, trainer_tokens_per_step=96,
         medium=dict(vocab_size=256, hidden_size=128, intermediate_size=256,
                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)))
     config.paper.update(dict(

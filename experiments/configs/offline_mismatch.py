@@ -27,9 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   # "default": the committed tiny base model when present, else a random model with peaked
   # logits; "random": always the latter; or a path to a Hugging Face model directory.
   config.model = "default"
-  # Precision pairs, comma-separated: "bf16" = trainer and sampler both bf16; "bf16-fp16" =
-  # bf16 trainer vs fp16 sampler.
-  config.precisions = "fp32,bf16,fp16"
+  # Precision pairs: "bf16" = trainer and sampler both bf16; "bf16-fp16" = bf16 trainer vs fp16
+  # sampler (on the command line comma-separated: --config.precisions=fp32,bf16-fp16).
+  config.precisions = ("fp32", "bf16", "fp16")
   config.num_prompts = 16
   config.samples_per_prompt = 4
   config.max_new_tokens = 256
@@ -55,4 +55,6 @@ def sweep(engines: Sequence[str] = ("vllm",),
   names.check_precisions_and_seeds(precisions, seeds)
   for engine in engines:
     for seed in seeds:
+      # The command-line form (--config.precisions=fp32,bf16), which the old launch script
+      # passed and config_list reads: the job command lines stay as they were.
       yield {"engine": engine, "precisions": ",".join(precisions), "seed": seed}
