@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 # Log-weights are clipped here before exponentiating, so that exp() stays finite in float64.
-MAX_LOG_WEIGHT = 700.0
+MAX_LOG_WEIGHT_F64 = 700.0
 
 _PERCENTILES = (1, 50, 99)
 
@@ -88,8 +88,8 @@ def _valid_and_sanitized(logp_trainer, logp_sampler, mask):
 
 
 def _clipped_exp(log_values: np.ndarray) -> np.ndarray:
-  """exp() of float64 values clipped above at MAX_LOG_WEIGHT, so the result is finite."""
-  return np.exp(np.minimum(log_values, MAX_LOG_WEIGHT))
+  """exp() of float64 values clipped above at MAX_LOG_WEIGHT_F64, so the result is finite."""
+  return np.exp(np.minimum(log_values, MAX_LOG_WEIGHT_F64))
 
 
 def sequence_log_ratios(logp_trainer, logp_sampler, mask) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +166,7 @@ def mismatch_metrics(logp_trainer, logp_sampler, mask) -> dict[str, float]:
   Non-finite log-probabilities at masked positions are counted in ``mismatch/nonfinite_trainer``
   and ``mismatch/nonfinite_sampler`` and excluded from every other statistic (the token counts in
   neither ``mismatch/num_tokens`` nor its row's length). Log-weights are clipped above at
-  ``MAX_LOG_WEIGHT`` before exponentiating, so weights stay finite. Quantiles use NumPy's linear
+  ``MAX_LOG_WEIGHT_F64`` before exponentiating, so weights stay finite. Quantiles use NumPy's linear
   interpolation. With no valid token every statistic is 0.0.
 
   Args:

@@ -14,7 +14,7 @@ gradient. Every importance-sampling (IS) weight is wrapped in ``sg``.
 
 Numerics: the losses are computed in float32 whatever the input dtype. Values at masked-out
 positions are replaced by 0.0 before any arithmetic, so padding may hold anything (even inf/NaN).
-Log-ratios are summed in log space and clamped at ``MAX_LOG_WEIGHT`` before exponentiating, so
+Log-ratios are summed in log space and clamped at ``MAX_LOG_WEIGHT_F32`` before exponentiating, so
 extreme ratios stay finite; a ratio above the clamp gets no gradient. A masked-out IS weight (MIS)
 is an exact 0.0, not a product with a non-finite value.
 """
@@ -47,7 +47,7 @@ METRIC_NAMES = (
 )
 
 # Log-ratios are clamped here before exponentiating: exp(80) ~ 5.5e34 < float32 max ~ 3.4e38.
-MAX_LOG_WEIGHT = 80.0
+MAX_LOG_WEIGHT_F32 = 80.0
 
 SURROGATES = ("ppo_clip", "gspo", "pg")
 CORRECTIONS = ("none", "token_tis", "token_mis", "seq_is", "seq_tis", "seq_mis")
@@ -118,8 +118,8 @@ def _check_aggregation(aggregation, max_response_len):
 
 
 def _exp_clamped(log_value):
-  """exp(min(log_value, MAX_LOG_WEIGHT)): finite in float32 for any finite input."""
-  return jnp.exp(jnp.minimum(log_value, MAX_LOG_WEIGHT))
+  """exp(min(log_value, MAX_LOG_WEIGHT_F32)): finite in float32 for any finite input."""
+  return jnp.exp(jnp.minimum(log_value, MAX_LOG_WEIGHT_F32))
 
 
 def _masked_mean(values, valid):

@@ -22,7 +22,8 @@ import numpy as np
 from rl_fp16 import mismatch
 from rl_fp16.precision import get_policy, get_precision_pair
 from rl_fp16.results import flatten_metrics
-from rl_fp16.sampling.engines import batched_token_logprobs, make_engine
+from rl_fp16.sampling.engines import make_engine
+from rl_fp16.train import batched_token_logprobs
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 
 # The metrics whose BF16 / FP16 ratio `summarize_pairs` reports.

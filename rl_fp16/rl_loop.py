@@ -27,9 +27,9 @@ from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.lora import merge_lora
 from rl_fp16.precision import DtypePolicy
-from rl_fp16.sampling.engines import batched_token_logprobs
 from rl_fp16.sampling.jax_sampler import SamplingConfig
-from rl_fp16.train import RLConfig, make_train_step, make_update, packed_logprobs
+from rl_fp16.train import (RLConfig, batched_token_logprobs, make_train_step, make_update,
+                           packed_logprobs)
 
 
 def rollout_batch(rollout, logp_old: np.ndarray, advantages: np.ndarray) -> dict[str, np.ndarray]:
@@ -268,15 +268,14 @@ def summarize(collected: Collected, train_metrics: dict[str, Any], times: dict[s
   """The step's flat metrics dict (names: docs/design.md).
 
   train_metrics: `update`'s metrics on the host ({name: K values}): averaged over the
-  minibatches (NaN-aware), `train/skipped` summed into `train/skipped_steps`, the last
+  minibatches (NaN-aware), `train/skipped_steps` summed over them, the last
   minibatch's `train/loss_scale`. times: every phase's seconds (summed into `time/step_s`).
   """
   out: dict[str, float] = {}
   for key, value in train_metrics.items():
     values = np.asarray(value, np.float64)
-    out[key] = float(values.sum() if key == "train/skipped" else np.nanmean(values)
+    out[key] = float(values.sum() if key == "train/skipped_steps" else np.nanmean(values)
                      if np.isfinite(values).any() else np.nan)
-  out["train/skipped_steps"] = out.pop("train/skipped")
   out["train/loss_scale"] = float(train_metrics["train/loss_scale"][-1])
   out.update(collected.metrics)
   rollout, rewards = collected.rollout, collected.rewards

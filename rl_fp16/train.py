@@ -23,15 +23,17 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rl_fp16 import advantages as advantages_lib
 from rl_fp16 import objectives, precision, sharding
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
-from rl_fp16.models import apply_logits, apply_token_logprobs
+from rl_fp16.models import apply_logits, apply_token_logprobs, token_logprobs
 from rl_fp16.models.lora import LoraConfig, merge_lora
 from rl_fp16.precision import DtypePolicy
+from rl_fp16.sampling.rollout import Rollout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,7 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
   """Differentiates `loss_fn(params, *args) -> (loss, aux)` and applies the update when finite.
 
   Returns the new state and metrics: `train/loss`, `train/grad_norm`, `train/loss_scale`,
-  `train/skipped` (1.0 when the update was skipped), plus `aux`.
+  `train/skipped_steps` (1.0 when the update was skipped), plus `aux`.
   """
   grad_fn = precision.value_and_grad(loss_fn, state.loss_scale, has_aux=True)
   new_loss_scale, finite, (loss, aux), grads = grad_fn(state.params, *args)
@@ -86,7 +88,7 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
       "train/grad_norm": jnp.where(finite, grad_norm, jnp.nan),
       "train/loss_scale": (jnp.asarray(1.0) if new_loss_scale is None
                            else new_loss_scale.scale.astype(jnp.float32)),
-      "train/skipped": 1.0 - finite.astype(jnp.float32),
+      "train/skipped_steps": 1.0 - finite.astype(jnp.float32),
   })
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             loss_scale=new_loss_scale)
@@ -196,6 +198,28 @@ def packed_logprobs(config: ModelConfig, policy: DtypePolicy, params, batch: dic
 
 
 # ---------------------------------------------------------------------------- step factory ----
+
+def batched_token_logprobs(model_config: ModelConfig, params: Any, rollout: Rollout, *,
+                           policy: DtypePolicy, temperature: float = 1.0,
+                           batch_size: int = 64) -> np.ndarray:
+  """The trainer's log-probs of a rollout's response tokens, float32 [B, T] aligned with
+  `rollout.logp_sampler` (0 on padding), computed `batch_size` rows at a time."""
+  tokens, attention_mask, _ = rollout.full_sequence()
+  prompt_len = rollout.prompt_tokens.shape[1]
+  rows = tokens.shape[0]
+  out = []
+  for start in range(0, rows, batch_size):
+    chunk = slice(start, min(start + batch_size, rows))
+    t, m = tokens[chunk], attention_mask[chunk]
+    pad = batch_size - t.shape[0] if rows > batch_size else 0
+    if pad:
+      t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
+      m = np.concatenate([m, np.repeat(m[-1:], pad, 0)])
+    logp = np.asarray(token_logprobs(model_config, params, t, policy=policy, attention_mask=m,
+                                     temperature=temperature))
+    out.append(logp[:t.shape[0] - pad, prompt_len:])
+  return np.concatenate(out) * rollout.response_mask
+
 
 LOSSES = ("rl", "sft")
 

@@ -18,7 +18,7 @@ from rl_fp16.checkpoints import load_hf, versions
 from rl_fp16.models import token_logprobs
 from rl_fp16.precision import get_policy
 from rl_fp16.sampling.directory_sync import DirectorySyncEngine
-from rl_fp16.sampling.engines import batched_token_logprobs
+from rl_fp16.train import batched_token_logprobs
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

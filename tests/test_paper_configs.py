@@ -10,7 +10,8 @@ from rl_fp16.checkpoints import save_hf
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.models import paper_configs as pc
 
-DENSE = [name for name, cfg in pc.PAPER_CONFIGS.items() if isinstance(cfg, ModelConfig)]
+ALL = list(pc.PAPER_CONFIGS)
+DENSE = [name for name, cfg in pc.PAPER_CONFIGS.items() if not cfg.is_moe]
 
 
 def test_every_paper_model_is_present():
@@ -18,10 +19,12 @@ def test_every_paper_model_is_present():
       "DeepSeek-R1-Distill-Qwen-1.5B", "Qwen2.5-Math-1.5B", "OctoThinker-3B-Hybrid-Base",
       "Qwen2.5-14B", "DeepSeek-R1-Distill-Qwen-14B", "Qwen3-30B-A3B"}
   assert set(pc.HF_REPOS) == set(pc.PAPER_CONFIGS) == set(pc.PUBLISHED_PARAMS)
-  assert isinstance(pc.PAPER_CONFIGS["Qwen3-30B-A3B"], dict)  # MoE: no dense ModelConfig
+  assert all(isinstance(cfg, ModelConfig) for cfg in pc.PAPER_CONFIGS.values())
+  assert pc.PAPER_CONFIGS["Qwen3-30B-A3B"].is_moe
+  assert [name for name, cfg in pc.PAPER_CONFIGS.items() if cfg.is_moe] == ["Qwen3-30B-A3B"]
 
 
-@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("name", ALL)
 def test_abstract_build_matches_num_params_and_published_size(name):
   cfg = pc.PAPER_CONFIGS[name]
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))  # no weights allocated
@@ -38,7 +41,7 @@ def test_abstract_build_matches_num_params_and_published_size(name):
   assert "lm_head" in shapes or cfg.tie_word_embeddings
 
 
-@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("name", ALL)
 def test_hf_round_trip(name):
   cfg = pc.PAPER_CONFIGS[name]
   assert ModelConfig.from_hf(cfg.to_hf()) == cfg
@@ -69,9 +72,9 @@ def test_published_architecture_details():
 
 
 def test_qwen3_moe_hf_fields_and_hand_computed_count():
-  # The abstract build (jax.eval_shape of the MoE init) lands with the MoE decoder; until then
-  # the published HF fields and a count computed by hand from them are checked.
-  hf = pc.PAPER_CONFIGS["Qwen3-30B-A3B"]
+  # The published HF fields and a count computed by hand from them (the abstract build is in
+  # test_abstract_build_matches_num_params_and_published_size).
+  hf = pc.PAPER_HF_CONFIGS["Qwen3-30B-A3B"]
   assert hf["model_type"] == "qwen3_moe" and hf["architectures"] == ["Qwen3MoeForCausalLM"]
   assert (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
           hf["num_key_value_heads"], hf["head_dim"]) == (2048, 48, 32, 4, 128)
@@ -87,10 +90,11 @@ def test_qwen3_moe_hf_fields_and_hand_computed_count():
   router = d * 128
   total = layers * (attention + experts + router + 2 * d) + d + 2 * vocab * d
   assert total == 30_532_122_624 == pc.PUBLISHED_EXACT_PARAMS["Qwen3-30B-A3B"]
-  assert total == pc.moe_num_params(hf)
+  moe = pc.PAPER_CONFIGS["Qwen3-30B-A3B"]
+  assert total == moe.num_params()
   assert total == pytest.approx(pc.PUBLISHED_PARAMS["Qwen3-30B-A3B"], rel=0.01)
   assert total - 2 * vocab * d == pytest.approx(29.9e9, rel=0.01)  # card: non-embedding 29.9B
-  active = pc.moe_num_params(hf, active=True)
+  active = moe.num_params(active_only=True)
   assert active == total - 120 * layers * 3 * d * 768  # 8 of 128 experts run per token
   assert active == pytest.approx(pc.PUBLISHED_ACTIVE_PARAMS["Qwen3-30B-A3B"], rel=0.02)  # "3.3B"
 

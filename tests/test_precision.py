@@ -96,14 +96,14 @@ def test_overflow_skips_step_and_backs_off():
   state = _quadratic_state(init_loss_scale(LossScaleConfig(initial_scale=2.0**15)))
   step = jax.jit(lambda s, f: apply_gradients(s, optimizer, _fp16_loss, f))
   new_state, metrics = step(state, jnp.asarray(1e3, jnp.float16))  # 2^15 * 1e3 * 2 > fp16 max
-  assert float(metrics["train/skipped"]) == 1.0
+  assert float(metrics["train/skipped_steps"]) == 1.0
   np.testing.assert_array_equal(new_state.params["w"], state.params["w"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, new_state.opt_state, state.opt_state)
   assert float(new_state.loss_scale.scale) == 2.0**14
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(new_state))
   # A clean step then updates the params.
   clean_state, metrics = step(new_state, jnp.asarray(1.0, jnp.float16))
-  assert float(metrics["train/skipped"]) == 0.0
+  assert float(metrics["train/skipped_steps"]) == 0.0
   assert not np.array_equal(clean_state.params["w"], state.params["w"])
 
 
@@ -120,7 +120,7 @@ def test_dynamic_scale_grows_after_interval_and_static_never_moves():
   static = _quadratic_state(init_loss_scale(LossScaleConfig(kind="static", initial_scale=2.0**15)))
   static_step = jax.jit(lambda s, f: apply_gradients(s, optimizer, _fp16_loss, f))
   static, metrics = static_step(static, jnp.asarray(1e3, jnp.float16))
-  assert float(metrics["train/skipped"]) == 1.0 and float(static.loss_scale.scale) == 2.0**15
+  assert float(metrics["train/skipped_steps"]) == 1.0 and float(static.loss_scale.scale) == 2.0**15
   assert init_loss_scale(LossScaleConfig(kind="none")) is None
 
 
@@ -133,7 +133,7 @@ def test_fp16_sft_step_keeps_float32_master_weights():
   tokens = np.random.default_rng(1).integers(0, 48, (4, 12)).astype(np.int32)
   batch = dict(tokens=tokens, attention_mask=np.ones_like(tokens), loss_mask=np.ones_like(tokens))
   state, metrics = make_train_step(CONFIG, policy, optimizer, loss="sft")(state, batch)
-  assert float(metrics["train/skipped"]) == 0.0 and float(metrics["train/loss_scale"]) == 2.0**15
+  assert float(metrics["train/skipped_steps"]) == 0.0 and float(metrics["train/loss_scale"]) == 2.0**15
   dtypes = {x.dtype for x in jax.tree_util.tree_leaves((state.params, state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)}
   assert dtypes == {jnp.dtype(jnp.float32)}

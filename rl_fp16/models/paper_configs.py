@@ -1,8 +1,7 @@
 """The models of the FP16 paper's experiments, as their published Hugging Face `config.json`s.
 
-Dense models are `ModelConfig`s (built with `ModelConfig.from_hf` from the published fields, so the
-HF mapping is exercised too); Qwen3-30B-A3B is an MoE (`qwen3_moe`), which the dense
-`ModelConfig` cannot express, so it stays a plain HF dict until the MoE decoder lands.
+Every model is a `ModelConfig` built with `ModelConfig.from_hf` from the published fields, so the
+HF mapping is exercised too; Qwen3-30B-A3B is the MoE (`qwen3_moe`: 128 experts, 8 per token).
 
 Nothing here downloads weights: `load_paper_model` reads a local Hugging Face directory.
 
@@ -106,21 +105,11 @@ PUBLISHED_EXACT_PARAMS: dict[str, int] = {
     "Qwen3-30B-A3B": 30_532_122_624,
 }
 
-MOE_MODEL_TYPES = ("qwen3_moe",)
+PAPER_CONFIGS: dict[str, ModelConfig] = {
+    name: ModelConfig.from_hf(hf) for name, hf in PAPER_HF_CONFIGS.items()}
 
 
-def _build(hf: dict[str, Any]) -> ModelConfig | dict[str, Any]:
-  if hf["model_type"] in MOE_MODEL_TYPES:
-    return dict(hf)
-  return ModelConfig.from_hf(hf)
-
-
-# name -> ModelConfig (dense) or the HF config dict (MoE, until the MoE ModelConfig exists).
-PAPER_CONFIGS: dict[str, ModelConfig | dict[str, Any]] = {
-    name: _build(hf) for name, hf in PAPER_HF_CONFIGS.items()}
-
-
-def get_paper_config(name: str) -> ModelConfig | dict[str, Any]:
+def get_paper_config(name: str) -> ModelConfig:
   """The config of a paper model by name (or its Hugging Face repo id)."""
   return PAPER_CONFIGS[_canonical_name(name)]
 
@@ -133,28 +122,6 @@ def _canonical_name(name: str) -> str:
       return key
   raise KeyError(f"Unknown paper model {name!r}; known: {sorted(PAPER_CONFIGS)} (or their repo "
                  f"ids {sorted(HF_REPOS.values())})")
-
-
-def moe_num_params(hf: dict[str, Any], *, active: bool = False,
-                   include_embeddings: bool = True) -> int:
-  """Parameter count of a Qwen3-MoE HF config (every layer sparse, no shared expert).
-
-  Per layer: attention (q/k/v/o, no bias) + per-head q/k RMSNorm + router [D, E] + E experts of
-  gate/up/down [D, I_moe] + two RMSNorms. `active` counts only `num_experts_per_tok` experts.
-  """
-  if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-    raise ValueError("moe_num_params covers configs whose every layer is an MoE layer")
-  d, h, kv = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
-  hd = hf.get("head_dim") or d // h
-  attn = d * h * hd + 2 * d * kv * hd + h * hd * d + 2 * hd
-  if hf.get("attention_bias"):
-    attn += h * hd + 2 * kv * hd + d
-  experts = hf["num_experts_per_tok"] if active else hf["num_experts"]
-  mlp = d * hf["num_experts"] + experts * 3 * d * hf["moe_intermediate_size"]
-  total = hf["num_hidden_layers"] * (attn + mlp + 2 * d) + d
-  if include_embeddings:
-    total += hf["vocab_size"] * d * (1 if hf.get("tie_word_embeddings") else 2)
-  return total
 
 
 # ------------------------------------------------------------------------------- loading ----

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from rl_fp16.checkpoints import save_hf, to_hf_device_arrays
-from rl_fp16.models import ModelConfig, token_logprobs
+from rl_fp16.models import ModelConfig
 from rl_fp16.precision import DtypePolicy, cast_floating, dtype_name
 from rl_fp16.sampling import jax_sampler
 from rl_fp16.sampling.jax_sampler import SamplingConfig
@@ -179,25 +179,3 @@ def make_engine(name: str, model_config: ModelConfig, params: Any, policy: Dtype
   kwargs.pop("prompt_bucket", None)
   kwargs.pop("batch_bucket", None)
   return VllmEngine(model_config, params, policy, log_level=vllm_log_level, **kwargs)
-
-
-def batched_token_logprobs(model_config: ModelConfig, params: Any, rollout: Rollout, *,
-                           policy: DtypePolicy, temperature: float = 1.0,
-                           batch_size: int = 64) -> np.ndarray:
-  """The trainer's log-probs of a rollout's response tokens, float32 [B, T] aligned with
-  `rollout.logp_sampler` (0 on padding), computed `batch_size` rows at a time."""
-  tokens, attention_mask, _ = rollout.full_sequence()
-  prompt_len = rollout.prompt_tokens.shape[1]
-  rows = tokens.shape[0]
-  out = []
-  for start in range(0, rows, batch_size):
-    chunk = slice(start, min(start + batch_size, rows))
-    t, m = tokens[chunk], attention_mask[chunk]
-    pad = batch_size - t.shape[0] if rows > batch_size else 0
-    if pad:
-      t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
-      m = np.concatenate([m, np.repeat(m[-1:], pad, 0)])
-    logp = np.asarray(token_logprobs(model_config, params, t, policy=policy, attention_mask=m,
-                                     temperature=temperature))
-    out.append(logp[:t.shape[0] - pad, prompt_len:])
-  return np.concatenate(out) * rollout.response_mask
