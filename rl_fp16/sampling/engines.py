@@ -22,7 +22,6 @@ import time
 from typing import Any, Protocol, Sequence
 
 import jax
-import numpy as np
 
 from rl_fp16.checkpoints import save_hf, to_hf_device_arrays
 from rl_fp16.models import ModelConfig
