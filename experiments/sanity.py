@@ -101,7 +101,7 @@ def compare(config, precisions) -> dict:
   for precision, s in summaries.items():
     print(f"{precision:>10} {s['final_reward']:>13.3f} {s['best_reward']:>12.3f} "
           f"{s['mean_prob_diff']:>13.2e} {s['minutes']:>8.1f}")
-  print(f"plots: {plots}")
+  print(f"plots: {plots_dir}")
   return summaries
 
 

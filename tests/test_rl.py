@@ -136,7 +136,7 @@ def test_committed_moe_base_is_the_moe_configs_model():
 
 
 @pytest.mark.slow
-def test_moe_rl_run_logs_expert_mismatch(tiny_moe_task_model_dir, tmp_path):
+def test_moe_rl_run_logs_expert_mismatch(tiny_moe_task_model_dir, tmp_path, capsys):
   from experiments import sanity  # pylint: disable=g-import-not-at-top
   from experiments.configs import moe as moe_config  # pylint: disable=g-import-not-at-top
   from rl_fp16 import results  # pylint: disable=g-import-not-at-top
@@ -150,6 +150,7 @@ def test_moe_rl_run_logs_expert_mismatch(tiny_moe_task_model_dir, tmp_path):
   frame = results.read_metrics(summary["run_dir"])
   plots = os.path.join(summary["run_dir"], "plots")  # one run: its own directory
   assert os.path.exists(os.path.join(plots, "compare_expert_set_diff_grpo.png"))
+  assert f"plots: {plots}" in capsys.readouterr().out  # the printed path is that directory
   assert list(frame["step"]) == [1, 2]
   assert "mismatch/expert_set_diff" in frame and frame["mismatch/expert_set_diff"].between(
       0, 1).all()
