@@ -9,21 +9,31 @@ the ones every committed figure was measured with (and the pre-registered long r
 precisions on the same streams of the same seed), so they are fixed: changing one changes those
 results.
 
-Known flaw (kept for now, because fixing it changes the vLLM figures): the vLLM engine samples
-row r of a step with the integer seed `rl_step(seed, step) + r`, so row r + 1 of step t and row r
-of step t + 1 share a torch generator seed and hence their sampling noise (different prompts and
-weights, so different tokens, but correlated draws across consecutive steps). The JAX engine
-derives its rows from one `jax.random.key(rl_step(seed, step))` and is unaffected.
+The vLLM engine takes one integer seed per request: row r of a batch sampled with base seed s
+gets `sampler_row(s, r)`, disjoint across (s, r) pairs. Until 2026-12-01 it was `s + r`, so row
+r + 1 of RL step t and row r of step t + 1 shared a torch generator seed and hence their sampling
+noise; vLLM figures measured before that date used those seeds. The JAX engine derives its rows
+from one `jax.random.key(rl_step(seed, step))` and was never affected.
 """
 
 _STEP_STRIDE = 1_000_003  # prime, above any step count: (seed, step) pairs never collide
 _EPOCH_STRIDE = 7919  # prime, above any epoch count
+_ROW_STRIDE = 1_000_003  # prime, above any batch's row count
+_SEED_MODULUS = 2**63  # vLLM / torch take seeds below 2**64
 
 
 def rl_step(seed: int, step: int) -> int:
-  """Sampling seed of RL step `step` (its row i is sampled with this + i; also seeds the
-  minibatch shuffle)."""
+  """Sampling seed of RL step `step` (the engine's base seed; also seeds the minibatch
+  shuffle)."""
   return seed * _STEP_STRIDE + step
+
+
+def sampler_row(seed: int, row: int) -> int:
+  """Integer seed of row `row` (< 1,000,003) of a batch the vLLM engine samples with base seed
+  `seed`: distinct for distinct (seed, row) pairs while seed * 1,000,003 + row < 2**63."""
+  if not 0 <= row < _ROW_STRIDE:
+    raise ValueError(f"row {row} is outside [0, {_ROW_STRIDE})")
+  return (seed * _ROW_STRIDE + row) % _SEED_MODULUS
 
 
 def epoch_order(seed: int, epoch: int) -> int:

@@ -1,6 +1,8 @@
 """rl_fp16/seeds.py: the named streams keep the values every committed result was measured with,
 and distinct consumers or steps never share a seed."""
 
+import pytest
+
 from rl_fp16 import seeds
 
 
@@ -18,6 +20,15 @@ def test_steps_of_different_run_seeds_never_collide():
   steps = range(10_000)
   drawn = [seeds.rl_step(seed, step) for seed in range(10) for step in steps]
   assert len(set(drawn)) == len(drawn)
-  # vLLM samples row r of a step with rl_step + r: 512 rows of the paper recipe over 10,000
-  # steps stay inside the run seed's range (rows of consecutive steps do overlap: see seeds.py).
-  assert seeds.rl_step(0, 9_999) + 512 < seeds.rl_step(1, 0)
+
+
+def test_vllm_row_seeds_of_all_steps_and_runs_are_distinct():
+  # The paper recipe's 512 rows per step, over 300 steps of 3 run seeds: every row of every step
+  # gets its own generator (consecutive steps shared rows' seeds before 2026-12-01).
+  drawn = [seeds.sampler_row(seeds.rl_step(seed, step), row)
+           for seed in range(3) for step in range(300) for row in range(512)]
+  assert len(set(drawn)) == len(drawn)
+  assert all(0 <= x < 2**63 for x in drawn)
+  assert seeds.sampler_row(7, 3) == 7 * 1_000_003 + 3
+  with pytest.raises(ValueError, match="row 1000003"):
+    seeds.sampler_row(0, 1_000_003)

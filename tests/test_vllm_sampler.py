@@ -17,6 +17,7 @@ require("vllm")
 
 import torch  # pylint: disable=g-import-not-at-top
 
+from rl_fp16 import seeds  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling import vllm_sampler  # pylint: disable=g-import-not-at-top
 
@@ -168,10 +169,24 @@ def test_generate_returns_well_formed_rollout(engine):
   _assert_same(r, sampler.generate(PROMPTS, n=n, max_new_tokens=t, seed=7, eos_token_id=eos))
   other = sampler.generate(PROMPTS, n=n, max_new_tokens=t, seed=8, eos_token_id=eos)
   assert not np.array_equal(r.response_tokens, other.response_tokens)
-  # Row seeds are seed + i * n + j: the last prompt alone, with seed 7 + 2 * n, samples the same.
-  alone = sampler.generate(PROMPTS[2:], n=n, max_new_tokens=t, seed=7 + 2 * n, eos_token_id=eos)
-  np.testing.assert_array_equal(alone.response_tokens, r.response_tokens[2 * n:])
-  np.testing.assert_allclose(alone.logp_sampler, r.logp_sampler[2 * n:], atol=1e-5)
+  # A row's seed depends on (seed, row) only: other prompts in rows 0 .. 2n-1 leave rows 2n.. as
+  # they were.
+  mixed = sampler.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], n=n, max_new_tokens=t, seed=7,
+                           eos_token_id=eos)
+  np.testing.assert_array_equal(mixed.response_tokens[2 * n:], r.response_tokens[2 * n:])
+  np.testing.assert_allclose(mixed.logp_sampler[2 * n:], r.logp_sampler[2 * n:], atol=1e-5)
+
+
+def test_consecutive_base_seeds_share_no_row_seed(engine):
+  # RL step t samples with base seed rl_step(seed, t) and step t + 1 with that + 1. With row seeds
+  # `seed + row` (before 2026-12-01), row 1 of base seed s and row 0 of base seed s + 1 drew the
+  # same noise: the same prompt and weights gave the same response.
+  sampler = engine.get()
+  prompt = PROMPTS[0]
+  first = sampler.generate([prompt, prompt], n=1, max_new_tokens=16, seed=41)
+  second = sampler.generate([prompt, prompt], n=1, max_new_tokens=16, seed=42)
+  assert not np.array_equal(first.response_tokens[1], second.response_tokens[0])
+  assert seeds.sampler_row(41, 1) != seeds.sampler_row(42, 0)
 
 
 def test_greedy_has_zero_logp(engine, models):

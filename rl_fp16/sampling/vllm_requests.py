@@ -1,7 +1,8 @@
 """The vLLM sampler's I/O: token-id prompts -> vLLM requests, vLLM's outputs -> one `Rollout`.
 
-Row ``i * n + j`` of the rollout is prompt ``i``'s sample ``j``, drawn with seed ``seed + i * n +
-j`` (vLLM adds the sample index to a request's seed), so results do not depend on batching.
+Row ``i * n + j`` of the rollout is prompt ``i``'s sample ``j``, drawn with the integer seed
+``seeds.sampler_row(seed, i * n + j)`` (vLLM adds the sample index to a request's seed), so
+results do not depend on batching and no two (base seed, row) pairs share a generator.
 Greedy decoding sends each prompt ``n`` times with ``n = 1`` (vLLM refuses ``n > 1`` when greedy)
 and its ``logp_sampler`` is 0 (a point mass).
 """
@@ -13,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import vllm
 
+from rl_fp16 import seeds
 from rl_fp16.sampling import rollout as rollout_lib
 
 # vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
@@ -43,7 +45,7 @@ def build_requests(prompts: Sequence[list[int]], *, n: int, max_new_tokens: int,
           max_tokens=max_new_tokens,
           temperature=temperature,
           # vLLM adds the sample index j to a request's seed.
-          seed=None if seed is None else seed + i * n,
+          seed=None if seed is None else seeds.sampler_row(seed, i * n),
           logprobs=0,  # The sampled token only.
           flat_logprobs=True,
           detokenize=False,

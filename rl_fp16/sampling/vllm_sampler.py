@@ -251,8 +251,9 @@ class VllmSampler:
       top_p: must be 1 (see the module docstring).
       top_k: must be -1 or 0 (disabled). The one refusal of truncated sampling: the engines
         (`engines.VllmEngine`, `directory_sync`) pass their `SamplingConfig`'s values through.
-      seed: base seed; row ``i * n + j`` is sampled with seed ``seed + i * n + j``, so results do
-        not depend on batching. None uses the engine's global RNG stream.
+      seed: base seed; row ``i * n + j`` is sampled with the integer seed
+        ``seeds.sampler_row(seed, i * n + j)``, so results do not depend on batching and batches
+        with different base seeds share no generator. None uses the engine's global RNG stream.
       eos_token_id: token that ends a response (kept in it, finish reason "eos"). None: no token
         stops a response, all run to ``max_new_tokens``.
 
