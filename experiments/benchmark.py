@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 
 from experiments import common
 from rl_fp16 import fileio, objectives, seeds
@@ -389,7 +390,9 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
   per_iteration, compiles, names, warmup_s, warmup_compile_s = [], [], [], [], 0.0
   compile_by_function: dict[str, float] = {}
   try:
-    for i in range(iterations):
+    progress = tqdm.tqdm(range(iterations), desc=f"compare {engine_name} {precision}",
+                         unit="it", file=sys.stdout, mininterval=5)
+    for i in progress:
       state, metrics, elapsed, counter = timed_rl_iteration(
           state, model.config, pair.trainer, optimizer, engine, prompts[i], rewards[i],
           rl_config, seed=seeds.rl_step(config.seed, i))
@@ -488,13 +491,16 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
   engine_start_s = time.perf_counter() - start
   rows = []
   try:
-    for i in range(iterations):
+    progress = tqdm.tqdm(range(iterations), desc=f"compare {engine_name} {precision}",
+                         unit="it", file=sys.stdout, mininterval=5)
+    for i in progress:
       state, metrics, elapsed, counter = timed_rl_iteration(
           state, model.config, pair.trainer, optimizer, engine, prompts[i],
           lambda r, b=batches[i]: task.rewards(b, r), rl_config, seed=seeds.rl_step(config.seed, i))
       rows.append({"seconds": elapsed, "compiles": counter.count, "recompiled": counter.names,
                    "compile_s": counter.seconds, "rss_mib": current_rss_mib(),
                    "peak_rss_mib": peak_rss_mib(), **{k: float(v) for k, v in metrics.items()}})
+      progress.set_postfix(s=f"{elapsed:.2f}", rss_mib=f"{rows[-1]['rss_mib']:.0f}")
       if i + 1 == c.warmup and c.sequence_bucket:
         # The trainer compiles once per packed width (a multiple of sequence_bucket): compile
         # every bucket from the smallest seen in warm-up to the longest possible one now.
