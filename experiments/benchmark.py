@@ -550,11 +550,15 @@ def summarize_rl_case(case: dict[str, Any], warmup: int, repetitions: int) -> di
   out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rows)
   out["iterations_run"] = len(rows)
   if len(after) >= 2:
-    # The allocator makes the RSS after an iteration swing by a few hundred MiB; growth is the
-    # highest RSS of the second half of the iterations after warm-up minus that of the first.
+    # Single iterations can lift the RSS by a few hundred MiB and drop back (allocator: seen as
+    # +90 to +310 MiB one-iteration spikes with vLLM); growth is the median RSS of the second half
+    # of the iterations after warm-up minus that of the first, so a spike does not read as growth
+    # and a leak of L MiB per iteration over N iterations reads as ~L * N / 2.
     half = len(after) // 2
-    out["rss_growth_mib"] = (max(r["rss_mib"] for r in after[half:])
-                             - max(r["rss_mib"] for r in after[:half]))
+    out["rss_growth_mib"] = float(np.median([r["rss_mib"] for r in after[half:]])
+                                  - np.median([r["rss_mib"] for r in after[:half]]))
+    out["rss_spike_mib"] = float(max(r["rss_mib"] for r in after)
+                                 - np.median([r["rss_mib"] for r in after]))
     out["rss_growth_iterations"] = len(after)
   return out
 
@@ -950,9 +954,10 @@ def format_compare(compare: dict[str, Any]) -> str:
     out.append("Resident memory (RSS, MiB) after each iteration: " + "; ".join(
         f"{r['engine']} {r['precision']}: first {r['rss_mib'][0]:.0f}, after warm-up "
         f"{r['rss_mib'][len(r['warmup_s'])]:.0f}, last ({r['iterations_run']} iterations) "
-        f"{r['rss_mib'][-1]:.0f}, growth (highest of the second half of the "
-        f"{r['rss_growth_iterations']} iterations after warm-up minus highest of the first half)"
-        f" {r['rss_growth_mib']:+.1f}; process peak {r['peak_rss_mib']:.0f}"
+        f"{r['rss_mib'][-1]:.0f}, growth (median of the second half of the "
+        f"{r['rss_growth_iterations']} iterations after warm-up minus median of the first half)"
+        f" {r['rss_growth_mib']:+.1f}, largest one-iteration spike above the median "
+        f"{r.get('rss_spike_mib', float('nan')):+.0f}; process peak {r['peak_rss_mib']:.0f}"
         for r in mem))
   floors = [(r, r["floor"]) for r in compare["cases"] if "update_floor_s" in r["floor"]]
   if floors:

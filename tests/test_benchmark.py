@@ -67,6 +67,31 @@ def test_summarize_and_targets():
   assert not any(name.endswith("/values") or "/values/" in name for name in row)
 
 
+def _rl_case(rss_mib):
+  """A compare case's raw iterations with the given RSS after each (timings irrelevant)."""
+  row = {"seconds": 1.0, "compiles": 0, "recompiled": [], "compile_s": 0.0, "peak_rss_mib": 4e3,
+         "response/length_max": 10.0, "response/length_mean": 5.0, "reward/mean": 0.5,
+         **{f"time/{part}_s": 0.1 for part in ("sample", "score", "logp", "update", "sync")}}
+  return {"engine": "vllm", "precision": "fp32", "engine_start_s": 1.0,
+          "iterations": [dict(row, rss_mib=float(x)) for x in rss_mib]}
+
+
+def test_memory_growth_ignores_spikes_and_sees_leaks():
+  # The vLLM case measured on 2026-12-01: flat at ~3017 MiB with one-iteration spikes (3207,
+  # 3329) that drop back; the old statistic (max of second half - max of first) read +215 MiB.
+  flat = [2630, 2720] + [3017.0] * 50
+  flat[40], flat[50] = 3207.0, 3329.0
+  case = benchmark.summarize_rl_case(_rl_case(flat), warmup=2, repetitions=5)
+  assert abs(case["rss_growth_mib"]) < 1 and case["rss_spike_mib"] == pytest.approx(312, abs=1)
+  # A leak of 3 MiB per iteration over 50 iterations reads as ~75 MiB (> the 64 MiB target).
+  leak = [2630, 2720] + [3000.0 + 3 * i for i in range(50)]
+  case = benchmark.summarize_rl_case(_rl_case(leak), warmup=2, repetitions=5)
+  assert case["rss_growth_mib"] == pytest.approx(75, abs=1)
+  passed = {t["name"]: t["passed"] for t in benchmark.evaluate_targets(
+      {"compare": {"cases": [dict(case, speedup_vs_trl=None)]}})}
+  assert passed["resident memory growth over 50 iterations, vllm fp32"] is False
+
+
 def test_quick_overrides_and_bad_names():
   config = benchmark_config.get_config()
   config.quick = True
