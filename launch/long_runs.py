@@ -31,7 +31,6 @@ the registered definitions of `rl_fp16.outcomes`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -172,12 +171,7 @@ FIGURE_METRICS = (("reward/mean", False, 20), ("eval/accuracy", False, 1),
                   ("response/length_mean", False, 10), ("train/entropy", True, 10))
 CONTROL = "fp32"
 H3_MIN_RATIO = 8.0
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return "-"
-  return format(value, spec)
+_fmt = outcomes.fmt
 
 
 def run_rows(frames: dict[str, pd.DataFrame]) -> list[dict]:

@@ -37,6 +37,13 @@ def _column(frame: pd.DataFrame, name: str) -> np.ndarray:
   return frame.sort_values("step")[name].to_numpy(np.float64)
 
 
+def fmt(value, spec: str = ".3f") -> str:
+  """`value` formatted with `spec` for a report table; "-" for None or NaN."""
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  return format(value, spec)
+
+
 def smoothed_reward(frame: pd.DataFrame, window: int = WINDOW) -> pd.Series:
   """R(t): trailing mean of `reward/mean` over `window` steps, indexed by step; NaN before the
   window is full (t < window, counting the run's first logged step as 1)."""

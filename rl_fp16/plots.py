@@ -264,3 +264,75 @@ def plot_is_quantiles(df: pd.DataFrame, *, kind: str = "token", x: str = STEP_KE
     axes[-1].legend(title=RUN_KEY, fontsize="small")
   fig.suptitle(f"{kind.capitalize()} importance-weight quantiles")
   return _save(fig, path)
+
+
+def plot_against_bits(df: pd.DataFrame, ys: Sequence[str], *, panel: str = "algorithm",
+                      x: str = "bits", placed_x: str = "placed_bits", label: str = "precision",
+                      seed: str = "seed", collapse: str | None = "collapse", logy: bool = False,
+                      ylabel: str | None = None, title: str | None = None,
+                      path: str | os.PathLike | None = None) -> Figure:
+  """Plots columns `ys` against the sampler's significand bits K, one panel per value of `panel`
+  (e.g. the dose-response's final and peak reward per algorithm).
+
+  Rows with a finite `x` form the curves: a line with markers per (y column, seed), K ascending,
+  a collapsed arm (`collapse` true) circled in red. Rows whose `x` is NaN and `placed_x` finite
+  (real samplers placed by their mismatch, `rl_fp16.dose_response.curve_frame`) are drawn as one
+  labelled marker each at (placed_x, y), labelled "<label> (<y>)". All panels share the y scale.
+
+  Args:
+    df: one row per arm (or per placement), with columns panel, x, placed_x, label, seed, ys.
+    ys: the columns to draw (line styles solid, dashed, dotted, ... in this order).
+    logy: log-scale y axis (non-positive values are left out).
+    path: if given, the PNG is saved there.
+  """
+  ys = [ys] if isinstance(ys, str) else list(ys)
+  _check_columns(df, [panel, x, placed_x, label, seed, collapse, *ys], "plot_against_bits")
+  if df.empty:
+    raise ValueError("plot_against_bits: no rows")
+  panels = _sorted_values(df[panel])
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+  styles = ("-", "--", ":", "-.")
+  markers = ("s", "D", "^", "v", "P", "X")
+  fig, axes = _new_figure(len(panels), panel_size=(5.0, 3.8), sharey=True)
+  for ax, value in zip(axes, panels):
+    rows = df[_matches(df[panel], value)]
+    xs = _finite(rows[x])
+    curve, placed = rows[xs.notna()], rows[xs.isna() & _finite(rows[placed_x]).notna()]
+    seeds = _sorted_values(curve[seed]) if len(curve) else []
+    for y_index, y in enumerate(ys):
+      for seed_index, seed_value in enumerate(seeds):
+        one = curve[_matches(curve[seed], seed_value)].sort_values(x)
+        values = _finite(one[y])
+        keep = values.notna() & (values > 0 if logy else True)
+        name = y if len(seeds) == 1 else f"{y}, {seed} {seed_value}"
+        ax.plot(one[x][keep], values[keep], color=colors[seed_index % len(colors)],
+                linestyle=styles[y_index % len(styles)], marker="o", markersize=4, label=name)
+        if collapse is not None:
+          hit = keep & one[collapse].astype(bool)
+          if hit.any():
+            ax.scatter(one[x][hit], values[hit], s=110, facecolors="none", edgecolors="red",
+                       linewidths=1.5, zorder=3,
+                       label="collapsed" if (y_index, seed_index) == (0, 0) else None)
+    for index, (label_value, group) in enumerate(placed.groupby(label, sort=True)):
+      for y_index, y in enumerate(ys):
+        values = _finite(group[y])
+        keep = values.notna() & (values > 0 if logy else True)
+        if not keep.any():
+          continue
+        ax.plot(_finite(group[placed_x])[keep], values[keep], linestyle="none",
+                marker=markers[index % len(markers)], markersize=8,
+                markerfacecolor="none" if y_index else colors[(index + 3) % len(colors)],
+                color=colors[(index + 3) % len(colors)], label=f"{label_value} ({y})")
+    ticks = sorted(set(_finite(curve[x]).dropna().astype(int))) if len(curve) else []
+    if ticks:
+      ax.set_xticks(ticks)
+    ax.set_title(f"{panel} = {value}")
+    ax.set_xlabel("sampler significand bits K")
+    if logy:
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+      ax.legend(fontsize="x-small")
+  axes[0].set_ylabel(ylabel if ylabel is not None else ", ".join(ys))
+  fig.suptitle(title if title is not None else f"{', '.join(ys)} against K")
+  return _save(fig, path)
