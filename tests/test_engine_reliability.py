@@ -244,6 +244,19 @@ def test_expected_warning_filter_keeps_the_untied_head_warning():
   assert untied.filter(record("ParallelLMHead")) and not untied.filter(record("RotaryEmbedding"))
 
 
+def test_expected_warning_filter_drops_the_second_engines_thread_warning():
+  # Logged (10x) when sanity starts its fp16 engine after the bf16 one in the same process.
+  drop = vllm_logs.ExpectedWarnings(("RotaryEmbedding",))
+
+  def record(msg):
+    return logging.LogRecord(vllm_logs.CPU_WORKER_LOGGER, logging.WARNING, __file__, 1, msg,
+                             None, None)
+
+  assert not drop.filter(record("CPU backend doesn't allow to use `torch.set_num_threads` after "
+                                "the thread binding, skip it."))
+  assert drop.filter(record("Speculative decoding on CPU without Intel OpenMP in LD_PRELOAD"))
+
+
 def test_config_vocab_unlike_the_tensors_is_refused_before_vllm_starts(tmp_path):
   model_dir = tmp_path / "model"
   shutil.copytree(TINY_BASE, model_dir)

