@@ -56,7 +56,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from experiments import common
 from rl_fp16 import fileio, objectives, seeds
@@ -390,9 +389,7 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
   per_iteration, compiles, names, warmup_s, warmup_compile_s = [], [], [], [], 0.0
   compile_by_function: dict[str, float] = {}
   try:
-    progress = tqdm.tqdm(range(iterations), desc=f"compare {engine_name} {precision}",
-                         unit="it", file=sys.stdout, mininterval=5)
-    for i in progress:
+    for i in common.progress(range(iterations), desc=f"e2e {e.engine} {e.precision}"):
       state, metrics, elapsed, counter = timed_rl_iteration(
           state, model.config, pair.trainer, optimizer, engine, prompts[i], rewards[i],
           rl_config, seed=seeds.rl_step(config.seed, i))
@@ -491,8 +488,7 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
   engine_start_s = time.perf_counter() - start
   rows = []
   try:
-    progress = tqdm.tqdm(range(iterations), desc=f"compare {engine_name} {precision}",
-                         unit="it", file=sys.stdout, mininterval=5)
+    progress = common.progress(range(iterations), desc=f"compare {engine_name} {precision}")
     for i in progress:
       state, metrics, elapsed, counter = timed_rl_iteration(
           state, model.config, pair.trainer, optimizer, engine, prompts[i],
