@@ -191,7 +191,8 @@ def test_local_sweep_runs_through_xmanager(tmp_path, tiny_task_model_dir):
   exp = tmp_path / "exp"
   result = _launch("sanity", "--sweep_arg=algorithms=grpo", "--sweep_arg=precisions=bf16,fp16",
                    f"--experiment_dir={exp}", "--max_parallel=2", _db_flag(tmp_path),
-                   f"--override=model={tiny_task_model_dir}", *TINY_RL, timeout=300)
+                   f"--override=model={tiny_task_model_dir}", *TINY_RL,
+                   timeout=900)  # a hang guard: two parallel jobs took > 300 s on a loaded machine
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "2/2 job(s) succeeded" in result.stdout
   for name in ("grpo_bf16_seed0", "grpo_fp16_seed0"):
