@@ -27,6 +27,8 @@ How the jobs run (xmanager 0.8.1):
   and the local executor starts `PYTHON -m MODULE --config=... --config.KEY=VALUE ...` in a shell
   in a new session, with the launcher's environment and working directory (plus PYTHONPATH naming
   this repository). Each job's output reaches the launcher's terminal with a `[job name]` prefix.
+  Ctrl-C or SIGTERM to the launcher stops its running jobs too (`stop_local_jobs`: each job runs
+  in a session of its own, which xm_local's exit handler does not reach); rerun to resume.
   Packaging `xm.python_container` for the local executor would build a Docker image; that is not
   needed here and is not used.
 - `--executor=vertex` or `--executor=kubernetes`: the same jobs, packaged as
@@ -52,6 +54,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,6 +64,7 @@ from absl import app
 from absl import flags
 from xmanager import xm
 from xmanager import xm_local  # Also defines XManager's --xm_* flags.
+from xmanager.xm_local import execution as xm_local_execution
 
 from rl_fp16 import names
 
@@ -381,6 +385,31 @@ def _write_manifest(path: str, sweep_name: str, jobs: Sequence[JobSpec], executo
   os.replace(tmp_path, path)
 
 
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def stop_local_jobs() -> int:
+  """SIGTERM to the process group of every local job this process launched; returns how many.
+
+  xm_local starts each job as `sh -c COMMAND` in a new session and, at exit, signals only that
+  shell, so the job itself (the shell's child) would outlive a stopped launcher. The handles are
+  xm_local's own list (xmanager 0.8.1, `execution._local_jobs`).
+  """
+  stopped = 0
+  for handle in list(getattr(xm_local_execution, "_local_jobs", ())):
+    process = getattr(handle, "process", None)
+    if process is None:
+      continue
+    try:
+      os.killpg(process.pid, signal.SIGTERM)
+      stopped += 1
+    except (ProcessLookupError, PermissionError):
+      pass
+  return stopped
+
+
 def launch(jobs: Sequence[JobSpec], *, sweep_name: str, experiment_dir: str, executor: str,
            max_parallel: int) -> list[JobResult]:
   """Launches the jobs through XManager and waits for them; writes EXP/sweep_NAME.json."""
@@ -395,7 +424,16 @@ def launch(jobs: Sequence[JobSpec], *, sweep_name: str, experiment_dir: str, exe
   logging.getLogger("alembic").setLevel(logging.WARNING)  # XManager's database set-up chatter.
   title = f"{sweep_name}:{os.path.basename(experiment_dir)}"
   start = time.time()
-  results = asyncio.run(_launch(jobs, executor=executor, max_parallel=max_parallel, title=title))
+  # Ctrl-C or SIGTERM stops the running jobs too (they run in sessions of their own).
+  previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+  try:
+    results = asyncio.run(_launch(jobs, executor=executor, max_parallel=max_parallel, title=title))
+  except KeyboardInterrupt:
+    print(f"\ninterrupted: stopped {stop_local_jobs()} job(s); rerun the same command to resume "
+          "them from their checkpoints", flush=True)
+    raise
+  finally:
+    signal.signal(signal.SIGTERM, previous_sigterm)
   if manifest:
     _write_manifest(manifest, sweep_name, jobs, executor, results)
   failed = [r for r in results if not r.ok]

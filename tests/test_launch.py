@@ -3,8 +3,10 @@ local sweep. The config files' sweeps themselves: tests/test_sweep_configs.py.""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from absl import flags
 import pytest
@@ -19,9 +21,16 @@ TINY_RL = ("--override=engine=jax", "--override=steps=2", "--override=prompts_pe
 def _launch(config, *args, timeout=60):
   """Runs `python -m launch.sweep --config=experiments/configs/CONFIG.py ARGS...` from the
   repository root."""
-  return subprocess.run([sys.executable, "-m", "launch.sweep",
-                         f"--config=experiments/configs/{config}.py", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  process = subprocess.Popen([sys.executable, "-m", "launch.sweep",
+                              f"--config=experiments/configs/{config}.py", *args], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.terminate()  # SIGTERM: the launcher stops its jobs (a SIGKILL would orphan them)
+    process.communicate(timeout=60)
+    raise
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _jobs_of(dry_run_output):
@@ -222,6 +231,51 @@ def test_failed_job_is_reported(tmp_path):
   assert "FAILED grpo_fp16_seed0" in result.stdout
   with open(exp / "sweep_sanity.json") as f:
     assert json.load(f)["jobs"][0]["ok"] is False
+
+
+def _pids_naming(text):
+  """PIDs of the processes whose command line contains `text`."""
+  pids = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        if text.encode() in f.read():
+          pids.append(int(entry))
+    except (OSError, ValueError):
+      continue
+  return pids
+
+
+@pytest.mark.slow
+def test_stopping_the_launcher_stops_its_jobs(tmp_path, tiny_task_model_dir):
+  # xm_local runs each job as `sh -c COMMAND` in a session of its own and signals only the shell
+  # at exit: before the fix a stopped launcher left its jobs running.
+  run_dir = str(tmp_path / "exp" / "grpo_fp16_seed0")
+  overrides = [a for a in TINY_RL if "steps=" not in a] + ["--override=steps=100000"]
+  launcher = subprocess.Popen(
+      [sys.executable, "-m", "launch.sweep", "--config=experiments/configs/sanity.py",
+       "--sweep_arg=algorithms=grpo", "--sweep_arg=precisions=fp16",
+       f"--experiment_dir={tmp_path / 'exp'}", _db_flag(tmp_path),
+       f"--override=model={tiny_task_model_dir}", *overrides],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 300
+    while not [p for p in _pids_naming(f"--config.output_dir={run_dir}")
+               if p != launcher.pid]:
+      assert launcher.poll() is None and time.time() < deadline, "the job never started"
+      time.sleep(1)
+    time.sleep(2)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=120)
+    assert "interrupted: stopped 1 job(s)" in output, output[-3000:]
+    deadline = time.time() + 60
+    while _pids_naming(f"--config.output_dir={run_dir}"):
+      assert time.time() < deadline, "the job outlived its launcher"
+      time.sleep(1)
+  finally:
+    launcher.kill()
+    for pid in _pids_naming(f"--config.output_dir={run_dir}"):
+      os.kill(pid, signal.SIGKILL)
 
 
 def test_launcher_names_come_from_the_library_without_jax():
