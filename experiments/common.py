@@ -23,7 +23,7 @@ from rl_fp16.run_config import ConfigMismatchError
 __all__ = ["PolicyModel", "load_policy_model", "progress", "max_model_len",
            "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "clean_lists",
            "run_main",
-           "markdown_table", "ConfigError", "ConfigChecker", "check_shared_keys",
+           "ConfigError", "ConfigChecker", "check_shared_keys",
            "RL_OUTPUT_DIR_FIELDS", "RL_RESUME_ALLOWED", "rl_run_dir", "validate_rl_config",
            "make_rl_config", "make_lora_config"]
 
@@ -100,13 +100,6 @@ def quiet_logs() -> None:
 def progress(items: Iterable, **kwargs) -> Iterable:
   """tqdm progress bar on stderr (no-op formatting in logs)."""
   return tqdm.tqdm(items, dynamic_ncols=True, **kwargs)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A markdown table; cells are formatted with str()."""
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
 
 
 def merge_overrides(config, overrides: dict[str, Any]) -> None:

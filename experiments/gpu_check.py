@@ -309,7 +309,7 @@ def format_summary(summary: dict[str, Any]) -> str:
          f"{len(info['devices'])} device(s))"]
   if summary["mismatch"]:
     out.append("### Trainer vs JAX sampler (per response token)")
-    out.append(common.markdown_table(
+    out.append(results.markdown_table(
         ["pair (trainer-sampler)", "matmul precision"] + [c for c, _ in MISMATCH_COLUMNS],
         [[row["pair"], row["matmul_precision"]]
          + [f"{row[key]:.3g}" for _, key in MISMATCH_COLUMNS] for row in summary["mismatch"]]))
@@ -317,7 +317,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     width = len(next(iter(view.values())))
     out.append(f"### Layer view ({matmul_precision} matmul precision): relative error of the "
                "residual stream against fp32, per layer boundary (embedding, layers, logits)")
-    out.append(common.markdown_table(
+    out.append(results.markdown_table(
         ["path"] + ["emb"] + [f"L{i}" for i in range(1, width - 1)] + ["logits"],
         [[key] + [f"{v:.2g}" for v in values] for key, values in view.items()]))
   for name, peak in summary["peaks"].items():
@@ -327,7 +327,7 @@ def format_summary(summary: dict[str, Any]) -> str:
   if summary["trainer"]:
     out.append("### RL train step (median of the timed steps; MFU against the fp32 peak and "
                "against the compute dtype's peak)")
-    out.append(common.markdown_table(
+    out.append(results.markdown_table(
         ["model", "params", "tokens/step", "precision", "matmul precision", "step ms",
          "tokens/s", "MFU fp32", "MFU dtype", "compile s"],
         [[r["model"], f"{r['params'] / 1e6:.1f}M", r["tokens"], r["precision"],
@@ -339,7 +339,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     out.append("### Paper-scale train step (random weights; MFU = model FLOPs / step s / the "
                "measured matmul peak of the compute dtype; remat recomputes each layer's forward "
                "on top)")
-    out.append(common.markdown_table(
+    out.append(results.markdown_table(
         ["model", "params", "remat", "precision", "rows x seq", "step s", "tokens/s",
          "MFU dtype", "XLA temp GiB", "device peak GiB (so far)", "compile s", "skipped"],
         [[r["model"], f"{r['params'] / 1e9:.2f}B", r["remat"], r["precision"],
@@ -351,7 +351,7 @@ def format_summary(summary: dict[str, Any]) -> str:
          for r in summary["paper_train"]]))
   if summary["paper_decode"]:
     out.append("### Paper-scale JAX sampler decode (no EOS; prefill included)")
-    out.append(common.markdown_table(
+    out.append(results.markdown_table(
         ["model", "precision", "rows", "prompt", "new tokens", "tokens/s", "ms / decode step",
          "weight GB/s", "compile s"],
         [[r["model"], r["precision"], r["rows"], r["prompt_len"], r["new_tokens"],

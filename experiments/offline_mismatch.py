@@ -22,7 +22,7 @@ import numpy as np
 from experiments import common
 from rl_fp16 import fileio, mismatch, offline
 from rl_fp16.names import config_list
-from rl_fp16.results import RunWriter
+from rl_fp16.results import RunWriter, markdown_table
 from rl_fp16.precision import get_precision_pair
 
 
@@ -142,7 +142,7 @@ def _save(fig, path: str) -> str:
 
 
 def format_table(results: dict[str, dict]) -> str:
-  return common.markdown_table(
+  return markdown_table(
       ["precision"] + [name for name, _ in SUMMARY_COLUMNS],
       [[name] + [f"{r['metrics'][key]:.3g}" for _, key in SUMMARY_COLUMNS]
        for name, r in results.items()])

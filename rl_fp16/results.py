@@ -259,6 +259,13 @@ def flatten_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, fl
   return out
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A markdown table; cells are formatted with str()."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # Readers.
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.benchmark import padding_waste
+from rl_fp16.bench_report import padding_waste
 from rl_fp16.profiling import CompileCounter
 from experiments.configs import benchmark as benchmark_config
 from rl_fp16 import objectives
