@@ -50,7 +50,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from typing import Any, Callable, Sequence
 
