@@ -94,9 +94,9 @@ def _placed_cell(row: dict) -> str:
 
 
 def algorithm_table(rows: Sequence[dict], data_root: str) -> list[str]:
-  head = ("| K | precision | seed | status | steps | F | P | collapse | mean abs(pi - mu) | "
-          "mean KL k3 | K by mean abs(pi - mu) | data |")
-  lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
+  header = ("K", "precision", "seed", "status", "steps", "F", "P", "collapse", "mean abs(pi - mu)",
+            "mean KL k3", "K by mean abs(pi - mu)", "data")
+  cells = []
   for row in rows:
     finished = row["status"] == dose.FINISHED
     if not finished:
@@ -113,12 +113,11 @@ def algorithm_table(rows: Sequence[dict], data_root: str) -> list[str]:
       source = "live, not kept"
     mismatch = [_fmt(row.get(f"mean[{m}]"), ".2e") if finished else "-"
                 for m in dose.MISMATCH_METRICS]
-    lines.append(
-        f"| {_bits_cell(row)} | `{row['precision']}` | {row['seed']} | {_status_cell(row)} | "
-        f"{row['steps_done']} / {row['planned_steps']} | "
-        f"{_fmt(row.get('F')) if finished else '-'} | {_fmt(row.get('P')) if finished else '-'} | "
-        f"{collapse} | {mismatch[0]} | {mismatch[1]} | {_placed_cell(row)} | {source} |")
-  return lines
+    cells.append((_bits_cell(row), f"`{row['precision']}`", row["seed"], _status_cell(row),
+                  f"{row['steps_done']} / {row['planned_steps']}",
+                  _fmt(row.get("F")) if finished else "-", _fmt(row.get("P")) if finished else "-",
+                  collapse, mismatch[0], mismatch[1], _placed_cell(row), source))
+  return results.markdown_table(header, cells).splitlines()
 
 
 def breaks_line(seed: int, verdict: dict) -> str:

@@ -193,21 +193,20 @@ def run_rows(frames: dict[str, pd.DataFrame]) -> list[dict]:
 
 
 def run_table(rows: Sequence[dict]) -> list[str]:
-  head = ("| run | steps | P | F | time to solve | collapse | G (prob diff) | G (KL k3) | "
-          "held-out acc. first -> last | mean abs dp, steps 1-20 -> last 20 | max token IS w | "
-          "max seq IS w p99 | length, last 20 | skipped updates |")
-  lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+  header = ("run", "steps", "P", "F", "time to solve", "collapse", "G (prob diff)", "G (KL k3)",
+            "held-out acc. first -> last", "mean abs dp, steps 1-20 -> last 20", "max token IS w",
+            "max seq IS w p99", "length, last 20", "skipped updates")
+  cells = []
   for r in rows:
     collapse = "yes: " + "; ".join(r["collapse_reasons"]) if r["collapse"] else "no"
-    lines.append(
-        f"| {r['run']} | {r['steps']} | {_fmt(r['P'])} | {_fmt(r['F'])} | "
-        f"{r['time_to_solve'] or 'never'} | {collapse} | "
-        f"{_fmt(r['G[mismatch/prob_diff_mean]'], '.2f')} | {_fmt(r['G[mismatch/kl_k3]'], '.2f')} | "
-        f"{_fmt(r.get('eval_accuracy_first'))} -> {_fmt(r.get('eval_accuracy_final'))} | "
-        f"{_fmt(r['mismatch_first'], '.2e')} -> {_fmt(r['mismatch_last'], '.2e')} | "
-        f"{_fmt(r['token_weight_max'], '.3g')} | {_fmt(r['seq_weight_p99_max'], '.4g')} | "
-        f"{_fmt(r['length_last'], '.0f')} | {int(r['skipped_total'])} |")
-  return lines
+    cells.append((
+        r["run"], r["steps"], _fmt(r["P"]), _fmt(r["F"]), r["time_to_solve"] or "never", collapse,
+        _fmt(r["G[mismatch/prob_diff_mean]"], ".2f"), _fmt(r["G[mismatch/kl_k3]"], ".2f"),
+        f"{_fmt(r.get('eval_accuracy_first'))} -> {_fmt(r.get('eval_accuracy_final'))}",
+        f"{_fmt(r['mismatch_first'], '.2e')} -> {_fmt(r['mismatch_last'], '.2e')}",
+        _fmt(r["token_weight_max"], ".3g"), _fmt(r["seq_weight_p99_max"], ".4g"),
+        _fmt(r["length_last"], ".0f"), int(r["skipped_total"])))
+  return results.markdown_table(header, cells).splitlines()
 
 
 def comparisons(rows: Sequence[dict], frames: dict[str, pd.DataFrame]) -> list[str]:
