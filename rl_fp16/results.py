@@ -260,9 +260,10 @@ def flatten_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, fl
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A markdown table; cells are formatted with str()."""
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  """A markdown table; cells are formatted with str(), a `|` in a cell escaped as `\\|`."""
+  cell = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+  lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
   return "\n".join(lines)
 
 

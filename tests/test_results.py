@@ -287,3 +287,13 @@ def test_load_runs_having_a_metric_keeps_only_the_runs_that_log_it(tmp_path):
   assert "engine" not in df and "bf16/mismatch/kl_k3" not in df
   with pytest.raises(FileNotFoundError, match="with train/loss"):
     results.load_runs(tmp_path, having="train/loss")
+
+
+def test_markdown_table_layout():
+  table = results.markdown_table(("run", "F"), [("grpo_bf16_seed0", 0.983), ("x | y", None)])
+  assert table.splitlines() == [
+      "| run | F |",
+      "|---|---|",
+      "| grpo_bf16_seed0 | 0.983 |",
+      "| x \\| y | None |",
+  ]
