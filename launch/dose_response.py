@@ -146,7 +146,7 @@ def write_figures(rows: Sequence[dict], figure_dir: str, out_path: str) -> list[
   for name, columns, logy, ylabel in FIGURES:
     path = os.path.join(figure_dir, name)
     plots.plot_against_bits(frame, columns, logy=logy, ylabel=ylabel, path=path,
-                            title=f"Dose-response: {ylabel} against the sampler's K")
+                            title=f"Dose-response: {ylabel}\nagainst the sampler's significand bits K")
     figures.append((ylabel, os.path.relpath(path, os.path.dirname(out_path) or ".")))
   return figures
 
