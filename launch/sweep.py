@@ -92,6 +92,10 @@ _MAX_PARALLEL = flags.DEFINE_integer("max_parallel", 1, "At most this many jobs 
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "KEY=VALUE config override for every job, passed as --config.KEY=VALUE "
     "(e.g. --override=steps=10 --override=engine=jax). Repeat the flag for several.")
+_SKIP_KEPT = flags.DEFINE_string(
+    "skip_kept", None, "Directory of kept runs (rl_fp16.results.keep_run, e.g. "
+    "docs/dose_response/data): jobs whose run has a kept copy there, DIR/<job name>/, are not "
+    "run again (a finished run's data outlasts the session; its run directory may not).")
 _CLOUD_BASE_IMAGE = flags.DEFINE_string(
     "cloud_base_image", "python:3.11-slim", "Base Docker image for --executor=vertex/kubernetes.")
 _CLOUD_ACCELERATOR = flags.DEFINE_string(
@@ -563,6 +567,21 @@ def config_sweep(config: str, *, module: str | None = None, experiment_dir: str 
   return ConfigSweep(name=name, experiment_dir=experiment_dir, jobs=jobs)
 
 
+def drop_kept(jobs: Sequence[JobSpec], kept_dir: str) -> tuple[list[JobSpec], list[JobSpec]]:
+  """(jobs to run, jobs skipped): a job is skipped when `kept_dir/<job name>/` holds a kept run
+  (`rl_fp16.results.keep_run` writes it only for a finished run).
+
+  Raises:
+    ValueError: `kept_dir` is not a directory.
+  """
+  from rl_fp16.results import KEPT_METRICS_FILE  # pandas; only when --skip_kept is given.
+  if not os.path.isdir(kept_dir):
+    raise ValueError(f"--skip_kept={kept_dir}: not a directory (a directory of kept runs, "
+                     "DIR/<job name>/" + KEPT_METRICS_FILE + ")")
+  kept = [j for j in jobs if os.path.exists(os.path.join(kept_dir, j.name, KEPT_METRICS_FILE))]
+  return [j for j in jobs if j not in kept], kept
+
+
 def check_precision(name: str) -> str:
   """Returns `name` if it is a precision ("bf16", "e8") or a TRAINER-SAMPLER pair ("fp32-e6")."""
   try:
@@ -605,9 +624,14 @@ def _define_main_flags():
       found = config_sweep(config.value, module=module.value,
                            experiment_dir=_EXPERIMENT_DIR.value, overrides=_OVERRIDES.value,
                            sweep_args=sweep_args.value)
+      jobs = found.jobs
+      if _SKIP_KEPT.value:
+        jobs, kept = drop_kept(jobs, _SKIP_KEPT.value)
+        print(f"{len(kept)} of {len(found.jobs)} job(s) already kept in {_SKIP_KEPT.value}, not "
+              f"run: {', '.join(j.name for j in kept) or 'none'}", flush=True)
     except ValueError as e:
       raise app.UsageError(str(e)) from e
-    return main(found.jobs, sweep_name=found.name, experiment_dir=found.experiment_dir)
+    return main(jobs, sweep_name=found.name, experiment_dir=found.experiment_dir)
 
   return run
 

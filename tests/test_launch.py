@@ -171,6 +171,31 @@ def test_cloud_executor_dry_run(tmp_path):
       result.stdout)
 
 
+def test_skip_kept_drops_only_the_kept_runs(tmp_path):
+  """A finished run kept by results.keep_run is not run again; a run directory alone (an
+  unfinished run's) is no reason to skip, and the other jobs stay in sweep() order."""
+  from rl_fp16 import results
+  kept, live = tmp_path / "kept", tmp_path / "live"
+  live.mkdir()
+  (live / "config.json").write_text("{}")
+  (live / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.5}\n')
+  results.keep_run(live, kept / "grpo_fp32-e5_seed0")
+  (kept / "grpo_fp32-e6_seed0").mkdir()  # started, never kept
+  exp = tmp_path / "exp"
+  result = _launch("dose_response", "--dry_run", f"--experiment_dir={exp}",
+                   f"--skip_kept={kept}")
+  assert result.returncode == 0, result.stderr
+  assert ("1 of 30 job(s) already kept in " f"{kept}, not run: grpo_fp32-e5_seed0") in (
+      result.stdout)
+  names = list(_jobs_of(result.stdout))
+  assert len(names) == 29 and "grpo_fp32-e5_seed0" not in names
+  assert names[:2] == ["grpo_fp32-e4_seed0", "grpo_fp32-e6_seed0"]
+  result = _launch("dose_response", "--dry_run", f"--experiment_dir={exp}",
+                   f"--skip_kept={tmp_path / 'missing'}")
+  assert result.returncode != 0
+  assert f"--skip_kept={tmp_path / 'missing'}: not a directory" in result.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--sweep_arg=algorithms=ppo"], "choose from"),
     (["--sweep_arg=precisions=fp8"], "precision 'fp8'"),
