@@ -629,6 +629,9 @@ def _define_main_flags():
         jobs, kept = drop_kept(jobs, _SKIP_KEPT.value)
         print(f"{len(kept)} of {len(found.jobs)} job(s) already kept in {_SKIP_KEPT.value}, not "
               f"run: {', '.join(j.name for j in kept) or 'none'}", flush=True)
+        if not jobs:
+          print("every job is kept: nothing to run")
+          return 0
     except ValueError as e:
       raise app.UsageError(str(e)) from e
     return main(jobs, sweep_name=found.name, experiment_dir=found.experiment_dir)

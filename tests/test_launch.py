@@ -190,6 +190,12 @@ def test_skip_kept_drops_only_the_kept_runs(tmp_path):
   names = list(_jobs_of(result.stdout))
   assert len(names) == 29 and "grpo_fp32-e5_seed0" not in names
   assert names[:2] == ["grpo_fp32-e4_seed0", "grpo_fp32-e6_seed0"]
+  for name in names:
+    results.keep_run(live, kept / name)
+  result = _launch("dose_response", f"--experiment_dir={exp}", f"--skip_kept={kept}")
+  assert result.returncode == 0, result.stderr
+  assert "every job is kept: nothing to run" in result.stdout
+  assert not exp.exists()  # Nothing launched, not even a manifest.
   result = _launch("dose_response", "--dry_run", f"--experiment_dir={exp}",
                    f"--skip_kept={tmp_path / 'missing'}")
   assert result.returncode != 0
