@@ -120,8 +120,14 @@ def test_packed_scan_update_matches_the_unbucketed_path(precision, tol):
   for a, b in zip(old, new):
     assert a["reward/mean"] == b["reward/mean"]
     assert a["response/length_mean"] == b["response/length_mean"]
-    for key in ("train/loss", "train/entropy", "mismatch/kl_k1", "mismatch/prob_diff_mean"):
+    for key in ("train/loss", "train/entropy"):
       np.testing.assert_allclose(b[key], a[key], rtol=tol, atol=tol * 1e-2, err_msg=key)
+    # The mismatch metrics are means of sampler-minus-trainer differences, ~1e-7 in fp32: pure
+    # rounding, which changes with the padded width, so a relative tolerance is meaningless
+    # there. Compare them on the scale of a few fp32 ulps of a log-prob (|logp| up to ~10); a
+    # misaligned or mis-masked bucketed log-prob would be off by orders of magnitude more.
+    for key in ("mismatch/kl_k1", "mismatch/prob_diff_mean"):
+      np.testing.assert_allclose(b[key], a[key], rtol=0, atol=2e-6, err_msg=key)
     assert b["train/skipped_steps"] == a["train/skipped_steps"]
   assert new[0]["perf/train_seq_len"] < old[0]["perf/train_seq_len"]  # the bucketing trims
   for x, y in zip(jax.tree_util.tree_leaves(old_params), jax.tree_util.tree_leaves(new_params)):
