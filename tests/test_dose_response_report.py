@@ -23,12 +23,13 @@ def mismatch_of(bits: float) -> float:
   return 2.0 ** -bits
 
 
-def write_arm(root, precision, *, mismatch, collapse=False, steps=STEPS, algorithm="grpo"):
+def write_arm(root, precision, *, mismatch, collapse=False, steps=STEPS, algorithm="grpo",
+              seed=0):
   """An arm whose reward climbs 0.51 -> 0.5 + 0.01 * steps (F = P), or, with `collapse`, holds
   0.9 for 20 steps then 0.3 (P = 0.9, F = 0.3); its mismatch alternates 0.5x and 1.5x `mismatch`
   (mean `mismatch`) and KL k3 is mismatch^2 at each step."""
-  run_dir = root / f"{algorithm}_{precision}_seed0"
-  config = {"algorithm": algorithm, "precision": precision, "seed": 0, "steps": STEPS,
+  run_dir = root / f"{algorithm}_{precision}_seed{seed}"
+  config = {"algorithm": algorithm, "precision": precision, "seed": seed, "steps": STEPS,
             "prompts_per_step": 8}
   with results.RunWriter(run_dir, config) as writer:
     for step in range(1, steps + 1):
@@ -58,7 +59,7 @@ def sweep_dir(tmp_path_factory):
 def grpo_rows(sweep_dir):
   found, ignored = dose.read_arms([str(sweep_dir)])
   assert not ignored
-  expected = [arm for arm in launcher.expected_arms() if arm.algorithm == "grpo"]
+  expected = [arm for arm in launcher.expected_arms(follow_ups=False) if arm.algorithm == "grpo"]
   return dose.place_real(dose.arm_rows(expected, found, default_steps=150))
 
 
@@ -74,11 +75,34 @@ def test_sampler_bits_and_nominal_bits():
 
 
 def test_expected_arms_are_the_sweeps_30_in_order():
-  arms = launcher.expected_arms()
+  arms = launcher.expected_arms(follow_ups=False)
   assert len(arms) == 30 and len(set(arms)) == 30
   assert arms[0] == dose.Arm("grpo", "fp32-e4", 0)
   assert [a.precision for a in arms[:10]][-3:] == ["fp32-e24", "fp32-bf16", "fp32-fp16"]
   assert {a.algorithm for a in arms} == {"grpo", "grpo_token_tis", "grpo_seq_mis"}
+
+
+def test_the_seed_1_follow_up_adds_K_4_and_24_per_algorithm_after_the_registered_arms():
+  arms = launcher.expected_arms()
+  assert arms[:30] == launcher.expected_arms(follow_ups=False) and len(set(arms)) == 36
+  assert arms[30:] == [dose.Arm(algorithm, f"fp32-e{k}", 1)
+                       for algorithm in ("grpo", "grpo_token_tis", "grpo_seq_mis")
+                       for k in (4, 24)]
+
+
+def test_report_lists_a_follow_up_seed_with_its_own_verdict(tmp_path):
+  root = tmp_path / "runs"
+  write_arm(root, "fp32-e4", mismatch=mismatch_of(4), collapse=True, seed=1)
+  write_arm(root, "fp32-e24", mismatch=mismatch_of(24), seed=1)
+  out = tmp_path / "report" / "results.md"
+  text = launcher.report(str(root), str(tmp_path / "report" / "data"), str(out),
+                         str(tmp_path / "report" / "figures"), default_steps=STEPS)
+  assert "Arms: 2 finished, 0 unfinished, 34 missing, of 36." in text
+  grpo = text.split("## grpo\n")[1].split("## grpo_token_tis")[0]
+  assert "- seed 0: breaks at K not decided: no emulated arm finished yet." in grpo
+  assert "- seed 1: **breaks at K = 4** (collapsed: K = 4; 2 of 2 emulated arms finished)." in grpo
+  seed_1 = [line for line in grpo.splitlines() if line.startswith("| 4 | `fp32-e4` | 1 |")]
+  assert len(seed_1) == 1 and "**yes**: F 0.300 <= P 0.900 - 0.2" in seed_1[0]
 
 
 def test_arms_collapsing_at_4_and_5_only_break_at_5(sweep_dir):
@@ -150,7 +174,8 @@ def test_equivalent_bits_interpolates_log_mismatch_and_keeps_every_crossing():
 def test_report_writes_the_tables_and_the_figures(sweep_dir, tmp_path):
   out = tmp_path / "dose_response" / "results.md"
   text = launcher.report(str(sweep_dir), str(tmp_path / "dose_response" / "data"), str(out),
-                         str(tmp_path / "dose_response" / "figures"))
+                         str(tmp_path / "dose_response" / "figures"),
+                         expected=launcher.expected_arms(follow_ups=False))
   assert out.read_text() == text
   assert "Arms: 9 finished, 1 unfinished, 20 missing, of 30." in text
   assert "- seed 0: **breaks at K = 5** (collapsed: K = 4, 5; 7 of 8 emulated arms finished); " \
@@ -183,7 +208,7 @@ def test_keep_stores_finished_arms_and_the_report_reads_them_alone(sweep_dir, tm
   live = launcher.report(str(sweep_dir), str(data), str(tmp_path / "a.md"), str(tmp_path / "fa"))
   fresh = launcher.report(str(tmp_path / "no_such_runs"), str(data), str(tmp_path / "b.md"),
                           str(tmp_path / "fb"))
-  assert "Arms: 9 finished, 0 unfinished, 21 missing, of 30." in fresh
+  assert "Arms: 9 finished, 0 unfinished, 27 missing, of 36." in fresh  # 6 of the follow-up
   assert "**breaks at K = 5** (collapsed: K = 4, 5; 7 of 8 emulated arms finished)" in fresh
   # With the live runs too, the finished arms come from the kept copies (a tie goes to them).
   assert "live, not kept" in live.split("`fp32-e9`")[1].split("\n")[0]

@@ -25,6 +25,10 @@ ALGORITHMS = ("grpo", "grpo_token_tis", "grpo_seq_mis")
 SAMPLER_BITS = (4, 5, 6, 7, 8, 9, 11, 24)
 REAL_SAMPLERS = ("fp32-bf16", "fp32-fp16")
 STEPS = 150
+# Follow-ups added after the registered arms' results, each as keyword arguments of `sweep()`
+# (docs/long_runs_preregistration.md, "Changes after registration"): 2026-12-06, seed 1 at K = 4
+# and the K = 24 control, for each algorithm.
+FOLLOW_UPS = ({"bits": (4, 24), "seeds": (1,), "real_samplers": ()},)
 
 
 def get_config(name: str = "grpo") -> ml_collections.ConfigDict:
