@@ -3,10 +3,13 @@ written with RunWriter, whose answers are known by construction."""
 
 import math
 import os
+import re
 
 import pytest
 
+from experiments.configs import dose_response as dose_config
 from launch import dose_response as launcher
+from launch import sweep
 from rl_fp16 import dose_response as dose
 from rl_fp16 import outcomes
 from rl_fp16 import plots
@@ -88,6 +91,16 @@ def test_the_seed_1_follow_up_adds_K_4_and_24_per_algorithm_after_the_registered
   assert arms[30:] == [dose.Arm(algorithm, f"fp32-e{k}", 1)
                        for algorithm in ("grpo", "grpo_token_tis", "grpo_seq_mis")
                        for k in (4, 24)]
+
+
+def test_the_documented_follow_up_command_runs_the_arms_the_report_expects():
+  # docs/dose_response.md's seed-1 command passes FOLLOW_UPS as --sweep_arg items; they must not drift.
+  docs = os.path.join(os.path.dirname(__file__), "..", "docs", "dose_response.md")
+  with open(docs) as f:
+    items = re.findall(r"--sweep_arg=(\S+)", f.read())
+  assert items, "docs/dose_response.md lists no --sweep_arg command"
+  documented = list(dose_config.sweep(**sweep.parse_sweep_args(items, dose_config.sweep)))
+  assert documented == [v for kwargs in dose_config.FOLLOW_UPS for v in dose_config.sweep(**kwargs)]
 
 
 def test_report_lists_a_follow_up_seed_with_its_own_verdict(tmp_path):
