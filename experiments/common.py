@@ -4,9 +4,11 @@ the config checks every entry point runs before it loads a model or creates a di
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import os
+import re
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
@@ -22,7 +24,7 @@ from rl_fp16.run_config import ConfigMismatchError
 
 __all__ = ["PolicyModel", "load_policy_model", "progress", "max_model_len",
            "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "clean_lists",
-           "run_main",
+           "run_main", "unknown_override_problems",
            "ConfigError", "ConfigChecker", "check_shared_keys",
            "RL_OUTPUT_DIR_FIELDS", "RL_RESUME_ALLOWED", "rl_run_dir", "validate_rl_config",
            "make_rl_config", "make_lora_config"]
@@ -124,7 +126,20 @@ def clean_lists(config, names: Sequence[str] = (), ints: Sequence[str] = ()) -> 
 
 
 class ConfigError(ValueError):
-  """An experiment config that cannot work, found before any model is loaded or file written."""
+  """An experiment config that cannot work, found before any model is loaded or file written.
+
+  `problems` holds its lines (`--config.key=value: what is allowed`), one per problem.
+  """
+
+  def __init__(self, message: str, problems: Sequence[str] = ()):
+    super().__init__(message)
+    self.problems = list(problems) or [message]
+
+  @classmethod
+  def listing(cls, problems: Sequence[str], what: str = "config") -> "ConfigError":
+    """One error listing every problem: "Invalid {what} (N problems):" then a line each."""
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    return cls(f"Invalid {what} ({count}):\n" + "\n".join(f"  {p}" for p in problems), problems)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -245,9 +260,7 @@ class ConfigChecker:
 
   def raise_if_failed(self, what: str = "config") -> None:
     if self.errors:
-      raise ConfigError(f"Invalid {what} ({len(self.errors)} problem"
-                        f"{'s' if len(self.errors) > 1 else ''}):\n"
-                        + "\n".join(f"  {e}" for e in self.errors))
+      raise ConfigError.listing(self.errors, what)
 
 
 # Top-level keys with the same meaning in every experiment config that has them.
@@ -305,6 +318,84 @@ def check_config(config) -> None:
   checker.raise_if_failed()
 
 
+# A config override on the command line: --config.key=value, --config.key or --noconfig.key.
+_OVERRIDE = re.compile(r"-{1,2}(?:no)?config\.([^=]+)(?:=.*)?", re.DOTALL)
+
+
+def _unknown_override(config, key: str) -> str | None:
+  """What is wrong with the dotted `key` of `config`, or None when every part of it exists."""
+  node = config
+  parts = key.split(".")
+  for depth, part in enumerate(parts):
+    parent = ".".join(parts[:depth])
+    if not hasattr(node, "keys"):
+      return f"no such key; --config.{parent} is a value, not a group of keys"
+    if part in node:
+      node = node[part]
+      continue
+    keys = sorted(map(str, node.keys()))
+    prefix = f"--config.{parent}." if parent else "--config."
+    close = difflib.get_close_matches(part, keys, n=1)
+    if close:
+      return f"no such key; did you mean {prefix}{close[0]}?"
+    where = f"the keys of --config.{parent}" if parent else "the keys"
+    return f"no such key; {where} are: {', '.join(keys)}"
+  return None
+
+
+def _unknown_overrides(config, argv: Sequence[str]) -> dict[int, str]:
+  """{index in argv: problem line} for each override of a key that `config` lacks."""
+  found = {}
+  for index, arg in enumerate(argv):
+    match = _OVERRIDE.fullmatch(arg)
+    problem = match and _unknown_override(config, match.group(1))
+    if problem:
+      found[index] = f"{arg}: {problem}"
+  return found
+
+
+def unknown_override_problems(config, argv: Sequence[str]) -> list[str]:
+  """One line per command-line override in `argv` (`--config.key=value`, `--config.key`,
+  `--noconfig.key`) whose key the ConfigDict `config` lacks: the argument as typed, then
+  "no such key" with the nearest key (difflib), or the keys there are. Pure."""
+  return list(_unknown_overrides(config, argv).values())
+
+
+def _config_file_arg(argv: Sequence[str]) -> str | None:
+  """The value of `--config=FILE` (or `--config FILE`) in `argv`, or None."""
+  for index, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+    if arg in ("--config", "-config") and index + 1 < len(argv):
+      return argv[index + 1]
+  return None
+
+
+def _split_unknown_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(argv without the overrides of unknown keys, their problem lines). The keys are looked up
+  in the config file named by `--config` as it is, before any override; when that file cannot be
+  read, argv is returned whole (the flag parser then reports it)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  path = _config_file_arg(argv)
+  if path is None:
+    return list(argv), []
+  only_file = [argv[0], f"--config={path}"]
+  file_flags = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=file_flags, lock_config=False,
+                                  sys_argv=only_file)
+  try:
+    file_flags(only_file)
+    base = file_flags.config
+  except Exception:  # pylint: disable=broad-except
+    return list(argv), []
+  if not isinstance(base, config_dict.ConfigDict):
+    return list(argv), []
+  unknown = _unknown_overrides(base, argv)
+  return [arg for i, arg in enumerate(argv) if i not in unknown], list(unknown.values())
+
+
 def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
              validate: Callable[[Any], None] = check_config) -> None:
   """An experiment module's entry point, called under `if __name__ == "__main__":`.
@@ -312,30 +403,39 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
   Defines the required `--config` flag (an ml_collections config file; overrides as
   `--config.key=value`), checks the config with `validate` (by default `check_config`: the keys
   every experiment shares; a module with a full check of its own passes it), then runs
-  `run(config)` under absl with quiet logs. A `ConfigError` (a bad value) or a
-  `ConfigMismatchError` (a run directory holding another config) ends the program with its
-  message and exit status 2, without a traceback. Flags are defined here, not at import, so that
-  experiments can import each other.
+  `run(config)` under absl with quiet logs. An override of a key the config file lacks
+  (`--config.num_minibatch=4`) is listed with the nearest key, together with `validate`'s
+  problems. A `ConfigError` (a bad value or key) or a `ConfigMismatchError` (a run directory
+  holding another config) ends the program with its message and exit status 2, without a
+  traceback. Flags are defined here, not at import, so that experiments can import each other.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+  argv, unknown = _split_unknown_overrides(sys.argv)
   config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                  lock_config=lock_config)
+                                  lock_config=lock_config, sys_argv=argv)
   flags.mark_flags_as_required(["config"])
 
-  def main(argv):
-    del argv
+  def main(unused_argv):
+    del unused_argv
     quiet_logs()
     try:
+      if unknown:
+        problems = list(unknown)
+        try:
+          validate(flags.FLAGS.config)
+        except ConfigError as e:
+          problems += e.problems
+        raise ConfigError.listing(problems)
       validate(flags.FLAGS.config)
       run(flags.FLAGS.config)
     except (ConfigError, ConfigMismatchError) as e:
       print(f"error: {e}", file=sys.stderr)
       raise SystemExit(2) from None
 
-  app.run(main)
+  app.run(main, argv=argv)
 
 
 # -------------------------------------------- the RL experiment's config (rl, sanity) ----
@@ -431,7 +531,65 @@ def validate_rl_config(config) -> None:
       make_rl_config(config)
     except ValueError as e:
       check.errors.append(str(e))
+  if not check.errors:
+    check_response_budget(check)
   check.raise_if_failed("RL experiment config")
+
+
+def model_dir_of(spec: str) -> str | None:
+  """The Hugging Face directory `load_policy_model(spec)` reads, or None (random, or missing)."""
+  if spec == "default":
+    spec = BASE_MODEL_DIR
+  if spec == "random" or not os.path.isfile(os.path.join(spec, "config.json")):
+    return None
+  return spec
+
+
+def response_budget_problem(longest_prompt: int, max_new_tokens: int, max_positions: int,
+                            prompt: str) -> str | None:
+  """Why a prompt of `longest_prompt` tokens plus `max_new_tokens` does not fit a context of
+  `max_positions`, or None when it fits. `prompt` names the prompt bound. Pure."""
+  need = longest_prompt + max_new_tokens
+  if need <= max_positions:
+    return None
+  allowed = (f"at most {max_positions - longest_prompt}" if longest_prompt < max_positions
+             else "none: the prompts alone fill the context")
+  return (f"{prompt} plus the response budget needs {need} positions, which exceeds the model's "
+          f"max_position_embeddings={max_positions}; allowed: {allowed}")
+
+
+def check_response_budget(check: ConfigChecker) -> None:
+  """The longest prompt of the problem set plus `max_new_tokens` fits the model's context.
+
+  Reads the model directory's config.json and, for the synthetic task, its task config and
+  tokenizer (the task's longest prompt: every subset and held-out problem is drawn from it); for
+  MATH the prompt bound is `max_prompt_tokens` (longer prompts are refused). Skipped when the
+  model directory or its task files are missing (loading the model then says so).
+  """
+  from rl_fp16.data import synthetic, tokenizer  # pylint: disable=g-import-not-at-top
+  from rl_fp16.data.tasks import MathTask, SyntheticTask  # pylint: disable=g-import-not-at-top
+  config = check.config
+  model_dir = model_dir_of(config.model)
+  if model_dir is None:
+    return
+  try:
+    max_positions = ModelConfig.from_hf(model_dir).max_position_embeddings
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    check.fail("model", f"its config.json cannot be read ({type(e).__name__}: {e})")
+    return
+  if config.get("task", "synthetic") == "math":
+    longest = config.get("max_prompt_tokens", MathTask.max_prompt_tokens)
+    prompt = f"--config.max_prompt_tokens ({longest})"
+  else:
+    if not os.path.exists(os.path.join(model_dir, synthetic.TASK_CONFIG_FILE)):
+      return
+    task = SyntheticTask(synthetic.load_task_config(model_dir),
+                         tokenizer.load_tokenizer(model_dir))
+    longest = task.max_prompt_len()
+    prompt = f"the longest prompt ({longest} tokens)"
+  problem = response_budget_problem(longest, config.max_new_tokens, max_positions, prompt)
+  if problem:
+    check.fail("max_new_tokens", problem)
 
 
 def make_lora_config(config) -> lora_lib.LoraConfig | None:

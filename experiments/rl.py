@@ -156,7 +156,7 @@ def run(config) -> dict:
       pair.sampler, weights_dir=os.path.join(run_dir, "weights"), first_step=start_step,
       colocation=colocation_config(config), workdir=distributed.engine_workdir(run_dir),
       tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
-      max_model_len=task.max_sequence_len() + config.max_new_tokens,
+      max_model_len=task.max_prompt_len() + config.max_new_tokens,  # validated to fit
       seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
   if processes > 1:
     engine = distributed.ProcessShareEngine(engine)

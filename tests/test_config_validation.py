@@ -136,3 +136,78 @@ def test_vllm_engine_refuses_an_emulated_sampler_before_starting():
   from rl_fp16.sampling.engines import make_engine  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="cannot sample in an emulated precision"):
     make_engine("vllm", None, None, get_policy("e8", "sampler"), workdir="/nonexistent")
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (["--config.num_minibatch=4"],
+     ["--config.num_minibatch=4: no such key", "did you mean --config.num_minibatches?"]),
+    (["--config.loss.agregation=token_mean"],
+     ["--config.loss.agregation=token_mean: no such key",
+      "did you mean --config.loss.aggregation?"]),
+    (["--config.los.aggregation=token_mean"],
+     ["--config.los.aggregation=token_mean: no such key", "did you mean --config.loss?"]),
+    (["--config.steps=0", "--config.num_minibatch=4", "--config.zzzz=1"],
+     ["(3 problems)", "--config.steps=0: must be an integer >= 1",
+      "--config.num_minibatch=4: no such key", "--config.zzzz=1: no such key"]),
+], ids=["top_level", "nested", "parent", "listed_with_other_problems"])
+@pytest.mark.parametrize("module", ["experiments.rl", "experiments.sanity"])
+def test_misspelt_key_is_listed_with_a_suggestion(tmp_path, module, overrides, fragments):
+  out = tmp_path / "out"
+  done = _cli(module, "experiments/configs/sanity.py", "--config.engine=jax", *overrides,
+              f"--config.output_dir={out}")
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in done.stderr, done.stderr[-3000:]
+  assert not out.exists()
+
+
+def test_unknown_override_problems_suggest_the_nearest_key():
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments.configs import sanity  # pylint: disable=g-import-not-at-top
+  config = sanity.get_config()
+  argv = ["prog", "--config=x.py", "--config.steps=3", "--config.num_minibatch=4",
+          "--config.eval.evry=2", "--config.qqq", "--noconfig.lora.enabeld"]
+  problems = common.unknown_override_problems(config, argv)
+  assert problems == [
+      "--config.num_minibatch=4: no such key; did you mean --config.num_minibatches?",
+      "--config.eval.evry=2: no such key; did you mean --config.eval.every?",
+      f"--config.qqq: no such key; the keys are: {', '.join(sorted(config.keys()))}",
+      "--noconfig.lora.enabeld: no such key; did you mean --config.lora.enabled?"]
+  assert common.unknown_override_problems(config, ["prog", "--config.steps=3"]) == []
+
+
+def test_response_budget_beyond_the_context_is_refused_before_the_run_directory(
+    tiny_task_model_dir, tmp_path):
+  from experiments import common, rl  # pylint: disable=g-import-not-at-top
+  # The tiny task model has 512 positions; the synthetic prompts are a few dozen tokens.
+  config = _config(tmp_path, model=tiny_task_model_dir, max_new_tokens=500)
+  with pytest.raises(common.ConfigError, match=r"--config.max_new_tokens=500: the longest prompt "
+                     r"\(\d+ tokens\) plus the response budget .* exceeds the model's "
+                     r"max_position_embeddings=512; allowed: at most \d+"):
+    rl.run(config)
+  assert not os.path.exists(tmp_path / "run")
+  rl.validate_config(_config(tmp_path, model=tiny_task_model_dir, max_new_tokens=400))
+
+
+def test_math_prompt_budget_beyond_the_context_is_refused(tiny_task_model_dir, tmp_path):
+  from experiments import common, rl  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "problems.jsonl"
+  data.write_text('{"problem": "1+1", "answer": "2"}\n')
+  config = _config(tmp_path, model=tiny_task_model_dir, task="math", data_path=str(data),
+                   max_prompt_tokens=256, max_new_tokens=300)
+  with pytest.raises(common.ConfigError, match=r"--config.max_new_tokens=300: .*max_prompt_tokens"
+                     r" \(256\) plus the response budget .* max_position_embeddings=512"):
+    rl.run(config)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_command_line_refuses_a_budget_beyond_the_default_models_context(tmp_path):
+  out = tmp_path / "out"
+  done = _cli("experiments.rl", "experiments/configs/sanity.py", "--config.engine=jax",
+              "--config.max_new_tokens=5000", f"--config.output_dir={out}")
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert "--config.max_new_tokens=5000:" in done.stderr
+  assert "max_position_embeddings=1024" in done.stderr
+  assert not out.exists()

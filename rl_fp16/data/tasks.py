@@ -64,12 +64,19 @@ class SyntheticTask:
                         truncated=rollout.finish_reasons[row] == FINISH_LENGTH)
         for row in range(rollout.batch_size)], np.float32)
 
+  def _longest_problem(self) -> synthetic.Problem:
+    return synthetic.make_problem([self.config.max_operand] * self.config.max_terms,
+                                  [self.config.operators[0]] * (self.config.max_terms - 1),
+                                  self.config.modulus)
+
   def max_sequence_len(self) -> int:
     """Longest <bos> prompt solution <eos> this task config can produce, in tokens."""
-    worst = synthetic.make_problem([self.config.max_operand] * self.config.max_terms,
-                                   [self.config.operators[0]] * (self.config.max_terms - 1),
-                                   self.config.modulus)
+    worst = self._longest_problem()
     return len(self.tokenizer.encode(worst.prompt + worst.solution)) + 2
+
+  def max_prompt_len(self) -> int:
+    """Longest <bos> prompt (`prompt_ids`) this task config can produce, in tokens."""
+    return len(self.prompt_ids([self._longest_problem()])[0])
 
   def pass_rates_subset(self, engine, problems: Sequence[synthetic.Problem], *, k: int,
                         low: float, high: float, max_new_tokens: int, seed: int,
@@ -151,4 +158,8 @@ class MathTask:
         for row in range(rollout.batch_size)], np.float32)
 
   def max_sequence_len(self) -> int:
+    return self.max_prompt_tokens
+
+  def max_prompt_len(self) -> int:
+    """Longest prompt `prompt_ids` returns (longer ones are refused): `max_prompt_tokens`."""
     return self.max_prompt_tokens
