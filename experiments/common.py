@@ -21,6 +21,7 @@ from rl_fp16.models.presets import peaked_random_model
 from rl_fp16 import run_config
 from rl_fp16.names import config_list
 from rl_fp16.run_config import ConfigMismatchError
+from rl_fp16.run_lock import RunDirectoryLocked
 
 __all__ = ["PolicyModel", "load_policy_model", "progress", "max_model_len",
            "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "clean_lists",
@@ -405,9 +406,10 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
   every experiment shares; a module with a full check of its own passes it), then runs
   `run(config)` under absl with quiet logs. An override of a key the config file lacks
   (`--config.num_minibatch=4`) is listed with the nearest key, together with `validate`'s
-  problems. A `ConfigError` (a bad value or key) or a `ConfigMismatchError` (a run directory
-  holding another config) ends the program with its message and exit status 2, without a
-  traceback. Flags are defined here, not at import, so that experiments can import each other.
+  problems. A `ConfigError` (a bad value or key), a `ConfigMismatchError` (a run directory
+  holding another config) or a `RunDirectoryLocked` (a run directory another process holds) ends
+  the program with its message and exit status 2, without a traceback. Flags are defined here,
+  not at import, so that experiments can import each other.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -431,7 +433,7 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
         raise ConfigError.listing(problems)
       validate(flags.FLAGS.config)
       run(flags.FLAGS.config)
-    except (ConfigError, ConfigMismatchError) as e:
+    except (ConfigError, ConfigMismatchError, RunDirectoryLocked) as e:
       print(f"error: {e}", file=sys.stderr)
       raise SystemExit(2) from None
 

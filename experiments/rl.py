@@ -8,7 +8,8 @@ logp_old -> minibatch updates -> weight sync. Writes one run directory (config.j
 metrics.jsonl, TensorBoard events, orbax checkpoints, plots/).
 
 Before it loads a model or creates a directory, `run` checks the whole config (`validate_config`:
-every problem is listed, with the value and what is allowed) and the run directory: re-running
+every problem is listed, with the value and what is allowed) and the run directory: a directory
+another process holds (`rl_fp16.run_lock`, taken by process 0) is refused; re-running
 into a directory that holds a run resumes it from its last checkpoint only if the config is the
 same one, but for the keys of `RESUME_ALLOWED` (steps, checkpoint_every, output_dir,
 vllm_log_level, distributed). Any other difference is refused, key by key (stored -> new); start a
@@ -41,8 +42,8 @@ from experiments.common import RL_RESUME_ALLOWED as RESUME_ALLOWED
 from experiments.common import make_rl_config
 from experiments.common import rl_run_dir as run_dir_for
 from experiments.common import validate_rl_config as validate_config
-from rl_fp16 import (colocation, distributed, evaluation, plots, results, run_config, seeds,
-                     sharding)
+from rl_fp16 import (colocation, distributed, evaluation, plots, results, run_config, run_lock,
+                     seeds, sharding)
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
 from rl_fp16.data.rl_problems import (load_or_build_subset, load_task, problem_text,
@@ -68,11 +69,22 @@ def run(config) -> dict:
   run_dir = run_dir_for(config)
   # Refuse a run directory holding another experiment before loading anything.
   run_config.check_run_config(run_dir, config, allowed=RESUME_ALLOWED)
-  rl_config = make_rl_config(config)
-  pair = get_precision_pair(config.precision)
   processes, primary = jax.process_count(), distributed.is_primary()
   if processes > 1:
     check_multiprocess_config(config, processes)
+  # One owner per run directory: process 0 holds it (the RunWriter below takes it once more).
+  lock = run_lock.acquire(run_dir) if primary else None
+  try:
+    return _run(config, run_dir, processes, primary)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
+  """`run` past its checks, in the run directory this process owns (or, not process 0, shares)."""
+  rl_config = make_rl_config(config)
+  pair = get_precision_pair(config.precision)
   model = common.load_policy_model(config.model, seed=config.seed)
   task = load_task(model, config)
   if primary:  # only process 0 writes config.json, metrics, TensorBoard events and plots

@@ -24,15 +24,20 @@ import time
 from absl import flags
 
 from experiments import common
-from rl_fp16 import plots, results, run_config as run_config_lib
+from rl_fp16 import plots, results, run_lock, run_config as run_config_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROM_JSON_CONFIG = os.path.join(REPO_ROOT, "experiments", "configs", "from_json.py")
 
 
 def run_configs(config, precisions) -> list:
-  """One RL config per precision, each checked (values, and its run directory's config.json)
-  before any of them runs, so that a bad precision or a clashing directory fails at once."""
+  """One RL config per precision, each checked (values, its run directory's config.json, and that
+  no other process holds that directory) before any of them runs, so that a bad precision or a
+  clashing or busy directory fails at once.
+
+  Raises:
+    ConfigError, ConfigMismatchError, RunDirectoryLocked: what the first bad run has.
+  """
   if not precisions:
     raise common.ConfigError("--compare must list at least one precision, e.g. bf16,fp16")
   configs = []
@@ -40,8 +45,13 @@ def run_configs(config, precisions) -> list:
     run_config = copy.deepcopy(config)
     run_config.precision = precision
     common.validate_rl_config(run_config)
-    run_config_lib.check_run_config(common.rl_run_dir(run_config), run_config,
-                                    allowed=common.RL_RESUME_ALLOWED)
+    run_dir = common.rl_run_dir(run_config)
+    run_config_lib.check_run_config(run_dir, run_config, allowed=common.RL_RESUME_ALLOWED)
+    holder = run_lock.holder(run_dir)
+    if holder is not None:
+      raise run_lock.RunDirectoryLocked(
+          f"{run_dir} (the {precision} run) is in use by {holder}; wait for it to end, or pass "
+          "another --config.output_dir")
     configs.append(run_config)
   return configs
 

@@ -18,7 +18,8 @@ passes a keyword argument to `sweep()` (a list of literals when the parameter's 
 tuple or list). `main` prints the jobs (`--dry_run`) or launches them through XManager with at most
 `--max_parallel` running at a time.
 
-This module imports rl_fp16.names only (no JAX); a config file is imported only when it is used.
+This module imports rl_fp16.names and rl_fp16.run_lock only (no JAX); a config file is imported
+only when it is used.
 
 How the jobs run (xmanager 0.8.1):
 - `--executor=local` (the default): each job is `xm.binary(path=sys.executable,
@@ -29,6 +30,9 @@ How the jobs run (xmanager 0.8.1):
   this repository). Each job's output reaches the launcher's terminal with a `[job name]` prefix.
   Ctrl-C or SIGTERM to the launcher stops its running jobs too (`stop_local_jobs`: each job runs
   in a session of its own, which xm_local's exit handler does not reach); rerun to resume.
+  A job whose run directory another process holds (`rl_fp16.run_lock`: e.g. the same sweep
+  launched twice) is reported as REFUSED, not run (or, if taken while it started, not counted as
+  a crash).
   Packaging `xm.python_container` for the local executor would build a Docker image; that is not
   needed here and is not used.
 - `--executor=vertex` or `--executor=kubernetes`: the same jobs, packaged as
@@ -66,7 +70,7 @@ from xmanager import xm
 from xmanager import xm_local  # Also defines XManager's --xm_* flags.
 from xmanager.xm_local import execution as xm_local_execution
 
-from rl_fp16 import names
+from rl_fp16 import names, run_lock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXECUTORS = ("local", "vertex", "kubernetes")
@@ -321,6 +325,14 @@ class JobResult:
   ok: bool
   seconds: float
   error: str = ""
+  refused: bool = False  # its run directory is held by another process (`rl_fp16.run_lock`)
+
+
+def refusal(job: JobSpec, executor: str) -> str | None:
+  """Why a local job's run directory cannot be its own now (another process holds it), or None.
+  Cloud run directories are not visible here: None."""
+  holder = run_lock.holder(job.run_dir) if executor == "local" else None
+  return None if holder is None else f"run directory {job.run_dir} is in use by {holder}"
 
 
 class _JobsFailed(Exception):
@@ -331,19 +343,28 @@ async def _run_job(experiment, job: JobSpec, executable, executor: str, slots: a
                    counts: collections.Counter, total: int) -> JobResult:
   """Adds one job as a work unit once a slot is free, and waits for it to end."""
   async with slots:
-    if executor == "local":
-      os.makedirs(job.run_dir, exist_ok=True)
-    print(f"launching {job.name} -> {job.run_dir}", flush=True)
     start = time.time()
-    try:
-      work_unit = await experiment.add(make_xm_job(job, executable, executor))
-      await work_unit.wait_until_complete()
-      result = JobResult(job, ok=True, seconds=time.time() - start)
-    except xm.ExperimentUnitError as e:
-      result = JobResult(job, ok=False, seconds=time.time() - start, error=str(e))
-    counts["ok" if result.ok else "failed"] += 1
-    print(f"{'finished' if result.ok else 'FAILED'} {job.name} after {result.seconds / 60:.1f} "
-          f"min ({counts.total()}/{total} done, {counts['failed']} failed)", flush=True)
+    busy = refusal(job, executor)
+    if busy:  # not launched: it would exit 2 without writing anything
+      result = JobResult(job, ok=False, seconds=0.0, error=busy, refused=True)
+    else:
+      if executor == "local":
+        os.makedirs(job.run_dir, exist_ok=True)
+      print(f"launching {job.name} -> {job.run_dir}", flush=True)
+      try:
+        work_unit = await experiment.add(make_xm_job(job, executable, executor))
+        await work_unit.wait_until_complete()
+        result = JobResult(job, ok=True, seconds=time.time() - start)
+      except xm.ExperimentUnitError as e:
+        busy = refusal(job, executor)  # another process took the directory first
+        result = JobResult(job, ok=False, seconds=time.time() - start, error=busy or str(e),
+                           refused=bool(busy))
+    outcome = "ok" if result.ok else "refused" if result.refused else "failed"
+    counts[outcome] += 1
+    verb = {"ok": "finished", "refused": "REFUSED", "failed": "FAILED"}[outcome]
+    print(f"{verb} {job.name} after {result.seconds / 60:.1f} min ({counts.total()}/{total} done, "
+          f"{counts['failed']} failed, {counts['refused']} refused)"
+          + (f": {result.error}" if result.refused else ""), flush=True)
     return result
 
 
@@ -379,7 +400,7 @@ def _write_manifest(path: str, sweep_name: str, jobs: Sequence[JobSpec], executo
               "command": shlex.join(job.command(executor))}
     if job.name in outcome:
       record.update(ok=outcome[job.name].ok, minutes=outcome[job.name].seconds / 60,
-                    error=outcome[job.name].error)
+                    error=outcome[job.name].error, refused=outcome[job.name].refused)
     records.append(record)
   tmp_path = f"{path}.tmp"
   with open(tmp_path, "w", encoding="utf-8") as f:
@@ -441,10 +462,13 @@ def launch(jobs: Sequence[JobSpec], *, sweep_name: str, experiment_dir: str, exe
   if manifest:
     _write_manifest(manifest, sweep_name, jobs, executor, results)
   failed = [r for r in results if not r.ok]
-  print(f"\n{len(results) - len(failed)}/{len(results)} job(s) succeeded in "
-        f"{(time.time() - start) / 60:.1f} min; runs in {experiment_dir}")
+  refused = sum(r.refused for r in failed)
+  print(f"\n{len(results) - len(failed)}/{len(results)} job(s) succeeded"
+        + (f", {refused} refused (run directory in use)" if refused else "")
+        + f" in {(time.time() - start) / 60:.1f} min; runs in {experiment_dir}")
   for r in failed:
-    print(f"  FAILED {r.job.name}: {r.error}\n    command: {shlex.join(r.job.command(executor))}")
+    print(f"  {'REFUSED' if r.refused else 'FAILED'} {r.job.name}: {r.error}\n    command: "
+          f"{shlex.join(r.job.command(executor))}")
   return results
 
 

@@ -9,6 +9,7 @@ Layout of a run directory (see docs/design.md, "Decisions already taken")::
     plots/           PNG figures (rl_fp16.plots)
     checkpoints/     orbax train-state checkpoints (written by rl_fp16.checkpoints)
     resumes.jsonl    only when a resume changed an allowed key: one line per such resume
+    run.lock         the owner's lock (`rl_fp16.run_lock`): pid and host of the last holder
 
 A finished run can be kept small (e.g. committed to git) with `keep_run`: config.json and
 metrics.jsonl.gz only; every reader here reads such a directory like a live one.
@@ -26,7 +27,9 @@ TensorBoard events are written with `tensorboardX`, not `clu.metric_writers`: cl
 writer needs TensorFlow, which this stack does not install.
 
 Only one process writes a given run directory: on multi-host JAX, process 0 (the others get a
-`rl_fp16.distributed.NullRunWriter`).
+`rl_fp16.distributed.NullRunWriter`). A `RunWriter` holds the directory's lock
+(`rl_fp16.run_lock`, run.lock) from its creation to `close`: another process opening the same
+directory is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rl_fp16 import metrics_lines
+from rl_fp16 import metrics_lines, run_lock
 from rl_fp16.fileio import decode_float, encode_float, write_text_atomic
 from rl_fp16.run_config import (CONFIG_FILE, RESUME_ALLOWED_KEYS, flatten_config, init_run_dir,
                                 record_resume)
@@ -95,10 +98,20 @@ class RunWriter:
         metrics.jsonl is an error, so that a new run never silently mixes with an old one.
       resume_step: with `resume`, drop logged steps >= resume_step (see `truncate_after`).
       allowed_changes: config keys a resume may change (see `check_run_config`).
+    Raises:
+      run_lock.RunDirectoryLocked: another process holds the directory (nothing is written).
     """
     self._run_dir = os.fspath(run_dir)
     if resume_step is not None and not resume:
       raise ValueError(f"resume_step={resume_step} needs resume=True")
+    self._lock = run_lock.acquire(self._run_dir)
+    try:
+      self._init(config, resume, resume_step, allowed_changes)
+    except BaseException:
+      self._lock.release()
+      raise
+
+  def _init(self, config, resume, resume_step, allowed_changes) -> None:
     self._metrics_path = os.path.join(self._run_dir, METRICS_FILE)
     has_metrics = (os.path.exists(self._metrics_path)
                    and os.path.getsize(self._metrics_path) > 0)
@@ -235,6 +248,7 @@ class RunWriter:
     if not self._closed:
       self._close_files()
       self._closed = True
+      self._lock.release()
 
   def __enter__(self) -> RunWriter:
     return self

@@ -324,3 +324,25 @@ def test_launcher_names_come_from_the_library_without_jax():
   assert objectives.ALGORITHMS is sweep.ALGORITHMS and precision.PRESETS is sweep.PRECISIONS
   with pytest.raises(app.UsageError, match="fp17"):
     sweep.check_precision("fp32-fp17")
+
+
+def test_a_job_whose_run_directory_is_held_is_reported_as_refused(tmp_path):
+  exp = tmp_path / "exp"
+  holder = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "lock_holder.py"),
+                             str(exp / "grpo_fp16_seed0")], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    result = _launch("sanity", "--sweep_arg=algorithms=grpo", "--sweep_arg=precisions=fp16",
+                     f"--experiment_dir={exp}", _db_flag(tmp_path),
+                     f"--override=model={tmp_path / 'missing'}", *TINY_RL, timeout=300)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert result.returncode == 1
+  assert "0/1 job(s) succeeded, 1 refused (run directory in use)" in result.stdout, result.stdout
+  assert f"REFUSED grpo_fp16_seed0: run directory {exp / 'grpo_fp16_seed0'} is in use by " \
+         f"process {holder.pid}" in result.stdout, result.stdout
+  assert "FAILED" not in result.stdout
+  with open(exp / "sweep_sanity.json") as f:
+    job = json.load(f)["jobs"][0]
+  assert job["ok"] is False and job["refused"] is True

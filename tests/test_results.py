@@ -158,7 +158,7 @@ def test_resume_truncates_and_appends(tmp_path):
     writer.write(2, {"a": 20.0})
   assert results.read_metrics(run_dir)["a"].tolist() == [0.0, 1.0, 20.0]
   assert sorted(os.listdir(run_dir)) == ["checkpoints", "config.json", "metrics.jsonl", "plots",
-                                         "tb"]
+                                         "run.lock", "tb"]
 
 
 def test_tensorboard_events(tmp_path):
@@ -297,3 +297,48 @@ def test_markdown_table_layout():
       "| grpo_bf16_seed0 | 0.983 |",
       "| x \\| y | None |",
   ]
+
+
+# ------------------------------------------------------------------------------------------------
+# One owner per run directory.
+
+
+def _hold_run_dir(run_dir):
+  """Another process holding `run_dir` (tests/lock_holder.py); kill it to let go."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  holder = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                          "lock_holder.py"), str(run_dir)],
+                            stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  return holder
+
+
+def _listing(run_dir):
+  return {p: os.stat(os.path.join(run_dir, p)).st_mtime_ns for p in os.listdir(run_dir)}
+
+
+def test_a_second_process_is_refused_and_a_killed_holder_blocks_nothing(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import run_lock  # pylint: disable=g-import-not-at-top
+  run_dir = tmp_path / "run"
+  holder = _hold_run_dir(run_dir)
+  try:
+    before = _listing(run_dir)
+    with pytest.raises(run_lock.RunDirectoryLocked,
+                       match=f"in use by process {holder.pid} on host {socket.gethostname()}"):
+      results.RunWriter(run_dir, {"a": 1})
+    assert _listing(run_dir) == before  # nothing written
+    assert run_lock.holder(run_dir).startswith(f"process {holder.pid} ")
+  finally:
+    holder.kill()  # SIGKILL: the kernel drops its lock; the lock file stays
+    holder.wait()
+  assert os.path.exists(run_dir / run_lock.LOCK_FILE) and run_lock.holder(run_dir) is None
+  with results.RunWriter(run_dir, {"a": 1}) as writer:
+    writer.write(1, {"x": 1.0})
+    with run_lock.acquire(run_dir):  # the process that owns it may take it again (nested)
+      pass
+    assert run_lock.holder(run_dir) == f"this process ({os.getpid()})"
+  assert run_lock.holder(run_dir) is None
+  with open(run_dir / run_lock.LOCK_FILE) as f:
+    assert json.load(f)["pid"] == os.getpid()  # the last holder, for the message

@@ -267,3 +267,45 @@ def test_every_algorithm_trains_on_vllm(tiny_task_model_dir):
   finally:
     engine.close()
   assert int(state.step) == len(objectives.ALGORITHMS)
+
+
+def test_a_second_process_in_a_run_directory_is_refused(tiny_task_model_dir, tmp_path):
+  """A run directory has one owner: a second experiments.rl exits 2, names the holder and writes
+  nothing."""
+  run_dir = tmp_path / "run"
+  holder = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "lock_holder.py"),
+                             str(run_dir)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    before = sorted(os.listdir(run_dir))
+    done = subprocess.run(_rl_command(tiny_task_model_dir, run_dir, 1), cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"is in use by process {holder.pid} on host" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert sorted(os.listdir(run_dir)) == before == ["run.lock"]
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_sanity_refuses_a_busy_run_directory_before_any_run(tiny_task_model_dir, tmp_path):
+  held = tmp_path / "bf16"
+  holder = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "lock_holder.py"),
+                             str(held)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.sanity", "--config=experiments/configs/sanity.py",
+         f"--config.model={tiny_task_model_dir}", "--config.engine=jax", "--config.steps=1",
+         "--config.prompts_per_step=2", "--config.samples_per_prompt=4",
+         "--config.max_new_tokens=24", f"--config.output_dir={tmp_path}/{{precision}}",
+         "--compare=fp16,bf16"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert f"(the bf16 run) is in use by process {holder.pid}" in done.stderr, done.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ["bf16"]  # the fp16 run did not start
