@@ -45,7 +45,7 @@ from experiments.common import validate_rl_config as validate_config
 from rl_fp16 import (colocation, distributed, evaluation, plots, results, run_config, run_lock,
                      seeds, sharding)
 from rl_fp16.advantages import check_rewards
-from rl_fp16.checkpoints.train_state import Checkpointer, TrainState
+from rl_fp16.checkpoints.train_state import Checkpointer, CheckpointsUnreadable, TrainState
 from rl_fp16.data.rl_problems import (load_or_build_subset, load_task, problem_text,
                                       step_problems)
 from rl_fp16.models import lora as lora_lib
@@ -133,16 +133,20 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
                                                  temperature=rl_config.temperature)
     print(f"sharded trainer on mesh {dict(mesh.shape)}")
   if checkpointer.latest_step() is not None:
-    try:
-      state, _ = checkpointer.restore(state)
+    try:  # the newest checkpoint that restores completely; damaged newer ones are moved aside
+      state, _, skipped = checkpointer.restore_newest(state, move_aside=primary)
+    except CheckpointsUnreadable:
+      raise
     except (ValueError, KeyError) as e:
-      # config.json matched (checked above), so the checkpoint was written by other code or from
-      # another model directory's contents.
+      # It reads completely and config.json matched (checked above), so the checkpoint was
+      # written by other code or from another model directory's contents.
       raise ValueError(
           f"The checkpoint in {checkpointer.directory} does not fit this run's train state "
           f"although {run_dir}/config.json matches this config ({type(e).__name__}: {e}); was "
           "the model directory or the code changed since it was written? Use another "
           "--config.output_dir.") from e
+    for skip in skipped:
+      print(f"{skip}; it does not restore")
     start_step = int(state.step) // updates_per_step
     print(f"resuming {run_dir} from the checkpoint after RL step {start_step}")
   # Metrics are logged at steps 1..steps; a checkpoint after step k keeps lines 1..k.

@@ -309,3 +309,31 @@ def test_sanity_refuses_a_busy_run_directory_before_any_run(tiny_task_model_dir,
   assert done.returncode == 2, done.stderr[-3000:]
   assert f"(the bf16 run) is in use by process {holder.pid}" in done.stderr, done.stderr[-3000:]
   assert sorted(os.listdir(tmp_path)) == ["bf16"]  # the fp16 run did not start
+
+
+@pytest.mark.parametrize("how", ["truncated_metadata", "empty_dir"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tiny_task_model_dir, tmp_path,
+                                                                 how):
+  """The rerun skips (and keeps aside) the damaged checkpoint, rewinds the metrics to the one
+  that restores, and ends as the uninterrupted run did."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run_dir = tmp_path / "run"
+  subprocess.run(_rl_command(tiny_task_model_dir, run_dir, 3), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  uninterrupted = _metrics(run_dir)
+  steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+  newest = run_dir / "checkpoints" / str(steps[-1])
+  if how == "truncated_metadata":
+    metadata = newest / "state" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[:100])
+  else:
+    shutil.rmtree(newest)
+    newest.mkdir()
+  done = subprocess.run(_rl_command(tiny_task_model_dir, run_dir, 3), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"skipped the checkpoint at step {steps[-1]} (" in done.stdout, done.stdout
+  assert "resuming" in done.stdout and "after RL step 2" in done.stdout, done.stdout
+  assert (run_dir / "checkpoints_skipped" / str(steps[-1])).is_dir()  # kept aside
+  assert _metrics(run_dir) == uninterrupted
