@@ -17,6 +17,8 @@ untimed ones, reported with min and max:
             vLLM worker in another process, `DirectorySyncEngine`).
   e2e       `rl_iteration` time split into sample / score / logp / update / sync, and the
             process's peak resident memory.
+  bitwise   the same RL iteration of the JAX engine in the normal and the bitwise on-policy
+            mode, on the small and the medium model: time split and ratios (docs/bitwise.md).
   compare   issue 13: rl_fp16's RL iteration (JAX engine per precision, vLLM engine) next to
             TRL's GRPOTrainer at the same settings (the tiny base model's perfectible problems),
             TRL in its own venv as a subprocess (`--config.trl_python`, made by
@@ -78,20 +80,21 @@ from rl_fp16.sampling.engines import make_engine
 from rl_fp16.rl_loop import precompile_rl_update, rl_iteration
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer
 
-SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e", "compare")
+SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e", "bitwise", "compare")
 MODEL_NAMES = ("small", "medium")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRL_SCRIPT = os.path.join(REPO_ROOT, "experiments", "peers", "trl_grpo.py")
 TRL_SETUP = "bash experiments/peers/setup_trl.sh ~/.venvs/trl-peer"
-# Engines of the compare section: "vllm_compiled" is vLLM with enforce_eager=False (torch.compile
+# Engines of the compare section: "jax_bitwise" is the JAX engine in bitwise mode
+# (docs/bitwise.md); "vllm_compiled" is vLLM with enforce_eager=False (torch.compile
 # of its model on CPU) instead of the compare block's vllm_enforce_eager.
-COMPARE_ENGINES = ("jax", "vllm", "vllm_compiled")
+COMPARE_ENGINES = ("jax", "jax_bitwise", "vllm", "vllm_compiled")
 # The config fields that list names or integers: tuples in the config file; on the command line
 # `--config.precisions=fp32,bf16` (`resolve_config` reads them with
 # rl_fp16.names.config_list).
 NAME_LISTS = ("sections", "precisions", "trainer_models", "sampler_models", "sync_models",
-              "sync_precisions", "compare.cases")
+              "sync_precisions", "bitwise_models", "compare.cases")
 INT_LISTS = ("trainer_response_lengths", "sampler_response_lengths")
 
 
@@ -116,7 +119,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   unknown = [s for s in resolved.sections if s not in SECTIONS]
   if unknown:
     raise ValueError(f"Unknown sections {unknown}; allowed: {list(SECTIONS)}")
-  for key in ("trainer_models", "sampler_models", "sync_models"):
+  for key in ("trainer_models", "sampler_models", "sync_models", "bitwise_models"):
     bad = [m for m in resolved[key] if m not in MODEL_NAMES]
     if bad:
       raise ValueError(f"config.{key} has {bad}; allowed: {list(MODEL_NAMES)}")
@@ -351,10 +354,14 @@ def parity_reward(rollout) -> np.ndarray:
   return even.sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
 
 
-def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
-  """`rl_iteration` time split, compilations per iteration and peak RSS."""
+def bench_e2e(config, model: BenchModel, workdir: str, *, engine: str | None = None,
+              precision: str | None = None) -> dict[str, Any]:
+  """`rl_iteration` time split, compilations per iteration and peak RSS, at the e2e settings
+  (`engine`, `precision`: default the e2e block's; engine "jax_bitwise": the bitwise mode)."""
   e = config.e2e
-  pair = get_precision_pair(e.precision)
+  engine = engine or e.engine
+  precision = precision or e.precision
+  pair = get_precision_pair(precision, bitwise=engine == "jax_bitwise")
   rl_config = RLConfig(algorithm=e.algorithm, samples_per_prompt=e.samples_per_prompt,
                        num_minibatches=e.num_minibatches, max_new_tokens=e.max_new_tokens,
                        loss=objectives.LossConfig(max_response_len=e.max_new_tokens))
@@ -376,16 +383,17 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
   max_len = common.max_model_len([p for step in prompts for p in step], e.max_new_tokens)
   state = TrainState.create(model.params, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
-  engine = make_engine(e.engine, model.config, model.params, pair.sampler, workdir=workdir,
-                       tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
-                       max_model_len=max_len, seed=config.seed,
-                       cpu_kv_cache_space_gib=config.vllm_kv_cache_gib)
+  sampler = make_engine("jax" if engine.startswith("jax") else engine, model.config,
+                        model.params, pair.sampler, workdir=workdir,
+                        tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
+                        max_model_len=max_len, seed=config.seed,
+                        cpu_kv_cache_space_gib=config.vllm_kv_cache_gib)
   per_iteration, compiles, names, warmup_s, warmup_compile_s = [], [], [], [], 0.0
   compile_by_function: dict[str, float] = {}
   try:
-    for i in common.progress(range(iterations), desc=f"e2e {e.engine} {e.precision}"):
+    for i in common.progress(range(iterations), desc=f"e2e {engine} {precision} {model.name}"):
       state, metrics, elapsed, counter = timed_rl_iteration(
-          state, model.config, pair.trainer, optimizer, engine, prompts[i], rewards[i],
+          state, model.config, pair.trainer, optimizer, sampler, prompts[i], rewards[i],
           rl_config, seed=seeds.rl_step(config.seed, i))
       if i < iterations - config.repetitions:
         warmup_s.append(elapsed)
@@ -397,9 +405,9 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
         compiles.append(counter.count)
         names += counter.names
   finally:
-    engine.close()
+    sampler.close()
   parts = ("sample", "score", "logp", "update", "sync")
-  out = {"engine": e.engine, "precision": e.precision, "reward": reward_name,
+  out = {"engine": engine, "precision": precision, "reward": reward_name,
          "rows": e.prompts_per_step * e.samples_per_prompt, "max_new_tokens": e.max_new_tokens}
   for part in parts + ("step",):
     out[f"{part}_s"] = summarize([m[f"time/{part}_s"] for m in per_iteration])
@@ -415,7 +423,18 @@ def bench_e2e(config, model: BenchModel, workdir: str) -> dict[str, Any]:
   out["warmup_compile_s_by_function"] = dict(sorted(compile_by_function.items(),
                                                     key=lambda kv: -kv[1]))
   out["peak_rss_mib"] = peak_rss_mib()
+  out["mismatch_max"] = max(m["mismatch/prob_diff_max"] for m in per_iteration)
   return out
+
+
+def bench_bitwise(config, models: dict[str, BenchModel], workdir: str) -> list[dict[str, Any]]:
+  """The e2e RL iteration of the JAX engine in the normal and the bitwise mode, one after the
+  other on each of `config.bitwise_models`, at `config.bitwise_precision`."""
+  return [{"model": name, "normal": bench_e2e(config, models[name], workdir, engine="jax",
+                                              precision=config.bitwise_precision),
+           "bitwise": bench_e2e(config, models[name], workdir, engine="jax_bitwise",
+                                precision=config.bitwise_precision)}
+          for name in config.bitwise_models]
 
 
 def timed_rl_iteration(state, model_config, trainer_policy, optimizer, engine, prompts,
@@ -452,7 +471,7 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
   iteration its time split, compilations, response lengths and resident memory."""
   c = config.compare
   problems, task = _problems_and_task(model)
-  pair = get_precision_pair(precision)
+  pair = get_precision_pair(precision, bitwise=engine_name == "jax_bitwise")
   rl_config = RLConfig(algorithm=c.algorithm, samples_per_prompt=c.samples_per_prompt,
                        num_minibatches=c.num_minibatches, max_new_tokens=c.max_new_tokens,
                        sequence_bucket=c.sequence_bucket,
@@ -470,7 +489,8 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
   longest_prompt = max(len(p) for p in task.prompt_ids(problems))
   prompt_bucket = int(-(-longest_prompt // 16) * 16)
   start = time.perf_counter()
-  engine = make_engine("jax" if engine_name == "jax" else "vllm", model.config, model.params,
+  engine = make_engine("jax" if engine_name.startswith("jax") else "vllm", model.config,
+                       model.params,
                        pair.sampler, workdir=workdir, prompt_bucket=prompt_bucket,
                        tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
                        max_model_len=max_len, seed=config.seed,
@@ -640,6 +660,8 @@ def run(config) -> dict[str, Any]:
     needed |= set(config.sync_models)
   if "e2e" in sections or "compare" in sections:
     needed.add("small")
+  if "bitwise" in sections:
+    needed |= set(config.bitwise_models)
   models = load_models(config, sorted(needed), max_len)
   results["models"] = {name: {"description": m.description, "params": m.num_params,
                               "config": dataclasses.asdict(m.config)}
@@ -670,6 +692,8 @@ def run(config) -> dict[str, Any]:
       results["sync"] = syncs
   if "e2e" in sections:
     results["e2e"] = timed("e2e", lambda: bench_e2e(config, models["small"], workdir))
+  if "bitwise" in sections:
+    results["bitwise"] = timed("bitwise", lambda: bench_bitwise(config, models, workdir))
   if "compare" in sections:
     results["compare"] = timed("compare", lambda: bench_compare(config, models["small"], workdir,
                                                                results.get("peak")))

@@ -237,7 +237,8 @@ class ConfigChecker:
         self.fail(key, str(e))
 
   def engine_precisions(self, engine_key: str, precision_keys: Sequence[str]) -> None:
-    """The engine can sample in each (valid) precision pair's sampler policy."""
+    """The engine can sample in each (valid) precision pair's sampler policy (bitwise when the
+    config's `bitwise` is True)."""
     from rl_fp16.precision import get_precision_pair  # pylint: disable=g-import-not-at-top
     from rl_fp16.sampling.engines import check_engine_policy  # pylint: disable=g-import-not-at-top
     if not self.has(engine_key):
@@ -249,9 +250,11 @@ class ConfigChecker:
         listed = config_list(self.get(key), key)
       except ValueError:
         continue  # reported by precision_pair(s)
+      bitwise = self.has("bitwise") and self.get("bitwise") is True
       for name in listed:
         try:
-          check_engine_policy(self.get(engine_key), get_precision_pair(name).sampler)
+          check_engine_policy(self.get(engine_key),
+                              get_precision_pair(name, bitwise=bitwise).sampler)
         except ValueError as e:
           self.fail(key, f"{name}: {e}")
 
@@ -273,13 +276,14 @@ POSITIVE_INT_KEYS = ("steps", "prompts_per_step", "num_prompts", "samples_per_pr
 
 def check_shared_keys(checker: ConfigChecker) -> None:
   """The checks of keys shared by the experiment configs (skipped for keys a config lacks):
-  engine, precision(s), algorithm, advantage, positive counts, temperature, learning rate, seed,
-  model, output_dir and vllm_log_level."""
+  engine, bitwise, precision(s), algorithm, advantage, positive counts, temperature, learning
+  rate, seed, model, output_dir and vllm_log_level."""
   from rl_fp16 import advantages, objectives  # pylint: disable=g-import-not-at-top
   from rl_fp16.sampling.engines import ENGINES  # pylint: disable=g-import-not-at-top
   checker.choice("engine", ENGINES)
   checker.precision_pair("precision")
   checker.precision_pairs("precisions")
+  checker.choice("bitwise", (False, True))
   checker.engine_precisions("engine", ("precision", "precisions"))
   checker.choice("algorithm", objectives.ALGORITHMS)
   checker.choice("advantage", advantages.ADVANTAGE_ESTIMATORS)

@@ -29,6 +29,7 @@ from rl_fp16.precision import get_precision_pair
 SUMMARY_COLUMNS = (
     ("logp_diff_mean", "mismatch/logp_diff_mean"),
     ("logp_diff_max", "mismatch/logp_diff_max"),
+    ("equal_frac", "mismatch/equal_frac"),
     ("prob_diff_mean", "mismatch/prob_diff_mean"),
     ("prob_diff_max", "mismatch/prob_diff_max"),
     ("kl_k1", "mismatch/kl_k1"),
@@ -41,7 +42,7 @@ SUMMARY_COLUMNS = (
 def measure_pair(config, model, pair_name: str, prompts, workdir: str) -> dict:
   """`rl_fp16.offline.measure_pair` with the config's engine, sampling settings and seed."""
   return offline.measure_pair(
-      model, pair_name, prompts, engine=config.engine,
+      model, pair_name, prompts, engine=config.engine, bitwise=config.get("bitwise", False),
       samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
       temperature=config.temperature, seed=config.seed, workdir=workdir,
       max_model_len=common.max_model_len(prompts, config.max_new_tokens))

@@ -84,7 +84,7 @@ def run(config) -> dict:
 def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
   """`run` past its checks, in the run directory this process owns (or, not process 0, shares)."""
   rl_config = make_rl_config(config)
-  pair = get_precision_pair(config.precision)
+  pair = get_precision_pair(config.precision, bitwise=config.get("bitwise", False))
   model = common.load_policy_model(config.model, seed=config.seed)
   task = load_task(model, config)
   if primary:  # only process 0 writes config.json, metrics, TensorBoard events and plots

@@ -335,6 +335,8 @@ def format_report(results: dict[str, Any]) -> str:
                    f"{k} {v:.1f}" for k, v in list(
                        e2e["warmup_compile_s_by_function"].items())[:4])
                + f"); peak RSS {e2e['peak_rss_mib']:.0f} MiB")
+  if results.get("bitwise"):
+    out.append(format_bitwise(results["bitwise"]))
   compare = results.get("compare")
   if compare:
     out.append(format_compare(compare))
@@ -344,6 +346,24 @@ def format_report(results: dict[str, Any]) -> str:
         [t["name"], t["target"], t["measured"],
          "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")]
         for t in results["targets"]]))
+  return "\n\n".join(out)
+
+
+def format_bitwise(cases: list[dict[str, Any]]) -> str:
+  """One table per model: each part of the RL iteration, normal vs bitwise mode, and the ratio."""
+  out = []
+  for case in cases:
+    normal, bitwise = case["normal"], case["bitwise"]
+    out.append(f"### Bitwise mode vs normal: one RL iteration ({case['model']} model, JAX engine "
+               f"{normal['precision']}, {normal['rows']} rows, up to {normal['max_new_tokens']} "
+               f"new tokens; max |pi - mu| normal {normal['mismatch_max']:.3g}, bitwise "
+               f"{bitwise['mismatch_max']:.3g})")
+    rows = []
+    for part in ("sample", "logp", "update", "sync", "step"):
+      ratio = bitwise[f"{part}_s"]["median"] / max(normal[f"{part}_s"]["median"], 1e-9)
+      rows.append([part if part != "step" else "total", _stat(normal[f"{part}_s"]),
+                   _stat(bitwise[f"{part}_s"]), f"{ratio:.2f}x"])
+    out.append(markdown_table(["part", "normal s", "bitwise s", "bitwise/normal"], rows))
   return "\n\n".join(out)
 
 

@@ -26,6 +26,7 @@ METRIC_NAMES = (
     "mismatch/sampler_minus_trainer_min",
     "mismatch/logp_diff_mean",
     "mismatch/logp_diff_max",
+    "mismatch/equal_frac",
     "mismatch/kl_k1",
     "mismatch/kl_k2",
     "mismatch/kl_k3",
@@ -157,7 +158,8 @@ def mismatch_metrics(logp_trainer, logp_sampler, mask) -> dict[str, float]:
 
   With log_r = logp_trainer - logp_sampler and p = exp(logp), per valid token (masked in, both
   log-probabilities finite): |p_trainer - p_sampler| mean/max; (p_sampler - p_trainer) max/min;
-  |log_r| mean/max; the KL(mu || pi) estimators k1 = mean(-log_r), k2 = mean(log_r^2 / 2),
+  |log_r| mean/max; the fraction of tokens whose two log-probabilities are equal bit for bit;
+  the KL(mu || pi) estimators k1 = mean(-log_r), k2 = mean(log_r^2 / 2),
   k3 = mean(exp(log_r) - 1 - log_r); token IS weights exp(log_r) quantiles/max/min; the Pearson
   correlation of p_trainer and p_sampler. Per sequence (rows with a valid token), the log ratio
   sum(log_r): mean, mean |.|, quantiles and least-squares slope against length per 1K tokens, and
@@ -206,6 +208,7 @@ def mismatch_metrics(logp_trainer, logp_sampler, mask) -> dict[str, float]:
       "mismatch/sampler_minus_trainer_min": sampler_minus_trainer.min(),
       "mismatch/logp_diff_mean": abs_log_ratio.mean(),
       "mismatch/logp_diff_max": abs_log_ratio.max(),
+      "mismatch/equal_frac": np.mean(token_logp_trainer == token_logp_sampler),
       "mismatch/kl_k1": np.mean(-token_log_ratio),
       "mismatch/kl_k2": np.mean(0.5 * token_log_ratio**2),
       "mismatch/kl_k3": np.mean(token_weight - 1.0 - token_log_ratio),

@@ -33,13 +33,14 @@ REDUCTION_KEYS = ("mismatch/logp_diff_mean", "mismatch/prob_diff_mean", "mismatc
 
 def measure_pair(model, pair_name: str, prompts: Sequence[Sequence[int]], *, engine: str,
                  samples_per_prompt: int, max_new_tokens: int, temperature: float, seed: int,
-                 workdir: str, max_model_len: int) -> dict[str, Any]:
-  """Samples with `engine` ("jax", "vllm") in the pair's sampler dtype, re-scores with the trainer.
+                 workdir: str, max_model_len: int, bitwise: bool = False) -> dict[str, Any]:
+  """Samples with `engine` ("jax", "vllm") in the pair's sampler dtype, re-scores with the trainer
+  (`bitwise`: both policies bitwise, `DtypePolicy.bitwise`; the JAX engine only).
 
   Returns {"rollout": the engine's Rollout, "logp_trainer": float32 [B, T], "metrics": flat
   `mismatch/...` dict plus "time/sample_s" and "response/length_mean"}.
   """
-  pair = get_precision_pair(pair_name)
+  pair = get_precision_pair(pair_name, bitwise=bitwise)
   sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
   start = time.perf_counter()
   sampler = make_engine(engine, model.config, model.params, pair.sampler, workdir=workdir,

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,10 @@ class DtypePolicy:
       8, fp16 11) with `round_to_bits`. Needs float32 param and compute dtypes.
     exponent_bits: the emulated format's exponent bits, in [2, 8] (8: float32's range, no
       clamping; 5: float16's, with its subnormals and overflow to inf). Only with mantissa_bits.
+    bitwise: the decoder computes every token's values in a form that does not depend on which
+      rows, padding or cache layout surround it (`rl_fp16.models.layers.bitwise_rows`, the
+      decoder's compacted layout; docs/bitwise.md), so the JAX sampler's log-probs equal
+      `token_logprobs` bit for bit under the same policy and params.
   """
 
   param_dtype: Any = jnp.float32
@@ -89,6 +94,7 @@ class DtypePolicy:
   logsoftmax_dtype: Any = jnp.float32
   mantissa_bits: int | None = None
   exponent_bits: int = FLOAT32_EXPONENT_BITS
+  bitwise: bool = False
 
   def __post_init__(self):
     for name in _DTYPE_FIELDS:
@@ -131,6 +137,8 @@ class DtypePolicy:
     out: dict[str, Any] = {name: dtype_name(getattr(self, name)) for name in _DTYPE_FIELDS}
     if self.is_emulated:
       out.update(mantissa_bits=self.mantissa_bits, exponent_bits=self.exponent_bits)
+    if self.bitwise:
+      out["bitwise"] = True
     return out
 
 
@@ -195,7 +203,8 @@ def _round_bwd(bits, exponent_bits, _, g):
 round_to_bits.defvjp(_round_fwd, _round_bwd)
 
 
-def get_policy(name: str, role: str = "trainer", **overrides) -> DtypePolicy:
+def get_policy(name: str, role: str = "trainer", *, bitwise: bool = False,
+               **overrides) -> DtypePolicy:
   """A named preset: `fp32`, `bf16`, `fp16`, or emulated `eK` / `eKxE`, for a `trainer` or `sampler`.
 
   The trainer keeps float32 master weights and computes in the preset's dtype; the sampler also
@@ -203,7 +212,7 @@ def get_policy(name: str, role: str = "trainer", **overrides) -> DtypePolicy:
   log-softmax are float32 unless overridden, e.g. `get_policy("bf16", softmax_dtype="bf16")`.
   Emulated presets hold float32 weights and compute in float32, rounding every compute-dtype value
   (weights included) to K significand bits and E exponent bits (default 8: float32's range);
-  `e8` emulates bf16, `e11x5` fp16, `e24` is float32.
+  `e8` emulates bf16, `e11x5` fp16, `e24` is float32. `bitwise=True` sets `DtypePolicy.bitwise`.
   """
   emulated = parse_emulated(name)
   if name not in PRESETS and emulated is None:
@@ -214,12 +223,12 @@ def get_policy(name: str, role: str = "trainer", **overrides) -> DtypePolicy:
     raise ValueError(f"Unknown role {role!r}; allowed: {list(ROLES)}")
   if emulated is not None:
     bits, exponent_bits = emulated
-    return DtypePolicy(mantissa_bits=bits, exponent_bits=exponent_bits).replace(
+    return DtypePolicy(mantissa_bits=bits, exponent_bits=exponent_bits, bitwise=bitwise).replace(
         **{k: v if k in ("mantissa_bits", "exponent_bits") else to_dtype(v)
            for k, v in overrides.items()})
   compute = DTYPES[name]
   param = jnp.float32 if role == "trainer" else compute
-  return DtypePolicy(param_dtype=param, compute_dtype=compute).replace(
+  return DtypePolicy(param_dtype=param, compute_dtype=compute, bitwise=bitwise).replace(
       **{k: to_dtype(v) for k, v in overrides.items()})
 
 
@@ -232,15 +241,47 @@ class PrecisionPair:
   name: str
 
 
-def get_precision_pair(name: str) -> PrecisionPair:
+def get_precision_pair(name: str, *, bitwise: bool = False) -> PrecisionPair:
   """`"bf16"` (both sides), or `"TRAINER-SAMPLER"` such as `"bf16-fp16"` for mixed pairs.
 
   Emulated names work on either side: `"e8"` (both sides 8 bits), `"fp32-e6"` (float32 trainer,
-  6-bit sampler).
+  6-bit sampler). `bitwise=True`: both policies are bitwise (`DtypePolicy.bitwise`).
   """
   parts = precision_pair_parts(name)
-  return PrecisionPair(trainer=get_policy(parts[0], "trainer"),
-                       sampler=get_policy(parts[1], "sampler"), name=name)
+  return PrecisionPair(trainer=get_policy(parts[0], "trainer", bitwise=bitwise),
+                       sampler=get_policy(parts[1], "sampler", bitwise=bitwise), name=name)
+
+
+# XLA:CPU's fusion emitters compile one elementwise or reduction expression differently in
+# different programs (vectorisation, FMA contraction); the legacy emitters do not
+# (docs/bitwise.md). Options of other backends' compilers ignore it.
+BITWISE_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False,
+                            "xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(policy: DtypePolicy) -> dict[str, Any] | None:
+  """The XLA options a program that runs `policy` is compiled with (None: the defaults)."""
+  return dict(BITWISE_COMPILER_OPTIONS) if policy.bitwise else None
+
+
+def policy_jit(fn: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit(fn, **jit_kwargs)` for a function with a static `policy` argument, compiled with
+  `compiler_options(policy)`. Nested in another jit it is inlined: that jit's options apply."""
+  plain = jax.jit(fn, **jit_kwargs)
+  bitwise = jax.jit(fn, compiler_options=BITWISE_COMPILER_OPTIONS, **jit_kwargs)
+  signature = inspect.signature(fn)
+
+  def pick(args, kwargs):
+    policy = signature.bind_partial(*args, **kwargs).arguments["policy"]
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs)))
+    return bitwise if policy.bitwise and not traced else plain
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    return pick(args, kwargs)(*args, **kwargs)
+
+  call.lower = lambda *args, **kwargs: pick(args, kwargs).lower(*args, **kwargs)
+  return call
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:

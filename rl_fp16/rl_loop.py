@@ -26,10 +26,10 @@ from rl_fp16 import mismatch, sharding
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.lora import merge_lora
-from rl_fp16.precision import DtypePolicy
+from rl_fp16.precision import BITWISE_COMPILER_OPTIONS, DtypePolicy
 from rl_fp16.sampling.jax_sampler import SamplingConfig
-from rl_fp16.train import (RLConfig, batched_token_logprobs, make_train_step, make_update,
-                           packed_logprobs)
+from rl_fp16.train import (TRAINER_LOGP, RLConfig, batched_token_logprobs, make_train_step,
+                           make_update, packed_logprobs)
 
 
 def rollout_batch(rollout, logp_old: np.ndarray, advantages: np.ndarray) -> dict[str, np.ndarray]:
@@ -56,13 +56,16 @@ def packed_rollout_batch(rollout, advantages: np.ndarray, width: int) -> dict[st
   }
 
 
-_merge_lora = jax.jit(merge_lora, static_argnames=("lora_config", "dtype"))
+_merge_lora = {bitwise: jax.jit(merge_lora, static_argnames=("lora_config", "dtype"),
+                               compiler_options=BITWISE_COMPILER_OPTIONS if bitwise else None)
+               for bitwise in (False, True)}
 
 
-def _policy_params(params, base_params, rl_config: RLConfig):
-  """Full params of the current policy: the adapters merged into the base under LoRA."""
+def _policy_params(params, base_params, rl_config: RLConfig, bitwise: bool = False):
+  """Full params of the current policy: the adapters merged into the base under LoRA (compiled
+  as a bitwise train step compiles it, when `bitwise`)."""
   lora = rl_config.lora
-  return params if lora is None else _merge_lora(base_params, params, lora_config=lora)
+  return params if lora is None else _merge_lora[bitwise](base_params, params, lora_config=lora)
 
 
 def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
@@ -142,7 +145,8 @@ class Collected:
     order: int [K, M], the rows of the K minibatches in update order (epochs included).
     packed: whether `batch` is packed (then `update` runs `make_update`'s scan).
     seq_len: the trainer's sequence width.
-    metrics: mismatch metrics (and `extra_metrics`' on the sampling params), host floats.
+    metrics: mismatch metrics (and `extra_metrics`' on the sampling params), host floats; under
+      a bitwise trainer policy the mismatch comes later, from `update` (`bitwise_mismatch`).
     times: `time/sample_s`, `time/score_s`, `time/logp_s`.
   """
 
@@ -191,7 +195,15 @@ def collect(state: TrainState, *, model_config: ModelConfig, trainer_policy: Dty
                                                              rl_config))
 
   start = time.perf_counter()
-  if packed:  # one jitted logp_old pass over all rows
+  if trainer_policy.bitwise:
+    # The engine's log-probs are the trainer's, bit for bit: no logp_old pass. The mismatch is
+    # measured from the first minibatch's forward (`bitwise_mismatch`).
+    logp_old = rollout.logp_sampler
+    if packed:
+      seq_len = rollout.packed_width(rl_config.sequence_bucket)
+      batch = jax.device_put(packed_rollout_batch(rollout, advantages, seq_len))
+      logp_old_packed = batch["logp_sampler"]
+  elif packed:  # one jitted logp_old pass over all rows
     lora = rl_config.lora
     lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
     seq_len = rollout.packed_width(rl_config.sequence_bucket)
@@ -208,7 +220,8 @@ def collect(state: TrainState, *, model_config: ModelConfig, trainer_policy: Dty
                                       rollout, policy=trainer_policy,
                                       temperature=rl_config.temperature)
   times["time/logp_s"] = time.perf_counter() - start
-  metrics = mismatch.mismatch_metrics(logp_old, rollout.logp_sampler, rollout.response_mask)
+  metrics = ({} if trainer_policy.bitwise else
+             mismatch.mismatch_metrics(logp_old, rollout.logp_sampler, rollout.response_mask))
   if extra_metrics is not None:
     metrics.update(sampling_metrics)
 
@@ -247,8 +260,10 @@ def update(state: TrainState, collected: Collected, *, model_config: ModelConfig
   return jax.block_until_ready((state, metrics))
 
 
-def sync_weights(engine, state: TrainState, *, rl_config: RLConfig, base_params=None) -> float:
-  """Pushes the current policy's weights to the sampling engine; returns the seconds it took."""
+def sync_weights(engine, state: TrainState, *, rl_config: RLConfig, base_params=None,
+                 bitwise: bool = False) -> float:
+  """Pushes the current policy's weights to the sampling engine; returns the seconds it took.
+  `bitwise`: the trainer's policy is bitwise (LoRA adapters are merged as its step merges them)."""
   if rl_config.lora is None:
     return engine.update_params(state.params)
   # The sampler gets merged full weights through the same checkpoint conversion as full
@@ -259,8 +274,21 @@ def sync_weights(engine, state: TrainState, *, rl_config: RLConfig, base_params=
   # model: mean |p diff| 6.4e-5 vs 5.5e-5 merged), and it needs a PEFT directory written and
   # loaded as a new adapter at every sync. Merged weights keep both engines on one set.
   start = time.perf_counter()
-  engine.update_params(_policy_params(state.params, base_params, rl_config))
+  engine.update_params(_policy_params(state.params, base_params, rl_config, bitwise))
   return time.perf_counter() - start
+
+
+def bitwise_mismatch(collected: Collected, train_metrics: dict[str, Any]) -> dict[str, float]:
+  """The mismatch metrics of a bitwise step: the first minibatch's trainer log-probs (its forward
+  at the sampling parameters, before any update) against the sampler's, on that minibatch's rows.
+
+  Pops `TRAINER_LOGP` ([K] x [M, S], on the host) from `train_metrics`.
+  """
+  rows = np.asarray(collected.order[0])
+  logp_trainer = np.asarray(train_metrics.pop(TRAINER_LOGP)[0], np.float32)
+  batch = collected.batch
+  return mismatch.mismatch_metrics(logp_trainer, np.asarray(batch["logp_sampler"])[rows],
+                                   np.asarray(batch["loss_mask"])[rows])
 
 
 def summarize(collected: Collected, train_metrics: dict[str, Any], times: dict[str, float], *,
@@ -340,7 +368,10 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
                                 rl_config=rl_config, base_params=base_params,
                                 train_step=train_step)
   times["time/update_s"] = time.perf_counter() - start
-  times["time/sync_s"] = sync_weights(engine, state, rl_config=rl_config, base_params=base_params)
+  times["time/sync_s"] = sync_weights(engine, state, rl_config=rl_config, base_params=base_params,
+                                      bitwise=trainer_policy.bitwise)
   train_metrics = jax.device_get(train_metrics)  # the iteration's one transfer of them
+  if trainer_policy.bitwise:
+    collected.metrics.update(bitwise_mismatch(collected, train_metrics))
   return state, summarize(collected, train_metrics, times,
                           samples_per_prompt=rl_config.samples_per_prompt)

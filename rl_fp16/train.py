@@ -32,7 +32,7 @@ from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
 from rl_fp16.models import apply_logits, apply_token_logprobs, token_logprobs
 from rl_fp16.models.lora import LoraConfig, merge_lora
-from rl_fp16.precision import DtypePolicy
+from rl_fp16.precision import DtypePolicy, policy_jit
 from rl_fp16.sampling.rollout import Rollout
 
 
@@ -116,6 +116,9 @@ def sft_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy
 # ------------------------------------------------------------------------------------ RL ----
 
 
+TRAINER_LOGP = "trainer_logp"
+
+
 def rl_loss(params, batch: dict[str, jax.Array], base_params=None, *, config: ModelConfig,
             policy: DtypePolicy, algorithm: str, loss_config: objectives.LossConfig,
             temperature: float, lora_config: LoraConfig | None = None):
@@ -126,6 +129,8 @@ def rl_loss(params, batch: dict[str, jax.Array], base_params=None, *, config: Mo
   sampling parameters), logp_sampler float32 (the engine's), advantages float32 [B].
   With `lora_config`, `params` are the LoRA adapters and the model is
   `merge_lora(base_params, params)` (the frozen base is an explicit, undifferentiated argument).
+  Under a bitwise policy the metrics also hold `TRAINER_LOGP`: this forward's log-probs, float32
+  [B, S] (0 off the loss mask), which the RL loop compares with the sampler's.
   """
   if lora_config is not None:
     params = merge_lora(base_params, params, lora_config)
@@ -135,12 +140,17 @@ def rl_loss(params, batch: dict[str, jax.Array], base_params=None, *, config: Mo
   logp, entropy = shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype,
                                    temperature=temperature, with_entropy=True)
   mask = batch["loss_mask"]
+  if policy.bitwise:  # this forward's log-probs, for the mismatch of the first minibatch
+    trainer_logp = {TRAINER_LOGP: jax.lax.stop_gradient(logp) * mask.astype(jnp.float32)}
+  else:
+    trainer_logp = {}
   loss, metrics = objectives.policy_loss(
       algorithm, logp=logp, logp_old=batch["logp_old"], logp_sampler=batch["logp_sampler"],
       advantages=batch["advantages"], mask=mask, config=loss_config)
   maskf = mask.astype(jnp.float32)
   metrics = dict(metrics)
   metrics["train/entropy"] = (entropy * maskf).sum() / jnp.maximum(maskf.sum(), 1.0)
+  metrics.update(trainer_logp)
   return loss, metrics
 
 
@@ -180,7 +190,8 @@ class RLConfig:
                        f"{self.num_minibatches}, {self.epochs}, {self.samples_per_prompt}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "temperature", "lora_config"))
+@functools.partial(policy_jit,
+                   static_argnames=("config", "policy", "temperature", "lora_config"))
 def packed_logprobs(config: ModelConfig, policy: DtypePolicy, params, batch: dict[str, jax.Array],
                     *, temperature: float = 1.0, base_params=None,
                     lora_config: LoraConfig | None = None) -> jax.Array:
@@ -284,6 +295,18 @@ def _thaw(key: tuple):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _on_gathered_params(loss_fn: Callable, replicated) -> Callable:
+  """`loss_fn` on params (and base params) gathered whole onto every device first, so that every
+  device computes whole dots on its rows, as one device does (a bitwise policy on a mesh): no
+  dot is split over sharded weights into partial sums."""
+  def gather(tree):
+    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, replicated), tree)
+
+  def fn(params, batch, base_params):
+    return loss_fn(gather(params), batch, gather(base_params))
+  return fn
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted(form: str, model_config: ModelConfig, policy: DtypePolicy,
             optimizer: optax.GradientTransformation, spec: LossSpec, shardings: tuple | None):
@@ -295,6 +318,8 @@ def _jitted(form: str, model_config: ModelConfig, policy: DtypePolicy,
   base, replicated) shardings. The state is donated.
   """
   loss_fn = make_loss_fn(model_config, policy, spec)
+  if shardings is not None and policy.bitwise:
+    loss_fn = _on_gathered_params(loss_fn, _thaw(shardings)[3])
 
   def train_step(state, batch, base_params):
     """One optimizer update on one minibatch: the body of every step (plain, LoRA, sharded, and
@@ -308,13 +333,14 @@ def _jitted(form: str, model_config: ModelConfig, policy: DtypePolicy,
     return jax.lax.scan(body, state, order)
 
   fn = train_step if form == "step" else update
+  options = precision.compiler_options(policy)
   if shardings is None:
-    return jax.jit(fn, donate_argnames="state")
+    return jax.jit(fn, donate_argnames="state", compiler_options=options)
   state_sharding, batch_sharding, base_sharding, replicated = _thaw(shardings)
   in_shardings = ((state_sharding, batch_sharding, base_sharding) if form == "step"
                   else (state_sharding, batch_sharding, replicated, base_sharding))
   return jax.jit(fn, in_shardings=in_shardings, out_shardings=(state_sharding, replicated),
-                 donate_argnames="state")
+                 donate_argnames="state", compiler_options=options)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -29,6 +29,8 @@ BAD_VALUES = [
     (dict(vllm_log_level="LOUD"), "--config.vllm_log_level='LOUD': allowed: DEBUG, INFO, WARNING"),
     (dict(engine="vllm", precision="fp32-e8"),
      "--config.precision='fp32-e8': fp32-e8: The vLLM engine cannot sample in an emulated"),
+    (dict(engine="vllm", bitwise=True),
+     "--config.precision='bf16': bf16: The vLLM engine cannot sample bitwise"),
 ]
 
 

@@ -43,6 +43,7 @@ def _expected_case_metrics():
       "mismatch/sampler_minus_trainer_min": -0.4,
       "mismatch/logp_diff_mean": 3 * LN2 / 5,
       "mismatch/logp_diff_max": LN2,
+      "mismatch/equal_frac": 2 / 5,  # tokens 0 and 4: log_r == 0
       # sum(log_r) = ln2.
       "mismatch/kl_k1": -LN2 / 5,
       "mismatch/kl_k2": 0.5 * 3 * LN2**2 / 5,
@@ -105,7 +106,7 @@ def test_identical_inputs():
   metrics = mismatch.mismatch_metrics(logp, logp.copy(), mask)
   ones = {"is/token_weight_p1", "is/token_weight_p50", "is/token_weight_p99", "is/token_weight_max",
           "is/token_weight_min", "is/seq_weight_p1", "is/seq_weight_p50", "is/seq_weight_p99",
-          "is/seq_weight_max", "mismatch/prob_pearson"}
+          "is/seq_weight_max", "mismatch/prob_pearson", "mismatch/equal_frac"}
   counts = {"mismatch/num_tokens": 17.0, "mismatch/num_sequences": 4.0}
   for name in mismatch.METRIC_NAMES:
     expected = 1.0 if name in ones else counts.get(name, 0.0)

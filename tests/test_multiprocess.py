@@ -244,3 +244,23 @@ def test_killed_process_fails_the_job_and_rerun_resumes(tiny_task_model_dir, tmp
             in rerun.stdout), rerun.stdout[-6000:]
   assert [row["step"] for row in _metrics(run_dir)] == list(range(1, steps + 1))
   assert read_state_numpy(run_dir / "checkpoints")[1] == 2 * steps
+
+
+@pytest.mark.slow
+def test_two_processes_in_bitwise_mode_log_zero_mismatch(tiny_task_model_dir, tmp_path):
+  """Each process samples its share with the JAX engine; the trainer's forward over the global
+  batch (data parallel across the processes) gives the sampler's log-probs bit for bit."""
+  run_dir = tmp_path / "bitwise"
+  command = _launch_command(tiny_task_model_dir, run_dir, 2) + [
+      "--config.bitwise=True", "--config.precision=bf16"]
+  done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=450, check=False)
+  assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+  rows = _metrics(run_dir)
+  assert [row["step"] for row in rows] == [1, 2]
+  for row in rows:
+    assert row["mismatch/prob_diff_max"] == 0.0 and row["mismatch/logp_diff_max"] == 0.0, row
+  params, _ = read_state_numpy(run_dir / "checkpoints")
+  from rl_fp16.checkpoints import load_hf  # pylint: disable=g-import-not-at-top
+  start = jax.tree_util.tree_map(np.asarray, load_hf(tiny_task_model_dir)[1])
+  assert _max_param_diff(params["params"], start) > 1e-3  # it trained between the two steps

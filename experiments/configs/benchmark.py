@@ -14,8 +14,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.quick = False
-  # A subset of: peak, trainer, samplers, sync, e2e, compare (on the command line comma-separated:
-  # --config.sections=peak,trainer).
+  # A subset of: peak, trainer, samplers, sync, e2e, bitwise, compare (on the command line
+  # comma-separated: --config.sections=peak,trainer). "bitwise" runs only when named.
   config.sections = ("peak", "trainer", "samplers", "sync", "e2e", "compare")
   config.seed = 0
   # Every figure is the median (with min and max) of `repetitions` timed runs after `warmup`
@@ -67,6 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.e2e = ml_collections.ConfigDict(dict(
       engine="vllm", precision="fp16", algorithm="grpo", prompts_per_step=8,
       samples_per_prompt=8, max_new_tokens=256, num_minibatches=2, learning_rate=1e-4))
+
+  # Bitwise: the e2e iteration with the JAX engine, normal then bitwise mode (docs/bitwise.md),
+  # on each of these models, in this precision.
+  config.bitwise_models = ("small", "medium")
+  config.bitwise_precision = "bf16"
 
   # Compare: rl_fp16's RL iteration next to TRL's GRPOTrainer at the same settings (the committed
   # tiny base model and its perfectible problems, issue 13), every case in this one run. Cases are

@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_new_tokens = 256
   config.temperature = 1.0
   config.seed = 0
+  # Bitwise on-policy mode (engine "jax"): sampler and trainer log-probs equal bit for bit
+  # (docs/bitwise.md).
+  config.bitwise = False
   # The per-layer view (in-process engines only): relative error of each layer's residual stream
   # against fp32, for the full-sequence and KV-cache paths.
   config.layer_view = True

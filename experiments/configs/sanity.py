@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   # step_NNNNNN/ + LATEST, and a sampler worker in a separate process reloads them; see
   # docs/sharding.md, "Weight sync modes").
   config.weight_sync = "memory"
+  # Bitwise on-policy mode (engine "jax"): the JAX sampler's log-probs equal the trainer's bit for
+  # bit and serve as logp_old (docs/bitwise.md).
+  config.bitwise = False
   # A trainer and vLLM on one GPU: sampler_memory_fraction f is vLLM's gpu_memory_utilization and
   # JAX gets XLA_PYTHON_CLIENT_MEM_FRACTION = 1 - f - 0.05 (set before JAX starts); unset: both
   # defaults. sleep_level 1 or 2 puts vLLM to sleep between rollouts (GPU only; rl_fp16.colocation).

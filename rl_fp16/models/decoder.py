@@ -41,9 +41,9 @@ import numpy as np
 
 from rl_fp16.models import moe
 from rl_fp16.models.config import ModelConfig
-from rl_fp16.models.layers import (LMHead, Linear, RMSNorm, apply_rope, attend, engine_weight,
-                                   rope_inv_freq)
-from rl_fp16.precision import DtypePolicy, cast_floating
+from rl_fp16.models.layers import (BITWISE_MIN_ROWS, LMHead, Linear, RMSNorm, apply_rope, attend,
+                                   bitwise_min_rows, engine_weight, rope_inv_freq)
+from rl_fp16.precision import DtypePolicy, cast_floating, policy_jit
 
 Params = dict[str, Any]
 Cache = tuple[dict[str, jax.Array], ...]  # one {"k", "v"} dict per layer (see `init_cache`)
@@ -69,15 +69,23 @@ class Attention(nn.Module):
     q, k = apply_rope(q, positions, inv_freq, pol), apply_rope(k, positions, inv_freq, pol)
     new_cache = None
     if layer_cache is not None:
-      cache_k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                             (0, cache_index, 0, 0))
-      cache_v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                             (0, cache_index, 0, 0))
+      cache_k = write_cache(layer_cache["k"], k, cache_index)
+      cache_v = write_cache(layer_cache["v"], v, cache_index)
       new_cache = {"k": cache_k, "v": cache_v}
       k, v = cache_k.astype(pol.compute_dtype), cache_v.astype(pol.compute_dtype)
-    out = attend(q, k, v, mask, pol).reshape(b, t, h * dh)
+    out = attend(q, k, v, mask, pol, positions).reshape(b, t, h * dh)
     out = Linear(cfg.hidden_size, cfg.o_bias, pol, std, name="o_proj")(out)
     return out, new_cache
+
+
+def write_cache(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """buffer [B, S, Hkv, Dh] with new [B, t, Hkv, Dh] written at slots [index, index + t): one
+  int32 scalar for every row, or int32 [B], one per row."""
+  new = new.astype(buffer.dtype)
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice(buffer, new, (0, index, 0, 0))
+  return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (i, 0, 0)))(
+      buffer, new, index)
 
 
 class MLP(nn.Module):
@@ -197,7 +205,7 @@ def apply_decoder(config: ModelConfig, policy: DtypePolicy, params: Params, toke
                                        cache_index, mutable=mutable)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy"))
+@functools.partial(policy_jit, static_argnames=("config", "policy"))
 def apply_logits(config: ModelConfig, policy: DtypePolicy, params: Params, tokens: jax.Array,
                  attention_mask: jax.Array, positions: jax.Array) -> jax.Array:
   """The pure, jitted full-sequence forward (`config`, `policy` static; no input checks).
@@ -207,10 +215,35 @@ def apply_logits(config: ModelConfig, policy: DtypePolicy, params: Params, token
     tokens: int32 [B, T]; attention_mask: int32 [B, T], 1 on real tokens; positions: int32 [B, T].
   Returns:
     logits [B, T, V] in `policy.output_dtype`.
+
+  Under a bitwise policy each row's real tokens are first moved to the front in their order
+  (`compact_order`), the layout of the JAX sampler's KV cache, and rows are added until the
+  forward has `BITWISE_MIN_ROWS` tokens; the logits come back in the input's layout.
   """
+  if not policy.bitwise:
+    logits, _, _ = apply_decoder(config, policy, params, tokens, positions,
+                                 causal_mask(attention_mask))
+    return logits
+  rows, width = tokens.shape
+  order = compact_order(attention_mask)
+  extra = max(0, bitwise_min_rows(width) - rows)
+  tokens, attention_mask, positions = (
+      jnp.pad(jnp.take_along_axis(x, order, axis=1), ((0, extra), (0, 0)))
+      for x in (tokens, attention_mask, positions))
   logits, _, _ = apply_decoder(config, policy, params, tokens, positions,
                                causal_mask(attention_mask))
-  return logits
+  return jnp.take_along_axis(logits[:rows], jnp.argsort(order, axis=1)[..., None], axis=1)
+
+
+def compact_order(attention_mask: jax.Array) -> jax.Array:
+  """int32 [B, T]: per row, the columns of the real tokens in order, then the padding columns.
+
+  `take_along_axis(x, compact_order(mask), axis=1)` moves each row's real tokens to the front,
+  so a token with k real tokens before it sits at column k (its default position).
+  """
+  columns = jnp.arange(attention_mask.shape[1], dtype=jnp.int32)
+  key = jnp.where(attention_mask > 0, columns, attention_mask.shape[1] + columns)
+  return jnp.argsort(key, axis=1).astype(jnp.int32)
 
 
 def prepare_inputs(tokens, attention_mask=None, positions=None
@@ -284,7 +317,7 @@ def shifted_logprobs(logits: jax.Array, tokens: jax.Array, attention_mask: jax.A
   return logp, entropy
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "temperature"))
+@functools.partial(policy_jit, static_argnames=("config", "policy", "temperature"))
 def apply_token_logprobs(config: ModelConfig, policy: DtypePolicy, params: Params,
                          tokens: jax.Array, attention_mask: jax.Array, positions: jax.Array,
                          temperature: float) -> jax.Array:
@@ -354,17 +387,22 @@ def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, posit
     tokens: int32 [B, t] new tokens, written to cache slots [cache_index, cache_index + t).
     positions: int32 [B, t] their RoPE positions.
     cache: from `init_cache` (or a previous call).
-    cache_index: int32 scalar, the first slot to write.
+    cache_index: the first slot to write: an int32 scalar, or int32 [B], one per row.
     kv_mask: bool/int [B, S] over all cache slots: 1 where the slot holds a real token (slots not
       yet written may be 1: causality hides them).
   Returns:
     (logits [B, t, V] in the output dtype, updated cache).
+  Raises:
+    ValueError: under a bitwise policy, fewer than `BITWISE_MIN_ROWS` tokens (B * t).
   """
-  t = tokens.shape[1]
+  batch, t = tokens.shape
+  if policy.bitwise and batch * t < BITWISE_MIN_ROWS:
+    raise ValueError(f"A bitwise forward needs at least {BITWISE_MIN_ROWS} tokens per call, got "
+                     f"{batch} rows x {t}; pad the batch (the JAX sampler does)")
   max_len = cache[0]["k"].shape[1]
-  query_slot = cache_index + jnp.arange(t)
-  visible = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [t, S]
-  mask = visible[None] & kv_mask.astype(bool)[:, None, :]
+  query_slot = jnp.asarray(cache_index)[..., None] + jnp.arange(t)  # [t] or [B, t]
+  visible = jnp.arange(max_len) <= query_slot[..., None]  # [t, S] or [B, t, S]
+  mask = jnp.broadcast_to(visible, (batch, t, max_len)) & kv_mask.astype(bool)[:, None, :]
   logits, new_cache, _ = apply_decoder(config, policy, params, tokens, positions, mask, cache,
                                        cache_index)
   return logits, new_cache

@@ -7,6 +7,7 @@ with; the modules here hold parameters (kernels, biases, norm scales) and apply 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -16,6 +17,20 @@ import numpy as np
 
 from rl_fp16.models.config import ModelConfig
 from rl_fp16.precision import DtypePolicy
+
+
+BITWISE_MIN_ROWS = 64
+BITWISE_KEY_BLOCK = 64
+
+
+def bitwise_min_rows(rows_per_unit: int) -> int:
+  """Units (queries, tokens) a bitwise forward computes at once so that every dot it runs has at
+  least `BITWISE_MIN_ROWS` rows, given `rows_per_unit` dot rows per unit.
+
+  XLA:CPU picks its dot kernel by shape, and below about 64 rows a row's result depends on how
+  many rows share the dot; from 64 rows on it does not (docs/bitwise.md).
+  """
+  return -(-BITWISE_MIN_ROWS // rows_per_unit)
 
 
 def engine_weight(x: jax.Array, policy: DtypePolicy) -> jax.Array:
@@ -93,16 +108,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
   return rnd(x * cos + rotated * sin)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           policy: DtypePolicy) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: DtypePolicy,
+           positions: jax.Array | None = None) -> jax.Array:
   """Grouped-query attention.
 
   Args:
     q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] (compute dtype).
     mask: bool [B, T, S], True where query t may attend to key s.
+    positions: int32 [B, T], the queries' positions; used by a bitwise policy with T == 1.
   Returns:
     [B, T, H, Dh] in the compute dtype. Scores and softmax run in `policy.softmax_dtype`.
   """
+  if policy.bitwise:
+    return _attend_tiled(q, k, v, mask, policy, positions)
   b, t, h, dh = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
@@ -113,6 +131,64 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   probs = policy.round(jax.nn.softmax(scores, axis=-1).astype(policy.compute_dtype))
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=policy.softmax_dtype)
   return policy.round(out.astype(policy.compute_dtype)).reshape(b, t, h, dh)
+
+
+def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
+  """`attend` of a bitwise policy: every dot has the same shape whatever T and S are, and every
+  sum over keys is a dot or an add of dot outputs, never a fused reduction.
+
+  Queries go in tiles of `bitwise_min_rows(H // Hkv)` (query t at row t % tile, so the keys must
+  sit at the slots of their positions: the decoder's compacted layout; a single query, T == 1, is
+  placed by its position), keys in blocks of `BITWISE_KEY_BLOCK`. Two passes: the row maximum of
+  the (pre-scaled) scores over all blocks, then per block in order exp(scores - max) in the
+  compute dtype times [v, 1], which gives the weighted values and the softmax denominator in one
+  dot; the blocks' products are added in order (a block masked for every query adds exact zeros).
+  """
+  b, t, h, dh = q.shape
+  kv_heads = k.shape[2]
+  groups = h // kv_heads
+  tile = bitwise_min_rows(groups)
+  single = t == 1
+  if single:  # the query at row position % tile of a tile of its own
+    row = (positions[:, 0] % tile) if positions is not None else jnp.zeros((b,), jnp.int32)
+    place = jnp.arange(tile)[None, :] == row[:, None]  # [B, tile]
+    q = jnp.zeros((b, tile, h, dh), q.dtype).at[jnp.arange(b), row].set(q[:, 0])
+    mask = place[:, :, None] & mask
+  pad_q = -q.shape[1] % tile
+  pad_k = -k.shape[1] % BITWISE_KEY_BLOCK
+  q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+  q = policy.round(q * jnp.asarray(dh ** -0.5, q.dtype))
+  ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
+  k, v = (jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+          for x in (k, jnp.concatenate([v, ones], axis=-1)))
+  mask = jnp.pad(mask, ((0, 0), (0, pad_q), (0, pad_k)))
+  tiles = q.shape[1] // tile
+  q = q.reshape(b, tiles, tile, kv_heads, groups, dh)
+  mask = mask.reshape(b, tiles, tile, -1)[:, None, :, None]  # [B, 1, tiles, 1, tile, S]
+  dtype = policy.softmax_dtype
+  big_negative = jnp.finfo(dtype).min
+  blocks = [slice(start, start + BITWISE_KEY_BLOCK)
+            for start in range(0, k.shape[1], BITWISE_KEY_BLOCK)]
+
+  def per_tile(x, block):  # [B, S, Hkv, d] -> the block for every query tile
+    return jnp.broadcast_to(x[:, None, block], (b, tiles) + x[:, block].shape[1:])
+
+  scores = [jnp.where(mask[..., block],
+                      jnp.einsum("biqkgd,biskd->bkigqs", q, per_tile(k, block),
+                                 preferred_element_type=dtype).astype(dtype), big_negative)
+            for block in blocks]
+  row_max = functools.reduce(jnp.maximum, [s.max(axis=-1) for s in scores])[..., None]
+  acc = None
+  for block, block_scores in zip(blocks, scores):
+    probs = policy.round(jnp.exp(block_scores - row_max).astype(policy.compute_dtype))
+    part = jnp.einsum("bkigqs,biskd->bkigqd", probs, per_tile(v, block),
+                      preferred_element_type=dtype).astype(dtype)
+    acc = part if acc is None else acc + part
+  out = policy.round((acc[..., :dh] / acc[..., dh:]).astype(policy.compute_dtype))
+  out = out.transpose(0, 2, 4, 1, 3, 5).reshape(b, tiles * tile, h, dh)
+  if single:
+    return jnp.take_along_axis(out, row[:, None, None, None], axis=1)
+  return out[:, :t]
 
 
 class StackedKernel(nn.Module):

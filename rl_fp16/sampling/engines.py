@@ -49,7 +49,8 @@ class Engine(Protocol):
 
 
 class JaxEngine:
-  """The in-process JAX sampler holding its own copy of the weights in `policy.param_dtype`."""
+  """The in-process JAX sampler holding its own copy of the weights in `policy.param_dtype`, on
+  one device (a sharded trainer's params are gathered at each sync)."""
 
   name = "jax"
 
@@ -63,9 +64,11 @@ class JaxEngine:
     self.last_sync_s = self.update_params(params)
 
   def update_params(self, params: Any) -> float:
-    """Copies the trainer's params into the engine's storage dtype; returns seconds."""
+    """Copies the trainer's params (sharded or not; fully addressable) onto this process's first
+    device, in the engine's storage dtype; returns seconds."""
     start = time.perf_counter()
-    self.params = jax.block_until_ready(cast_floating(params, self.policy.param_dtype))
+    local = jax.device_put(params, jax.local_devices()[0])
+    self.params = jax.block_until_ready(cast_floating(local, self.policy.param_dtype))
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
@@ -152,8 +155,9 @@ class VllmEngine:
 def check_engine_policy(name: str, policy: DtypePolicy) -> None:
   """Raises ValueError if engine `name` cannot sample in `policy`.
 
-  Emulated precisions (`eK`: rounding to K significand bits) exist only in our decoder, i.e. in
-  the JAX engine; vLLM would silently sample at its own dtype instead.
+  Emulated precisions (`eK`: rounding to K significand bits) and bitwise policies exist only in
+  our decoder, i.e. in the JAX engine; vLLM would silently sample at its own dtype and with its
+  own kernels instead.
   """
   if name not in ENGINES:
     raise ValueError(f"Unknown engine {name!r}; allowed: {list(ENGINES)}")
@@ -161,6 +165,9 @@ def check_engine_policy(name: str, policy: DtypePolicy) -> None:
     raise ValueError(f"The vLLM engine cannot sample in an emulated precision "
                      f"({policy.mantissa_bits} significand bits): emulation exists only in our "
                      "decoder; use engine 'jax' or a real sampler precision (fp32, bf16, fp16)")
+  if name == "vllm" and policy.bitwise:
+    raise ValueError("The vLLM engine cannot sample bitwise with the trainer (its kernels are not "
+                     "the trainer's); use engine 'jax' for a bitwise policy")
 
 
 def make_engine(name: str, model_config: ModelConfig, params: Any, policy: DtypePolicy, *,

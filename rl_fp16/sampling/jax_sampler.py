@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_fp16.models import ModelConfig, default_positions, forward_cached, init_cache
-from rl_fp16.precision import DtypePolicy
+from rl_fp16.models.decoder import logprobs_from_logits
+from rl_fp16.models.layers import BITWISE_MIN_ROWS
+from rl_fp16.precision import DtypePolicy, policy_jit
 from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
 
 
@@ -72,11 +74,13 @@ def decode_segments(max_new_tokens: int, segment: int) -> list[int]:
   return list(range(segment, max_new_tokens, segment)) + [max_new_tokens]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "top_k",
-                                             "use_top_p", "eos_ids", "segment", "row_offset"))
+@functools.partial(policy_jit, static_argnames=("config", "policy", "max_new_tokens", "top_k",
+                                             "use_top_p", "eos_ids", "segment", "row_offset",
+                                             "logp_temperature"))
 def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, prompt_mask, rng,
             temperature, top_p, *, max_new_tokens: int, top_k: int, use_top_p: bool,
-            eos_ids: tuple[int, ...], segment: int = 0, row_offset: int = 0):
+            eos_ids: tuple[int, ...], segment: int = 0, row_offset: int = 0,
+            logp_temperature: float | None = None):
   """Prefill + while-loop decode. Returns (response_tokens, logp, response_mask, hit_eos).
 
   `row_offset` > 0: these rows are rows [row_offset, row_offset + B) of a larger batch sampled
@@ -89,16 +93,25 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
   decode step's attention) spans prompt_len + e slots instead of prompt_len + max_new_tokens;
   the cache grows (zero-padded) between segments. The slots a segment leaves out are the ones
   causality hides anyway, so the sampled tokens are the same (tests/test_speed_levers.py).
+
+  Under a bitwise policy the prompts come right-padded and every token's keys sit at the slot of
+  its position (the decoder's compacted layout): the cache is written at a per-row slot, and a
+  token's log-prob is `logprobs_from_logits` of its logits at `logp_temperature` (a Python
+  float, the same value as `temperature`), as in `token_logprobs`; top-k / top-p must be off.
   """
   batch, prompt_len = prompt_tokens.shape
+  compact = policy.bitwise
   ends = decode_segments(max_new_tokens, segment)
   cache = init_cache(config, batch, prompt_len + ends[0], policy.compute_dtype)
-  kv_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+  next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
+  kv_mask = (jnp.ones((batch, prompt_len + max_new_tokens), jnp.int32) if compact else
+             jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1))
   positions = default_positions(prompt_mask)
   logits, cache = forward_cached(config, params, prompt_tokens, positions, cache,
                                  jnp.asarray(0, jnp.int32), kv_mask[:, :prompt_len + ends[0]],
                                  policy=policy)
-  next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
+  if compact:  # the logits after each row's last prompt token
+    logits = jnp.take_along_axis(logits, (next_position - 1)[:, None, None], axis=1)
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   def sample(logits_last, key):
@@ -110,6 +123,9 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
       token = jnp.argmax(processed + noise, axis=-1).astype(jnp.int32)
     else:
       token = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
+    if compact:
+      return token, logprobs_from_logits(logits_last, token, dtype=policy.logsoftmax_dtype,
+                                         temperature=logp_temperature)
     logp_all = jax.nn.log_softmax(processed, axis=-1)
     return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
 
@@ -123,9 +139,10 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
       out_logp = out_logp.at[:, step].set(jnp.where(active, logp, 0.0))
       out_mask = out_mask.at[:, step].set(active.astype(jnp.int32))
       done = done | (active & jnp.any(token[:, None] == eos[None, :], axis=1))
+      write_slot = next_position + step if compact else prompt_len + step
       new_logits, cache = forward_cached(config, params, token[:, None],
                                          (next_position + step)[:, None], cache,
-                                         prompt_len + step, window_mask, policy=policy)
+                                         write_slot, window_mask, policy=policy)
       return step + 1, cache, new_logits[:, -1], done, out_tokens, out_logp, out_mask, rng
     return body
 
@@ -150,12 +167,22 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
   return out_tokens, out_logp, out_mask, done
 
 
+def right_align(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded int [B, P] tokens and mask -> the same rows with the real tokens first."""
+  lengths = mask.sum(axis=1)
+  columns = (np.arange(tokens.shape[1])[None, :] + tokens.shape[1] - lengths[:, None]
+             ) % tokens.shape[1]
+  return np.take_along_axis(tokens, columns, axis=1), np.take_along_axis(mask, columns, axis=1)
+
+
 def pad_prompts(prompt_token_ids: Sequence[Sequence[int]], n: int, *, prompt_bucket: int = 16,
-                batch_bucket: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                batch_bucket: int = 1, min_rows: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Repeats each prompt n times (grouped) and left-pads to a bucketed length.
 
   Returns prompt_tokens int32 [B', P], prompt_mask int32 [B', P], prompt_index int32 [B] where
-  B = len(prompts) * n and B' >= B is B rounded up to `batch_bucket` (extra rows are copies).
+  B = len(prompts) * n and B' >= B is B rounded up to `batch_bucket`, and to at least
+  `min_rows` (extra rows are copies).
   """
   if not prompt_token_ids:
     raise ValueError("No prompts given")
@@ -166,7 +193,7 @@ def pad_prompts(prompt_token_ids: Sequence[Sequence[int]], n: int, *, prompt_buc
       raise ValueError(f"Prompt {i} is empty; every prompt needs at least one token")
   prompt_index = np.repeat(np.arange(len(prompt_token_ids), dtype=np.int32), n)
   rows = len(prompt_index)
-  padded_rows = _round_up(rows, batch_bucket)
+  padded_rows = max(_round_up(rows, batch_bucket), min_rows)
   width = _round_up(max(len(p) for p in prompt_token_ids), prompt_bucket)
   tokens = np.zeros((padded_rows, width), np.int32)
   mask = np.zeros((padded_rows, width), np.int32)
@@ -217,14 +244,23 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
   if row_offset and not jax.config.jax_threefry_partitionable:
     raise ValueError("row_offset > 0 needs jax_threefry_partitionable=True (JAX's default): "
                      "without it a row's random bits depend on the batch size")
+  if policy.bitwise and (sampling.top_k or sampling.top_p < 1.0):
+    raise ValueError(f"A bitwise policy samples from the full softmax that token_logprobs "
+                     f"computes; got top_k={sampling.top_k}, top_p={sampling.top_p} (allowed: "
+                     "top_k=0, top_p=1.0)")
   prompt_tokens, prompt_mask, prompt_index = pad_prompts(
-      prompt_token_ids, n, prompt_bucket=prompt_bucket, batch_bucket=batch_bucket)
+      prompt_token_ids, n, prompt_bucket=prompt_bucket, batch_bucket=batch_bucket,
+      min_rows=BITWISE_MIN_ROWS if policy.bitwise else 1)
+  decode_tokens, decode_mask = prompt_tokens, prompt_mask
+  if policy.bitwise:
+    decode_tokens, decode_mask = right_align(prompt_tokens, prompt_mask)
   out_tokens, out_logp, out_mask, hit_eos = _decode(
-      config, policy, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), rng,
+      config, policy, params, jnp.asarray(decode_tokens), jnp.asarray(decode_mask), rng,
       jnp.asarray(sampling.temperature, jnp.float32), jnp.asarray(sampling.top_p, jnp.float32),
       max_new_tokens=sampling.max_new_tokens, top_k=sampling.top_k,
       use_top_p=sampling.top_p < 1.0, eos_ids=eos, segment=decode_segment,
-      row_offset=int(row_offset))
+      row_offset=int(row_offset),
+      logp_temperature=float(sampling.temperature) if policy.bitwise else None)
   rows = len(prompt_index)
   out_tokens, out_logp, out_mask, hit_eos = jax.device_get((out_tokens, out_logp, out_mask,
                                                             hit_eos))
