@@ -182,8 +182,11 @@ def run(config) -> dict:
   print("\n" + table)
   if "fp16_over_bf16_reduction" in summary:
     red = summary["fp16_over_bf16_reduction"]
-    print(f"\nFP16 over BF16: mean|dlogp| {red['mismatch/logp_diff_mean']:.1f}x smaller, "
-          f"KL k3 {red['mismatch/kl_k3']:.1f}x smaller")
+    if np.isnan(red["mismatch/logp_diff_mean"]):
+      print("\nFP16 over BF16: no mismatch in either")
+    else:
+      print(f"\nFP16 over BF16: mean|dlogp| {red['mismatch/logp_diff_mean']:.1f}x smaller, "
+            f"KL k3 {red['mismatch/kl_k3']:.1f}x smaller")
   if view:
     print("\nper-layer relative error vs fp32 (embedding, layers..., logits):")
     for key, errors in view.items():

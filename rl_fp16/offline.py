@@ -95,12 +95,14 @@ def layer_view(model, results: dict[str, dict], num_sequences: int) -> dict[str,
 
 def summarize_pairs(results: dict[str, dict], view: dict | None) -> dict[str, Any]:
   """{"metrics": {pair: metrics}, "layer_view": view} and, when both "bf16" and "fp16" were
-  measured, "fp16_over_bf16_reduction": BF16's value / FP16's for each of `REDUCTION_KEYS`."""
+  measured, "fp16_over_bf16_reduction": BF16's value / FP16's for each of `REDUCTION_KEYS` (NaN
+  when both are 0, as in the bitwise mode)."""
   summary = {"metrics": {k: r["metrics"] for k, r in results.items()}, "layer_view": view}
   if "bf16" in results and "fp16" in results:
     bf16, fp16 = results["bf16"]["metrics"], results["fp16"]["metrics"]
     summary["fp16_over_bf16_reduction"] = {
-        key: bf16[key] / fp16[key] if fp16[key] else float("inf") for key in REDUCTION_KEYS}
+        key: bf16[key] / fp16[key] if fp16[key] else float("inf") if bf16[key] else float("nan")
+        for key in REDUCTION_KEYS}
   return summary
 
 

@@ -19,7 +19,11 @@ from rl_fp16.models.config import ModelConfig
 from rl_fp16.precision import DtypePolicy
 
 
+# The bitwise forward's shapes (docs/bitwise.md): every dot of a Linear has at least
+# BITWISE_MIN_ROWS rows; attention runs query tiles of BITWISE_QUERY_ROWS dot rows (queries x
+# query heads per key head) and key blocks of BITWISE_KEY_BLOCK.
 BITWISE_MIN_ROWS = 64
+BITWISE_QUERY_ROWS = 32
 BITWISE_KEY_BLOCK = 64
 
 
@@ -137,7 +141,7 @@ def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
   """`attend` of a bitwise policy: every dot has the same shape whatever T and S are, and every
   sum over keys is a dot or an add of dot outputs, never a fused reduction.
 
-  Queries go in tiles of `bitwise_min_rows(H // Hkv)` (query t at row t % tile, so the keys must
+  Queries go in tiles of BITWISE_QUERY_ROWS / (H // Hkv) (query t at row t % tile, so the keys must
   sit at the slots of their positions: the decoder's compacted layout; a single query, T == 1, is
   placed by its position), keys in blocks of `BITWISE_KEY_BLOCK`. Two passes: the row maximum of
   the (pre-scaled) scores over all blocks, then per block in order exp(scores - max) in the
@@ -147,7 +151,7 @@ def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
   b, t, h, dh = q.shape
   kv_heads = k.shape[2]
   groups = h // kv_heads
-  tile = bitwise_min_rows(groups)
+  tile = -(-BITWISE_QUERY_ROWS // groups)
   single = t == 1
   if single:  # the query at row position % tile of a tile of its own
     row = (positions[:, 0] % tile) if positions is not None else jnp.zeros((b,), jnp.int32)
