@@ -20,7 +20,7 @@ MODELS = {
                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                         "original_max_position_embeddings": 64}, **_COMMON),
     "qwen3_qknorm": ModelConfig(model_type="qwen3", num_key_value_heads=2, **_COMMON),
-    "qwen2_mha_dh64": ModelConfig(model_type="qwen2", num_key_value_heads=2, qkv_bias=True,
+    "qwen2_mha_dh64": ModelConfig(model_type="qwen2", num_key_value_heads=2, qkv_bias=False,
                                   tie_word_embeddings=True, **dict(_COMMON, hidden_size=128,
                                                                    num_attention_heads=2,
                                                                    head_dim=64)),
