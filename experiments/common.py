@@ -16,6 +16,7 @@ import numpy as np
 import tqdm
 
 from rl_fp16.checkpoints import load_hf
+from rl_fp16.checkpoints.train_state import CheckpointsUnreadable
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.presets import peaked_random_model
 from rl_fp16 import run_config
@@ -412,7 +413,8 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
   (`--config.num_minibatch=4`) is listed with the nearest key, together with `validate`'s
   problems. A `ConfigError` (a bad value or key), a `ConfigMismatchError` (a run directory
   holding another config) or a `RunDirectoryLocked` (a run directory another process holds) ends
-  the program with its message and exit status 2, without a traceback. Flags are defined here,
+  the program with its message and exit status 2, without a traceback; `CheckpointsUnreadable`
+  (no checkpoint of the run restores) with its message and status 1. Flags are defined here,
   not at import, so that experiments can import each other.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
@@ -440,6 +442,9 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
     except (ConfigError, ConfigMismatchError, RunDirectoryLocked) as e:
       print(f"error: {e}", file=sys.stderr)
       raise SystemExit(2) from None
+    except CheckpointsUnreadable as e:  # the run's data, not its config: status 1
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(1) from None
 
   app.run(main, argv=argv)
 

@@ -234,8 +234,9 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def run_metrics(results: dict[str, Any]) -> dict[str, float]:
   """The measured numbers as one metrics row, named by section and case: "peak/float32/...",
   "trainer/{model}/{precision}/resp{n}/tokens_per_s/median", "samplers/{model}/{engine}/
-  {precision}/new{n}/...", "sync/{model}/{precision}/...", "e2e/...", "compare/{engine}/
-  {precision}/...", "compare/trl/...". Repetitions and targets stay in benchmark.json."""
+  {precision}/new{n}/...", "sync/{model}/{precision}/...", "e2e/...", "bitwise/{model}/{normal,
+  bitwise}/...", "compare/{engine}/{precision}/...", "compare/trl/...". Repetitions and targets
+  stay in benchmark.json."""
   record = {k: results[k] for k in ("peak", "e2e", "peak_rss_mib", "seconds", "section_seconds")
             if k in results}
   labels = {"trainer": lambda r: f"{r['model']}/{r['precision']}/resp{r['response_len']}",
@@ -245,6 +246,9 @@ def run_metrics(results: dict[str, Any]) -> dict[str, float]:
   for section, label in labels.items():
     if section in results:
       record[section] = {label(r): r for r in results[section]}
+  if "bitwise" in results:
+    record["bitwise"] = {case["model"]: {"normal": case["normal"], "bitwise": case["bitwise"]}
+                         for case in results["bitwise"]}
   if "compare" in results:
     compare = results["compare"]
     record["compare"] = {"trl": compare["trl"], "padding": compare["padding"],

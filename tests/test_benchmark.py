@@ -127,10 +127,13 @@ def test_quick_benchmark_end_to_end(tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   for heading in ("### Peak", "### Trainer", "### Samplers", "### Weight sync",
-                  "### End to end", "### Targets"):
+                  "### End to end", "### Bitwise mode vs normal", "### Targets"):
     assert heading in proc.stdout, proc.stdout[-4000:]
   results = json.loads((out / "benchmark.json").read_text())
   assert results["quick"] and results["sections"] == list(benchmark.SECTIONS)
+  (bitwise,) = results["bitwise"]
+  assert bitwise["bitwise"]["mismatch_max"] == 0.0 and bitwise["normal"]["mismatch_max"] > 0
+  assert bitwise["bitwise"]["logp_s"]["median"] < bitwise["normal"]["logp_s"]["median"]
 
   for dtype in ("float32", "bfloat16", "float16"):
     assert _positive_stat(results["peak"][dtype]["flops_per_s"])

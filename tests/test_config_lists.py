@@ -168,7 +168,8 @@ def test_quick_and_cpu_variants_keep_their_settings():
   config = benchmark_config.get_config()
   config.quick = True
   quick = benchmark.resolve_config(config)
-  assert quick.sections == ("peak", "trainer", "samplers", "sync", "e2e", "compare")
+  assert quick.sections == ("peak", "trainer", "samplers", "sync", "e2e", "bitwise",
+                            "compare")
   assert quick.precisions == ("fp32", "fp16") and quick.sync_precisions == ("fp16",)
   assert quick.trainer_models == ("medium",) and quick.trainer_response_lengths == (32,)
   assert quick.sampler_models == ("small",) and quick.sampler_response_lengths == (16,)

@@ -337,3 +337,24 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tiny_task_model
   assert "resuming" in done.stdout and "after RL step 2" in done.stdout, done.stdout
   assert (run_dir / "checkpoints_skipped" / str(steps[-1])).is_dir()  # kept aside
   assert _metrics(run_dir) == uninterrupted
+
+
+def test_no_restorable_checkpoint_ends_with_the_faults_and_status_1(tiny_task_model_dir,
+                                                                    tmp_path):
+  """Every checkpoint damaged: the rerun names each and its fault, without a traceback, exit 1,
+  and moves none aside."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run_dir = tmp_path / "run"
+  subprocess.run(_rl_command(tiny_task_model_dir, run_dir, 2), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+  for step in steps:
+    metadata = run_dir / "checkpoints" / str(step) / "state" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[:100])
+  done = subprocess.run(_rl_command(tiny_task_model_dir, run_dir, 2), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  for step in steps:
+    assert f"step {step}" in done.stderr, done.stderr[-3000:]
+  assert not (run_dir / "checkpoints_skipped").exists()

@@ -15,8 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.quick = False
   # A subset of: peak, trainer, samplers, sync, e2e, bitwise, compare (on the command line
-  # comma-separated: --config.sections=peak,trainer). "bitwise" runs only when named.
-  config.sections = ("peak", "trainer", "samplers", "sync", "e2e", "compare")
+  # comma-separated: --config.sections=peak,trainer).
+  config.sections = ("peak", "trainer", "samplers", "sync", "e2e", "bitwise", "compare")
   config.seed = 0
   # Every figure is the median (with min and max) of `repetitions` timed runs after `warmup`
   # untimed ones (the first call compiles).
@@ -111,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
       sampler_prompts=2,
       sampler_samples_per_prompt=2,
       sync_models=("small",),
+      bitwise_models=("small",),
       vllm_kv_cache_gib=0.25,
       e2e=dict(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=16, num_minibatches=1),
       compare=dict(cases=("jax:fp32",), warmup=1, repetitions=2, memory_iterations=4,
