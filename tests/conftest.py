@@ -1,6 +1,7 @@
 """Shared test set-up: CPU JAX, in-process vLLM, and the tiny task model fixture."""
 
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -50,3 +51,14 @@ def tiny_moe_task_model_dir(tmp_path_factory):
       str(tmp_path_factory.mktemp("models") / "tiny_moe_task"), model_type="qwen3_moe",
       qkv_bias=False, head_dim=32, num_experts=4, num_experts_per_tok=2,
       moe_intermediate_size=64, norm_topk_prob=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module. Every XLA:CPU executable holds
+  memory mappings (about a thousand per bitwise test case); in one pytest process the whole
+  suite would otherwise reach the kernel's limit (vm.max_map_count, 65530), and a compile that
+  cannot map memory fails inside XLA."""
+  yield
+  if "jax" in sys.modules:
+    sys.modules["jax"].clear_caches()

@@ -34,6 +34,13 @@ PRECISIONS = ("fp32", "bf16", "fp16", "e6")
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20]]
 
 
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+  """Each case compiles its own programs (about a thousand memory mappings); drop them after it."""
+  yield
+  jax.clear_caches()
+
+
 def _sampled(config, params, precision, temperature=1.0):
   rollout = generate(config, params, PROMPTS, policy=get_policy(precision, "sampler",
                                                                 bitwise=True),

@@ -23,7 +23,7 @@ def test_offline_mismatch_writes_one_row_read_back_by_results(tmp_path):
   run_dir = tmp_path / "offline"
   summary = offline_mismatch.run(_config(run_dir))
   assert sorted(os.listdir(run_dir)) == ["checkpoints", "config.json", "metrics.jsonl", "plots",
-                                         "tb", "tokens.csv"]
+                                         "run.lock", "tb", "tokens.csv"]
   frame = results.read_metrics(run_dir)
   assert frame["step"].tolist() == [0]
   row = frame.iloc[0]
