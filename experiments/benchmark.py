@@ -19,7 +19,7 @@ untimed ones, reported with min and max:
             process's peak resident memory.
   bitwise   the same RL iteration of the JAX engine in the normal and the bitwise on-policy
             mode, on the small and the medium model: time split and ratios (docs/bitwise.md).
-  compare   issue 13: rl_fp16's RL iteration (JAX engine per precision, vLLM engine) next to
+  compare   rl_fp16's RL iteration (JAX engine per precision, vLLM engine) next to
             TRL's GRPOTrainer at the same settings (the tiny base model's perfectible problems),
             TRL in its own venv as a subprocess (`--config.trl_python`, made by
             experiments/peers/setup_trl.sh); one table of medians, breakdown and ratios, the
@@ -449,7 +449,7 @@ def timed_rl_iteration(state, model_config, trainer_policy, optimizer, engine, p
   return state, metrics, elapsed, counter
 
 
-# --------------------------------------------------------------------- compare (issue 13) ----
+# ------------------------------------------------------------------------------ compare ----
 
 
 def _problems_and_task(model: BenchModel):
@@ -572,7 +572,7 @@ def bench_trl(config, model: BenchModel) -> dict[str, Any]:
 
 def bench_compare(config, model: BenchModel, workdir: str, peak: dict[str, Any] | None
                   ) -> dict[str, Any]:
-  """TRL and rl_fp16's engines side by side (issue 13): see the config's `compare` block."""
+  """TRL and rl_fp16's engines side by side: see the config's `compare` block."""
   c = config.compare
   out: dict[str, Any] = {"settings": {k: c[k] for k in (
       "prompts_per_step", "samples_per_prompt", "max_new_tokens", "num_minibatches",

@@ -14,7 +14,7 @@ command still exits non-zero and names the failed stage):
   3. The benchmark's peak and trainer measurements (`rl_fp16.profiling`): matmul peak per dtype
      and train-step (`make_train_step`) tokens/s and MFU for fp32, bf16 and fp16.
   4. The fp32 train step under "highest" (`fp32_highest`).
-  paper (issue 13): the paper's model shape (`paper.model`, random weights, `remat` per layer):
+  paper: the paper's model shape (`paper.model`, random weights, `remat` per layer):
      the RL train step on `paper.rows` sequences of `paper.seq_len` tokens per precision (fp16 with
      dynamic loss scaling), compiled ahead of time: seconds, tokens/s, MFU against the measured
      matmul peak of the compute dtype, XLA's memory plan and the device's peak memory; then the

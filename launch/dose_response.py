@@ -5,7 +5,7 @@ r"""The mantissa-bits dose-response (docs/dose_response.md): keep its finished a
 
 The arms are run by `python -m launch.sweep --config=experiments/configs/dose_response.py
 --max_parallel=1 --override=prompts_per_step=8 --experiment_dir=runs/dose_response_p8` (the
-registered command, docs/long_runs_preregistration.md, addendum of 2026-12-01, session 4), with
+registered command, docs/long_runs_preregistration.md, addendum of 2026-12-01), with
 `--skip_kept=docs/dose_response/data` so that arms kept here are not rerun when `runs/` is gone.
 
 `keep` copies every finished arm under `--experiment_dir` (as many logged steps as its config's

@@ -31,12 +31,12 @@ TARGET_LOW_PRECISION_SPEEDUP = 1.0
 TARGET_JAX_OVER_VLLM = 0.5
 TARGET_SYNC_SPEEDUP = 5.0
 TARGET_OTHER_FRACTION = 0.15
-TARGET_JAX_OVER_TRL = 3.0  # issue 13: seconds per RL iteration, TRL / rl_fp16
+TARGET_JAX_OVER_TRL = 3.0  # seconds per RL iteration, TRL / rl_fp16
 TARGET_VLLM_OVER_TRL = 2.0
 TARGET_RSS_GROWTH_MIB = 64.0  # resident memory after the last vs the first timed iteration
 
 
-# --------------------------------------------------------------------- compare (issue 13) ----
+# ------------------------------------------------------------------------------ compare ----
 
 
 def summarize_rl_case(case: dict[str, Any], warmup: int, repetitions: int) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.bitwise_precision = "bf16"
 
   # Compare: rl_fp16's RL iteration next to TRL's GRPOTrainer at the same settings (the committed
-  # tiny base model and its perfectible problems, issue 13), every case in this one run. Cases are
+  # tiny base model and its perfectible problems), every case in this one run. Cases are
   # engine:precision pairs; each runs `warmup` untimed + `repetitions` timed iterations (the first
   # case continues to `memory_iterations` to show the resident memory does not grow); engines:
   # jax, vllm, vllm_compiled (vLLM with enforce_eager=False: torch.compile). On the command line

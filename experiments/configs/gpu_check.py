@@ -27,7 +27,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # A subset of: mismatch, trainer, paper; run in this order (on the command line comma-separated:
   # --config.stages=paper,mismatch).
   config.stages = ("mismatch", "trainer")
-  # Issue 13's paper-scale check: the paper's 1.5B model shape with random weights, train steps on
+  # The paper-scale check: the paper's 1.5B model shape with random weights, train steps on
   # 8K-token sequences with per-layer remat, and the JAX sampler's decode at batch 64.
   # `model_overrides` replaces ModelConfig fields (the cpu variant shrinks the model).
   config.paper = ml_collections.ConfigDict(dict(
