@@ -195,19 +195,18 @@ def collect(state: TrainState, *, model_config: ModelConfig, trainer_policy: Dty
                                                              rl_config))
 
   start = time.perf_counter()
+  if packed:
+    seq_len = rollout.packed_width(rl_config.sequence_bucket)
+    batch = jax.device_put(packed_rollout_batch(rollout, advantages, seq_len))
   if trainer_policy.bitwise:
     # The engine's log-probs are the trainer's, bit for bit: no logp_old pass. The mismatch is
     # measured from the first minibatch's forward (`bitwise_mismatch`).
     logp_old = rollout.logp_sampler
     if packed:
-      seq_len = rollout.packed_width(rl_config.sequence_bucket)
-      batch = jax.device_put(packed_rollout_batch(rollout, advantages, seq_len))
       logp_old_packed = batch["logp_sampler"]
   elif packed:  # one jitted logp_old pass over all rows
     lora = rl_config.lora
     lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
-    seq_len = rollout.packed_width(rl_config.sequence_bucket)
-    batch = jax.device_put(packed_rollout_batch(rollout, advantages, seq_len))
     logp_old_packed = jax.block_until_ready(packed_logprobs(
         model_config, trainer_policy, state.params, batch, temperature=rl_config.temperature,
         **lora_args))
