@@ -453,7 +453,7 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
 # Shared by experiments.rl (which runs it) and experiments.sanity (which checks every run's config
 # before the first starts, then runs `python -m experiments.rl` per precision).
 
-RL_OUTPUT_DIR_FIELDS = ("algorithm", "precision", "seed", "engine", "advantage")
+RL_OUTPUT_DIR_FIELDS = ("algorithm", "precision", "seed", "engine", "advantage", "bitwise")
 # Keys a resume may change (see rl_fp16.run_config.check_run_config): the length of the run,
 # how often it checkpoints, where its directory is, how much vLLM logs, and the multi-host
 # coordinator.
@@ -462,7 +462,8 @@ RL_RESUME_ALLOWED = run_config.RESUME_ALLOWED_KEYS + ("distributed",)
 
 def rl_run_dir(config) -> str:
   """The run directory of an RL config: `output_dir` with its {field}s filled in, absolute."""
-  return os.path.abspath(config.output_dir.format(**{k: config[k] for k in RL_OUTPUT_DIR_FIELDS}))
+  fields = {k: config.get(k) for k in RL_OUTPUT_DIR_FIELDS}
+  return os.path.abspath(config.output_dir.format(**fields))
 
 
 def validate_rl_config(config) -> None:
