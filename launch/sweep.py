@@ -3,7 +3,7 @@ r"""The generic sweep launcher: a config file's `sweep()` -> one XManager job pe
     python -m launch.sweep --config=experiments/configs/sanity.py --dry_run
     python -m launch.sweep --config=experiments/configs/sanity.py --max_parallel=2 \
         --sweep_arg=algorithms=grpo,gspo --sweep_arg=seeds=0,1 --override=steps=10
-    python -m launch.sweep --config=experiments/configs/dose_response.py:grpo --dry_run
+    python -m launch.sweep --config=experiments/dose_response/config.py:grpo --dry_run
 
 An experiment is a config file (big_vision style): `get_config(arg)` makes the base config and
 `sweep(...)` yields the variants, dicts of config overrides (nested dicts allowed). The launcher
@@ -85,7 +85,8 @@ PRECISIONS = names.PRESETS
 
 _EXPERIMENT_DIR = flags.DEFINE_string(
     "experiment_dir", None, "Directory of this sweep; each job writes EXP/<job name>. "
-    "Defaults to runs/<sweep name> under the current directory.")
+    "Defaults to runs/<sweep name> under the current directory (the config file's name, or its "
+    "study folder's for a study's config.py).")
 _EXECUTOR = flags.DEFINE_enum(
     "executor", "local", EXECUTORS, "Where the jobs run: 'local' (this machine, no Docker) or a "
     "cluster through XManager ('vertex', 'kubernetes'; needs Docker and Google Cloud set-up).")
@@ -543,9 +544,19 @@ def _has_key(config, key: str) -> bool:
 class ConfigSweep:
   """The jobs of one config file's sweep, and where they go."""
 
-  name: str  # The config file's name, e.g. "sanity": EXP/sweep_sanity.json.
+  name: str  # `sweep_name` of the config file, e.g. "sanity": EXP/sweep_sanity.json.
   experiment_dir: str
   jobs: list[JobSpec]
+
+
+def sweep_name(path: str) -> str:
+  """A config file's name, or its folder's for a study's `config.py`
+  ("experiments/configs/sanity.py" -> "sanity", "experiments/dose_response/config.py" ->
+  "dose_response")."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  if name == "config":
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+  return name
 
 
 def config_sweep(config: str, *, module: str | None = None, experiment_dir: str | None = None,
@@ -556,7 +567,7 @@ def config_sweep(config: str, *, module: str | None = None, experiment_dir: str 
     config: the config file (absolute, or relative to the current directory), with an optional
       `:ARG` for `get_config(ARG)` (and `sweep(arg=ARG)` when sweep has an `arg` parameter).
     module: experiment module; None: the config file's MODULE, else experiments.rl.
-    experiment_dir: None: runs/<config file name>.
+    experiment_dir: None: runs/<sweep_name(config file)>.
     overrides: KEY=VALUE settings for every job (--override).
     sweep_args: KEY=VALUE keyword arguments of `sweep()` (--sweep_arg).
   Raises:
@@ -578,7 +589,7 @@ def config_sweep(config: str, *, module: str | None = None, experiment_dir: str 
     if key != "output_dir" and not _has_key(base, key):
       raise ValueError(f"config key {key!r} (set by the sweep or --override) is not in "
                        f"{os.path.basename(path)}'s get_config()")
-  name = os.path.splitext(os.path.basename(path))[0]
+  name = sweep_name(path)
   experiment_dir = os.path.abspath(experiment_dir or os.path.join("runs", name))
   config_file = os.path.relpath(os.path.abspath(path), REPO_ROOT)
   if config_file.startswith(".."):

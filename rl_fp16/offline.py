@@ -8,7 +8,7 @@ decoder; `summarize_pairs` is the per-pair summary with FP16's reduction over BF
 
 The `model` arguments are any object with `config`, `params`, `tokenizer_dir` and
 `eos_token_ids` (e.g. experiments.common.PolicyModel). Used by experiments/offline_mismatch.py
-(which adds tokens.csv and the plots) and experiments/gpu_check.py; both log `run_metrics` as one
+(which adds tokens.csv and the plots) and experiments/gpu_check/; both log `run_metrics` as one
 metrics.jsonl row (`rl_fp16.results.RunWriter`).
 """
 

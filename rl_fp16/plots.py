@@ -3,6 +3,8 @@ importance-weight quantiles.
 
 Plots are built on `matplotlib.figure.Figure` objects with the Agg canvas, not through `pyplot`, so
 they touch no global matplotlib state (backend, current figure) and are not leaked in long loops.
+A study's own figures build on the same blocks: `new_figure`, `save_figure`, `check_columns`,
+`sorted_values`, `finite` and `matches`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pandas as pd
 from rl_fp16.results import RUN_KEY, STEP_KEY
 
 
-def _new_figure(num_panels: int, panel_size=(4.5, 3.5), **subplot_kwargs):
+def new_figure(num_panels: int, panel_size=(4.5, 3.5), **subplot_kwargs):
   """Returns (figure, list of axes) with `num_panels` side by side, on an Agg canvas."""
   fig = Figure(figsize=(panel_size[0] * num_panels, panel_size[1]), layout="constrained")
   FigureCanvasAgg(fig)
@@ -29,7 +31,8 @@ def _new_figure(num_panels: int, panel_size=(4.5, 3.5), **subplot_kwargs):
   return fig, list(axes)
 
 
-def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
+def save_figure(fig: Figure, path: str | os.PathLike | None) -> Figure:
+  """Saves `fig` as a PNG at `path` (folders made) unless `path` is None; returns `fig`."""
   if path is not None:
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     os.makedirs(directory, exist_ok=True)
@@ -37,14 +40,15 @@ def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
   return fig
 
 
-def _check_columns(df: pd.DataFrame, names: Sequence[str | None], what: str) -> None:
+def check_columns(df: pd.DataFrame, names: Sequence[str | None], what: str) -> None:
+  """KeyError naming `what` unless every name but None is a column of `df`."""
   missing = [name for name in names if name is not None and name not in df.columns]
   if missing:
     raise KeyError(f"{what}: columns {missing} are not in the DataFrame; it has "
                    f"{list(df.columns)}")
 
 
-def _sorted_values(series: pd.Series) -> list:
+def sorted_values(series: pd.Series) -> list:
   """Unique values of `series` (NaN/None included once), sorted where they can be compared."""
   values = list(pd.unique(series))
   try:
@@ -53,8 +57,16 @@ def _sorted_values(series: pd.Series) -> list:
     return sorted(values, key=repr)
 
 
-def _finite(series: pd.Series) -> pd.Series:
+def finite(series: pd.Series) -> pd.Series:
+  """`series` as floats, non-numeric and infinite values NaN."""
   return pd.to_numeric(series, errors="coerce").replace([np.inf, -np.inf], np.nan)
+
+
+def matches(series: pd.Series, value: Any) -> pd.Series:
+  """Boolean mask of `series == value`, where a missing value (None / NaN) matches missing ones."""
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return series.isna()
+  return series.map(lambda item: item == value).astype(bool)
 
 
 def plot_curves(df: pd.DataFrame, y: str, *, hue: str | None = "precision",
@@ -76,18 +88,18 @@ def plot_curves(df: pd.DataFrame, y: str, *, hue: str | None = "precision",
   Returns:
     The matplotlib Figure.
   """
-  _check_columns(df, [x, y, hue, col], "plot_curves")
-  data = df.assign(**{y: _finite(df[y])}).dropna(subset=[y])
+  check_columns(df, [x, y, hue, col], "plot_curves")
+  data = df.assign(**{y: finite(df[y])}).dropna(subset=[y])
   if data.empty:
     raise ValueError(f"plot_curves: column {y!r} has no finite values")
-  col_values = _sorted_values(data[col]) if col is not None else [None]
-  hue_values = _sorted_values(data[hue]) if hue is not None else [None]
+  col_values = sorted_values(data[col]) if col is not None else [None]
+  hue_values = sorted_values(data[hue]) if hue is not None else [None]
   colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-  fig, axes = _new_figure(len(col_values), sharey=True)
+  fig, axes = new_figure(len(col_values), sharey=True)
   for ax, col_value in zip(axes, col_values):
-    panel = data if col is None else data[_matches(data[col], col_value)]
+    panel = data if col is None else data[matches(data[col], col_value)]
     for index, hue_value in enumerate(hue_values):
-      lines = panel if hue is None else panel[_matches(panel[hue], hue_value)]
+      lines = panel if hue is None else panel[matches(panel[hue], hue_value)]
       if lines.empty:
         continue
       stats = lines.groupby(x)[y].agg(["mean", "min", "max", "count"])
@@ -110,7 +122,7 @@ def plot_curves(df: pd.DataFrame, y: str, *, hue: str | None = "precision",
       ax.legend(title=hue, fontsize="small")
   axes[0].set_ylabel(y)
   fig.suptitle(title if title is not None else y)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_seed_curves(df: pd.DataFrame, y: str, *, panel: str = "precision", seed: str = "seed",
@@ -125,19 +137,19 @@ def plot_seed_curves(df: pd.DataFrame, y: str, *, panel: str = "precision", seed
     logy: log-scale y axis.
     path: if given, the PNG is saved there.
   """
-  _check_columns(df, [x, y, panel, seed], "plot_seed_curves")
-  data = df.assign(**{y: _finite(df[y])}).dropna(subset=[y]).sort_values(x)
+  check_columns(df, [x, y, panel, seed], "plot_seed_curves")
+  data = df.assign(**{y: finite(df[y])}).dropna(subset=[y]).sort_values(x)
   if data.empty:
     raise ValueError(f"plot_seed_curves: column {y!r} has no finite values")
-  panels = _sorted_values(data[panel])
+  panels = sorted_values(data[panel])
   colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-  fig, axes = _new_figure(len(panels), sharey=True)
+  fig, axes = new_figure(len(panels), sharey=True)
   for index, (ax, value) in enumerate(zip(axes, panels)):
-    rows = data[_matches(data[panel], value)]
+    rows = data[matches(data[panel], value)]
     color = colors[index % len(colors)]
     curves = {}
-    for seed_value in _sorted_values(rows[seed]):
-      one = rows[_matches(rows[seed], seed_value)].set_index(x)[y]
+    for seed_value in sorted_values(rows[seed]):
+      one = rows[matches(rows[seed], seed_value)].set_index(x)[y]
       curves[seed_value] = one.rolling(smooth, min_periods=smooth).mean() if smooth > 1 else one
       ax.plot(curves[seed_value].index, curves[seed_value], color=color, alpha=0.4,
               linewidth=0.8)
@@ -152,14 +164,7 @@ def plot_seed_curves(df: pd.DataFrame, y: str, *, panel: str = "precision", seed
     ax.legend(fontsize="small")
   axes[0].set_ylabel(y if smooth == 1 else f"{y} ({smooth}-step mean)")
   fig.suptitle(y)
-  return _save(fig, path)
-
-
-def _matches(series: pd.Series, value: Any) -> pd.Series:
-  """Boolean mask of `series == value`, where a missing value (None / NaN) matches missing ones."""
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return series.isna()
-  return series.map(lambda item: item == value).astype(bool)
+  return save_figure(fig, path)
 
 
 def plot_scatter(p_trainer: Sequence[Any], p_sampler: Sequence[Any], *, labels: Sequence[str],
@@ -189,7 +194,7 @@ def plot_scatter(p_trainer: Sequence[Any], p_sampler: Sequence[Any], *, labels: 
   if not labels:
     raise ValueError("plot_scatter: labels is empty")
   rng = np.random.default_rng(seed)
-  fig, axes = _new_figure(len(labels), panel_size=(4.0, 4.0))
+  fig, axes = new_figure(len(labels), panel_size=(4.0, 4.0))
   for ax, label, pi, mu in zip(axes, labels, p_trainer, p_sampler):
     pi = np.asarray(pi, np.float64)
     mu = np.asarray(mu, np.float64)
@@ -218,7 +223,7 @@ def plot_scatter(p_trainer: Sequence[Any], p_sampler: Sequence[Any], *, labels: 
     ax.set_ylabel("trainer probability pi")
     ax.grid(alpha=0.3)
   fig.suptitle("Token probabilities: trainer vs sampler")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_is_quantiles(df: pd.DataFrame, *, kind: str = "token", x: str = STEP_KEY,
@@ -240,16 +245,16 @@ def plot_is_quantiles(df: pd.DataFrame, *, kind: str = "token", x: str = STEP_KE
   if kind not in ("token", "seq"):
     raise ValueError(f"plot_is_quantiles: kind must be 'token' or 'seq', got {kind!r}")
   names = [f"is/{kind}_weight_p{q}" for q in (1, 50, 99)]
-  _check_columns(df, [x, *names], "plot_is_quantiles")
-  runs = _sorted_values(df[RUN_KEY]) if RUN_KEY in df.columns else [None]
-  positive = pd.concat([_finite(df[name]) for name in names])
+  check_columns(df, [x, *names], "plot_is_quantiles")
+  runs = sorted_values(df[RUN_KEY]) if RUN_KEY in df.columns else [None]
+  positive = pd.concat([finite(df[name]) for name in names])
   positive = positive[positive > 0]
   logy = positive.size > 0 and positive.max() > 3.0 * positive.min()
-  fig, axes = _new_figure(len(names), sharey=True)
+  fig, axes = new_figure(len(names), sharey=True)
   for ax, name in zip(axes, names):
     for run in runs:
       rows = df if run is None else df[df[RUN_KEY] == run]
-      values = _finite(rows[name])
+      values = finite(rows[name])
       keep = values > 0 if logy else values.notna()  # A log axis cannot show values <= 0.
       ax.plot(rows[x][keep], values[keep], label=str(run) if run is not None else "run",
               linewidth=1.2)
@@ -263,76 +268,4 @@ def plot_is_quantiles(df: pd.DataFrame, *, kind: str = "token", x: str = STEP_KE
   if len(runs) > 1 or runs[0] is not None:
     axes[-1].legend(title=RUN_KEY, fontsize="small")
   fig.suptitle(f"{kind.capitalize()} importance-weight quantiles")
-  return _save(fig, path)
-
-
-def plot_against_bits(df: pd.DataFrame, ys: Sequence[str], *, panel: str = "algorithm",
-                      x: str = "bits", placed_x: str = "placed_bits", label: str = "precision",
-                      seed: str = "seed", collapse: str | None = "collapse", logy: bool = False,
-                      ylabel: str | None = None, title: str | None = None,
-                      path: str | os.PathLike | None = None) -> Figure:
-  """Plots columns `ys` against the sampler's significand bits K, one panel per value of `panel`
-  (e.g. the dose-response's final and peak reward per algorithm).
-
-  Rows with a finite `x` form the curves: a line with markers per (y column, seed), K ascending,
-  a collapsed arm (`collapse` true) circled in red. Rows whose `x` is NaN and `placed_x` finite
-  (real samplers placed by their mismatch, `rl_fp16.dose_response.curve_frame`) are drawn as one
-  labelled marker each at (placed_x, y), labelled "<label> (<y>)". All panels share the y scale.
-
-  Args:
-    df: one row per arm (or per placement), with columns panel, x, placed_x, label, seed, ys.
-    ys: the columns to draw (line styles solid, dashed, dotted, ... in this order).
-    logy: log-scale y axis (non-positive values are left out).
-    path: if given, the PNG is saved there.
-  """
-  ys = [ys] if isinstance(ys, str) else list(ys)
-  _check_columns(df, [panel, x, placed_x, label, seed, collapse, *ys], "plot_against_bits")
-  if df.empty:
-    raise ValueError("plot_against_bits: no rows")
-  panels = _sorted_values(df[panel])
-  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-  styles = ("-", "--", ":", "-.")
-  markers = ("s", "D", "^", "v", "P", "X")
-  fig, axes = _new_figure(len(panels), panel_size=(5.0, 3.8), sharey=True)
-  for ax, value in zip(axes, panels):
-    rows = df[_matches(df[panel], value)]
-    xs = _finite(rows[x])
-    curve, placed = rows[xs.notna()], rows[xs.isna() & _finite(rows[placed_x]).notna()]
-    seeds = _sorted_values(curve[seed]) if len(curve) else []
-    for y_index, y in enumerate(ys):
-      for seed_index, seed_value in enumerate(seeds):
-        one = curve[_matches(curve[seed], seed_value)].sort_values(x)
-        values = _finite(one[y])
-        keep = values.notna() & (values > 0 if logy else True)
-        name = y if len(seeds) == 1 else f"{y}, {seed} {seed_value}"
-        ax.plot(one[x][keep], values[keep], color=colors[seed_index % len(colors)],
-                linestyle=styles[y_index % len(styles)], marker="o", markersize=4, label=name)
-        if collapse is not None:
-          hit = keep & one[collapse].astype(bool)
-          if hit.any():
-            ax.scatter(one[x][hit], values[hit], s=110, facecolors="none", edgecolors="red",
-                       linewidths=1.5, zorder=3,
-                       label="collapsed" if (y_index, seed_index) == (0, 0) else None)
-    for index, (label_value, group) in enumerate(placed.groupby(label, sort=True)):
-      for y_index, y in enumerate(ys):
-        values = _finite(group[y])
-        keep = values.notna() & (values > 0 if logy else True)
-        if not keep.any():
-          continue
-        ax.plot(_finite(group[placed_x])[keep], values[keep], linestyle="none",
-                marker=markers[index % len(markers)], markersize=8,
-                markerfacecolor="none" if y_index else colors[(index + 3) % len(colors)],
-                color=colors[(index + 3) % len(colors)], label=f"{label_value} ({y})")
-    ticks = sorted(set(_finite(curve[x]).dropna().astype(int))) if len(curve) else []
-    if ticks:
-      ax.set_xticks(ticks)
-    ax.set_title(f"{panel} = {value}")
-    ax.set_xlabel("sampler significand bits K")
-    if logy:
-      ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-      ax.legend(fontsize="x-small")
-  axes[0].set_ylabel(ylabel if ylabel is not None else ", ".join(ys))
-  fig.suptitle(title if title is not None else f"{', '.join(ys)} against K")
-  return _save(fig, path)
+  return save_figure(fig, path)

@@ -1,5 +1,5 @@
-"""The benchmark suite: its targets and report (rl_fp16/bench_report.py), its config, and quick
-mode end to end with real vLLM (experiments/benchmark.py).
+"""The benchmark suite: its targets and report (experiments/benchmark/report.py), its config, and
+quick mode end to end with real vLLM (experiments/benchmark/benchmark.py).
 
 Its measuring tools (rl_fp16/profiling.py) are tested in test_profiling.py."""
 
@@ -13,9 +13,10 @@ import pytest
 
 from deps import require
 
-from experiments import benchmark
-from experiments.configs import benchmark as benchmark_config
-from rl_fp16 import bench_report, profiling
+from experiments.benchmark import benchmark
+from experiments.benchmark import config as benchmark_config
+from experiments.benchmark import report
+from rl_fp16 import profiling
 from rl_fp16.models import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def test_summarize_and_targets():
       "e2e": {"engine": "vllm", "precision": "fp16",
               "other_fraction": profiling.summarize([0.2])},
   }
-  passed = {t["name"]: t["passed"] for t in bench_report.evaluate_targets(results)}
+  passed = {t["name"]: t["passed"] for t in report.evaluate_targets(results)}
   assert passed == {
       "trainer MFU, medium fp32, response 256": True,
       "trainer bf16/fp32 tokens/s, medium, response 256": False,
@@ -56,11 +57,11 @@ def test_summarize_and_targets():
       "sync directory/in-memory seconds, small float16": True,
       "score+logp+sync share of an RL iteration (vllm fp16)": False,
   }
-  report = bench_report.format_report({"targets": bench_report.evaluate_targets(results)})
-  assert "| trainer MFU, medium fp32, response 256 | >= 40% | 50.0% | PASS |" in report
+  text = report.format_report({"targets": report.evaluate_targets(results)})
+  assert "| trainer MFU, medium fp32, response 256 | >= 40% | 50.0% | PASS |" in text
 
   # The metrics.jsonl row: one name per section, case and figure; repetitions stay out.
-  row = bench_report.run_metrics(results)
+  row = report.run_metrics(results)
   assert row["trainer/medium/bf16/resp256/tokens_per_s/median"] == 90.0
   assert row["samplers/small/vllm/fp16/new256/tokens_per_s/max"] == 100.0
   assert row["sync/small/float16/directory_over_memory"] == 6.0
@@ -82,13 +83,13 @@ def test_memory_growth_ignores_spikes_and_sees_leaks():
   # 3329) that drop back; the old statistic (max of second half - max of first) read +215 MiB.
   flat = [2630, 2720] + [3017.0] * 50
   flat[40], flat[50] = 3207.0, 3329.0
-  case = bench_report.summarize_rl_case(_rl_case(flat), warmup=2, repetitions=5)
+  case = report.summarize_rl_case(_rl_case(flat), warmup=2, repetitions=5)
   assert abs(case["rss_growth_mib"]) < 1 and case["rss_spike_mib"] == pytest.approx(312, abs=1)
   # A leak of 3 MiB per iteration over 50 iterations reads as ~75 MiB (> the 64 MiB target).
   leak = [2630, 2720] + [3000.0 + 3 * i for i in range(50)]
-  case = bench_report.summarize_rl_case(_rl_case(leak), warmup=2, repetitions=5)
+  case = report.summarize_rl_case(_rl_case(leak), warmup=2, repetitions=5)
   assert case["rss_growth_mib"] == pytest.approx(75, abs=1)
-  passed = {t["name"]: t["passed"] for t in bench_report.evaluate_targets(
+  passed = {t["name"]: t["passed"] for t in report.evaluate_targets(
       {"compare": {"cases": [dict(case, speedup_vs_trl=None)]}})}
   assert passed["resident memory growth over 50 iterations, vllm fp32"] is False
 
@@ -122,7 +123,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
   out = tmp_path / "benchmark"
   env = dict(os.environ, JAX_PLATFORMS="cpu", VLLM_ENABLE_V1_MULTIPROCESSING="0")
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.benchmark", "--config=experiments/configs/benchmark.py",
+      [sys.executable, "-m", "experiments.benchmark", "--config=experiments/benchmark/config.py",
        "--config.quick=True", f"--config.output_dir={out}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -178,10 +179,10 @@ def test_trl_peer_output_and_skip_message():
   text = ("noise\nITER_S [9.0, 7.0, 5.0, 6.0]\nPARTS_S " + json.dumps(
       [{"sample": 4.0, "score_logp": 1.0, "update": 2.0}] * 4) +
           "\nMEAN_COMPLETION_TOKENS 131.5\nITER_S_MEDIAN 6.0\n")
-  found = bench_report.parse_trl_output(text)
+  found = report.parse_trl_output(text)
   assert found["ITER_S"] == [9.0, 7.0, 5.0, 6.0] and found["MEAN_COMPLETION_TOKENS"] == 131.5
   with pytest.raises(ValueError, match="ITER_S"):
-    bench_report.parse_trl_output("Traceback ...\n")
+    report.parse_trl_output("Traceback ...\n")
   config = benchmark.resolve_config(benchmark_config.get_config())
   model = benchmark.BenchModel("small", CONFIG, None, "test model", lambda n, s: [],
                                tokenizer_dir=REPO)

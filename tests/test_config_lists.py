@@ -77,7 +77,7 @@ def test_command_line_overrides_through_config_flags():
   config = _parse("experiments/configs/offline_mismatch.py",
                   "--config.precisions=('fp32', 'bf16-fp16')")  # launch.sweep's tuple literal
   assert config_list(config.precisions, "precisions") == ("fp32", "bf16-fp16")
-  config = _parse("experiments/configs/benchmark.py", "--config.trainer_response_lengths=256,1024",
+  config = _parse("experiments/benchmark/config.py", "--config.trainer_response_lengths=256,1024",
                   "--config.sampler_response_lengths=16")
   assert config.trainer_response_lengths == (256, 1024)  # ints parse as a tuple literal
   assert config_list(config.sampler_response_lengths, "sampler_response_lengths",
@@ -94,18 +94,18 @@ DOCUMENTED = [
       "fp32-e11,fp32-e11x5,bf16,e8,fp16,e11"],
      {"precisions": ("fp32", "fp32-e24", "fp32-bf16", "fp32-e8", "fp32-fp16", "fp32-e11",
                      "fp32-e11x5", "bf16", "e8", "fp16", "e11")}),
-    ("experiments/configs/gpu_check.py",  # docs/gpu.md
+    ("experiments/gpu_check/config.py",  # docs/gpu.md
      ["--config.stages=paper,mismatch", "--config.highest_pairs=fp32,bf16,fp16"],
      {"stages": ("paper", "mismatch"), "highest_pairs": ("fp32", "bf16", "fp16")}),
-    ("experiments/configs/benchmark.py",  # docs/performance.md
+    ("experiments/benchmark/config.py",  # docs/performance.md
      ["--config.sections=sync", "--config.sync_models=medium", "--config.sync_precisions=fp16",
       "--config.precisions=fp16"],
      {"sections": ("sync",), "sync_models": ("medium",), "sync_precisions": ("fp16",),
       "precisions": ("fp16",)}),
-    ("experiments/configs/benchmark.py",  # docs/performance.md
+    ("experiments/benchmark/config.py",  # docs/performance.md
      ["--config.sections=sync,e2e", "--config.compare.cases=vllm:fp16"],
      {"sections": ("sync", "e2e"), "compare.cases": ("vllm:fp16",)}),
-    ("experiments/configs/benchmark.py",  # the config file's comment on compare.cases
+    ("experiments/benchmark/config.py",  # the config file's comment on compare.cases
      ["--config.compare.cases='jax:fp32,vllm:fp16'"],
      {"compare.cases": ("jax:fp32", "vllm:fp16")}),
 ]
@@ -115,7 +115,7 @@ def test_ml_collections_refuses_unquoted_cases():
   """`a:b,c:d` is a Python syntax error, which ml_collections' tuple parser refuses (a bare
   `fp32,bf16` is not: it is kept as one string). Hence the quotes in benchmark.py's comment."""
   with pytest.raises(flags.IllegalFlagValueError, match="use quotes"):
-    _parse("experiments/configs/benchmark.py", "--config.compare.cases=jax:fp32,vllm:fp16")
+    _parse("experiments/benchmark/config.py", "--config.compare.cases=jax:fp32,vllm:fp16")
 
 
 @pytest.mark.parametrize("config_file,overrides,expected", DOCUMENTED)
@@ -131,18 +131,19 @@ def test_documented_command_lines(config_file, overrides, expected):
 def test_experiments_read_command_line_lists():
   """The consumers: benchmark.resolve_config and common.clean_lists leave clean tuples; the
   config checks read `--config.precisions=a,b` and keep their messages."""
-  from experiments import benchmark, common  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments.benchmark import benchmark  # pylint: disable=g-import-not-at-top
 
   resolved = benchmark.resolve_config(_parse(
-      "experiments/configs/benchmark.py", "--config.sections=peak,trainer",
+      "experiments/benchmark/config.py", "--config.sections=peak,trainer",
       "--config.trainer_response_lengths=64", "--config.compare.cases='jax:fp32,jax:fp16'"))
   assert resolved.sections == ("peak", "trainer")
   assert resolved.trainer_response_lengths == (64,)
   assert resolved.compare.cases == ("jax:fp32", "jax:fp16")
   with pytest.raises(ValueError, match=r"config.sections=\('',\): it is empty"):
-    benchmark.resolve_config(_parse("experiments/configs/benchmark.py", "--config.sections="))
+    benchmark.resolve_config(_parse("experiments/benchmark/config.py", "--config.sections="))
 
-  config = _parse("experiments/configs/gpu_check.py", "--config.stages=paper,mismatch")
+  config = _parse("experiments/gpu_check/config.py", "--config.stages=paper,mismatch")
   common.clean_lists(config, ["stages", "paper.precisions"])
   assert config.stages == ("paper", "mismatch") and config.paper.precisions == ("bf16", "fp16")
 
@@ -161,9 +162,9 @@ def test_experiments_read_command_line_lists():
 
 def test_quick_and_cpu_variants_keep_their_settings():
   """The values the variants had as comma-separated strings, now tuples."""
-  from experiments import benchmark  # pylint: disable=g-import-not-at-top
-  from experiments.configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
-  from experiments.configs import gpu_check as gpu_check_config  # pylint: disable=g-import-not-at-top
+  from experiments.benchmark import benchmark  # pylint: disable=g-import-not-at-top
+  from experiments.benchmark import config as benchmark_config  # pylint: disable=g-import-not-at-top
+  from experiments.gpu_check import config as gpu_check_config  # pylint: disable=g-import-not-at-top
 
   config = benchmark_config.get_config()
   config.quick = True

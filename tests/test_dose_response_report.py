@@ -1,4 +1,4 @@
-"""The dose-response analysis (rl_fp16/dose_response.py, launch/dose_response.py) on synthetic arms
+"""The dose-response study (experiments/dose_response/: analysis.py, report.py) on synthetic arms
 written with RunWriter, whose answers are known by construction."""
 
 import math
@@ -7,12 +7,11 @@ import re
 
 import pytest
 
-from experiments.configs import dose_response as dose_config
-from launch import dose_response as launcher
+from experiments.dose_response import analysis
+from experiments.dose_response import config
+from experiments.dose_response import report
 from launch import sweep
-from rl_fp16 import dose_response as dose
 from rl_fp16 import outcomes
-from rl_fp16 import plots
 from rl_fp16 import results
 
 STEPS = 40  # each synthetic arm's config `steps`
@@ -32,9 +31,9 @@ def write_arm(root, precision, *, mismatch, collapse=False, steps=STEPS, algorit
   0.9 for 20 steps then 0.3 (P = 0.9, F = 0.3); its mismatch alternates 0.5x and 1.5x `mismatch`
   (mean `mismatch`) and KL k3 is mismatch^2 at each step."""
   run_dir = root / f"{algorithm}_{precision}_seed{seed}"
-  config = {"algorithm": algorithm, "precision": precision, "seed": seed, "steps": STEPS,
-            "prompts_per_step": 8}
-  with results.RunWriter(run_dir, config) as writer:
+  settings = {"algorithm": algorithm, "precision": precision, "seed": seed, "steps": STEPS,
+              "prompts_per_step": 8}
+  with results.RunWriter(run_dir, settings) as writer:
     for step in range(1, steps + 1):
       reward = (0.9 if step <= 20 else 0.3) if collapse else 0.5 + 0.01 * step
       value = mismatch * (0.5 if step % 2 else 1.5)
@@ -60,10 +59,10 @@ def sweep_dir(tmp_path_factory):
 
 
 def grpo_rows(sweep_dir):
-  found, ignored = dose.read_arms([str(sweep_dir)])
+  found, ignored = analysis.read_arms([str(sweep_dir)])
   assert not ignored
-  expected = [arm for arm in launcher.expected_arms(follow_ups=False) if arm.algorithm == "grpo"]
-  return dose.place_real(dose.arm_rows(expected, found, default_steps=150))
+  expected = [arm for arm in report.expected_arms(follow_ups=False) if arm.algorithm == "grpo"]
+  return analysis.place_real(analysis.arm_rows(expected, found, default_steps=150))
 
 
 def by_precision(rows):
@@ -71,36 +70,37 @@ def by_precision(rows):
 
 
 def test_sampler_bits_and_nominal_bits():
-  assert dose.sampler_bits("fp32-e6") == 6 and dose.sampler_bits("fp32-e24") == 24
-  assert dose.sampler_bits("fp32-bf16") is None and dose.sampler_bits("fp32-e11x5") is None
-  assert dose.nominal_bits("fp32-bf16") == 8 and dose.nominal_bits("fp32-fp16") == 11
-  assert dose.nominal_bits("fp32-e6") == 6
+  assert analysis.sampler_bits("fp32-e6") == 6 and analysis.sampler_bits("fp32-e24") == 24
+  assert analysis.sampler_bits("fp32-bf16") is None and analysis.sampler_bits("fp32-e11x5") is None
+  assert analysis.nominal_bits("fp32-bf16") == 8 and analysis.nominal_bits("fp32-fp16") == 11
+  assert analysis.nominal_bits("fp32-e6") == 6
 
 
 def test_expected_arms_are_the_sweeps_30_in_order():
-  arms = launcher.expected_arms(follow_ups=False)
+  arms = report.expected_arms(follow_ups=False)
   assert len(arms) == 30 and len(set(arms)) == 30
-  assert arms[0] == dose.Arm("grpo", "fp32-e4", 0)
+  assert arms[0] == analysis.Arm("grpo", "fp32-e4", 0)
   assert [a.precision for a in arms[:10]][-3:] == ["fp32-e24", "fp32-bf16", "fp32-fp16"]
   assert {a.algorithm for a in arms} == {"grpo", "grpo_token_tis", "grpo_seq_mis"}
 
 
 def test_the_seed_1_follow_up_adds_K_4_and_24_per_algorithm_after_the_registered_arms():
-  arms = launcher.expected_arms()
-  assert arms[:30] == launcher.expected_arms(follow_ups=False) and len(set(arms)) == 36
-  assert arms[30:] == [dose.Arm(algorithm, f"fp32-e{k}", 1)
+  arms = report.expected_arms()
+  assert arms[:30] == report.expected_arms(follow_ups=False) and len(set(arms)) == 36
+  assert arms[30:] == [analysis.Arm(algorithm, f"fp32-e{k}", 1)
                        for algorithm in ("grpo", "grpo_token_tis", "grpo_seq_mis")
                        for k in (4, 24)]
 
 
 def test_the_documented_follow_up_command_runs_the_arms_the_report_expects():
-  # docs/dose_response.md's seed-1 command passes FOLLOW_UPS as --sweep_arg items; they must not drift.
+  # docs/dose_response.md's seed-1 command passes FOLLOW_UPS as --sweep_arg items; they must not
+  # drift.
   docs = os.path.join(os.path.dirname(__file__), "..", "docs", "dose_response.md")
   with open(docs) as f:
     items = re.findall(r"--sweep_arg=(\S+)", f.read())
   assert items, "docs/dose_response.md lists no --sweep_arg command"
-  documented = list(dose_config.sweep(**sweep.parse_sweep_args(items, dose_config.sweep)))
-  assert documented == [v for kwargs in dose_config.FOLLOW_UPS for v in dose_config.sweep(**kwargs)]
+  documented = list(config.sweep(**sweep.parse_sweep_args(items, config.sweep)))
+  assert documented == [v for kwargs in config.FOLLOW_UPS for v in config.sweep(**kwargs)]
 
 
 def test_report_lists_a_follow_up_seed_with_its_own_verdict(tmp_path):
@@ -108,7 +108,7 @@ def test_report_lists_a_follow_up_seed_with_its_own_verdict(tmp_path):
   write_arm(root, "fp32-e4", mismatch=mismatch_of(4), collapse=True, seed=1)
   write_arm(root, "fp32-e24", mismatch=mismatch_of(24), seed=1)
   out = tmp_path / "report" / "results.md"
-  text = launcher.report(str(root), str(tmp_path / "report" / "data"), str(out),
+  text = report.report(str(root), str(tmp_path / "report" / "data"), str(out),
                          str(tmp_path / "report" / "figures"), default_steps=STEPS)
   assert "Arms: 2 finished, 0 unfinished, 34 missing, of 36." in text
   grpo = text.split("## grpo\n")[1].split("## grpo_token_tis")[0]
@@ -124,36 +124,37 @@ def test_arms_collapsing_at_4_and_5_only_break_at_5(sweep_dir):
   assert rows["fp32-e4"]["P"] == pytest.approx(0.9) and rows["fp32-e4"]["F"] == pytest.approx(0.3)
   # A climbing arm: R(40) = mean of 0.5 + 0.01 t over t = 21..40.
   assert rows["fp32-e6"]["F"] == pytest.approx(0.805) == rows["fp32-e6"]["P"]
-  verdict = dose.breaks_at(list(rows.values()))[("grpo", 0)]
+  verdict = analysis.breaks_at(list(rows.values()))[("grpo", 0)]
   assert verdict["breaks_at"] == 5
   assert verdict["collapsed_bits"] == [4, 5]
   assert verdict["not_finished_bits"] == [UNFINISHED_BITS]
 
 
 def test_breaks_at_is_the_largest_collapsing_K_and_None_when_none_collapses():
-  def row(bits, collapse, status=dose.FINISHED):
+  def row(bits, collapse, status=analysis.FINISHED):
     return {"algorithm": "grpo", "seed": 0, "bits": bits, "status": status, "collapse": collapse}
-  assert dose.breaks_at([row(4, True), row(6, False), row(9, True), row(24, False)])[
+  assert analysis.breaks_at([row(4, True), row(6, False), row(9, True), row(24, False)])[
       ("grpo", 0)]["breaks_at"] == 9
-  assert dose.breaks_at([row(4, False), row(8, False), row(None, True)])[
+  assert analysis.breaks_at([row(4, False), row(8, False), row(None, True)])[
       ("grpo", 0)]["breaks_at"] is None  # a real sampler's collapse has no K
-  assert dose.breaks_at([row(4, True), row(11, None, dose.MISSING)])[("grpo", 0)] == {
+  assert analysis.breaks_at([row(4, True), row(11, None, analysis.MISSING)])[("grpo", 0)] == {
       "breaks_at": 4, "collapsed_bits": [4], "finished_bits": [4], "not_finished_bits": [11]}
 
 
 def test_an_unfinished_arm_is_listed_as_unfinished_and_not_analysed(sweep_dir):
   rows = grpo_rows(sweep_dir)
   row = by_precision(rows)[f"fp32-e{UNFINISHED_BITS}"]
-  assert row["status"] == dose.UNFINISHED and row["steps_done"] == 30
+  assert row["status"] == analysis.UNFINISHED and row["steps_done"] == 30
   assert "collapse" not in row and "F" not in row and PROB_DIFF not in row
-  frame = dose.curve_frame(rows)
+  frame = analysis.curve_frame(rows)
   assert UNFINISHED_BITS not in set(frame["bits"].dropna())
   assert len(frame) == 9  # 7 finished emulated arms + bf16 + fp16
   # Its 30 logged steps do collapse (R(30) = 0.6 <= 0.9 - 0.2): were it analysed as finished,
   # GRPO would break at K = 9, not 5.
-  data = dose.read_arms([str(sweep_dir)])[0][dose.Arm("grpo", f"fp32-e{UNFINISHED_BITS}", 0)]
+  arm = analysis.Arm("grpo", f"fp32-e{UNFINISHED_BITS}", 0)
+  data = analysis.read_arms([str(sweep_dir)])[0][arm]
   assert outcomes.run_outcomes(data.frame)["collapse"]
-  assert dose.breaks_at(rows)[("grpo", 0)]["breaks_at"] == 5
+  assert analysis.breaks_at(rows)[("grpo", 0)]["breaks_at"] == 5
 
 
 def test_the_real_samplers_land_at_the_K_of_their_mismatch(sweep_dir):
@@ -162,8 +163,8 @@ def test_the_real_samplers_land_at_the_K_of_their_mismatch(sweep_dir):
   assert rows["fp32-bf16"]["placed_bits"] == [pytest.approx(7.5)]
   assert rows["fp32-fp16"]["placed_bits"] == [pytest.approx(11.0)]
   assert "placed_bits" not in rows["fp32-e8"]
-  frame = dose.curve_frame(list(rows.values()))
-  fig = plots.plot_against_bits(frame, [PROB_DIFF], logy=True)
+  frame = analysis.curve_frame(list(rows.values()))
+  fig = report.plot_against_bits(frame, [PROB_DIFF], logy=True)
   placed = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
             for line in fig.axes[0].get_lines()}
   xs, ys = placed[f"fp32-bf16 ({PROB_DIFF})"]
@@ -176,19 +177,19 @@ def test_the_real_samplers_land_at_the_K_of_their_mismatch(sweep_dir):
 
 def test_equivalent_bits_interpolates_log_mismatch_and_keeps_every_crossing():
   curve = [(4, 1e-2), (6, 1e-4), (8, 1e-6)]
-  assert dose.equivalent_bits(curve, 1e-3) == [pytest.approx(5.0)]
-  assert dose.equivalent_bits(curve, 1e-4) == [6.0]
-  assert dose.equivalent_bits(curve, 1e-1) == [] and dose.equivalent_bits(curve, 1e-7) == []
-  assert dose.equivalent_bits(curve, math.nan) == []
+  assert analysis.equivalent_bits(curve, 1e-3) == [pytest.approx(5.0)]
+  assert analysis.equivalent_bits(curve, 1e-4) == [6.0]
+  assert analysis.equivalent_bits(curve, 1e-1) == [] and analysis.equivalent_bits(curve, 1e-7) == []
+  assert analysis.equivalent_bits(curve, math.nan) == []
   bumpy = [(7, 1e-4), (8, 2e-4), (9, 1e-5)]  # not monotone: 1.5e-4 is crossed twice
-  assert len(dose.equivalent_bits(bumpy, 1.5e-4)) == 2
+  assert len(analysis.equivalent_bits(bumpy, 1.5e-4)) == 2
 
 
 def test_report_writes_the_tables_and_the_figures(sweep_dir, tmp_path):
   out = tmp_path / "dose_response" / "results.md"
-  text = launcher.report(str(sweep_dir), str(tmp_path / "dose_response" / "data"), str(out),
+  text = report.report(str(sweep_dir), str(tmp_path / "dose_response" / "data"), str(out),
                          str(tmp_path / "dose_response" / "figures"),
-                         expected=launcher.expected_arms(follow_ups=False))
+                         expected=report.expected_arms(follow_ups=False))
   assert out.read_text() == text
   assert "Arms: 9 finished, 1 unfinished, 20 missing, of 30." in text
   assert "- seed 0: **breaks at K = 5** (collapsed: K = 4, 5; 7 of 8 emulated arms finished); " \
@@ -207,19 +208,19 @@ def test_report_writes_the_tables_and_the_figures(sweep_dir, tmp_path):
   assert row["`fp32-e8`"].split(" | ")[8] == f"{mismatch_of(8):.2e}"
   assert text.count("**missing**") == 20
   figures = tmp_path / "dose_response" / "figures"
-  for name, _, _, _ in launcher.FIGURES:
+  for name, _, _, _ in report.FIGURES:
     assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"](figures/{name})" in text
 
 
 def test_keep_stores_finished_arms_and_the_report_reads_them_alone(sweep_dir, tmp_path):
   data = tmp_path / "data"
-  written = launcher.keep(str(sweep_dir), str(data))
+  written = report.keep(str(sweep_dir), str(data))
   assert len(written) == 9 and f"grpo_fp32-e{UNFINISHED_BITS}_seed0" not in written
   assert sorted(os.listdir(data / "grpo_fp32-bf16_seed0")) == ["config.json", "metrics.jsonl.gz"]
-  assert launcher.keep(str(sweep_dir), str(data)) == []  # already kept, unchanged
-  live = launcher.report(str(sweep_dir), str(data), str(tmp_path / "a.md"), str(tmp_path / "fa"))
-  fresh = launcher.report(str(tmp_path / "no_such_runs"), str(data), str(tmp_path / "b.md"),
+  assert report.keep(str(sweep_dir), str(data)) == []  # already kept, unchanged
+  live = report.report(str(sweep_dir), str(data), str(tmp_path / "a.md"), str(tmp_path / "fa"))
+  fresh = report.report(str(tmp_path / "no_such_runs"), str(data), str(tmp_path / "b.md"),
                           str(tmp_path / "fb"))
   assert "Arms: 9 finished, 0 unfinished, 27 missing, of 36." in fresh  # 6 of the follow-up
   assert "**breaks at K = 5** (collapsed: K = 4, 5; 7 of 8 emulated arms finished)" in fresh

@@ -188,8 +188,8 @@ def test_calibration_fp32_trainer_vs_emulated_sampler(base_sequences):
 
 
 def test_dose_response_sweep_lists_every_arm():
-  from experiments.configs import dose_response  # pylint: disable=g-import-not-at-top
-  arms = list(dose_response.sweep(seeds=(0, 1)))
+  from experiments.dose_response import config  # pylint: disable=g-import-not-at-top
+  arms = list(config.sweep(seeds=(0, 1)))
   assert len(arms) == 3 * (8 + 2) * 2
   assert {a["precision"] for a in arms} == {f"fp32-e{k}" for k in (4, 5, 6, 7, 8, 9, 11, 24)} | {
       "fp32-bf16", "fp32-fp16"}
@@ -202,15 +202,16 @@ def test_dose_response_sweep_lists_every_arm():
 def test_dose_response_arm_runs_one_step(tiny_task_model_dir, tmp_path):
   """One RL step of one arm (fp32 trainer, 6-bit sampler, GRPO-Seq-MIS) through experiments.rl."""
   from experiments import common, rl  # pylint: disable=g-import-not-at-top
-  from experiments.configs import dose_response  # pylint: disable=g-import-not-at-top
+  from experiments.dose_response import config  # pylint: disable=g-import-not-at-top
   from rl_fp16 import results  # pylint: disable=g-import-not-at-top
-  arm = next(a for a in dose_response.sweep(algorithms=("grpo_seq_mis",), bits=(6,)))
-  config = dose_response.get_config()
-  common.merge_overrides(config, arm)
-  config.update(dict(model=tiny_task_model_dir, steps=1, prompts_per_step=2, samples_per_prompt=4,
-                     num_minibatches=2, max_new_tokens=16, learning_rate=1e-3,
-                     output_dir=str(tmp_path / "{algorithm}_{precision}_seed{seed}")))
-  summary = rl.run(config)
+  arm = next(a for a in config.sweep(algorithms=("grpo_seq_mis",), bits=(6,)))
+  arm_config = config.get_config()
+  common.merge_overrides(arm_config, arm)
+  arm_config.update(dict(model=tiny_task_model_dir, steps=1, prompts_per_step=2,
+                         samples_per_prompt=4, num_minibatches=2, max_new_tokens=16,
+                         learning_rate=1e-3,
+                         output_dir=str(tmp_path / "{algorithm}_{precision}_seed{seed}")))
+  summary = rl.run(arm_config)
   assert summary["run_dir"].endswith("grpo_seq_mis_fp32-e6_seed0")
   frame = results.read_metrics(summary["run_dir"])
   assert list(frame["step"]) == [1]

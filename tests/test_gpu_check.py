@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from experiments import gpu_check
-from experiments.configs import gpu_check as gpu_check_config
+from experiments.gpu_check import config as gpu_check_config
+from experiments.gpu_check import gpu_check
 from rl_fp16 import results
 
 

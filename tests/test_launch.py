@@ -16,14 +16,15 @@ from launch import sweep
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RL = ("--override=engine=jax", "--override=steps=2", "--override=prompts_per_step=2",
            "--override=samples_per_prompt=4", "--override=max_new_tokens=24")
+DOSE_RESPONSE = "experiments/dose_response/config.py"
 
 
 def _launch(config, *args, timeout=60):
   """Runs `python -m launch.sweep --config=experiments/configs/CONFIG.py ARGS...` from the
-  repository root."""
-  process = subprocess.Popen([sys.executable, "-m", "launch.sweep",
-                              f"--config=experiments/configs/{config}.py", *args], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  repository root (`--config=CONFIG` when CONFIG is a path ending in .py)."""
+  path = config if config.endswith(".py") else f"experiments/configs/{config}.py"
+  process = subprocess.Popen([sys.executable, "-m", "launch.sweep", f"--config={path}", *args],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     stdout, stderr = process.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -69,6 +70,13 @@ def test_make_jobs_names_dirs_and_flags(tmp_path):
       f"--config.output_dir={tmp_path}/grpo_bf16-fp16_seed0"]
   assert jobs[0].command()[:3] == [sys.executable, "-m", "experiments.rl"]
   assert jobs[0].command("vertex")[3] == "--config=/rl_fp16/experiments/configs/sanity.py"
+
+
+def test_a_study_config_sweeps_under_its_folder_name():
+  assert sweep.sweep_name("experiments/configs/sanity.py") == "sanity"
+  assert sweep.sweep_name("experiments/dose_response/config.py") == "dose_response"
+  found = sweep.config_sweep("experiments/dose_response/config.py", sweep_args=["seeds=1"])
+  assert found.name == "dose_response" and found.experiment_dir.endswith("runs/dose_response")
 
 
 def test_make_jobs_errors(tmp_path):
@@ -182,7 +190,7 @@ def test_skip_kept_drops_only_the_kept_runs(tmp_path):
   results.keep_run(live, kept / "grpo_fp32-e5_seed0")
   (kept / "grpo_fp32-e6_seed0").mkdir()  # started, never kept
   exp = tmp_path / "exp"
-  result = _launch("dose_response", "--dry_run", f"--experiment_dir={exp}",
+  result = _launch(DOSE_RESPONSE, "--dry_run", f"--experiment_dir={exp}",
                    f"--skip_kept={kept}")
   assert result.returncode == 0, result.stderr
   assert ("1 of 30 job(s) already kept in " f"{kept}, not run: grpo_fp32-e5_seed0") in (
@@ -192,11 +200,11 @@ def test_skip_kept_drops_only_the_kept_runs(tmp_path):
   assert names[:2] == ["grpo_fp32-e4_seed0", "grpo_fp32-e6_seed0"]
   for name in names:
     results.keep_run(live, kept / name)
-  result = _launch("dose_response", f"--experiment_dir={exp}", f"--skip_kept={kept}")
+  result = _launch(DOSE_RESPONSE, f"--experiment_dir={exp}", f"--skip_kept={kept}")
   assert result.returncode == 0, result.stderr
   assert "every job is kept: nothing to run" in result.stdout
   assert not exp.exists()  # Nothing launched, not even a manifest.
-  result = _launch("dose_response", "--dry_run", f"--experiment_dir={exp}",
+  result = _launch(DOSE_RESPONSE, "--dry_run", f"--experiment_dir={exp}",
                    f"--skip_kept={tmp_path / 'missing'}")
   assert result.returncode != 0
   assert f"--skip_kept={tmp_path / 'missing'}: not a directory" in result.stderr

@@ -1,4 +1,5 @@
-"""launch.long_runs: the registered engine rule, the session budget and the kept run data."""
+"""The long runs: the registered engine rule, the session budget and the kept run data
+(launch.long_runs), and the registered outcomes' report (experiments.long_runs.report)."""
 
 import gzip
 import json
@@ -6,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+from experiments.long_runs import report
 from launch import long_runs
 from rl_fp16 import results
 
@@ -82,7 +84,7 @@ def test_report_gives_each_kept_run_its_outcomes_and_decides_nothing_on_missing_
   _fake_run(tmp_path / "runs" / "grpo_bf16_seed0", precision="bf16", seed=0, mismatch=2e-4)
   _fake_run(tmp_path / "runs" / "grpo_fp16_seed0", precision="fp16", seed=0, mismatch=1e-5)
   out = tmp_path / "results.md"
-  text = long_runs.report(str(tmp_path / "data"), str(out), str(tmp_path / "figures"))
+  text = report.report(str(tmp_path / "data"), str(out), str(tmp_path / "figures"))
   assert out.read_text() == text
   assert "2 of 9 primary runs are finished" in text
   rows = [line for line in text.splitlines() if line.startswith("| grpo_")]

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl_fp16.bench_report import padding_waste
 from rl_fp16.profiling import CompileCounter
-from experiments.configs import benchmark as benchmark_config
+from experiments.benchmark import config as benchmark_config
+from experiments.benchmark.report import padding_waste
 from rl_fp16 import objectives
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params

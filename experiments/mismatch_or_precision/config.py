@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import ml_collections
 
-from experiments.configs import dose_response
+from experiments.dose_response import config as dose_response
 from experiments.configs import paper
 
 ALGORITHMS = ("grpo_token_tis", "grpo")

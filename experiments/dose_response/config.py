@@ -1,17 +1,17 @@
-r"""The mantissa-bits dose-response: an fp32 trainer against a sampler rounding to K significand bits.
+r"""The significand-bits dose-response: an fp32 trainer against a sampler rounding to K bits.
 
 One arm (the paper recipe's algorithm, sampler precision, seed):
 
-    python -m experiments.rl --config=experiments/configs/dose_response.py:grpo_token_tis \
+    python -m experiments.rl --config=experiments/dose_response/config.py:grpo_token_tis \
         --config.precision=fp32-e6 --config.seed=0
 
 `sweep()` lists every arm as a nested dict of overrides of `get_config()` (apply them with
 `experiments.common.merge_overrides`; `python -m launch.sweep
---config=experiments/configs/dose_response.py --dry_run` lists the jobs): the paper variants of GRPO, GRPO-Token-TIS and
-GRPO-Seq-MIS (experiments/configs/paper.py), sampler K in 4, 5, 6, 7, 8, 9, 11, 24 (`fp32-eK`:
-float32 exponent range, docs/dose_response.md), plus real bf16 and fp16 samplers (`fp32-bf16`,
-`fp32-fp16`) to place them on the curve. The engine is the in-process JAX sampler (the emulation
-exists only there); each arm runs `STEPS` RL steps (the budget per arm of
+--config=experiments/dose_response/config.py --dry_run` lists the jobs): the paper variants of
+GRPO, GRPO-Token-TIS and GRPO-Seq-MIS (experiments/configs/paper.py), sampler K in 4, 5, 6, 7, 8,
+9, 11, 24 (`fp32-eK`: float32 exponent range, docs/dose_response.md), plus real bf16 and fp16
+samplers (`fp32-bf16`, `fp32-fp16`) to place them on the curve. The engine is the in-process JAX
+sampler (the emulation exists only there); each arm runs `STEPS` RL steps (the budget per arm of
 docs/long_runs_preregistration.md).
 """
 
@@ -26,8 +26,8 @@ SAMPLER_BITS = (4, 5, 6, 7, 8, 9, 11, 24)
 REAL_SAMPLERS = ("fp32-bf16", "fp32-fp16")
 STEPS = 150
 # Follow-ups added after the registered arms' results, each as keyword arguments of `sweep()`
-# (docs/long_runs_preregistration.md, "Changes after registration"): 2026-12-06, seed 1 at K = 4
-# and the K = 24 control, for each algorithm.
+# (docs/long_runs_preregistration.md, "Changes after registration"): seed 1 at K = 4 and the
+# K = 24 control, for each algorithm.
 FOLLOW_UPS = ({"bits": (4, 24), "seeds": (1,), "real_samplers": ()},)
 
 

@@ -1,14 +1,14 @@
 r"""Benchmark suite: the machine's limits and how close the RL stack gets to them.
 
-    python -m experiments.benchmark --config=experiments/configs/benchmark.py
-    python -m experiments.benchmark --config=experiments/configs/benchmark.py --config.quick=True
+    python -m experiments.benchmark --config=experiments/benchmark/config.py
+    python -m experiments.benchmark --config=experiments/benchmark/config.py --config.quick=True
 
 Sections (`--config.sections`), each figure the median of `repetitions` timed runs after `warmup`
 untimed ones, reported with min and max:
   peak      a jitted N x N float32 matmul (bf16 and fp16 for reference): FLOP/s, the reference
             for utilisation.
-  trainer   train-step (`make_train_step`) tokens/s and model-FLOPs utilisation (MFU) per model size, response
-            length and precision.
+  trainer   train-step (`make_train_step`) tokens/s and model-FLOPs utilisation (MFU) per model
+            size, response length and precision.
   samplers  generated tokens/s of the JAX sampler and of vLLM on the same model, prompts, batch
             and lengths (no EOS: every row runs to the length), per precision.
   sync      seconds per weight sync into vLLM, in memory (`update_params`) and through a
@@ -22,16 +22,17 @@ untimed ones, reported with min and max:
   compare   rl_fp16's RL iteration (JAX engine per precision, vLLM engine) next to
             TRL's GRPOTrainer at the same settings (the tiny base model's perfectible problems),
             TRL in its own venv as a subprocess (`--config.trl_python`, made by
-            experiments/peers/setup_trl.sh); one table of medians, breakdown and ratios, the
-            resident memory over `compare.memory_iterations` iterations, the physical floor of
-            each part at the measured matmul peak, and the padding the length bucketing removes
-            at paper scale (an assumed response-length distribution, stated in the report).
+            experiments/benchmark/peers/setup_trl.sh); one table of medians, breakdown and
+            ratios, the resident memory over `compare.memory_iterations` iterations, the
+            physical floor of each part at the measured matmul peak, and the padding the length
+            bucketing removes at paper scale (an assumed response-length distribution, stated in
+            the report).
 Writes the run `--config.output_dir` through `rl_fp16.results.RunWriter` (config.json, one
-metrics.jsonl row at step 0 named by section and case, `bench_report.run_metrics`; TensorBoard)
+metrics.jsonl row at step 0 named by section and case, `report.run_metrics`; TensorBoard)
 and `benchmark.json` there (every figure with its repetitions, the machine, the targets); prints
-markdown tables and the issue's targets with PASS/FAIL. What turns the measured figures into
-summaries, targets, that row and the tables is rl_fp16/bench_report.py (pure functions); this
-module runs the engines and times them.
+markdown tables and the suite's targets with PASS/FAIL. What turns the measured figures into
+summaries, targets, that row and the tables is report.py (pure functions); this module runs the
+engines and times them.
 
 Model FLOPs, MFU (model FLOPs / step seconds / the measured float32 matmul peak) and the compile
 counting (`CompileCounter`: a call that reuses cached executables counts 0): the measuring tools
@@ -61,9 +62,10 @@ import ml_collections
 import numpy as np
 
 from experiments import common
+from experiments.benchmark.report import (evaluate_targets, format_report, padding_waste,
+                                          parse_trl_output, physical_floor, run_metrics,
+                                          summarize_rl_case)
 from rl_fp16 import fileio, objectives, seeds
-from rl_fp16.bench_report import (evaluate_targets, format_report, padding_waste,
-                                  parse_trl_output, physical_floor, run_metrics, summarize_rl_case)
 from rl_fp16.results import RunWriter
 from rl_fp16.data.rl_problems import PERFECTIBLE_FILE, load_task
 from rl_fp16.profiling import (MIB, CompileCounter, SectionClock, current_rss_mib,
@@ -83,9 +85,9 @@ from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer
 SECTIONS = ("peak", "trainer", "samplers", "sync", "e2e", "bitwise", "compare")
 MODEL_NAMES = ("small", "medium")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRL_SCRIPT = os.path.join(REPO_ROOT, "experiments", "peers", "trl_grpo.py")
-TRL_SETUP = "bash experiments/peers/setup_trl.sh ~/.venvs/trl-peer"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "trl_grpo.py")
+TRL_SETUP = "bash experiments/benchmark/peers/setup_trl.sh ~/.venvs/trl-peer"
 # Engines of the compare section: "jax_bitwise" is the JAX engine in bitwise mode
 # (docs/bitwise.md); "vllm_compiled" is vLLM with enforce_eager=False (torch.compile
 # of its model on CPU) instead of the compare block's vllm_enforce_eager.
@@ -715,9 +717,3 @@ def run(config) -> dict[str, Any]:
   results["run_dir"] = run_dir
   results["report"] = report
   return results
-
-
-if __name__ == "__main__":
-  # vLLM's per-engine INFO and WARNING lines would bury the tables (set it to see them).
-  os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-  common.run_main(run)

@@ -1,4 +1,4 @@
-r"""The mantissa-bits dose-response's registered analysis (docs/long_runs_preregistration.md,
+r"""The significand-bits dose-response's registered analysis (docs/long_runs_preregistration.md,
 "Dose-response"; docs/dose_response.md), computed from the arms' run directories.
 
 An arm is (algorithm, sampler precision, seed): an fp32 trainer against an emulated `fp32-eK`
@@ -201,7 +201,7 @@ def breaks_at(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], dict[s
 
 
 def curve_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-  """The finished arms as a DataFrame for `rl_fp16.plots.plot_against_bits`: columns algorithm,
+  """The finished arms as a DataFrame for `report.plot_against_bits`: columns algorithm,
   seed, precision, bits (NaN for a real sampler), placed_bits (a real sampler's equivalent K,
   one row per crossing; NaN otherwise), collapse, F, P and the mean mismatch columns. Run the
   rows through `place_real` first."""

@@ -1,12 +1,12 @@
 """The accelerator check: trainer-vs-JAX-sampler mismatch and train-step speed per precision.
 
-    python -m experiments.gpu_check --config=experiments/configs/gpu_check.py
-    python -m experiments.gpu_check --config=experiments/configs/gpu_check.py:cpu   # smoke size
+    python -m experiments.gpu_check --config=experiments/gpu_check/config.py
+    python -m experiments.gpu_check --config=experiments/gpu_check/config.py:cpu   # smoke size
 
 Sized for one GPU and a few minutes (most of it XLA compilation). vLLM is not used: the GPU image
 this was written for has no vLLM wheel, so the sampler is the in-process JAX KV-cache sampler.
 `mismatch` and `benchmark` are overrides on experiments/configs/offline_mismatch.py and
-experiments/configs/benchmark.py.
+experiments/benchmark/config.py.
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 """The benchmark suite: machine peak, trainer, samplers, weight sync and one RL iteration.
 
-    python -m experiments.benchmark --config=experiments/configs/benchmark.py
-    python -m experiments.benchmark --config=experiments/configs/benchmark.py --config.quick=True
+    python -m experiments.benchmark --config=experiments/benchmark/config.py
+    python -m experiments.benchmark --config=experiments/benchmark/config.py --config.quick=True
 
 `quick=True` applies `quick_overrides` on top of everything else (tiny shapes, 2 repetitions; for
 tests and a smoke check in about two minutes on an idle 2-core machine): fp32 and fp16 only, and
@@ -80,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   # jax, vllm, vllm_compiled (vLLM with enforce_eager=False: torch.compile). On the command line
   # quote several cases (ml_collections refuses a bare `a:b,c:d` for a tuple field):
   # --config.compare.cases="'jax:fp32,vllm:fp32'" (one case needs no quotes). TRL runs in
-  # its own venv as a subprocess (experiments/peers/trl_grpo.py) with `trl_python`; unset or
-  # missing: the TRL row is skipped with how to make the venv.
+  # its own venv as a subprocess (experiments/benchmark/peers/trl_grpo.py) with `trl_python`;
+  # unset or missing: the TRL row is skipped with how to make the venv.
   config.trl_python = ""
   config.compare = ml_collections.ConfigDict(dict(
       cases=("jax:fp32", "jax:bf16", "jax:fp16", "vllm:fp32", "vllm_compiled:fp32"),

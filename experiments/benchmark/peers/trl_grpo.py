@@ -9,9 +9,9 @@ Prints, last: ITER_S [seconds per iteration], PARTS_S [per iteration: seconds in
 and the rest of the two optimizer steps ("update")], MEAN_COMPLETION_TOKENS, ITER_S_MEDIAN
 (iterations 2..).
 
-  python experiments/peers/trl_grpo.py MODEL_DIR [ITERATIONS] [PROMPTS] [SAMPLES]
+  python experiments/benchmark/peers/trl_grpo.py MODEL_DIR [ITERATIONS] [PROMPTS] [SAMPLES]
 Environment: a separate venv (trl 1.16, transformers 5.19, torch cpu), made by
-`bash experiments/peers/setup_trl.sh [VENV_DIR]` (it prints the venv's python last).
+`bash experiments/benchmark/peers/setup_trl.sh [VENV_DIR]` (it prints the venv's python last).
 `python -m experiments.benchmark --config.sections=compare --config.trl_python=...` runs this
 script next to rl_fp16 and reads what it prints. Copied from ../shared/peers/ (our own code).
 """

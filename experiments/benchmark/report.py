@@ -1,13 +1,13 @@
 """The benchmark suite's analysis and report: pure functions from measured figures to summaries,
 targets, a metrics row and markdown tables (no engines, no timing, no files).
 
-experiments/benchmark.py runs the sections and times them; what it measured goes through here:
+benchmark.py runs the sections and times them; what it measured goes through here:
 - `summarize_rl_case`: one compare case's raw iterations -> medians, compilations, memory growth.
-- `parse_trl_output`: the figures `experiments/peers/trl_grpo.py` prints.
+- `parse_trl_output`: the figures `peers/trl_grpo.py` prints.
 - `physical_floor`: a compare case's FLOPs and the seconds they take at the measured matmul peak.
 - `padding_waste`: padding of the trainer's batches at paper scale (Monte Carlo, stated
   assumption).
-- `evaluate_targets`: the issue's targets (`TARGET_*`) against the measured ratios.
+- `evaluate_targets`: the suite's targets (`TARGET_*`) against the measured ratios.
 - `run_metrics`: every measured number as one metrics.jsonl row, named by section and case.
 - `format_report`, `format_compare`: the markdown tables (cells: median [min, max]).
 The FLOPs formulas and `summarize` are rl_fp16/profiling.py's.
@@ -25,7 +25,7 @@ from rl_fp16.profiling import decode_flops, peak_flops_per_s, summarize, train_s
 from rl_fp16.results import flatten_metrics, markdown_table
 
 
-# The issue's targets (ratios, since absolute times drift on a shared 2-core machine).
+# The suite's targets (docs/performance.md): ratios, as absolute times drift on a shared machine.
 TARGET_MFU = 0.40
 TARGET_LOW_PRECISION_SPEEDUP = 1.0
 TARGET_JAX_OVER_VLLM = 0.5
@@ -65,10 +65,9 @@ def summarize_rl_case(case: dict[str, Any], warmup: int, repetitions: int) -> di
   out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rows)
   out["iterations_run"] = len(rows)
   if len(after) >= 2:
-    # Single iterations can lift the RSS by a few hundred MiB and drop back (allocator: seen as
-    # +90 to +310 MiB one-iteration spikes with vLLM); growth is the median RSS of the second half
-    # of the iterations after warm-up minus that of the first, so a spike does not read as growth
-    # and a leak of L MiB per iteration over N iterations reads as ~L * N / 2.
+    # Single iterations can lift the RSS and drop back (the allocator); growth is the median RSS
+    # of the second half of the iterations after warm-up minus that of the first, so a spike does
+    # not read as growth and a leak of L MiB per iteration over N iterations reads as ~L * N / 2.
     half = len(after) // 2
     out["rss_growth_mib"] = float(np.median([r["rss_mib"] for r in after[half:]])
                                   - np.median([r["rss_mib"] for r in after[:half]]))
@@ -78,7 +77,7 @@ def summarize_rl_case(case: dict[str, Any], warmup: int, repetitions: int) -> di
   return out
 
 def parse_trl_output(text: str) -> dict[str, Any]:
-  """The figures `experiments/peers/trl_grpo.py` prints (ITER_S, PARTS_S, MEAN_...)."""
+  """The figures `peers/trl_grpo.py` prints (ITER_S, PARTS_S, MEAN_...)."""
   found = {}
   for line in text.splitlines():
     key, _, value = line.strip().partition(" ")
@@ -94,7 +93,7 @@ def physical_floor(model: Any, case: dict[str, Any], c, peak: dict[str, Any] | N
   """FLOPs of the update, of logp_old and of decoding at the measured shapes, and the seconds
   they would take at the measured matmul peak of the compute dtype.
 
-  `model`: anything with a `config` (a ModelConfig), e.g. experiments.benchmark's BenchModel."""
+  `model`: anything with a `config` (a ModelConfig), e.g. benchmark.py's BenchModel."""
   rows = c.prompts_per_step * c.samples_per_prompt
   seq = case["train_seq_len"]["median"]
   steps = int(round(case["max_response_length"]["median"]))
@@ -161,7 +160,7 @@ def padding_waste(c, seed: int = 0, steps: int = 200) -> dict[str, Any]:
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-  """The issue's targets against the measured ratios; `passed` is None when not measured."""
+  """The suite's targets against the measured ratios; `passed` is None when not measured."""
   targets = []
 
   def add(name, target, measured, passed, note=""):

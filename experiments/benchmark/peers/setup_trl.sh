@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A separate environment for the peer benchmark (TRL pins its own stack; keep it out of rl_fp16's).
-# Usage: bash experiments/peers/setup_trl.sh [VENV_DIR]   (default: ~/.venvs/trl-peer); prints the
-# venv's python last: pass it as --config.trl_python to experiments.benchmark.
+# Usage: bash experiments/benchmark/peers/setup_trl.sh [VENV_DIR]   (default: ~/.venvs/trl-peer);
+# prints the venv's python last: pass it as --config.trl_python to experiments.benchmark.
 # Offline machines: PIP_FIND_LINKS=/opt/wheels (a local torch 2.13.0 wheel) is passed to uv.
 set -euo pipefail
 venv=${1:-$HOME/.venvs/trl-peer}

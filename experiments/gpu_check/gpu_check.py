@@ -2,7 +2,7 @@ r"""The accelerator check: trainer-vs-JAX-sampler mismatch and RL train-step spe
 
 One command for a short lease on a GPU machine (it runs on CPU too, at smoke size):
 
-    python -m experiments.gpu_check --config=experiments/configs/gpu_check.py
+    python -m experiments.gpu_check --config=experiments/gpu_check/config.py
 
 Stages, each in this process, each kept going past another's failure (device time is scarce; the
 command still exits non-zero and names the failed stage):
@@ -43,8 +43,8 @@ import ml_collections
 import numpy as np
 
 from experiments import common
-from experiments.configs import benchmark as benchmark_config
-from experiments.configs import offline_mismatch as offline_mismatch_config
+from experiments.benchmark import config as benchmark_config
+from experiments.configs import offline_mismatch
 from rl_fp16 import fileio, objectives, offline, profiling, results
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
@@ -398,7 +398,7 @@ def run(config) -> dict[str, Any]:
                   output_dir=os.path.join(out, f"mismatch_{matmul_precision}"))
     if matmul_precision != "default":
       fields["precisions"] = config.highest_pairs
-    sub = _sub_config(offline_mismatch_config, config.mismatch.to_dict(), **fields)
+    sub = _sub_config(offline_mismatch, config.mismatch.to_dict(), **fields)
     with _matmul_precision(matmul_precision):
       result = measure_mismatch(sub, fields["output_dir"])
     summary["mismatch"] += _mismatch_rows(result, matmul_precision)
@@ -461,7 +461,3 @@ def run(config) -> dict[str, Any]:
                        f"{os.path.join(out, 'summary.json')})")
   summary["run_dir"] = out
   return summary
-
-
-if __name__ == "__main__":
-  common.run_main(run)

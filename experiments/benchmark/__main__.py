@@ -1,0 +1,11 @@
+"""python -m experiments.benchmark --config=experiments/benchmark/config.py (see benchmark.py)."""
+
+import os
+
+from experiments import common
+from experiments.benchmark import benchmark
+
+if __name__ == "__main__":
+  # vLLM's per-engine INFO and WARNING lines would bury the tables (set it to see them).
+  os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+  common.run_main(benchmark.run)

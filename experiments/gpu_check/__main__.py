@@ -1,0 +1,7 @@
+"""python -m experiments.gpu_check --config=experiments/gpu_check/config.py (see gpu_check.py)."""
+
+from experiments import common
+from experiments.gpu_check import gpu_check
+
+if __name__ == "__main__":
+  common.run_main(gpu_check.run)
