@@ -18,6 +18,7 @@ import tqdm
 from rl_fp16.checkpoints import load_hf
 from rl_fp16.checkpoints.train_state import CheckpointsUnreadable
 from rl_fp16.models import ModelConfig
+from rl_fp16.models.lora import LoraConfig
 from rl_fp16.models.presets import peaked_random_model
 from rl_fp16 import run_config
 from rl_fp16.names import config_list
@@ -604,13 +605,12 @@ def check_response_budget(check: ConfigChecker) -> None:
     check.fail("max_new_tokens", problem)
 
 
-def make_lora_config(config) -> lora_lib.LoraConfig | None:
+def make_lora_config(config) -> LoraConfig | None:
   """`config.lora` as a `LoraConfig`, or None when absent or not enabled."""
-  from rl_fp16.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
   lora = config.get("lora")
   if lora is None or not lora.enabled:
     return None
-  return lora_lib.LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
+  return LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
 
 
 def make_rl_config(config) -> RLConfig:

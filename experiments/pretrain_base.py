@@ -22,7 +22,8 @@ from experiments import common
 from rl_fp16 import results, seeds
 from rl_fp16.checkpoints import load_hf, save_hf
 from rl_fp16.checkpoints.train_state import TrainState
-from rl_fp16.data import synthetic, tokenizer as tokenizer_lib
+from rl_fp16.data import synthetic
+from rl_fp16.data.tokenizer import build_tokenizer
 from rl_fp16.data.tasks import SyntheticTask
 from rl_fp16.models import ModelConfig, init_params
 from rl_fp16.precision import default_loss_scale_config, get_policy, init_loss_scale
@@ -46,7 +47,7 @@ def earlier_log(init_from: str) -> list[dict]:
 def make_task(config) -> SyntheticTask:
   task_config = synthetic.SyntheticTaskConfig(min_terms=config.task_min_terms,
                                               max_terms=config.task_max_terms)
-  return SyntheticTask(task_config, tokenizer_lib.build_tokenizer())
+  return SyntheticTask(task_config, build_tokenizer())
 
 
 def make_model_config(config, tok) -> ModelConfig:

@@ -7,14 +7,14 @@ Each step: sample with the engine in the sampler's precision -> rewards -> advan
 logp_old -> minibatch updates -> weight sync. Writes one run directory (config.json,
 metrics.jsonl, TensorBoard events, orbax checkpoints, plots/).
 
-Before it loads a model or creates a directory, `run` checks the whole config (`validate_config`:
-every problem is listed, with the value and what is allowed) and the run directory: a directory
-another process holds (`rl_fp16.run_lock`, taken by process 0) is refused; re-running
-into a directory that holds a run resumes it from its last checkpoint only if the config is the
-same one, but for the keys of `RESUME_ALLOWED` (steps, checkpoint_every, output_dir,
-vllm_log_level, distributed). Any other difference is refused, key by key (stored -> new); start a
-new run with another --config.output_dir. config.json is written by the first start and never
-rewritten; allowed changes made on a resume are recorded in resumes.jsonl
+Before it loads a model or creates a directory, `run` checks the whole config
+(`validate_rl_config`: every problem is listed, with the value and what is allowed) and the run
+directory: a directory another process holds (`rl_fp16.run_lock`, taken by process 0) is
+refused; re-running into a directory that holds a run resumes it from its last checkpoint only if
+the config is the same one, but for the keys of `RL_RESUME_ALLOWED` (steps, checkpoint_every,
+output_dir, vllm_log_level, distributed). Any other difference is refused, key by key (stored ->
+new); start a new run with another --config.output_dir. config.json is written by the first start
+and never rewritten; allowed changes made on a resume are recorded in resumes.jsonl
 (`rl_fp16.results.RunWriter`).
 
 Multi-process (experiments/configs/sharded.py with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
@@ -38,17 +38,14 @@ import numpy as np
 
 from experiments import common
 # The RL config's checks and conversions (in common: experiments.sanity checks them too).
-from experiments.common import RL_RESUME_ALLOWED as RESUME_ALLOWED
-from experiments.common import make_rl_config
-from experiments.common import rl_run_dir as run_dir_for
-from experiments.common import validate_rl_config as validate_config
+from experiments.common import RL_RESUME_ALLOWED, make_rl_config, rl_run_dir, validate_rl_config
 from rl_fp16 import (colocation, distributed, evaluation, plots, results, run_config, run_lock,
                      seeds, sharding)
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, CheckpointsUnreadable, TrainState
 from rl_fp16.data.rl_problems import (load_or_build_subset, load_task, problem_text,
                                       step_problems)
-from rl_fp16.models import lora as lora_lib
+from rl_fp16.models.lora import init_lora, merge_lora, num_params
 from rl_fp16.models import probes
 from rl_fp16.precision import (cast_floating, default_loss_scale_config,
                                get_precision_pair, init_loss_scale)
@@ -63,12 +60,12 @@ def colocation_config(config) -> colocation.ColocationConfig:
 
 
 def run(config) -> dict:
-  validate_config(config)
+  validate_rl_config(config)
   # JAX's share of a GPU shared with vLLM, before anything starts JAX's backend.
   colocation.apply_colocation_env(colocation.colocation_env(colocation_config(config)))
-  run_dir = run_dir_for(config)
+  run_dir = rl_run_dir(config)
   # Refuse a run directory holding another experiment before loading anything.
-  run_config.check_run_config(run_dir, config, allowed=RESUME_ALLOWED)
+  run_config.check_run_config(run_dir, config, allowed=RL_RESUME_ALLOWED)
   processes, primary = jax.process_count(), distributed.is_primary()
   if processes > 1:
     check_multiprocess_config(config, processes)
@@ -88,7 +85,7 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
   model = common.load_policy_model(config.model, seed=config.seed)
   task = load_task(model, config)
   if primary:  # only process 0 writes config.json, metrics, TensorBoard events and plots
-    changed = run_config.init_run_dir(run_dir, config, allowed=RESUME_ALLOWED)  # 1st start only
+    changed = run_config.init_run_dir(run_dir, config, allowed=RL_RESUME_ALLOWED)  # 1st start only
     if changed:
       print(f"{run_dir}: config.json kept as it is; allowed changes on this start (recorded in "
             f"{run_config.RESUMES_FILE} once steps are logged): " + "; ".join(map(str, changed)))
@@ -113,8 +110,8 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
     # The frozen base, held like full fine-tuning's master weights (the trainer's param dtype);
     # the train state (and so every checkpoint) holds only the adapters.
     base_params = cast_floating(model.params, pair.trainer.param_dtype)
-    trainable = lora_lib.init_lora(rl_config.lora, base_params,
-                                   jax.random.key(seeds.lora_init(config.seed)))
+    trainable = init_lora(rl_config.lora, base_params,
+                          jax.random.key(seeds.lora_init(config.seed)))
   state = TrainState.create(trainable, optimizer,
                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
@@ -151,20 +148,20 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
     print(f"resuming {run_dir} from the checkpoint after RL step {start_step}")
   # Metrics are logged at steps 1..steps; a checkpoint after step k keeps lines 1..k.
   writer = (results.RunWriter(run_dir, config.to_dict(), resume=True, resume_step=start_step + 1,
-                              allowed_changes=RESUME_ALLOWED)
+                              allowed_changes=RL_RESUME_ALLOWED)
             if primary else distributed.NullRunWriter())
 
   print(f"model: {model.description}")
   if rl_config.lora is not None:
     lc = rl_config.lora
     print(f"LoRA: rank {lc.rank}, alpha {lc.alpha}, targets {list(lc.targets)}; "
-          f"{lora_lib.num_params(state.params):,} trainable params (base frozen)")
+          f"{num_params(state.params):,} trainable params (base frozen)")
   print(f"run: {config.algorithm} / {config.precision} / engine {config.engine} / seed "
         f"{config.seed}; {len(subset)} problems (mean base pass rate "
         f"{np.nanmean(rates) if np.isfinite(rates).any() else float('nan'):.2f}) from "
         f"{subset_path}")
   policy_params = (state.params if base_params is None
-                   else lora_lib.merge_lora(base_params, state.params, rl_config.lora))
+                   else merge_lora(base_params, state.params, rl_config.lora))
   if processes > 1:  # one engine per process, fed the gathered params; own vLLM files each
     policy_params = distributed.gather_params(policy_params)
   engine = make_synced_engine(
@@ -241,7 +238,7 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
 
 
 def check_multiprocess_config(config, processes: int) -> None:
-  """What a run over `processes` processes needs beyond `validate_config`."""
+  """What a run over `processes` processes needs beyond `validate_rl_config`."""
   problems = []
   if "mesh" not in config:
     problems.append("a multi-process run needs the sharded trainer: use "
@@ -269,4 +266,4 @@ def main(config) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(main, validate=validate_config)
+  common.run_main(main, validate=validate_rl_config)

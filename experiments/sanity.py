@@ -24,7 +24,8 @@ import time
 from absl import flags
 
 from experiments import common
-from rl_fp16 import plots, results, run_lock, run_config as run_config_lib
+from rl_fp16 import plots, results, run_lock
+from rl_fp16.run_config import check_run_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROM_JSON_CONFIG = os.path.join(REPO_ROOT, "experiments", "configs", "from_json.py")
@@ -46,7 +47,7 @@ def run_configs(config, precisions) -> list:
     run_config.precision = precision
     common.validate_rl_config(run_config)
     run_dir = common.rl_run_dir(run_config)
-    run_config_lib.check_run_config(run_dir, run_config, allowed=common.RL_RESUME_ALLOWED)
+    check_run_config(run_dir, run_config, allowed=common.RL_RESUME_ALLOWED)
     holder = run_lock.holder(run_dir)
     if holder is not None:
       raise run_lock.RunDirectoryLocked(

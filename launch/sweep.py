@@ -68,7 +68,7 @@ from absl import app
 from absl import flags
 from xmanager import xm
 from xmanager import xm_local  # Also defines XManager's --xm_* flags.
-from xmanager.xm_local import execution as xm_local_execution
+from xmanager.xm_local import execution
 
 from rl_fp16 import names, run_lock
 
@@ -424,7 +424,7 @@ def stop_local_jobs() -> int:
   xm_local's own list (xmanager 0.8.1, `execution._local_jobs`).
   """
   stopped = 0
-  for handle in list(getattr(xm_local_execution, "_local_jobs", ())):
+  for handle in list(getattr(execution, "_local_jobs", ())):
     process = getattr(handle, "process", None)
     if process is None:
       continue

@@ -30,11 +30,12 @@ FLOAT32_SIGNIFICAND_BITS = 24
 FLOAT32_EXPONENT_BITS = 8
 
 
-def check_format(mantissa_bits, exponent_bits) -> None:
-  """ValueError unless 1 <= mantissa_bits <= 24 (or None) and 2 <= exponent_bits <= 8."""
-  for name, value, low, high in (("mantissa_bits", mantissa_bits, 1, FLOAT32_SIGNIFICAND_BITS),
-                                 ("exponent_bits", exponent_bits, 2, FLOAT32_EXPONENT_BITS)):
-    if value is None and name == "mantissa_bits":
+def check_format(significand_bits, exponent_bits) -> None:
+  """ValueError unless 1 <= significand_bits <= 24 (or None) and 2 <= exponent_bits <= 8."""
+  for name, value, low, high in (
+      ("significand_bits", significand_bits, 1, FLOAT32_SIGNIFICAND_BITS),
+      ("exponent_bits", exponent_bits, 2, FLOAT32_EXPONENT_BITS)):
+    if value is None and name == "significand_bits":
       continue
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
       raise ValueError(f"{name} must be an int in [{low}, {high}] (float32 values are rounded), "
@@ -42,7 +43,8 @@ def check_format(mantissa_bits, exponent_bits) -> None:
 
 
 def parse_emulated(name: str) -> tuple[int, int] | None:
-  """`"e8"` -> (8, 8), `"e11x5"` -> (11, 5): (mantissa_bits, exponent_bits); None if not `eK[xE]`.
+  """`"e8"` -> (8, 8), `"e11x5"` -> (11, 5): (significand_bits, exponent_bits); None if not
+  `eK[xE]`.
 
   Raises ValueError for an `eK[xE]` name whose numbers are out of range.
   """

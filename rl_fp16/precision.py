@@ -11,8 +11,8 @@ finite, and it is maintained with Flax. `jmp` has equivalent objects but is unma
 scale is the same object with `backoff_factor=1` and `growth_factor=1`: the scale never moves but a
 non-finite step is still skipped.
 
-Emulated precision: a policy with `mantissa_bits=k` computes in float32 but rounds every value the
-decoder would hold in its compute dtype (weights, matmul / einsum outputs, norm outputs, RoPE,
+Emulated precision: a policy with `significand_bits=k` computes in float32 but rounds every value
+the decoder would hold in its compute dtype (weights, matmul / einsum outputs, norm outputs, RoPE,
 attention probabilities and outputs, the MLP activation product, residual adds) to k significand
 bits with `round_to_bits` (round-to-nearest-even; the exponent range of float32, or of a narrower
 format with `exponent_bits`). Presets `eK` (K bits, float32's range) and `eKxE` (K bits, E exponent
@@ -35,7 +35,7 @@ from flax.training.dynamic_scale import DynamicScale
 from rl_fp16.names import (EMULATED_PRESET, FLOAT32_EXPONENT_BITS,  # pylint: disable=unused-import
                            FLOAT32_SIGNIFICAND_BITS, PRESETS, is_precision_name, parse_emulated,
                            precision_pair_parts)
-from rl_fp16.names import check_format as _check_format
+from rl_fp16 import names
 
 DTYPES = {
     "float32": jnp.float32, "fp32": jnp.float32,
@@ -75,11 +75,11 @@ class DtypePolicy:
     norm_dtype: dtype of the RMSNorm statistics (mean of squares and rsqrt).
     softmax_dtype: dtype of attention scores and softmax.
     logsoftmax_dtype: dtype of the final log-softmax that gives token log-probabilities.
-    mantissa_bits: None (no emulation), or k in [1, 24]: the decoder computes in float32 and
+    significand_bits: None (no emulation), or k in [1, 24]: the decoder computes in float32 and
       rounds every compute-dtype value to k significand bits (counting the implicit bit; bf16 has
       8, fp16 11) with `round_to_bits`. Needs float32 param and compute dtypes.
     exponent_bits: the emulated format's exponent bits, in [2, 8] (8: float32's range, no
-      clamping; 5: float16's, with its subnormals and overflow to inf). Only with mantissa_bits.
+      clamping; 5: float16's, with its subnormals and overflow to inf). Only with significand_bits.
     bitwise: the decoder computes every token's values in a form that does not depend on which
       rows, padding or cache layout surround it (`rl_fp16.models.layers.bitwise_rows`, the
       decoder's compacted layout; docs/bitwise.md), so the JAX sampler's log-probs equal
@@ -92,19 +92,19 @@ class DtypePolicy:
   norm_dtype: Any = jnp.float32
   softmax_dtype: Any = jnp.float32
   logsoftmax_dtype: Any = jnp.float32
-  mantissa_bits: int | None = None
+  significand_bits: int | None = None
   exponent_bits: int = FLOAT32_EXPONENT_BITS
   bitwise: bool = False
 
   def __post_init__(self):
     for name in _DTYPE_FIELDS:
       object.__setattr__(self, name, to_dtype(getattr(self, name)))
-    _check_format(self.mantissa_bits, self.exponent_bits)
-    if self.mantissa_bits is None:
+    names.check_format(self.significand_bits, self.exponent_bits)
+    if self.significand_bits is None:
       if self.exponent_bits != FLOAT32_EXPONENT_BITS:
-        raise ValueError(f"exponent_bits={self.exponent_bits} needs mantissa_bits (emulation)")
+        raise ValueError(f"exponent_bits={self.exponent_bits} needs significand_bits (emulation)")
     elif (self.param_dtype, self.compute_dtype) != (jnp.dtype(jnp.float32),) * 2:
-      raise ValueError(f"Emulated precision (mantissa_bits={self.mantissa_bits}) computes in "
+      raise ValueError(f"Emulated precision (significand_bits={self.significand_bits}) computes in "
                        f"float32; got param_dtype={dtype_name(self.param_dtype)}, "
                        f"compute_dtype={dtype_name(self.compute_dtype)}")
 
@@ -120,8 +120,8 @@ class DtypePolicy:
 
   @property
   def is_emulated(self) -> bool:
-    """True when the compute dtype is emulated by rounding float32 values (`mantissa_bits`)."""
-    return self.mantissa_bits is not None
+    """True when the compute dtype is emulated by rounding float32 values (`significand_bits`)."""
+    return self.significand_bits is not None
 
   def round(self, x: jax.Array) -> jax.Array:
     """`x` rounded to the emulated format (`round_to_bits`); `x` unchanged without emulation.
@@ -129,14 +129,14 @@ class DtypePolicy:
     The decoder calls it on every value it holds in the compute dtype; gradients pass straight
     through, rounded to the same format (as a real low-precision backward holds its cotangents).
     """
-    if self.mantissa_bits is None:
+    if self.significand_bits is None:
       return x
-    return round_to_bits(x, self.mantissa_bits, self.exponent_bits)
+    return round_to_bits(x, self.significand_bits, self.exponent_bits)
 
   def to_dict(self) -> dict[str, Any]:
     out: dict[str, Any] = {name: dtype_name(getattr(self, name)) for name in _DTYPE_FIELDS}
     if self.is_emulated:
-      out.update(mantissa_bits=self.mantissa_bits, exponent_bits=self.exponent_bits)
+      out.update(significand_bits=self.significand_bits, exponent_bits=self.exponent_bits)
     if self.bitwise:
       out["bitwise"] = True
     return out
@@ -223,8 +223,8 @@ def get_policy(name: str, role: str = "trainer", *, bitwise: bool = False,
     raise ValueError(f"Unknown role {role!r}; allowed: {list(ROLES)}")
   if emulated is not None:
     bits, exponent_bits = emulated
-    return DtypePolicy(mantissa_bits=bits, exponent_bits=exponent_bits, bitwise=bitwise).replace(
-        **{k: v if k in ("mantissa_bits", "exponent_bits") else to_dtype(v)
+    return DtypePolicy(significand_bits=bits, exponent_bits=exponent_bits, bitwise=bitwise).replace(
+        **{k: v if k in ("significand_bits", "exponent_bits") else to_dtype(v)
            for k, v in overrides.items()})
   compute = DTYPES[name]
   param = jnp.float32 if role == "trainer" else compute

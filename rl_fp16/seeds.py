@@ -10,10 +10,9 @@ precisions on the same streams of the same seed), so they are fixed: changing on
 results.
 
 The vLLM engine takes one integer seed per request: row r of a batch sampled with base seed s
-gets `sampler_row(s, r)`, disjoint across (s, r) pairs. Until 2026-12-01 it was `s + r`, so row
-r + 1 of RL step t and row r of step t + 1 shared a torch generator seed and hence their sampling
-noise; vLLM figures measured before that date used those seeds. The JAX engine derives its rows
-from one `jax.random.key(rl_step(seed, step))` and was never affected.
+gets `sampler_row(s, r)`, disjoint across (s, r) pairs (the earlier `s + r` let consecutive steps
+share rows' sampling noise; docs/design.md, "Seeds", says which figures used it). The JAX engine
+derives its rows from one `jax.random.key(rl_step(seed, step))`.
 """
 
 _STEP_STRIDE = 1_000_003  # prime, above any step count: (seed, step) pairs never collide

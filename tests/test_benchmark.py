@@ -79,8 +79,8 @@ def _rl_case(rss_mib):
 
 
 def test_memory_growth_ignores_spikes_and_sees_leaks():
-  # The vLLM case measured on 2026-12-01: flat at ~3017 MiB with one-iteration spikes (3207,
-  # 3329) that drop back; the old statistic (max of second half - max of first) read +215 MiB.
+  # The shape of the vLLM compare case (docs/design.md, "Environment notes"): flat, with
+  # one-iteration spikes that drop back, which a max-based statistic would read as growth.
   flat = [2630, 2720] + [3017.0] * 50
   flat[40], flat[50] = 3207.0, 3329.0
   case = report.summarize_rl_case(_rl_case(flat), warmup=2, repetitions=5)

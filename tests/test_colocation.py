@@ -1,4 +1,4 @@
-"""Issue 15 part 4: trainer and vLLM on one GPU, from one config entry; sleep mode's call order.
+"""Trainer and vLLM on one GPU, from one config entry; sleep mode's call order.
 
 On CPU vLLM refuses sleep mode (`VllmSampler` raises), so the order sleep -> train -> wake_up ->
 sync is checked through the real `rl_iteration` with an engine that records calls.
@@ -93,7 +93,7 @@ def test_config_checker_names_bad_sync_and_colocation_values(tmp_path):
   config.colocate.sampler_memory_fraction = 1.5
   config.colocate.sleep_level = 1
   with pytest.raises(common.ConfigError) as error:
-    rl.validate_config(config)
+    rl.validate_rl_config(config)
   message = str(error.value)
   assert "--config.weight_sync='disk': allowed: memory, directory" in message
   assert "--config.colocate.sampler_memory_fraction=1.5: must be a finite number > 0" in message
@@ -101,11 +101,11 @@ def test_config_checker_names_bad_sync_and_colocation_values(tmp_path):
           "--config.weight_sync=memory") in message
   config.colocate.sleep_level = 5
   with pytest.raises(common.ConfigError, match=r"sleep_level=5: allowed: 0, 1, 2"):
-    rl.validate_config(config)
+    rl.validate_rl_config(config)
   config.update(dict(weight_sync="directory"))
   config.colocate.sleep_level = 0
   config.colocate.sampler_memory_fraction = 0.5
-  rl.validate_config(config)
+  rl.validate_rl_config(config)
 
 
 class _Recorder:

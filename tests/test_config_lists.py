@@ -1,6 +1,5 @@
-"""Config fields that list names are tuples, read by `rl_fp16.names.config_list` (issue 12, items 3
-and 7): a tuple as the config file holds it, and the 1-tuple ml_collections makes of a
-command-line override `--config.precisions=fp32,bf16` (it does not split on commas)."""
+"""Config fields that list names are tuples, read by `rl_fp16.names.config_list`: a tuple as the
+config file holds it, and the 1-tuple ml_collections makes of a command-line override `--config.precisions=fp32,bf16` (it does not split on commas)."""
 
 import os
 

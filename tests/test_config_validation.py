@@ -1,5 +1,5 @@
-"""Issue 11, defects 5 and 6 (experiment side): configs are checked before a model is loaded or a
-run directory is created, and errors name the key, the bad value and what is allowed."""
+"""Configs are checked before a model is loaded or a run directory is created, and errors name
+the key, the bad value and what is allowed."""
 
 import os
 import subprocess
@@ -63,7 +63,7 @@ def test_nested_and_combined_problems_are_listed_together(tmp_path):
   config.lora.rank = 0
   config.perfectible.low = 0.9
   with pytest.raises(common.ConfigError) as error:
-    rl.validate_config(config)
+    rl.validate_rl_config(config)
   message = str(error.value)
   assert "(4 problems)" in message
   for fragment in ("--config.steps=0", "--config.loss.aggregation='mean': allowed: token_mean",
@@ -77,13 +77,13 @@ def test_every_rl_config_file_validates_and_has_vllm_log_level():
   for name in ("sanity", "moe", "lora", "sharded", "precision_ablation"):
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
     assert config.vllm_log_level == "WARNING", name
-    rl.validate_config(config)
+    rl.validate_rl_config(config)
   # The paper-scale config needs a model and data: it says so instead of failing later.
   from experiments.configs import sanity_r1_distill_1p5b  # pylint: disable=g-import-not-at-top
   with pytest.raises(common.ConfigError, match=r"(?s)--config.model=None: must be set.*"
                      r"--config.data_path=None: must be set"):
-    rl.validate_config(sanity_r1_distill_1p5b.get_config())
-  assert "vllm_log_level" in rl.RESUME_ALLOWED
+    rl.validate_rl_config(sanity_r1_distill_1p5b.get_config())
+  assert "vllm_log_level" in rl.RL_RESUME_ALLOWED
 
 
 def test_rl_passes_vllm_log_level_to_the_engine(tiny_task_model_dir, tmp_path, monkeypatch):
@@ -189,7 +189,7 @@ def test_response_budget_beyond_the_context_is_refused_before_the_run_directory(
                      r"max_position_embeddings=512; allowed: at most \d+"):
     rl.run(config)
   assert not os.path.exists(tmp_path / "run")
-  rl.validate_config(_config(tmp_path, model=tiny_task_model_dir, max_new_tokens=400))
+  rl.validate_rl_config(_config(tmp_path, model=tiny_task_model_dir, max_new_tokens=400))
 
 
 def test_math_prompt_budget_beyond_the_context_is_refused(tiny_task_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 15 part 3: the directory weight sync, with the sampler in a separate process.
+"""The directory weight sync, with the sampler in a separate process.
 
 The versions directory (atomic versions, LATEST pointer, pruning) is tested directly; the
 cross-process tests start a sampler worker (a "spawn" child with its own engine) that sees the

@@ -71,7 +71,7 @@ def test_gradient_is_straight_through_with_rounded_cotangent():
 
 def test_presets():
   policy = get_policy("e8")
-  assert policy.is_emulated and policy.mantissa_bits == 8 and policy.exponent_bits == 8
+  assert policy.is_emulated and policy.significand_bits == 8 and policy.exponent_bits == 8
   assert policy.compute_dtype == jnp.float32 and policy.param_dtype == jnp.float32
   assert not policy.needs_loss_scaling and get_policy("e11x5").needs_loss_scaling
   assert get_policy("e8", "sampler") == policy

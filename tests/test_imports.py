@@ -1,4 +1,4 @@
-"""The rl_fp16 package's import graph stays acyclic (issue 12).
+"""The rl_fp16 package's import graph stays acyclic.
 
 The graph is read from the source with `ast` (nothing is imported): an edge A -> B for every
 `import` / `from ... import` in module A, at module level or inside a function, that names a module

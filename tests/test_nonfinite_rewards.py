@@ -1,5 +1,5 @@
-"""Issue 11, defect 3(a): a non-finite reward is an error naming its rows and prompts, raised
-before any update (no skipped steps, no loss-scale back-off)."""
+"""A non-finite reward is an error naming its rows and prompts, raised before any update (no
+skipped steps, no loss-scale back-off)."""
 
 import os
 

@@ -31,8 +31,7 @@ def test_every_algorithm_has_a_variant():
 def test_variant_resolves_to_the_recipe(name):
   algorithm, advantage, aggregation, caps = EXPECTED[name]
   config = paper.get_config(name)
-  if hasattr(rl, "validate_config"):
-    rl.validate_config(config)
+  rl.validate_rl_config(config)
   rl_config = rl.make_rl_config(config)
   assert (rl_config.algorithm, rl_config.advantage) == (algorithm, advantage)
   assert rl_config.loss.aggregation == aggregation

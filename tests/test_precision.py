@@ -38,13 +38,13 @@ def test_presets_and_pairs():
     (lambda: DtypePolicy(compute_dtype="int8"), r"'int8'"),
     (lambda: LossScaleConfig(kind="adaptive"), r"'adaptive'.*none.*static.*dynamic"),
     (lambda: LossScaleConfig(backoff_factor=2.0), r"backoff_factor"),
-    (lambda: get_policy("e0"), r"'e0'.*mantissa_bits.*\[1, 24\]"),
-    (lambda: get_policy("e25"), r"'e25'.*mantissa_bits"),
+    (lambda: get_policy("e0"), r"'e0'.*significand_bits.*\[1, 24\]"),
+    (lambda: get_policy("e25"), r"'e25'.*significand_bits"),
     (lambda: get_policy("e8x9"), r"'e8x9'.*exponent_bits.*\[2, 8\]"),
     (lambda: get_precision_pair("fp32-e8x1"), r"'fp32-e8x1'"),
     (lambda: get_precision_pair("e8-e"), r"'e8-e'"),
-    (lambda: DtypePolicy(mantissa_bits=8, compute_dtype="bf16"), r"computes in float32"),
-    (lambda: DtypePolicy(exponent_bits=5), r"needs mantissa_bits"),
+    (lambda: DtypePolicy(significand_bits=8, compute_dtype="bf16"), r"computes in float32"),
+    (lambda: DtypePolicy(exponent_bits=5), r"needs significand_bits"),
 ])
 def test_bad_names_are_listed(call, match):
   with pytest.raises(ValueError, match=match):
@@ -54,14 +54,14 @@ def test_bad_names_are_listed(call, match):
 def test_emulated_presets_and_pairs():
   pair = get_precision_pair("fp32-e8")
   assert not pair.trainer.is_emulated and pair.trainer == get_policy("fp32")
-  assert pair.sampler.mantissa_bits == 8 and pair.sampler.exponent_bits == 8
+  assert pair.sampler.significand_bits == 8 and pair.sampler.exponent_bits == 8
   assert pair.sampler.param_dtype == pair.sampler.compute_dtype == jnp.float32
   both = get_precision_pair("e11x5")
   assert both.trainer == both.sampler == get_policy("e11x5", "sampler")
   assert both.trainer.needs_loss_scaling and not get_policy("e11").needs_loss_scaling
-  assert get_policy("e6").to_dict() == {**get_policy("fp32").to_dict(), "mantissa_bits": 6,
+  assert get_policy("e6").to_dict() == {**get_policy("fp32").to_dict(), "significand_bits": 6,
                                         "exponent_bits": 8}
-  assert "mantissa_bits" not in get_policy("bf16").to_dict()
+  assert "significand_bits" not in get_policy("bf16").to_dict()
   # Policies are static jit arguments: equal presets hash alike, different bits do not compare equal.
   assert hash(get_policy("e8")) == hash(get_policy("e8")) and get_policy("e8") != get_policy("e9")
   x = jnp.float32([1 + 2**-8])

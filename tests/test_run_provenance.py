@@ -1,4 +1,4 @@
-"""Issue 11, defect 2: a run directory holds one experiment; a resume may not change what it is."""
+"""A run directory holds one experiment; a resume may not change what it is."""
 
 import json
 import os
@@ -65,7 +65,7 @@ def test_rerun_into_a_run_directory_with_another_config_is_refused(tiny_task_mod
   config_json = (out / "config.json").read_text()
   metrics = (out / "metrics.jsonl").read_text()
 
-  # The issue's repro: other learning rate and temperature. Refused, naming both, before any step.
+  # The reported case: other learning rate and temperature. Refused, naming both, before any step.
   with pytest.raises(ValueError) as error:
     rl.run(_tiny_config(tiny_task_model_dir, out, learning_rate=1e-2, temperature=0.7))
   assert type(error.value).__name__ == "ConfigMismatchError", repr(error.value)

@@ -24,7 +24,7 @@ def test_steps_of_different_run_seeds_never_collide():
 
 def test_vllm_row_seeds_of_all_steps_and_runs_are_distinct():
   # The paper recipe's 512 rows per step, over 300 steps of 3 run seeds: every row of every step
-  # gets its own generator (consecutive steps shared rows' seeds before 2026-12-01).
+  # gets its own generator (under the earlier `seed + row`, consecutive steps shared rows' seeds).
   drawn = [seeds.sampler_row(seeds.rl_step(seed, step), row)
            for seed in range(3) for step in range(300) for row in range(512)]
   assert len(set(drawn)) == len(drawn)

@@ -1,4 +1,4 @@
-"""Issue 13's speed levers give the results of the paths they replace.
+"""The speed levers give the results of the paths they replace.
 
 - Packed, length-bucketed trainer sequences + one jitted logp_old pass + the minibatch updates in
   one jitted `lax.scan` (`RLConfig.sequence_bucket > 0`) vs the unbucketed path

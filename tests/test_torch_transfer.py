@@ -1,4 +1,4 @@
-"""Issue 15 part 4: weights move from JAX to torch by DLPack on the same device, else via the host.
+"""Weights move from JAX to torch by DLPack on the same device, else via the host.
 
 On CPU both live in host memory, so the DLPack path is taken and must share JAX's buffer.
 """

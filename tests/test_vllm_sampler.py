@@ -179,7 +179,7 @@ def test_generate_returns_well_formed_rollout(engine):
 
 def test_consecutive_base_seeds_share_no_row_seed(engine):
   # RL step t samples with base seed rl_step(seed, t) and step t + 1 with that + 1. With row seeds
-  # `seed + row` (before 2026-12-01), row 1 of base seed s and row 0 of base seed s + 1 drew the
+  # `seed + row` (the earlier scheme), row 1 of base seed s and row 0 of base seed s + 1 drew the
   # same noise: the same prompt and weights gave the same response.
   sampler = engine.get()
   prompt = PROMPTS[0]

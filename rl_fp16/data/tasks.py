@@ -127,11 +127,11 @@ class MathTask:
   max_prompt_tokens: int = 1024
 
   def prompt_ids(self, problems: Sequence[Any]) -> list[list[int]]:
-    from rl_fp16.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
+    from rl_fp16.rewards.math import apply_template  # pylint: disable=g-import-not-at-top
 
     ids = []
     for problem in problems:
-      text = math_rewards.apply_template(self.template, problem.question)
+      text = apply_template(self.template, problem.question)
       # The templates carry their own special tokens (e.g. R1's <｜begin▁of▁sentence｜>).
       tokens = self.tokenizer.encode(text, add_special_tokens=False)
       if len(tokens) > self.max_prompt_tokens:
@@ -149,12 +149,12 @@ class MathTask:
 
   def rewards(self, problems: Sequence[Any], rollout: Rollout) -> np.ndarray:
     """float32 [B]: math-verify on the last boxed answer; truncated responses score 0."""
-    from rl_fp16.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
+    from rl_fp16.rewards.math import math_reward  # pylint: disable=g-import-not-at-top
 
     texts = self.decode_responses(rollout)
     return np.array([
-        math_rewards.math_reward(texts[row], problems[rollout.prompt_index[row]].answer,
-                                 truncated=rollout.finish_reasons[row] == FINISH_LENGTH)
+        math_reward(texts[row], problems[rollout.prompt_index[row]].answer,
+                    truncated=rollout.finish_reasons[row] == FINISH_LENGTH)
         for row in range(rollout.batch_size)], np.float32)
 
   def max_sequence_len(self) -> int:

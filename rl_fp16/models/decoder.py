@@ -24,9 +24,10 @@ Parameters are a plain nested dict (no `{"params": ...}` wrapper) whose names mi
 
 Every matmul takes inputs in the policy's compute dtype; weights are first rounded to the policy's
 param dtype (the engine's storage) and then to the compute dtype. Under an emulated-precision policy
-(`DtypePolicy.mantissa_bits`) the compute dtype is float32 and `policy.round` rounds every value the
-decoder holds in the compute dtype (weights, matmul outputs, bias adds, norm outputs, RoPE, attention
-probabilities and outputs, the MLP activation product, residual adds); it is the identity otherwise.
+(`DtypePolicy.significand_bits`) the compute dtype is float32 and `policy.round` rounds every value
+the decoder holds in the compute dtype (weights, matmul outputs, bias adds, norm outputs, RoPE,
+attention probabilities and outputs, the MLP activation product, residual adds); it is the identity
+otherwise.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from rl_fp16.models.config import ModelConfig
-from rl_fp16.models.decoder import Params, forward as decoder_forward
+from rl_fp16.models import decoder
+from rl_fp16.models.decoder import Params
 from rl_fp16.precision import DtypePolicy, to_dtype
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -183,7 +184,7 @@ def forward(config: ModelConfig, base_params: Params, lora_params: Params,
   Returns logits [B, T, V] in `policy.output_dtype` (see `rl_fp16.models.forward`).
   """
   merged = merge_lora(base_params, lora_params, lora_config)
-  return decoder_forward(config, merged, tokens, policy=policy, attention_mask=attention_mask,
+  return decoder.forward(config, merged, tokens, policy=policy, attention_mask=attention_mask,
                          positions=positions)
 
 

@@ -163,7 +163,7 @@ def check_engine_policy(name: str, policy: DtypePolicy) -> None:
     raise ValueError(f"Unknown engine {name!r}; allowed: {list(ENGINES)}")
   if name == "vllm" and policy.is_emulated:
     raise ValueError(f"The vLLM engine cannot sample in an emulated precision "
-                     f"({policy.mantissa_bits} significand bits): emulation exists only in our "
+                     f"({policy.significand_bits} significand bits): emulation exists only in our "
                      "decoder; use engine 'jax' or a real sampler precision (fp32, bf16, fp16)")
   if name == "vllm" and policy.bitwise:
     raise ValueError("The vLLM engine cannot sample bitwise with the trainer (its kernels are not "

@@ -15,7 +15,7 @@ import numpy as np
 import vllm
 
 from rl_fp16 import seeds
-from rl_fp16.sampling import rollout as rollout_lib
+from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
 
 # vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
@@ -60,7 +60,7 @@ def build_requests(prompts: Sequence[list[int]], *, n: int, max_new_tokens: int,
 
 def to_rollout(outputs: Sequence[Any], prompts: Sequence[list[int]], *, n: int,
                max_new_tokens: int, temperature: float, eos_token_id: int | None
-               ) -> rollout_lib.Rollout:
+               ) -> Rollout:
   """The `Rollout` of `build_requests`' outputs: left-padded prompts of the longest prompt's
   length, responses right-padded to ``max_new_tokens``, ``logp_sampler`` from vLLM."""
   copies, per_request = _copies_and_samples(n, temperature)
@@ -96,7 +96,7 @@ def to_rollout(outputs: Sequence[Any], prompts: Sequence[list[int]], *, n: int,
     if not greedy:
       logp_sampler[row, :len(tokens)] = _sampled_logprobs(completion.logprobs, tokens, row)
     finish_reasons.append(_finish_reason(completion, tokens, eos_token_id, row))
-  return rollout_lib.Rollout(
+  return Rollout(
       prompt_tokens=prompt_tokens,
       prompt_mask=prompt_mask,
       response_tokens=response_tokens,
@@ -125,8 +125,8 @@ def _sampled_logprobs(logprobs: Any, tokens: list[int], row: int) -> list[float]
 def _finish_reason(completion: Any, tokens: list[int], eos_token_id: int | None,
                    row: int) -> str:
   if completion.finish_reason == "length":
-    return rollout_lib.FINISH_LENGTH
+    return FINISH_LENGTH
   if completion.finish_reason == "stop" and eos_token_id is not None and tokens[-1] == eos_token_id:
-    return rollout_lib.FINISH_EOS
+    return FINISH_EOS
   raise RuntimeError(f"row {row} finished with vLLM reason {completion.finish_reason!r} "
                      f"(stop_reason {completion.stop_reason!r}); expected EOS or length")

