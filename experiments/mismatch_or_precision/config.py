@@ -11,7 +11,7 @@ All arms, two at a time, skipping those already kept:
     python -m launch.sweep --config=experiments/mismatch_or_precision/config.py --max_parallel=2 \
         --experiment_dir=runs/mismatch_or_precision --skip_kept=docs/mismatch_or_precision/data
 
-The settings are the dose-response's (experiments/configs/dose_response.py at 8 prompts per step:
+The settings are the dose-response's (experiments/dose_response/config.py at 8 prompts per step:
 paper recipes, fp32 master weights, JAX engine, 150 steps), so its kept `fp32-e4` and `fp32-e24`
 arms of seeds 0 and 1 are this study's too.
 """
