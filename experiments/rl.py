@@ -261,7 +261,7 @@ def check_multiprocess_config(config, processes: int) -> None:
 def main(config) -> dict:
   """`run`, after `jax.distributed` set-up when the config has a `distributed` block."""
   if "distributed" in config:
-    sharding.initialize_distributed(**config.distributed)
+    distributed.initialize_distributed(**config.distributed)
   return run(config)
 
 

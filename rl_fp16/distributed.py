@@ -1,7 +1,8 @@
 r"""Multi-process RL: each process samples and scores its share of a step; the trainer is global.
 
 Every process runs the same program (`python -m experiments.rl ...` with JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID set, e.g. by `launch.local_processes`). Per RL step:
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set, e.g. by `launch.local_processes`), which first calls
+`initialize_distributed`. Per RL step:
 
 1. every process knows the step's prompts (same seed, same subset); process p takes the
    contiguous share `process_share(num_prompts)` and samples it with its own engine
@@ -22,9 +23,10 @@ Only process 0 writes the run directory's config, metrics, TensorBoard events an
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -33,6 +35,51 @@ from jax.experimental import multihost_utils
 from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
 
 _FINISH_CODES = (FINISH_EOS, FINISH_LENGTH)
+
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None) -> bool:
+  """`jax.distributed.initialize` from arguments (e.g. config flags) or the environment.
+
+  Arguments left None are read from JAX_COORDINATOR_ADDRESS ("host:port" of process 0),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. Without a coordinator address this is a no-op (single
+  process). Must run before any other JAX call touches the devices. Returns True when the
+  distributed runtime is (now) initialised.
+
+  Raises:
+    ValueError: a coordinator address without num_processes and process_id, or a process_id
+      outside [0, num_processes).
+  """
+  if jax.distributed.is_initialized():
+    return True
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  if coordinator_address is None:
+    return False
+  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and os.environ.get(ENV_PROCESS_ID):
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  if num_processes is None or process_id is None:
+    raise ValueError(f"A coordinator address ({coordinator_address}) needs num_processes and "
+                     f"process_id too (arguments or {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID})")
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+  if not jax.config.jax_cpu_collectives_implementation:
+    # Cross-process collectives of the CPU backend (several processes on one machine, and CPU
+    # tests); unset in some older JAX versions. GPUs and TPUs ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id,
+                             local_device_ids=local_device_ids)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", process_id,
+               num_processes, jax.local_device_count(), jax.device_count())
+  return True
 
 
 def is_primary() -> bool:

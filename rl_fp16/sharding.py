@@ -16,15 +16,15 @@ state mirrors the parameters: a leaf whose dict-key path and shape match a param
 is replicated. On one device (mesh 1x1x1) everything is replicated and the step is the plain one.
 LoRA: the adapters (no rule matches them) take the fallback spec, the frozen base the rules.
 
-Multi-host: call `initialize_distributed` first in every process; `jax.devices()` then lists the
-devices of all hosts and the mesh spans them. See docs/sharding.md.
+Multi-host: call `rl_fp16.distributed.initialize_distributed` first in every process;
+`jax.devices()` then lists the devices of all hosts and the mesh spans them. See
+docs/sharding.md.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from typing import Any, Mapping, Sequence
 
@@ -292,49 +292,6 @@ def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransform
     return TrainState.create(params, optimizer, loss_scale=loss_scale)
 
   return jax.eval_shape(build, base_params)
-
-
-# ------------------------------------------------------------------------------ multi-host ----
-
-ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
-ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
-ENV_PROCESS_ID = "JAX_PROCESS_ID"
-
-
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None,
-                           local_device_ids: Sequence[int] | None = None) -> bool:
-  """`jax.distributed.initialize` from arguments (e.g. config flags) or the environment.
-
-  Arguments left None are read from JAX_COORDINATOR_ADDRESS ("host:port" of process 0),
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID. Without a coordinator address this is a no-op (single
-  process). Must run before any other JAX call touches the devices. Returns True when the
-  distributed runtime is (now) initialised.
-  """
-  if jax.distributed.is_initialized():
-    return True
-  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
-  if coordinator_address is None:
-    return False
-  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
-    num_processes = int(os.environ[ENV_NUM_PROCESSES])
-  if process_id is None and os.environ.get(ENV_PROCESS_ID):
-    process_id = int(os.environ[ENV_PROCESS_ID])
-  if num_processes is None or process_id is None:
-    raise ValueError(f"A coordinator address ({coordinator_address}) needs num_processes and "
-                     f"process_id too (arguments or {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID})")
-  if not 0 <= process_id < num_processes:
-    raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
-  if not jax.config.jax_cpu_collectives_implementation:
-    # Cross-process collectives of the CPU backend (several processes on one machine, and CPU
-    # tests); JAX 0.10's default already, unset in some older versions. GPUs and TPUs ignore it.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             local_device_ids=local_device_ids)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", process_id,
-               num_processes, jax.local_device_count(), jax.device_count())
-  return True
 
 
 def describe(state_or_params: Any) -> dict[str, str]:

@@ -58,6 +58,18 @@ def test_process_env():
   assert local_processes.describe_exit(3) == "exited with status 3"
 
 
+def test_initialize_distributed_is_noop_without_env(monkeypatch):
+  for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+               distributed.ENV_PROCESS_ID):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize_distributed() is False
+  monkeypatch.setenv(distributed.ENV_COORDINATOR, "localhost:1234")
+  with pytest.raises(ValueError, match="num_processes"):
+    distributed.initialize_distributed()
+  with pytest.raises(ValueError, match="process_id"):
+    distributed.initialize_distributed(num_processes=2, process_id=2)
+
+
 def _child_command(code: str) -> list[str]:
   return [sys.executable, "-c", code]
 

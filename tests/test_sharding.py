@@ -264,17 +264,6 @@ def test_make_mesh_and_batch_errors():
   assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
 
 
-def test_initialize_distributed_is_noop_without_env(monkeypatch):
-  for name in (sharding.ENV_COORDINATOR, sharding.ENV_NUM_PROCESSES, sharding.ENV_PROCESS_ID):
-    monkeypatch.delenv(name, raising=False)
-  assert sharding.initialize_distributed() is False
-  monkeypatch.setenv(sharding.ENV_COORDINATOR, "localhost:1234")
-  with pytest.raises(ValueError, match="num_processes"):
-    sharding.initialize_distributed()
-  with pytest.raises(ValueError, match="process_id"):
-    sharding.initialize_distributed(num_processes=2, process_id=2)
-
-
 if __name__ == "__main__":
   if sys.argv[1:] == ["--child"]:
     print(json.dumps(_child()))
