@@ -19,7 +19,7 @@ and never rewritten; allowed changes made on a resume are recorded in resumes.js
 
 Multi-process (experiments/configs/sharded.py with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID set, e.g. by `python -m launch.local_processes`): each process samples and scores
-its share of a step's prompts with its own engine, the sharded step trains on the global batch,
+its share of a step's prompts with its own engine, the sharded update trains on the global batch,
 and only process 0 writes config.json, metrics, TensorBoard events and plots; checkpoints are
 saved and restored by every process (`rl_fp16.distributed`, docs/sharding.md).
 
@@ -50,8 +50,8 @@ from rl_fp16.models import probes
 from rl_fp16.precision import (cast_floating, default_loss_scale_config,
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.sync_modes import make_synced_engine
-from rl_fp16.rl_loop import make_rollout_logprobs, rl_iteration
-from rl_fp16.train import OptimizerConfig, make_optimizer, make_train_step
+from rl_fp16.rl_loop import rl_iteration
+from rl_fp16.train import OptimizerConfig, make_optimizer
 
 
 def colocation_config(config) -> colocation.ColocationConfig:
@@ -117,17 +117,12 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
   updates_per_step = rl_config.num_minibatches * rl_config.epochs
   start_step = 0
-  train_step = logprobs_fn = None
+  mesh = None
   if "mesh" in config:  # sharded trainer (experiments/configs/sharded.py)
     mesh = sharding.mesh_from_config(config.mesh)
     state = sharding.shard_state(state, mesh)  # restore() below keeps these shardings
-    sharded_step = make_train_step(model.config, pair.trainer, optimizer, rl_config=rl_config,
-                                   mesh=mesh, state=state, base_params=base_params)
-    base_params = sharded_step.base_params  # LoRA: the frozen base, placed on the mesh once
-    # Every process holds the whole (all-gathered) rollout and places its own devices' rows.
-    train_step = lambda s, b: sharded_step(s, sharding.shard_global_batch(b, mesh))
-    logprobs_fn = make_rollout_logprobs(model.config, pair.trainer, mesh,
-                                                 temperature=rl_config.temperature)
+    if base_params is not None:  # LoRA: the frozen base, placed on the mesh once
+      base_params = jax.device_put(base_params, sharding.param_shardings(base_params, mesh))
     print(f"sharded trainer on mesh {dict(mesh.shape)}")
   if checkpointer.latest_step() is not None:
     try:  # the newest checkpoint that restores completely; damaged newer ones are moved aside
@@ -163,7 +158,7 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
   policy_params = (state.params if base_params is None
                    else merge_lora(base_params, state.params, rl_config.lora))
   if processes > 1:  # one engine per process, fed the gathered params; own vLLM files each
-    policy_params = distributed.gather_params(policy_params)
+    policy_params = distributed.gather_to_host(policy_params)
   engine = make_synced_engine(
       config.get("weight_sync", "memory"), config.engine, model.config, policy_params,
       pair.sampler, weights_dir=os.path.join(run_dir, "weights"), first_step=start_step,
@@ -200,8 +195,8 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
                   lambda share, rows: task.rewards(problems[share], rows), rollout,
                   config.samples_per_prompt), config.samples_per_prompt,
               prompts=[problem_text(p) for p in problems]),
-          rl_config=rl_config, seed=seeds.rl_step(config.seed, step), train_step=train_step,
-          base_params=base_params, extra_metrics=extra_metrics, logprobs_fn=logprobs_fn)
+          rl_config=rl_config, seed=seeds.rl_step(config.seed, step), mesh=mesh,
+          base_params=base_params, extra_metrics=extra_metrics)
       metrics["train/updates"] = float(state.step)
       if eval_config.due(step + 1, config.steps):  # the engine serves the updated weights
         metrics.update(evaluation.evaluate(engine, task, held_out, config=eval_config,

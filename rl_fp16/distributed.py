@@ -11,9 +11,10 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID set, e.g. by `launch.local_processes`), whi
 2. the shares are concatenated on every process (`allgather_rollout`, an all-gather of a few
    [B, P + T] arrays), so the minibatch shuffle, advantages and metrics are those of the
    single-process run; each process scores only its own rows (`rewards_by_share`);
-3. the trainer's log-probs and the sharded step take the global batch, each process placing the
-   rows of its own devices (`rl_fp16.sharding.shard_global_batch`);
-4. every process gathers the new params to host memory (`gather_params`, an all-gather of the
+3. the step's `TrainBatch` is built from the whole rollout on every process, which places the
+   rows of its own devices (`rl_fp16.sharding.shard_global_batch`); the trainer's logp_old pass
+   and the update (`make_update` on the mesh) run over the global batch;
+4. every process gathers the new params to host memory (`gather_to_host`, an all-gather of the
    sharded params) and pushes them into its engine.
 
 Only process 0 writes the run directory's config, metrics, TensorBoard events and plots
@@ -126,14 +127,14 @@ def concat_across_processes(local: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
-def gather_params(params: Any) -> Any:
+def gather_to_host(tree: Any) -> Any:
   """The whole value of every (possibly sharded) leaf as a NumPy array, on every process.
 
   Collective: every process must call it. One process: `jax.device_get`.
   """
   if jax.process_count() == 1:
-    return jax.device_get(params)
-  return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 # ------------------------------------------------------------------------------- rollouts ----
@@ -209,7 +210,7 @@ class ProcessShareEngine:
   def update_params(self, params: Any) -> float:
     """Gathers `params` and syncs the local engine; returns seconds (gather included)."""
     started = time.perf_counter()
-    self.engine.update_params(gather_params(params))
+    self.engine.update_params(gather_to_host(params))
     return time.perf_counter() - started
 
   def close(self) -> None:

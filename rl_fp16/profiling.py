@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_fp16 import objectives
+from rl_fp16.batch import TrainBatch, make_batch
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig
 from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
@@ -238,22 +239,21 @@ def train_step_flops(model_config: ModelConfig, batch: int, seq_len: int) -> dic
 
 
 def synthetic_rl_batch(vocab_size: int, rows: int, prompt_len: int, response_len: int,
-                       seed: int) -> dict[str, np.ndarray]:
-  """A full-sequence RL minibatch as the RL train step takes it, with random tokens."""
+                       seed: int) -> TrainBatch:
+  """A `TrainBatch` of `rows` rows of prompt_len + response_len random tokens (host arrays)."""
   rng = np.random.default_rng(seed)
   seq = prompt_len + response_len
   loss_mask = np.zeros((rows, seq), np.int32)
   loss_mask[:, prompt_len:] = 1
   logp = np.where(loss_mask > 0, -np.log(vocab_size), 0.0).astype(np.float32)
-  return {
-      "tokens": rng.integers(0, vocab_size, (rows, seq)).astype(np.int32),
-      "attention_mask": np.ones((rows, seq), np.int32),
-      "loss_mask": loss_mask,
-      "logp_old": logp,
-      "logp_sampler": logp + (0.01 * rng.standard_normal(logp.shape) * loss_mask
-                              ).astype(np.float32),
-      "advantages": rng.standard_normal(rows).astype(np.float32),
-  }
+  return make_batch(
+      tokens=rng.integers(0, vocab_size, (rows, seq)).astype(np.int32),
+      attention_mask=np.ones((rows, seq), np.int32),
+      loss_mask=loss_mask,
+      logp_old=logp,
+      logp_sampler=logp + (0.01 * rng.standard_normal(logp.shape) * loss_mask
+                           ).astype(np.float32),
+      advantages=rng.standard_normal(rows).astype(np.float32))
 
 
 def xla_op_profile(trace_dir: str, module: str, top: int = 8) -> list[dict[str, Any]]:
@@ -329,7 +329,8 @@ def train_step_speed(model_config: ModelConfig, params: Any, *, precision: str, 
                      response_len: int, tokens_per_step: int, optimizer, peak: dict[str, Any],
                      algorithm: str = "grpo", seed: int = 0, warmup: int = 1,
                      repetitions: int = 3, profile_dir: str | None = None) -> dict[str, Any]:
-  """One train-step (`make_train_step`) configuration: seconds per step, tokens/s, MFU, compiles per step.
+  """One train-step (`make_train_step`) configuration: seconds per step, tokens/s, MFU, compiles
+  per step.
 
   Steps on a `synthetic_rl_batch` of about `tokens_per_step` tokens (rows of prompt_len +
   response_len). `peak` is `matmul_peak`'s result. "mfu" is against the float32 matmul peak (the

@@ -1,10 +1,10 @@
 """The RL iteration: sample -> reward -> advantage -> trainer log-probs -> updates -> weight sync.
 
-`rl_iteration` composes three pieces around `rl_fp16.train`'s one jitted step:
-- `collect`: sample with the engine, score, compute advantages, the trainer's logp_old and the
-  mismatch metrics, and lay the rows out as the step's batch (a `Collected`);
-- `update`: every minibatch update of that batch (`make_update`'s scan over packed sequences, or
-  one `make_train_step` call per minibatch); its metrics stay on device;
+`rl_iteration` composes three pieces around `rl_fp16.train`'s one jitted update:
+- `collect`: sample with the engine, score, compute advantages, lay the rows out as the step's
+  `TrainBatch` with the trainer's logp_old (`with_logp_old`) and the mismatch metrics;
+- `update`: every minibatch update of that batch in `make_update`'s one jitted scan (plain,
+  LoRA, on a mesh, over several processes); its metrics stay on device;
 - `summarize`: the step's flat metrics dict (names: docs/design.md), from the training metrics
   brought to the host once (one `jax.device_get`) at the end of the iteration.
 """
@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable
 
@@ -22,38 +21,14 @@ import numpy as np
 import optax
 
 from rl_fp16 import advantages as advantages_lib
-from rl_fp16 import mismatch, sharding
+from rl_fp16 import distributed, mismatch, sharding
+from rl_fp16.batch import TrainBatch, batch_width, make_batch, rollout_batch
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.lora import merge_lora
 from rl_fp16.precision import BITWISE_COMPILER_OPTIONS, DtypePolicy
 from rl_fp16.sampling.jax_sampler import SamplingConfig
-from rl_fp16.train import (TRAINER_LOGP, RLConfig, batched_token_logprobs, make_train_step,
-                           make_update, packed_logprobs)
-
-
-def rollout_batch(rollout, logp_old: np.ndarray, advantages: np.ndarray) -> dict[str, np.ndarray]:
-  """A rollout as the full-sequence arrays `rl_loss` takes (prompt columns carry no loss)."""
-  tokens, attention_mask, loss_mask = rollout.full_sequence()
-  prompt_zeros = np.zeros(rollout.prompt_tokens.shape, np.float32)
-  return {
-      "tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
-      "logp_old": np.concatenate([prompt_zeros, logp_old], axis=1).astype(np.float32),
-      "logp_sampler": np.concatenate([prompt_zeros, rollout.logp_sampler], axis=1
-                                     ).astype(np.float32),
-      "advantages": np.asarray(advantages, np.float32),
-  }
-
-
-def packed_rollout_batch(rollout, advantages: np.ndarray, width: int) -> dict[str, np.ndarray]:
-  """A rollout as `make_update`'s update takes it: `Rollout.packed_sequence(width)` arrays, the
-  sampler's log-probs at their packed columns, advantages [B] (logp_old is computed on device)."""
-  tokens, attention_mask, loss_mask = rollout.packed_sequence(width)
-  return {
-      "tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
-      "logp_sampler": rollout.pack_response(np.asarray(rollout.logp_sampler, np.float32), width),
-      "advantages": np.asarray(advantages, np.float32),
-  }
+from rl_fp16.train import FORWARD_LOGP, RLConfig, make_update, trainer_logprobs
 
 
 _merge_lora = {bitwise: jax.jit(merge_lora, static_argnames=("lora_config", "dtype"),
@@ -71,14 +46,13 @@ def _policy_params(params, base_params, rl_config: RLConfig, bitwise: bool = Fal
 def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
                          trainer_policy: DtypePolicy, optimizer: optax.GradientTransformation,
                          rl_config: RLConfig, rows: int, widths, base_params=None) -> list[int]:
-  """Compiles `packed_logprobs` and `make_update`'s update for every packed width in `widths`
-  now, so that a later iteration whose batch lands in one of those buckets does not compile.
+  """Compiles the logp_old pass (`packed_logprobs`) and `make_update`'s update for every batch
+  width in `widths` now, so that a later iteration whose batch has one of those widths does not
+  compile.
 
   Runs both once per width on an all-padding batch (no loss tokens) and a copy of `state`; the
   state itself is not touched. Returns the widths compiled.
   """
-  lora = rl_config.lora
-  lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
   update_fn = make_update(model_config, trainer_policy, optimizer, rl_config=rl_config,
                           base_params=base_params)
   size = rows // rl_config.num_minibatches
@@ -86,48 +60,14 @@ def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
   done = []
   for width in sorted({int(w) for w in widths}):
     zeros = np.zeros((rows, width), np.int32)
-    batch = jax.device_put({
-        "tokens": zeros, "attention_mask": zeros.copy(), "loss_mask": zeros.copy(),
-        "logp_sampler": np.zeros((rows, width), np.float32),
-        "advantages": np.zeros((rows,), np.float32)})
-    batch["logp_old"] = packed_logprobs(model_config, trainer_policy, state.params, batch,
-                                        temperature=rl_config.temperature, **lora_args)
+    batch = jax.device_put(make_batch(zeros, zeros, zeros, zeros, np.zeros((rows,))))
+    batch = batch.replace(logp_old=trainer_logprobs(
+        model_config, trainer_policy, state.params, batch, rl_config=rl_config,
+        base_params=base_params))
     scratch = jax.tree_util.tree_map(jnp.copy, state)  # the update donates its state
     jax.block_until_ready(update_fn(scratch, batch, order))
     done.append(width)
   return done
-
-
-def make_rollout_logprobs(config: ModelConfig, policy: DtypePolicy, mesh, *,
-                          temperature: float = 1.0):
-  """`logprobs(params, rollout) -> float32 [B, T]`: the trainer's log-probs of a rollout's
-  response tokens (aligned with `rollout.logp_sampler`, 0 on padding), data parallel over the
-  mesh's batch axes.
-
-  Every process passes the whole rollout (`rl_fp16.distributed.allgather_rollout`) and the
-  (sharded) params; each device computes its rows and the result is all-gathered to every
-  process. Rows are padded (copies of the last row) to a multiple of data * fsdp.
-  """
-  compute = jax.jit(
-      lambda params, batch: packed_logprobs(config, policy, params, batch, temperature=temperature),
-      out_shardings=sharding.replicated(mesh))
-  ways = math.prod(dict(mesh.shape)[axis] for axis in sharding.BATCH_AXES)
-
-  def logprobs(params: Any, rollout) -> np.ndarray:
-    tokens, attention_mask, loss_mask = rollout.full_sequence()
-    longest = int(attention_mask.sum(axis=1).max())
-    if longest > config.max_position_embeddings:
-      raise ValueError(f"A sequence of {longest} tokens exceeds the model's "
-                       f"max_position_embeddings={config.max_position_embeddings}")
-    rows = tokens.shape[0]
-    pad = (-rows) % ways
-    batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
-    if pad:
-      batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
-    logp = np.asarray(compute(params, sharding.shard_global_batch(batch, mesh)))
-    return logp[:rows, rollout.prompt_tokens.shape[1]:] * rollout.response_mask
-
-  return logprobs
 
 
 # ----------------------------------------------------------------------- the RL iteration ----
@@ -140,11 +80,10 @@ class Collected:
   Attributes:
     rollout: the engine's `Rollout` (prompts left-padded to `rl_config.prompt_bucket`).
     rewards: float32 [B], all finite.
-    batch: the step's arrays for all rows: packed (`packed_rollout_batch`, on device, with the
-      trainer's `logp_old`) or full-sequence (`rollout_batch`, NumPy).
+    batch: the step's `TrainBatch` for all rows, on device (on a mesh: rows split over its batch
+      axes), logp_old set.
+    host_batch: the same batch as NumPy arrays, logp_old unset: for host-side metrics.
     order: int [K, M], the rows of the K minibatches in update order (epochs included).
-    packed: whether `batch` is packed (then `update` runs `make_update`'s scan).
-    seq_len: the trainer's sequence width.
     metrics: mismatch metrics (and `extra_metrics`' on the sampling params), host floats; under
       a bitwise trainer policy the mismatch comes later, from `update` (`bitwise_mismatch`).
     times: `time/sample_s`, `time/score_s`, `time/logp_s`.
@@ -152,23 +91,16 @@ class Collected:
 
   rollout: Any
   rewards: np.ndarray
-  batch: dict[str, Any]
+  batch: TrainBatch
+  host_batch: TrainBatch
   order: np.ndarray
-  packed: bool
-  seq_len: int
   metrics: dict[str, float]
   times: dict[str, float]
 
 
-def collect(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy, engine,
-            prompts: list[list[int]], reward_fn, rl_config: RLConfig, seed: int, packed: bool,
-            base_params=None, extra_metrics: Callable[[Any, Any], dict[str, float]] | None = None,
-            logprobs_fn: Callable[[Any, Any], np.ndarray] | None = None) -> Collected:
-  """sample -> reward -> advantage -> minibatch order -> trainer logp_old -> mismatch metrics.
-
-  `state` is only read (its params are the sampling params). Arguments as `rl_iteration`'s;
-  packed: lay the batch out for `make_update` (else full sequences for a per-minibatch step).
-  """
+def sample_and_score(engine, prompts: list[list[int]], reward_fn, rl_config: RLConfig, seed: int
+                     ) -> tuple[Any, np.ndarray, np.ndarray, dict[str, float]]:
+  """(rollout, rewards float32 [B], advantages float32 [B], times): one generation batch."""
   n = rl_config.samples_per_prompt
   times = {}
   start = time.perf_counter()
@@ -182,81 +114,81 @@ def collect(state: TrainState, *, model_config: ModelConfig, trainer_policy: Dty
   advantages = np.asarray(advantages_lib.compute_advantages(rl_config.advantage,
                                                             jnp.asarray(rewards), n))
   times["time/score_s"] = time.perf_counter() - start
+  return rollout, rewards, advantages, times
 
-  rows = rollout.batch_size
+
+def minibatch_order(rows: int, rl_config: RLConfig, seed: int) -> np.ndarray:
+  """int [epochs * num_minibatches, M]: the rows of each minibatch, in update order."""
   if rows % rl_config.num_minibatches:
     raise ValueError(f"{rows} rollouts do not split into {rl_config.num_minibatches} minibatches")
   size = rows // rl_config.num_minibatches
   order_rng = np.random.default_rng(seed)
-  order = np.stack([order_rng.permutation(rows) for _ in range(rl_config.epochs)]
-                   ).reshape(-1, size)  # the minibatches' rows, in update order
+  return np.stack([order_rng.permutation(rows) for _ in range(rl_config.epochs)]
+                  ).reshape(-1, size)
+
+
+def collect(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy, engine,
+            prompts: list[list[int]], reward_fn, rl_config: RLConfig, seed: int,
+            base_params=None, mesh=None,
+            extra_metrics: Callable[[Any, Any], dict[str, float]] | None = None) -> Collected:
+  """sample -> reward -> advantage -> minibatch order -> the step's batch with its logp_old ->
+  mismatch metrics.
+
+  `state` is only read (its params are the sampling params). Arguments as `rl_iteration`'s.
+  """
+  rollout, rewards, advantages, times = sample_and_score(engine, prompts, reward_fn, rl_config,
+                                                         seed)
+  order = minibatch_order(rollout.batch_size, rl_config, seed)
   if extra_metrics is not None:  # e.g. the MoE expert-set mismatch, on the sampling params
     sampling_metrics = extra_metrics(rollout, _policy_params(state.params, base_params,
                                                              rl_config))
-
   start = time.perf_counter()
-  if packed:
-    seq_len = rollout.packed_width(rl_config.sequence_bucket)
-    batch = jax.device_put(packed_rollout_batch(rollout, advantages, seq_len))
-  if trainer_policy.bitwise:
-    # The engine's log-probs are the trainer's, bit for bit: no logp_old pass. The mismatch is
-    # measured from the first minibatch's forward (`bitwise_mismatch`).
-    logp_old = rollout.logp_sampler
-    if packed:
-      logp_old_packed = batch["logp_sampler"]
-  elif packed:  # one jitted logp_old pass over all rows
-    lora = rl_config.lora
-    lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
-    logp_old_packed = jax.block_until_ready(packed_logprobs(
-        model_config, trainer_policy, state.params, batch, temperature=rl_config.temperature,
-        **lora_args))
-    logp_old = rollout.unpack_response(np.asarray(logp_old_packed))
-  elif logprobs_fn is not None:
-    logp_old = logprobs_fn(_policy_params(state.params, base_params, rl_config), rollout)
-  else:
-    logp_old = batched_token_logprobs(model_config,
-                                      _policy_params(state.params, base_params, rl_config),
-                                      rollout, policy=trainer_policy,
-                                      temperature=rl_config.temperature)
+  host_batch = rollout_batch(rollout, advantages,
+                             batch_width(rollout, rl_config.sequence_bucket))
+  batch = with_logp_old(state, host_batch, model_config=model_config,
+                        trainer_policy=trainer_policy, rl_config=rl_config,
+                        base_params=base_params, mesh=mesh)
   times["time/logp_s"] = time.perf_counter() - start
-  metrics = ({} if trainer_policy.bitwise else
-             mismatch.mismatch_metrics(logp_old, rollout.logp_sampler, rollout.response_mask))
+  # Under a bitwise policy logp_old is the sampler's: the mismatch comes from `bitwise_mismatch`.
+  metrics = {} if trainer_policy.bitwise else mismatch.mismatch_metrics(
+      rollout.unpack_response(np.asarray(distributed.gather_to_host(batch.logp_old))),
+      rollout.logp_sampler, rollout.response_mask)
   if extra_metrics is not None:
     metrics.update(sampling_metrics)
+  return Collected(rollout=rollout, rewards=rewards, batch=batch, host_batch=host_batch,
+                   order=order, metrics=metrics, times=times)
 
-  if packed:
-    batch["logp_old"] = logp_old_packed
-  else:
-    batch = rollout_batch(rollout, logp_old, advantages)
-    seq_len = rollout.prompt_tokens.shape[1] + rollout.response_tokens.shape[1]
-  return Collected(rollout=rollout, rewards=rewards, batch=batch, order=order, packed=packed,
-                   seq_len=seq_len, metrics=metrics, times=times)
+
+def with_logp_old(state: TrainState, host_batch: TrainBatch, *, model_config: ModelConfig,
+                  trainer_policy: DtypePolicy, rl_config: RLConfig, base_params=None,
+                  mesh=None) -> TrainBatch:
+  """`host_batch` on device (with `mesh`: rows split over its batch axes) with its logp_old:
+  the trainer's one jitted forward over all rows at `state.params` (`trainer_logprobs`), or
+  under a bitwise trainer policy the sampler's log-probs, which equal it bit for bit."""
+  batch = (jax.device_put(host_batch) if mesh is None
+           else sharding.shard_global_batch(host_batch, mesh))
+  if trainer_policy.bitwise:
+    return batch.replace(logp_old=batch.logp_sampler)
+  return batch.replace(logp_old=jax.block_until_ready(trainer_logprobs(
+      model_config, trainer_policy, state.params, batch, rl_config=rl_config,
+      base_params=base_params, mesh=mesh)))
 
 
 def update(state: TrainState, collected: Collected, *, model_config: ModelConfig,
            trainer_policy: DtypePolicy, optimizer: optax.GradientTransformation,
-           rl_config: RLConfig, base_params=None, train_step: Callable | None = None
+           rl_config: RLConfig, base_params=None, mesh=None
            ) -> tuple[TrainState, dict[str, Any]]:
-  """Every minibatch update of `collected`, in `collected.order`, with the one jitted step.
-
-  Packed: `make_update`'s scan (one dispatch); else one `train_step` (default `make_train_step`'s)
-  call per minibatch. Returns the new state (ready: the update has finished) and the training
-  metrics still on device: {name: the K minibatches' values}.
+  """Every minibatch update of `collected`, in `collected.order`: `make_update`'s one jitted
+  scan (with `mesh`, sharded over it). Returns the new state (ready: the update has finished)
+  and the training metrics still on device: {name: the K minibatches' values}.
   """
-  if collected.packed:
-    update_fn = make_update(model_config, trainer_policy, optimizer, rl_config=rl_config,
-                            base_params=base_params)
-    state, metrics = update_fn(state, collected.batch, jnp.asarray(collected.order, jnp.int32))
+  update_fn = make_update(model_config, trainer_policy, optimizer, rl_config=rl_config,
+                          mesh=mesh, base_params=base_params, state=state)
+  if mesh is None:
+    order = jnp.asarray(collected.order, jnp.int32)
   else:
-    step = train_step or make_train_step(model_config, trainer_policy, optimizer,
-                                         rl_config=rl_config, base_params=base_params)
-    per_minibatch = []
-    for idx in collected.order:
-      state, step_metrics = step(state, {key: value[idx] for key, value in
-                                         collected.batch.items()})
-      per_minibatch.append(step_metrics)
-    metrics = {key: [m[key] for m in per_minibatch] for key in per_minibatch[0]}
-  return jax.block_until_ready((state, metrics))
+    order = jax.device_put(np.asarray(collected.order, np.int32), sharding.replicated(mesh))
+  return jax.block_until_ready(update_fn(state, collected.batch, order))
 
 
 def sync_weights(engine, state: TrainState, *, rl_config: RLConfig, base_params=None,
@@ -278,16 +210,15 @@ def sync_weights(engine, state: TrainState, *, rl_config: RLConfig, base_params=
 
 
 def bitwise_mismatch(collected: Collected, train_metrics: dict[str, Any]) -> dict[str, float]:
-  """The mismatch metrics of a bitwise step: the first minibatch's trainer log-probs (its forward
-  at the sampling parameters, before any update) against the sampler's, on that minibatch's rows.
+  """The mismatch metrics of a bitwise step: the first minibatch's logp_old (its forward at the
+  sampling parameters, before any update) against the sampler's, on that minibatch's rows.
 
-  Pops `TRAINER_LOGP` ([K] x [M, S], on the host) from `train_metrics`.
+  Pops `FORWARD_LOGP` ([K] x [M, S], on the host) from `train_metrics`.
   """
   rows = np.asarray(collected.order[0])
-  logp_trainer = np.asarray(train_metrics.pop(TRAINER_LOGP)[0], np.float32)
-  batch = collected.batch
-  return mismatch.mismatch_metrics(logp_trainer, np.asarray(batch["logp_sampler"])[rows],
-                                   np.asarray(batch["loss_mask"])[rows])
+  logp_old = np.asarray(train_metrics.pop(FORWARD_LOGP)[0], np.float32)
+  batch = collected.host_batch
+  return mismatch.mismatch_metrics(logp_old, batch.logp_sampler[rows], batch.loss_mask[rows])
 
 
 def summarize(collected: Collected, train_metrics: dict[str, Any], times: dict[str, float], *,
@@ -317,7 +248,7 @@ def summarize(collected: Collected, train_metrics: dict[str, Any], times: dict[s
       "advantage/zero_std_groups": float(np.mean(
           rewards.reshape(-1, samples_per_prompt).std(axis=1) == 0)),
   })
-  out["perf/train_seq_len"] = float(collected.seq_len)
+  out["perf/train_seq_len"] = float(collected.batch.width)
   out.update(times)
   total = sum(times.values())
   out["time/step_s"] = total
@@ -327,27 +258,25 @@ def summarize(collected: Collected, train_metrics: dict[str, Any], times: dict[s
 
 def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy: DtypePolicy,
                  optimizer: optax.GradientTransformation, engine, prompts: list[list[int]],
-                 reward_fn, rl_config: RLConfig, seed: int, base_params=None,
-                 train_step: Callable | None = None,
-                 extra_metrics: Callable[[Any, Any], dict[str, float]] | None = None,
-                 logprobs_fn: Callable[[Any, Any], np.ndarray] | None = None
+                 reward_fn, rl_config: RLConfig, seed: int, base_params=None, mesh=None,
+                 extra_metrics: Callable[[Any, Any], dict[str, float]] | None = None
                  ) -> tuple[TrainState, dict[str, float]]:
   """sample -> reward -> advantage -> trainer logp_old -> minibatch updates -> weight sync:
   `collect`, `update`, `sync_weights`, then `summarize`.
 
   Args:
-    state: the train state; with `rl_config.lora` its params are the LoRA adapters only.
-    engine: an `rl_fp16.sampling.engines` engine holding the current (merged) params.
+    state: the train state; with `rl_config.lora` its params are the LoRA adapters only; with
+      `mesh`, placed on it (`sharding.shard_state`).
+    engine: an `rl_fp16.sampling.engines` engine holding the current (merged) params; every
+      process passes the same prompts and gets the whole rollout (`distributed`).
     prompts: token-id prompts for this step (one group of `samples_per_prompt` each).
     reward_fn: (rollout) -> float32 [B] rewards.
     seed: sampling seed of this step (and of the minibatch shuffle).
-    base_params: the frozen base params; required with `rl_config.lora`, else must be None.
-    train_step: (state, minibatch) -> (state, metrics) replacing the default
-      `make_train_step` step (e.g. one built with a mesh); it also turns off the packed path.
+    base_params: the frozen base params; required with `rl_config.lora`, else must be None;
+      with `mesh`, placed on it (`sharding.param_shardings`).
+    mesh: a `sharding.make_mesh` mesh (possibly over several processes): the logp_old pass and
+      the update run data parallel over its batch axes, the state sharded by its rules.
     extra_metrics: (rollout, params that sampled it) -> more metrics for this step.
-    logprobs_fn: with `train_step`, (params, rollout) -> the trainer's log-probs of the
-      response tokens, float32 [B, T] (e.g. `make_rollout_logprobs`: data
-      parallel over the mesh, also across processes); default `batched_token_logprobs`.
   Returns:
     The new state and a flat dict of this step's metrics (names: docs/design.md).
   """
@@ -355,17 +284,14 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
   if (base_params is None) != (lora is None):
     raise ValueError(f"rl_config.lora={lora} needs base_params (and base_params needs "
                      "rl_config.lora)")
-  packed = train_step is None and rl_config.sequence_bucket > 0
   collected = collect(state, model_config=model_config, trainer_policy=trainer_policy,
                       engine=engine, prompts=prompts, reward_fn=reward_fn, rl_config=rl_config,
-                      seed=seed, packed=packed, base_params=base_params,
-                      extra_metrics=extra_metrics, logprobs_fn=logprobs_fn)
+                      seed=seed, base_params=base_params, mesh=mesh, extra_metrics=extra_metrics)
   times = dict(collected.times)
   start = time.perf_counter()
   state, train_metrics = update(state, collected, model_config=model_config,
                                 trainer_policy=trainer_policy, optimizer=optimizer,
-                                rl_config=rl_config, base_params=base_params,
-                                train_step=train_step)
+                                rl_config=rl_config, base_params=base_params, mesh=mesh)
   times["time/update_s"] = time.perf_counter() - start
   times["time/sync_s"] = sync_weights(engine, state, rl_config=rl_config, base_params=base_params,
                                       bitwise=trainer_policy.bitwise)

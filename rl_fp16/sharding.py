@@ -238,41 +238,44 @@ def shard_state(state: TrainState, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> 
   return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-  """A batch of [B, ...] arrays as global arrays split over ("data", "fsdp").
+def _placed_rows(batch: Any, mesh: Mesh, place, global_rows) -> Any:
+  """Every leaf of `batch` ([B, ...] arrays) placed by `place(sharding, value)`, after checking
+  that its global row count `global_rows(value)` divides over ("data", "fsdp")."""
+  sharding = batch_sharding(mesh)
+  ways = _axis_size(dict(mesh.shape), BATCH_AXES)
+
+  def leaf(path, value):
+    value = np.asarray(value)
+    if global_rows(value) % ways:
+      raise ValueError(f"Batch '{path_name(path)}' has {global_rows(value)} rows, not divisible "
+                       f"by data x fsdp = {ways}; choose a minibatch size that is a multiple of it")
+    return place(sharding, value)
+
+  return jax.tree_util.tree_map_with_path(leaf, batch)
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """A batch (a dict or `TrainBatch` of [B, ...] arrays) as global arrays split over
+  ("data", "fsdp").
 
   Each process passes its own rows (on one host: the whole batch); the global batch size is the
   sum over processes and must be divisible by data * fsdp.
   """
-  sharding = batch_sharding(mesh)
-  ways = _axis_size(dict(mesh.shape), BATCH_AXES)
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    global_rows = value.shape[0] * jax.process_count()
-    if global_rows % ways:
-      raise ValueError(f"Batch '{key}' has {global_rows} rows, not divisible by data x fsdp = "
-                       f"{ways}; choose a minibatch size that is a multiple of it")
-    out[key] = jax.make_array_from_process_local_data(sharding, value)
-  return out
+  return _placed_rows(batch, mesh, jax.make_array_from_process_local_data,
+                      lambda value: value.shape[0] * jax.process_count())
 
 
-def shard_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-  """A batch of [B, ...] arrays as global arrays split over ("data", "fsdp"), where every process
-  passes the whole batch (the same values) and places the rows of its own devices.
+def shard_global_batch(batch: Any, mesh: Mesh) -> Any:
+  """A batch (a dict or `TrainBatch` of [B, ...] arrays) as global arrays split over
+  ("data", "fsdp"), where every process passes the whole batch (the same values) and places the
+  rows of its own devices.
 
   On one process this equals `shard_batch`. B must be divisible by data * fsdp.
   """
-  sharding = batch_sharding(mesh)
-  ways = _axis_size(dict(mesh.shape), BATCH_AXES)
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    if value.shape[0] % ways:
-      raise ValueError(f"Batch '{key}' has {value.shape[0]} rows, not divisible by data x fsdp = "
-                       f"{ways}; choose a minibatch size that is a multiple of it")
-    out[key] = jax.make_array_from_process_local_data(sharding, value, value.shape)
-  return out
+  return _placed_rows(
+      batch, mesh,
+      lambda sharding, value: jax.make_array_from_process_local_data(sharding, value, value.shape),
+      lambda value: value.shape[0])
 
 
 # ----------------------------------------------------------------------------- train step ----

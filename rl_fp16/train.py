@@ -28,6 +28,7 @@ import optax
 
 from rl_fp16 import advantages as advantages_lib
 from rl_fp16 import objectives, precision, sharding
+from rl_fp16.batch import TrainBatch
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
 from rl_fp16.models import apply_logits, apply_token_logprobs, token_logprobs
@@ -116,41 +117,42 @@ def sft_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy
 # ------------------------------------------------------------------------------------ RL ----
 
 
-TRAINER_LOGP = "trainer_logp"
+FORWARD_LOGP = "forward_logp"
 
 
-def rl_loss(params, batch: dict[str, jax.Array], base_params=None, *, config: ModelConfig,
+def rl_loss(params, batch: TrainBatch, base_params=None, *, config: ModelConfig,
             policy: DtypePolicy, algorithm: str, loss_config: objectives.LossConfig,
             temperature: float, lora_config: LoraConfig | None = None):
   """The policy loss of `objectives.policy_loss` on one minibatch, plus entropy.
 
-  batch (full sequences, prompt + response, all [B, S] unless noted): tokens int32,
-  attention_mask int32, loss_mask int32 (1 on response tokens), logp_old float32 (trainer at the
-  sampling parameters), logp_sampler float32 (the engine's), advantages float32 [B].
-  With `lora_config`, `params` are the LoRA adapters and the model is
-  `merge_lora(base_params, params)` (the frozen base is an explicit, undifferentiated argument).
-  Under a bitwise policy the metrics also hold `TRAINER_LOGP`: this forward's log-probs, float32
-  [B, S] (0 off the loss mask), which the RL loop compares with the sampler's.
+  batch: a `TrainBatch` with logp_old set (refused without it). With `lora_config`, `params` are
+  the LoRA adapters and the model is `merge_lora(base_params, params)` (the frozen base is an
+  explicit, undifferentiated argument). Under a bitwise policy the metrics also hold
+  `FORWARD_LOGP`: this forward's log-probs, float32 [B, S] (0 off the loss mask); for the first
+  minibatch, before any update, they are its logp_old, which the RL loop compares with the
+  sampler's.
   """
+  if batch.logp_old is None:
+    raise ValueError("rl_loss needs batch.logp_old (TrainBatch.replace(logp_old=...))")
   if lora_config is not None:
     params = merge_lora(base_params, params, lora_config)
-  tokens, attention_mask = batch["tokens"], batch["attention_mask"]
+  tokens, attention_mask = batch.tokens, batch.attention_mask
   logits = apply_logits(config, policy, params, tokens, attention_mask,
                         default_positions(attention_mask))
   logp, entropy = shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype,
                                    temperature=temperature, with_entropy=True)
-  mask = batch["loss_mask"]
+  mask = batch.loss_mask
   if policy.bitwise:  # this forward's log-probs, for the mismatch of the first minibatch
-    trainer_logp = {TRAINER_LOGP: jax.lax.stop_gradient(logp) * mask.astype(jnp.float32)}
+    forward_logp = {FORWARD_LOGP: jax.lax.stop_gradient(logp) * mask.astype(jnp.float32)}
   else:
-    trainer_logp = {}
+    forward_logp = {}
   loss, metrics = objectives.policy_loss(
-      algorithm, logp=logp, logp_old=batch["logp_old"], logp_sampler=batch["logp_sampler"],
-      advantages=batch["advantages"], mask=mask, config=loss_config)
+      algorithm, logp=logp, logp_old=batch.logp_old, logp_sampler=batch.logp_sampler,
+      advantages=batch.advantages, mask=mask, config=loss_config)
   maskf = mask.astype(jnp.float32)
   metrics = dict(metrics)
   metrics["train/entropy"] = (entropy * maskf).sum() / jnp.maximum(maskf.sum(), 1.0)
-  metrics.update(trainer_logp)
+  metrics.update(forward_logp)
   return loss, metrics
 
 
@@ -168,12 +170,10 @@ class RLConfig:
   max_new_tokens: int = 256
   prompt_bucket: int = 32  # prompts are left-padded to a multiple of this (fewer recompilations)
   lora: LoraConfig | None = None  # train LoRA adapters on a frozen base instead of all params
-  # The trainer's sequences: > 0 packs each row's prompt and response from column 0 and pads all
-  # rows to the longest prompt + response rounded up to a multiple of `sequence_bucket` (few
-  # widths, so few compilations), then computes logp_old in one jitted pass and runs every
-  # minibatch update in one jitted `lax.scan` (`make_update`). 0: the unbucketed path (prompts
-  # left-padded to `prompt_bucket`, responses to `max_new_tokens`, one jitted call per
-  # minibatch); the same results up to float rounding (tests/test_speed_levers.py).
+  # The columns of the step's `TrainBatch` (every row's prompt and response from column 0):
+  # > 0 pads all rows to the longest prompt + response rounded up to a multiple of
+  # `sequence_bucket` (few widths, so few compilations); 0 pads them to the prompt width
+  # (`prompt_bucket`) plus the response width (`max_new_tokens`).
   sequence_bucket: int = 64
 
   def __post_init__(self):
@@ -192,20 +192,44 @@ class RLConfig:
 
 @functools.partial(policy_jit,
                    static_argnames=("config", "policy", "temperature", "lora_config"))
-def packed_logprobs(config: ModelConfig, policy: DtypePolicy, params, batch: dict[str, jax.Array],
+def packed_logprobs(config: ModelConfig, policy: DtypePolicy, params, batch: TrainBatch,
                     *, temperature: float = 1.0, base_params=None,
                     lora_config: LoraConfig | None = None) -> jax.Array:
   """The trainer's log-probs of every row's response tokens, float32 [B, S] (0 off
-  `batch["loss_mask"]`), in one jitted forward over all rows: the logp_old of `make_update`.
+  `batch.loss_mask`), in one jitted forward over all rows: the batch's logp_old.
 
   With `lora_config`, `params` are the adapters and the model is `merge_lora(base_params, params)`.
   """
   if lora_config is not None:
     params = merge_lora(base_params, params, lora_config)
-  attention_mask = batch["attention_mask"]
-  logp = apply_token_logprobs(config, policy, params, batch["tokens"], attention_mask,
+  attention_mask = batch.attention_mask
+  logp = apply_token_logprobs(config, policy, params, batch.tokens, attention_mask,
                               default_positions(attention_mask), temperature)
-  return logp * batch["loss_mask"].astype(jnp.float32)
+  return logp * batch.loss_mask.astype(jnp.float32)
+
+
+def trainer_logprobs(model_config: ModelConfig, policy: DtypePolicy, params, batch: TrainBatch,
+                     *, rl_config: RLConfig, base_params=None, mesh=None) -> jax.Array:
+  """`packed_logprobs` at `rl_config`'s temperature (and LoRA): float32 [B, S] on the batch's
+  devices. With `mesh`, `batch` and `params` are placed on it and the result's rows are split
+  over the batch axes, as the batch's are."""
+  lora = rl_config.lora
+  if mesh is None:
+    lora_args = {} if lora is None else {"base_params": base_params, "lora_config": lora}
+    return packed_logprobs(model_config, policy, params, batch,
+                           temperature=rl_config.temperature, **lora_args)
+  compute = _logprobs_on_mesh(model_config, policy, rl_config.temperature, lora, mesh)
+  return compute(params, batch, base_params if lora is not None else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _logprobs_on_mesh(model_config: ModelConfig, policy: DtypePolicy, temperature: float,
+                      lora_config: LoraConfig | None, mesh):
+  def compute(params, batch, base_params):
+    return packed_logprobs(model_config, policy, params, batch, temperature=temperature,
+                           base_params=base_params, lora_config=lora_config)
+  return jax.jit(compute, out_shardings=sharding.batch_sharding(mesh),
+                 compiler_options=precision.compiler_options(policy))
 
 
 # ---------------------------------------------------------------------------- step factory ----
@@ -328,7 +352,9 @@ def _jitted(form: str, model_config: ModelConfig, policy: DtypePolicy,
 
   def update(state, batch, order, base_params):
     def body(state, rows):
-      minibatch = {key: jnp.take(value, rows, axis=0) for key, value in batch.items()}
+      minibatch = jax.tree_util.tree_map(lambda value: jnp.take(value, rows, axis=0), batch)
+      if shardings is not None:  # each minibatch's rows split over the batch axes, as a step's
+        minibatch = jax.lax.with_sharding_constraint(minibatch, _thaw(shardings)[1])
       return train_step(state, minibatch, base_params)
     return jax.lax.scan(body, state, order)
 
@@ -391,9 +417,8 @@ def make_train_step(model_config: ModelConfig, policy: DtypePolicy,
   donated. Metrics: `apply_gradients`'s (float32 scalars).
 
   Args:
-    loss: "rl" (`rl_loss`; batch: tokens, attention_mask, loss_mask [B, S], logp_old,
-      logp_sampler float32 [B, S], advantages float32 [B]) or "sft" (`sft_loss`; batch:
-      tokens, attention_mask, loss_mask [B, S]).
+    loss: "rl" (`rl_loss`; batch: a `rl_fp16.batch.TrainBatch` with logp_old set) or "sft"
+      (`sft_loss`; batch: a dict of tokens, attention_mask, loss_mask [B, S]).
     rl_config: with loss "rl": its algorithm, loss, temperature and lora are used.
     mesh: a `rl_fp16.sharding.make_mesh` mesh: the state goes in and out with
       `sharding.state_shardings`, the batch with `sharding.batch_sharding`, metrics replicated.
@@ -415,12 +440,14 @@ def make_update(model_config: ModelConfig, policy: DtypePolicy,
                 rl_config: "RLConfig | None" = None, mesh=None, base_params=None,
                 state: TrainState | None = None, rules=None) -> TrainStep:
   """Every minibatch update of one generation batch in one jitted `lax.scan`:
-  `update(state, batch, order) -> (state, metrics)`.
+  `update(state, batch, order) -> (state, metrics)`. The RL loop's one update path: plain, LoRA,
+  sharded (`mesh`) and multi-process alike.
 
   batch: as `make_train_step`'s, for all rows; order: int32 [K, M], the row indices of the K
-  minibatches in the order they are applied. Each scan iteration is `make_train_step`'s update
-  (`apply_gradients`) on rows `order[k]`; metrics come back stacked [K]. One dispatch and one
-  host round trip for all K updates; the state is donated. Arguments as `make_train_step`.
+  minibatches in the order they are applied (with a mesh, replicated; M a multiple of
+  data * fsdp). Each scan iteration is `make_train_step`'s update (`apply_gradients`) on rows
+  `order[k]`; metrics come back stacked [K]. One dispatch and one host round trip for all K
+  updates; the state is donated. Arguments as `make_train_step`.
   """
   return _make("update", model_config, policy, optimizer, loss=loss, rl_config=rl_config,
                mesh=mesh, base_params=base_params, state=state, rules=rules)

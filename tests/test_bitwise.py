@@ -99,7 +99,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from rl_fp16 import objectives  # noqa: E402
+from rl_fp16 import objectives, sharding  # noqa: E402
 from rl_fp16.checkpoints import load_hf  # noqa: E402
 from rl_fp16.checkpoints.train_state import TrainState  # noqa: E402
 from rl_fp16.data import synthetic, tokenizer  # noqa: E402
@@ -114,12 +114,9 @@ from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer  # noqa: E40
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _rl_steps(model_dir, precision, *, bitwise, lora, steps=3, mesh_step=None):
-  """Metrics of `steps` RL iterations (GRPO, 2 minibatches, packed update) on the tiny task.
-
-  mesh_step: (model_config, policy, optimizer, rl_config, state, base) -> (placed state,
-  sharded train step, placed base): the sharded path instead of the packed one.
-  """
+def _rl_steps(model_dir, precision, *, bitwise, lora, steps=3, mesh=None):
+  """Metrics of `steps` RL iterations (GRPO, 2 minibatches, packed update) on the tiny task;
+  with `mesh`, the state and the LoRA base placed on it and the update sharded over it."""
   model_config, base = load_hf(model_dir)
   task = SyntheticTask(synthetic.load_task_config(model_dir), tokenizer.load_tokenizer(model_dir))
   pair = get_precision_pair(precision, bitwise=bitwise)
@@ -132,17 +129,18 @@ def _rl_steps(model_dir, precision, *, bitwise, lora, steps=3, mesh_step=None):
   rl_config = RLConfig(samples_per_prompt=4, num_minibatches=2, max_new_tokens=24,
                        loss=objectives.LossConfig(max_response_len=24), lora=lora_config)
   reward_fn = lambda rollout: (rollout.response_lengths % 2).astype(np.float32)
-  base_params, train_step = (base if lora else None), None
-  if mesh_step is not None:
-    state, train_step, base_params = mesh_step(model_config, pair.trainer, optimizer, rl_config,
-                                               state, base_params)
+  base_params = base if lora else None
+  if mesh is not None:
+    state = sharding.shard_state(state, mesh)
+    if lora:
+      base_params = jax.device_put(base_params, sharding.param_shardings(base_params, mesh))
   logged = []
   for step in range(steps):
     state, metrics = rl_iteration(state, model_config=model_config, trainer_policy=pair.trainer,
                                   optimizer=optimizer, engine=engine,
                                   prompts=task.prompt_ids(task.problems(4, seed=step)),
                                   reward_fn=reward_fn, rl_config=rl_config, seed=step,
-                                  base_params=base_params, train_step=train_step)
+                                  base_params=base_params, mesh=mesh)
     logged.append(metrics)
   return logged
 
@@ -161,19 +159,10 @@ def test_rl_in_bitwise_mode_logs_zero_mismatch_at_every_step(tiny_task_model_dir
 
 
 def _sharded_child(model_dir: str, lora: bool) -> None:
-  """Runs in a subprocess with 8 host devices: `_rl_steps` with the sharded train step on a
+  """Runs in a subprocess with 8 host devices: `_rl_steps` with the update sharded on a
   data=2 x fsdp=4 mesh (as experiments.rl builds it); prints the metrics as JSON."""
-  from rl_fp16 import sharding  # pylint: disable=g-import-not-at-top
-  from rl_fp16.train import make_train_step  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1)
-
-  def sharded(model_config, policy, optimizer, rl_config, state, base):
-    step = make_train_step(model_config, policy, optimizer, rl_config=rl_config, mesh=mesh,
-                           state=state, base_params=base)
-    return (sharding.shard_state(state, mesh),
-            lambda s, b: step(s, sharding.shard_global_batch(b, mesh)), step.base_params)
-
-  print(json.dumps(_rl_steps(model_dir, "fp16", bitwise=True, lora=lora, mesh_step=sharded)))
+  print(json.dumps(_rl_steps(model_dir, "fp16", bitwise=True, lora=lora, mesh=mesh)))
 
 
 @pytest.mark.slow

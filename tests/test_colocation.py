@@ -136,7 +136,7 @@ class _Recorder:
 
 
 @pytest.mark.slow
-def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir):
+def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir, monkeypatch):
   from rl_fp16 import objectives, rl_loop, train  # pylint: disable=g-import-not-at-top
   from rl_fp16.checkpoints import load_hf  # pylint: disable=g-import-not-at-top
   from rl_fp16.checkpoints.train_state import TrainState  # pylint: disable=g-import-not-at-top
@@ -152,11 +152,17 @@ def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir):
   rl_config = train.RLConfig(samples_per_prompt=2, num_minibatches=1, max_new_tokens=8,
                              loss=objectives.LossConfig(max_response_len=8))
 
-  update = train.make_train_step(config, pair.trainer, optimizer, rl_config=rl_config)
+  make_update = rl_loop.make_update
 
-  def train_step(state, minibatch):
-    calls.append("train")  # the list of the level being run
-    return update(state, minibatch)
+  def recording_update(*args, **kwargs):
+    update = make_update(*args, **kwargs)
+
+    def run(state, batch, order):
+      calls.append("train")  # the list of the level being run
+      return update(state, batch, order)
+    return run
+
+  monkeypatch.setattr(rl_loop, "make_update", recording_update)
 
   for level, wakes in ((1, ["wake_up(all)", "sync"]),
                        (2, ["wake_up(weights)", "sync", "wake_up(kv_cache)"])):
@@ -167,8 +173,7 @@ def test_sleep_mode_call_order_in_an_rl_iteration(tiny_task_model_dir):
       state, metrics = rl_loop.rl_iteration(
           state, model_config=config, trainer_policy=pair.trainer, optimizer=optimizer,
           engine=engine, prompts=[[1, 5, 6], [1, 7]], rl_config=rl_config, seed=step,
-          reward_fn=lambda r: (r.response_lengths % 2).astype(np.float32),
-          train_step=train_step)
+          reward_fn=lambda r: (r.response_lengths % 2).astype(np.float32))
       assert metrics["time/sync_s"] >= engine.last_wake_s
     one = ["generate", f"sleep({level})", "train"] + wakes
     assert calls == one + one, level

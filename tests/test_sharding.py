@@ -19,6 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rl_fp16 import objectives, sharding
+from rl_fp16.batch import make_batch
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params, token_logprobs
 from rl_fp16.models import lora as lora_lib
@@ -54,12 +55,10 @@ def _setup(seed=0, batch_size=8, seq_len=16):
   logp_old = np.asarray(token_logprobs(TINY, params, tokens, policy=policy,
                                        attention_mask=attention_mask))
   noise = rng.normal(0.0, 0.1, logp_old.shape).astype(np.float32)
-  batch = {
-      "tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask.astype(np.int32),
-      "logp_old": logp_old.astype(np.float32),
-      "logp_sampler": (logp_old + noise * loss_mask).astype(np.float32),
-      "advantages": rng.normal(size=batch_size).astype(np.float32),
-  }
+  batch = make_batch(tokens=tokens, attention_mask=attention_mask,
+                     loss_mask=loss_mask.astype(np.int32), logp_old=logp_old.astype(np.float32),
+                     logp_sampler=(logp_old + noise * loss_mask).astype(np.float32),
+                     advantages=rng.normal(size=batch_size).astype(np.float32))
   return policy, optimizer, params, batch
 
 
@@ -125,7 +124,7 @@ def _child() -> dict:
         "nu_down_kernel_shard": list(adam.nu["layers_0"]["mlp"]["down_proj"]["kernel"]
                                      .addressable_shards[0].data.shape),
         "norm_spec": str(state.params["norm"]["scale"].sharding.spec),
-        "tokens_shard": list(sharded_batch["tokens"].addressable_shards[0].data.shape),
+        "tokens_shard": list(sharded_batch.tokens.addressable_shards[0].data.shape),
         "seconds": time.perf_counter() - start,
     }
   report["lora"] = _lora_report()
