@@ -1,8 +1,9 @@
 """Training-inference mismatch metrics: how far the trainer's pi is from the sampler's mu.
 
 Host-side NumPy, computed in float64. Every function takes per-token arrays of shape [B, T]:
-``logp_trainer`` (log pi of each sampled token, recomputed by the trainer), ``logp_sampler`` (log
-mu, recorded by the inference engine at sampling time) and ``mask`` (0/1, 1 on response tokens).
+``logp_old`` (log pi of each sampled token, recomputed by the trainer under the parameters that
+sampled it: the RL batch's logp_old), ``logp_sampler`` (log mu, recorded by the inference engine
+at sampling time) and ``mask`` (0/1, 1 on response tokens).
 
 A token is *valid* when it is masked in and both log-probabilities are finite. Non-finite values
 at masked positions are counted (``mismatch/nonfinite_*``) and the token is left out of every other
@@ -53,26 +54,26 @@ METRIC_NAMES = (
 )
 
 
-def _validated(logp_trainer, logp_sampler, mask):
-  """Checks shapes and returns (logp_trainer, logp_sampler) float64 [B, T] and mask bool [B, T]."""
-  arrays = {"logp_trainer": np.asarray(logp_trainer), "logp_sampler": np.asarray(logp_sampler),
+def _validated(logp_old, logp_sampler, mask):
+  """Checks shapes and returns (logp_old, logp_sampler) float64 [B, T] and mask bool [B, T]."""
+  arrays = {"logp_old": np.asarray(logp_old), "logp_sampler": np.asarray(logp_sampler),
             "mask": np.asarray(mask)}
   for name, array in arrays.items():
     if array.ndim != 2:
       raise ValueError(f"{name} must be 2-D [B, T], got shape {array.shape}")
-  expected = arrays["logp_trainer"].shape
+  expected = arrays["logp_old"].shape
   for name in ("logp_sampler", "mask"):
     if arrays[name].shape != expected:
-      raise ValueError(f"{name} has shape {arrays[name].shape}, but logp_trainer has shape "
+      raise ValueError(f"{name} has shape {arrays[name].shape}, but logp_old has shape "
                        f"{expected}; they must agree")
   mask_values = arrays["mask"].astype(np.float64)
   if not np.all((mask_values == 0.0) | (mask_values == 1.0)):
     raise ValueError("mask must hold only 0 and 1")
-  return (arrays["logp_trainer"].astype(np.float64), arrays["logp_sampler"].astype(np.float64),
+  return (arrays["logp_old"].astype(np.float64), arrays["logp_sampler"].astype(np.float64),
           mask_values == 1.0)
 
 
-def _valid_and_sanitized(logp_trainer, logp_sampler, mask):
+def _valid_and_sanitized(logp_old, logp_sampler, mask):
   """Validates the inputs and keeps the valid tokens.
 
   Returns:
@@ -80,11 +81,11 @@ def _valid_and_sanitized(logp_trainer, logp_sampler, mask):
     valid: bool [B, T], masked in and both log-probabilities finite.
     nonfinite_trainer, nonfinite_sampler: int, non-finite values at masked positions.
   """
-  logp_trainer, logp_sampler, mask = _validated(logp_trainer, logp_sampler, mask)
-  trainer_finite = np.isfinite(logp_trainer)
+  logp_old, logp_sampler, mask = _validated(logp_old, logp_sampler, mask)
+  trainer_finite = np.isfinite(logp_old)
   sampler_finite = np.isfinite(logp_sampler)
   valid = mask & trainer_finite & sampler_finite
-  return (np.where(valid, logp_trainer, 0.0), np.where(valid, logp_sampler, 0.0), valid,
+  return (np.where(valid, logp_old, 0.0), np.where(valid, logp_sampler, 0.0), valid,
           int(np.sum(mask & ~trainer_finite)), int(np.sum(mask & ~sampler_finite)))
 
 
@@ -93,30 +94,30 @@ def _clipped_exp(log_values: np.ndarray) -> np.ndarray:
   return np.exp(np.minimum(log_values, MAX_LOG_WEIGHT_F64))
 
 
-def sequence_log_ratios(logp_trainer, logp_sampler, mask) -> tuple[np.ndarray, np.ndarray]:
+def sequence_log_ratios(logp_old, logp_sampler, mask) -> tuple[np.ndarray, np.ndarray]:
   """Per-sequence log(pi / mu) and length, for rows with at least one valid token.
 
   Args:
-    logp_trainer: float [B, T], log pi of each sampled token.
+    logp_old: float [B, T], log pi of each sampled token.
     logp_sampler: float [B, T], log mu of each sampled token.
     mask: 0/1 [B, T], 1 on response tokens.
 
   Returns:
-    log_ratio: float64 [B'], sum over the row's valid tokens of (logp_trainer - logp_sampler).
+    log_ratio: float64 [B'], sum over the row's valid tokens of (logp_old - logp_sampler).
     length: int64 [B'], number of valid tokens in the row. B' counts rows with a valid token.
   """
-  trainer, sampler, valid, _, _ = _valid_and_sanitized(logp_trainer, logp_sampler, mask)
+  trainer, sampler, valid, _, _ = _valid_and_sanitized(logp_old, logp_sampler, mask)
   length = valid.sum(axis=1).astype(np.int64)
   log_ratio = (trainer - sampler).sum(axis=1)
   has_tokens = length > 0
   return log_ratio[has_tokens], length[has_tokens]
 
 
-def log_ratio_by_position(logp_trainer, logp_sampler, mask) -> tuple[np.ndarray, np.ndarray]:
-  """Mean |logp_trainer - logp_sampler| at each response position, over rows valid there.
+def log_ratio_by_position(logp_old, logp_sampler, mask) -> tuple[np.ndarray, np.ndarray]:
+  """Mean |logp_old - logp_sampler| at each response position, over rows valid there.
 
   Args:
-    logp_trainer: float [B, T], log pi of each sampled token.
+    logp_old: float [B, T], log pi of each sampled token.
     logp_sampler: float [B, T], log mu of each sampled token.
     mask: 0/1 [B, T], 1 on response tokens.
 
@@ -124,7 +125,7 @@ def log_ratio_by_position(logp_trainer, logp_sampler, mask) -> tuple[np.ndarray,
     mean_abs_delta: float64 [T], 0.0 at positions without a valid token.
     count: int64 [T], number of valid tokens at each position.
   """
-  trainer, sampler, valid, _, _ = _valid_and_sanitized(logp_trainer, logp_sampler, mask)
+  trainer, sampler, valid, _, _ = _valid_and_sanitized(logp_old, logp_sampler, mask)
   count = valid.sum(axis=0).astype(np.int64)
   abs_delta_sum = np.abs(trainer - sampler).sum(axis=0)
   mean_abs_delta = abs_delta_sum / np.maximum(count, 1)
@@ -153,10 +154,10 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float:
   return float(np.sum(x_centered * (y - y.mean())) / np.sum(x_centered**2))
 
 
-def mismatch_metrics(logp_trainer, logp_sampler, mask) -> dict[str, float]:
+def mismatch_metrics(logp_old, logp_sampler, mask) -> dict[str, float]:
   """Mismatch statistics between trainer (pi) and sampler (mu) on the sampled tokens.
 
-  With log_r = logp_trainer - logp_sampler and p = exp(logp), per valid token (masked in, both
+  With log_r = logp_old - logp_sampler and p = exp(logp), per valid token (masked in, both
   log-probabilities finite): |p_trainer - p_sampler| mean/max; (p_sampler - p_trainer) max/min;
   |log_r| mean/max; the fraction of tokens whose two log-probabilities are equal bit for bit;
   the KL(mu || pi) estimators k1 = mean(-log_r), k2 = mean(log_r^2 / 2),
@@ -172,7 +173,7 @@ def mismatch_metrics(logp_trainer, logp_sampler, mask) -> dict[str, float]:
   interpolation. With no valid token every statistic is 0.0.
 
   Args:
-    logp_trainer: float [B, T], log pi of each sampled token.
+    logp_old: float [B, T], log pi of each sampled token.
     logp_sampler: float [B, T], log mu of each sampled token.
     mask: 0/1 [B, T], 1 on response tokens.
 
@@ -183,7 +184,7 @@ def mismatch_metrics(logp_trainer, logp_sampler, mask) -> dict[str, float]:
     ValueError: if an argument is not 2-D, the shapes differ, or mask holds values other than 0/1.
   """
   trainer, sampler, valid, nonfinite_trainer, nonfinite_sampler = _valid_and_sanitized(
-      logp_trainer, logp_sampler, mask)
+      logp_old, logp_sampler, mask)
   metrics = {name: 0.0 for name in METRIC_NAMES}
   metrics["mismatch/nonfinite_trainer"] = float(nonfinite_trainer)
   metrics["mismatch/nonfinite_sampler"] = float(nonfinite_sampler)
@@ -191,10 +192,10 @@ def mismatch_metrics(logp_trainer, logp_sampler, mask) -> dict[str, float]:
   if num_tokens == 0:
     return metrics
 
-  token_logp_trainer = trainer[valid]
+  token_logp_old = trainer[valid]
   token_logp_sampler = sampler[valid]
-  token_log_ratio = token_logp_trainer - token_logp_sampler
-  prob_trainer = _clipped_exp(token_logp_trainer)
+  token_log_ratio = token_logp_old - token_logp_sampler
+  prob_trainer = _clipped_exp(token_logp_old)
   prob_sampler = _clipped_exp(token_logp_sampler)
   sampler_minus_trainer = prob_sampler - prob_trainer
   abs_prob_diff = np.abs(sampler_minus_trainer)
@@ -208,7 +209,7 @@ def mismatch_metrics(logp_trainer, logp_sampler, mask) -> dict[str, float]:
       "mismatch/sampler_minus_trainer_min": sampler_minus_trainer.min(),
       "mismatch/logp_diff_mean": abs_log_ratio.mean(),
       "mismatch/logp_diff_max": abs_log_ratio.max(),
-      "mismatch/equal_frac": np.mean(token_logp_trainer == token_logp_sampler),
+      "mismatch/equal_frac": np.mean(token_logp_old == token_logp_sampler),
       "mismatch/kl_k1": np.mean(-token_log_ratio),
       "mismatch/kl_k2": np.mean(0.5 * token_log_ratio**2),
       "mismatch/kl_k3": np.mean(token_weight - 1.0 - token_log_ratio),

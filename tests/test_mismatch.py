@@ -215,7 +215,7 @@ def test_log_ratio_by_position_empty_position_is_zero():
                                       mismatch.log_ratio_by_position])
 def test_bad_shapes_raise(function):
   good = np.zeros((2, 3))
-  with pytest.raises(ValueError, match=r"logp_trainer must be 2-D.*\(3,\)"):
+  with pytest.raises(ValueError, match=r"logp_old must be 2-D.*\(3,\)"):
     function(np.zeros(3), good, good)
   with pytest.raises(ValueError, match=r"mask must be 2-D.*\(2, 3, 1\)"):
     function(good, good, np.zeros((2, 3, 1)))
