@@ -517,6 +517,8 @@ def validate_rl_config(config) -> None:
     check.check(not isinstance(targets, str) and bool(targets)
                 and all(t in LORA_TARGETS for t in targets), "lora.targets",
                 f"must be a non-empty list of: {', '.join(LORA_TARGETS)}")
+  check.integer("prompt_bucket", 1)  # both optional (`RL_BUCKET_KEYS`)
+  check.integer("sequence_bucket", 0)
   if check.has("expert_mismatch"):
     check.integer("expert_mismatch.every", 0)
   if check.has("eval"):
@@ -613,6 +615,10 @@ def make_lora_config(config) -> LoraConfig | None:
   return LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
 
 
+# Optional RL config keys passed as they are to `RLConfig` (absent: its defaults).
+RL_BUCKET_KEYS = ("prompt_bucket", "sequence_bucket")
+
+
 def make_rl_config(config) -> RLConfig:
   """The library's `RLConfig` of an RL experiment config (raises ValueError on what it refuses)."""
   from rl_fp16 import objectives  # pylint: disable=g-import-not-at-top
@@ -622,4 +628,5 @@ def make_rl_config(config) -> RLConfig:
                   samples_per_prompt=config.samples_per_prompt,
                   num_minibatches=config.num_minibatches, epochs=config.epochs,
                   temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                  lora=make_lora_config(config))
+                  lora=make_lora_config(config),
+                  **{key: config[key] for key in RL_BUCKET_KEYS if key in config})

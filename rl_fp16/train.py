@@ -183,6 +183,8 @@ class RLConfig:
     if self.advantage not in advantages_lib.ADVANTAGE_ESTIMATORS:
       raise ValueError(f"Unknown advantage {self.advantage!r}; allowed: "
                        f"{list(advantages_lib.ADVANTAGE_ESTIMATORS)}")
+    if self.prompt_bucket < 1:
+      raise ValueError(f"prompt_bucket must be >= 1, got {self.prompt_bucket}")
     if self.sequence_bucket < 0:
       raise ValueError(f"sequence_bucket must be >= 0 (0 = off), got {self.sequence_bucket}")
     if self.num_minibatches < 1 or self.epochs < 1 or self.samples_per_prompt < 2:

@@ -213,3 +213,20 @@ def test_command_line_refuses_a_budget_beyond_the_default_models_context(tmp_pat
   assert "--config.max_new_tokens=5000:" in done.stderr
   assert "max_position_embeddings=1024" in done.stderr
   assert not out.exists()
+
+
+def test_rl_config_can_set_the_buckets(tmp_path):
+  from experiments import common, rl  # pylint: disable=g-import-not-at-top
+  from rl_fp16.train import RLConfig  # pylint: disable=g-import-not-at-top
+  defaults = rl.make_rl_config(_config(tmp_path))
+  assert (defaults.prompt_bucket, defaults.sequence_bucket) == (
+      RLConfig.prompt_bucket, RLConfig.sequence_bucket)
+  config = _config(tmp_path, prompt_bucket=8, sequence_bucket=0)
+  rl.validate_rl_config(config)
+  rl_config = rl.make_rl_config(config)
+  assert (rl_config.prompt_bucket, rl_config.sequence_bucket) == (8, 0)
+  for key, value, message in (("prompt_bucket", 0, "--config.prompt_bucket=0: must be an integer"
+                               " >= 1"), ("sequence_bucket", -1, "--config.sequence_bucket=-1: "
+                                          "must be an integer >= 0")):
+    with pytest.raises(common.ConfigError, match=message.replace("(", r"\(")):
+      rl.validate_rl_config(_config(tmp_path, **{key: value}))
