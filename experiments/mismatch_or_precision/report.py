@@ -199,8 +199,10 @@ def readings_text(rows: Sequence[Mapping[str, Any]], algorithm: str) -> list[str
   mean = readings(final_rewards(rows, algorithm))
   per_seed = {s: readings(final_rewards(rows, algorithm, (s,))) for s in study.SEEDS}
   agree = sum(r["reading"] == mean["reading"] for r in per_seed.values())
-  lines = [f"- **Reading (seed means): {mean['reading']}** ({agree} of {len(per_seed)} seeds "
-           f"read the same). D(M) = {_fmt(mean['D(M)'], '+.3f')}, D(Z) = "
+  agreement = ("" if mean["reading"] == "undecided" else
+               f" ({agree} of {len(per_seed)} seeds read the same)")
+  lines = [f"- **Reading (seed means): {mean['reading']}**{agreement}. "
+           f"D(M) = {_fmt(mean['D(M)'], '+.3f')}, D(Z) = "
            f"{_fmt(mean['D(Z)'], '+.3f')}; rule 2 alone: {mean['attribution']}."]
   lines.append(f"- Rule 3: {mean['natural']} (F(Z) - F(B) = "
                f"{_fmt(mean['F(Z) - F(B)'], '+.3f')}).")
