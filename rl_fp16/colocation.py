@@ -9,20 +9,19 @@ acts if it is set before JAX initialises its backend (its first array or device 
 `apply_colocation_env` refuses to run after that unless the environment already holds the value.
 JAX's allocator never gives memory back, so the split is fixed for the run.
 
-Sleep mode (`sleep_level` 1 or 2; vLLM on CUDA/ROCm/XPU only): `SleepBetweenRollouts` puts the
-engine to sleep right after each rollout and wakes it just before the weight sync, so the engine's
-KV cache (level 1: and its weights, offloaded to host memory; level 2: discarded, since the sync
-rewrites them anyway) is released while the trainer computes. That frees memory for allocations
-outside JAX's fixed share (e.g. other processes or torch on the same device); it does not enlarge
-JAX's own pool.
+Sleep mode (`sleep_level` 1 or 2; vLLM on CUDA/ROCm/XPU only): the engine wrapper
+`rl_fp16.sampling.wrappers.SleepBetweenRollouts` puts the engine to sleep right after each rollout
+and wakes it just before the weight sync, so the engine's KV cache (level 1: and its weights,
+offloaded to host memory; level 2: discarded, since the sync rewrites them anyway) is released
+while the trainer computes. That frees memory for allocations outside JAX's fixed share (e.g.
+other processes or torch on the same device); it does not enlarge JAX's own pool.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import time
-from typing import Any, Mapping, MutableMapping, Sequence
+from typing import Any, Mapping, MutableMapping
 
 HEADROOM = 0.05
 MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
@@ -98,61 +97,3 @@ def apply_colocation_env(env: Mapping[str, str],
                        "rl does so at the start of run())")
   environ.update(missing)
   return missing
-
-
-class SleepBetweenRollouts:
-  """Wraps an engine with `sleep(level)` / `wake_up(tags)` (the vLLM engine): sleeps after every
-  `generate`, wakes before every `update_params`.
-
-  Call order in an RL iteration: generate -> sleep -> (trainer: logp, update) -> wake_up -> sync.
-  Level 2 drops the weights, so it wakes the weights, syncs, then wakes the KV cache. The wake-up
-  is counted in the sync's seconds (`last_wake_s` holds it alone).
-  """
-
-  def __init__(self, engine, level: int):
-    if level not in (1, 2):
-      raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
-    for method in ("sleep", "wake_up"):
-      if not callable(getattr(engine, method, None)):
-        raise ValueError(f"engine {getattr(engine, 'name', engine)!r} has no {method}(); sleep "
-                         "mode needs the vLLM engine")
-    self.engine, self.level = engine, level
-    self.asleep = False
-    self.last_wake_s = 0.0
-
-  def __getattr__(self, name):  # name, policy, dtype, sampler, ... of the wrapped engine
-    return getattr(self.engine, name)
-
-  def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int, sampling,
-               seed: int, first_row: int = 0):
-    if self.asleep:  # two rollouts without a sync in between
-      self._wake(None)
-    rollout = self.engine.generate(prompt_token_ids, n=n, sampling=sampling, seed=seed,
-                                   first_row=first_row)
-    self.engine.sleep(self.level)
-    self.asleep = True
-    return rollout
-
-  def _wake(self, tags: list[str] | None) -> None:
-    start = time.perf_counter()
-    self.engine.wake_up(tags)
-    self.last_wake_s += time.perf_counter() - start
-    if tags is None or "kv_cache" in tags:
-      self.asleep = False
-
-  def update_params(self, params: Any) -> float:
-    start = time.perf_counter()
-    self.last_wake_s = 0.0
-    if self.asleep and self.level == 2:
-      self._wake(["weights"])
-      self.engine.update_params(params)
-      self._wake(["kv_cache"])
-    else:
-      if self.asleep:
-        self._wake(None)
-      self.engine.update_params(params)
-    self.last_sync_s = time.perf_counter() - start
-    return self.last_sync_s
-
-  def close(self) -> None:
-    self.engine.close()

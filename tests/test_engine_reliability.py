@@ -152,11 +152,11 @@ def test_sync_serves_the_pushed_weights(served, sync, tmp_path):
   the bound used would catch a stale LM head (the head's packed copy of the load-time weights)."""
   new = _perturb(served.base, seed=1 if sync == "in_memory" else 2)
   if sync == "in_memory":
-    served.engine.update_params(jax.device_put(new))  # device arrays, as the trainer holds them
+    served.engine.sync_weights(jax.device_put(new))  # device arrays, as the trainer holds them
     # JAX and vLLM share the (CPU) device: every tensor went over by DLPack, none via the host.
     assert served.engine.last_transfer == {"dlpack": len(_hf_names(served)), "host": 0}
   else:
-    served.engine.update_params_from_dir(new, tmp_path / "synced")
+    served.engine.sync_weights(new, directory=tmp_path / "synced")
   served.params = new
   rollout = served.sample()
   mean, worst = _assert_serves(served, new, rollout, f"after the {sync} sync")
@@ -189,13 +189,13 @@ def test_bad_weights_are_refused_and_the_engine_keeps_serving(served):
   bad["layers_2"]["self_attn"]["o_proj"]["kernel"][0, 0] = np.inf
   with pytest.raises(ValueError, match=r"model.layers.2.self_attn.o_proj.weight \(param "
                      r"layers_2/self_attn/o_proj/kernel\) has 1 non-finite"):
-    served.engine.update_params(bad)
+    served.engine.sync_weights(bad)
   if served.dtype == "float16":
     big = jax.tree_util.tree_map(np.array, good)
     big["layers_0"]["mlp"]["down_proj"]["kernel"][1, 2] = 1e5
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight .*max \|value\| "
                        r"100000, outside the float16 range \(max \|value\| 65504\)"):
-      served.engine.update_params(big)
+      served.engine.sync_weights(big)
     with pytest.raises(ValueError, match=r"outside the float16 range"):
       to_hf_state_dict(config, big, "float16")
     # The sampler checks the range of the engine dtype itself too (a float32 state dict).
@@ -214,7 +214,7 @@ def test_sync_logs_only_what_matters(served):
   """No INFO lines at the default level, no expected reload warnings at any level; other
   warnings still reach the output."""
   served.records.take()
-  served.engine.update_params(served.params)
+  served.engine.sync_weights(served.params)
   served.sample()
   records = served.records.take()
   messages = [r.getMessage() for r in records]

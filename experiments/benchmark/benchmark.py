@@ -11,8 +11,8 @@ untimed ones, reported with min and max:
             size, response length and precision.
   samplers  generated tokens/s of the JAX sampler and of vLLM on the same model, prompts, batch
             and lengths (no EOS: every row runs to the length), per precision.
-  sync      seconds per weight sync into vLLM, in memory (`update_params`) and through a
-            Hugging Face directory (`update_params_from_dir`), against the parameter bytes;
+  sync      seconds per weight sync into vLLM, in memory (`sync_weights`) and through a
+            Hugging Face directory (`sync_weights(directory=...)`), against the parameter bytes;
             with `sync_worker`, also the directory mode's sync (versioned write + reload by a
             vLLM worker in another process, `DirectorySyncEngine`).
   e2e       `rl_iteration` time split into sample / score / logp / update / sync, and the
@@ -231,14 +231,14 @@ def bench_sync(engine, model: BenchModel, directory: str, *, warmup: int,
   vLLM's reload of ready host arrays (`VllmSampler.update_weights`).
   """
   params = jax.device_put(model.params)  # the trainer's float32 device params, as in RL
-  memory = time_calls(lambda i: engine.update_params(params), warmup=warmup,
+  memory = time_calls(lambda i: engine.sync_weights(params), warmup=warmup,
                       repetitions=repetitions).seconds
   convert = time_calls(lambda i: to_hf_state_dict(model.config, params, engine.dtype),
                        warmup=warmup, repetitions=repetitions).seconds
   state = to_hf_state_dict(model.config, params, engine.dtype)
   reload = time_calls(lambda i: engine.sampler.update_weights(state), warmup=warmup,
                       repetitions=repetitions).seconds
-  disk = time_calls(lambda i: engine.update_params_from_dir(params, directory), warmup=warmup,
+  disk = time_calls(lambda i: engine.sync_weights(params, directory=directory), warmup=warmup,
                     repetitions=repetitions).seconds
   shutil.rmtree(directory, ignore_errors=True)
   mbytes = _tree_bytes(model.params, engine.policy.compute_dtype) / MIB
@@ -254,14 +254,14 @@ def bench_worker_sync(model: BenchModel, precision: str, weights_dir: str, *, wa
                       repetitions: int, **engine_options) -> dict[str, Any]:
   """Seconds per sync of `--config.weight_sync=directory`: the trainer writes a versioned HF
   directory (`versions.write_version`: temp dir + rename, LATEST, pruning) and a vLLM worker in
-  another process reloads it (`DirectorySyncEngine.update_params`, which waits for the reload)."""
+  another process reloads it (`DirectorySyncEngine.sync_weights`, which waits for the reload)."""
   params = jax.device_put(model.params)
   engine = DirectorySyncEngine("vllm", model.config, params, get_policy(precision, "sampler"),
                                weights_dir=weights_dir, eos_token_ids=[], **engine_options)
   writes, reloads = [], []
 
   def call(i):
-    engine.update_params(params)
+    engine.sync_weights(params)
     writes.append(engine.last_write_s)
     reloads.append(engine.last_reload_s)
 

@@ -3,7 +3,7 @@
     engine = DirectorySyncEngine("vllm", model_config, params, policy,
                                  weights_dir=f"{run_dir}/weights", max_model_len=512)
     rollout = engine.generate(prompts, n=8, sampling=SamplingConfig(...), seed=step)
-    sync_seconds = engine.update_params(new_params)  # writes step_000001/, LATEST; worker reloads
+    sync_seconds = engine.sync_weights(new_params)  # writes step_000001/, LATEST; worker reloads
     engine.close()
 
 The trainer writes each version with `rl_fp16.checkpoints.versions.write_version` (temp dir +
@@ -14,7 +14,7 @@ that version from disk (`VllmSampler.update_weights_from_dir`, or `load_hf` for 
 crosses the pipe: a worker on another host that reads the same storage needs only those. Here the
 worker is a local child process; on a cluster the same loop would sit behind an RPC.
 
-`update_params` waits for the worker's reload, so `time/sync_s` is write + reload; the parts are
+`sync_weights` waits for the worker's reload, so `time/sync_s` is write + reload; the parts are
 kept in `last_write_s` and `last_reload_s`.
 """
 
@@ -89,15 +89,17 @@ class _WorkerEngine:
       self.sampler.update_weights_from_dir(path)
     else:
       from rl_fp16.checkpoints import load_hf  # pylint: disable=g-import-not-at-top
-      self.engine.update_params(load_hf(path)[1])
+      self.engine.sync_weights(load_hf(path)[1])
 
-  def generate(self, prompts, n: int, sampling: SamplingConfig, seed: int) -> Rollout:
+  def generate(self, prompts, n: int, sampling: SamplingConfig, seed: int,
+               first_row: int) -> Rollout:
     if self.spec.engine == "jax":
-      return self.engine.generate(prompts, n=n, sampling=sampling, seed=seed)
+      return self.engine.generate(prompts, n=n, sampling=sampling, seed=seed, first_row=first_row)
     # Truncated sampling (top-k / top-p) is refused by `VllmSampler.generate`.
     return self.sampler.generate(prompts, n=n, max_new_tokens=sampling.max_new_tokens,
                                  temperature=sampling.temperature, top_p=sampling.top_p,
-                                 top_k=sampling.top_k, seed=seed, eos_token_id=self.eos_token_id)
+                                 top_k=sampling.top_k, seed=seed + first_row,
+                                 eos_token_id=self.eos_token_id)
 
   def close(self) -> None:
     if self.spec.engine == "vllm":
@@ -108,8 +110,8 @@ class _WorkerEngine:
 
 def serve(spec: WorkerSpec, conn) -> None:
   """The worker loop (child process). Messages in: ("load", step), ("generate", prompts, n,
-  sampling, seed), ("close",). Answers: ("ok", value) or ("error", traceback text); "load"
-  answers the reload's seconds, "generate" a `Rollout`."""
+  sampling, seed, first_row), ("close",). Answers: ("ok", value) or ("error", traceback text);
+  "load" answers the reload's seconds, "generate" a `Rollout`."""
   os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
   engine, loaded = None, None
   try:
@@ -133,8 +135,8 @@ def serve(spec: WorkerSpec, conn) -> None:
         elif kind == "generate":
           if engine is None:
             raise RuntimeError("generate before any weights version was loaded")
-          _, prompts, n, sampling, seed = message
-          conn.send(("ok", engine.generate(prompts, n, sampling, seed)))
+          _, prompts, n, sampling, seed, first_row = message
+          conn.send(("ok", engine.generate(prompts, n, sampling, seed, first_row)))
         elif kind == "loaded":
           conn.send(("ok", loaded))
         else:
@@ -155,7 +157,7 @@ class DirectorySyncEngine:
     params: the initial params, written as version `first_step` before the worker starts.
     weights_dir: the versions' root (shared storage).
     first_step: the RL step the initial params belong to (0, or the step a run resumes from);
-      each `update_params` writes the next step. Versions newer than it are deleted at start.
+      each `sync_weights` writes the next step. Versions newer than it are deleted at start.
     keep: versions kept on disk (>= 2).
     tokenizer_dir: tokenizer files copied into every version.
     timeout_s: longest wait for the worker's answer (its first start included).
@@ -228,7 +230,7 @@ class DirectorySyncEngine:
       raise RuntimeError(f"the sampler worker failed on {message[0]!r}:\n{value}")
     return value
 
-  def update_params(self, params: Any) -> float:
+  def sync_weights(self, params: Any) -> float:
     """Writes version `step + 1` and has the worker reload it; returns seconds (write + reload)."""
     start = time.perf_counter()
     self.step += 1
@@ -238,9 +240,9 @@ class DirectorySyncEngine:
     return self.last_sync_s
 
   def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int,
-               sampling: SamplingConfig, seed: int) -> Rollout:
+               sampling: SamplingConfig, seed: int, first_row: int = 0) -> Rollout:
     prompts = [[int(t) for t in p] for p in prompt_token_ids]
-    return self._call("generate", prompts, n, sampling, seed)
+    return self._call("generate", prompts, n, sampling, seed, first_row)
 
   def loaded_step(self) -> int | None:
     """The version the worker serves (asked of the worker)."""

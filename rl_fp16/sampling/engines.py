@@ -1,12 +1,17 @@
-"""One rollout interface over the two inference engines.
+"""The `Engine` protocol, the wrapper base, and the two in-process inference engines.
 
 An engine is built from our params and a sampler `DtypePolicy`, samples `Rollout`s, and takes new
-params at every weight sync:
+params at every weight sync; `sync_weights` is the one sync verb:
 
     engine = make_engine("vllm", model_config, params, policy, workdir=run_dir)
     rollout = engine.generate(prompts, n=8, sampling=SamplingConfig(...), seed=step)
-    sync_seconds = engine.update_params(new_params)
+    sync_seconds = engine.sync_weights(new_params)
     engine.close()
+
+Wrappers are engines around an engine (`EngineWrapper`) and compose: the directory sync
+(`directory_sync.DirectorySyncEngine`, the engine in a worker process), sleep between rollouts
+(`wrappers.SleepBetweenRollouts`) and one engine per process (`distributed.ProcessShareEngine`);
+`sync_modes.make_synced_engine` stacks them for a run.
 
 `"jax"` is the in-process JAX sampler (KV-cache forward of our decoder); `"vllm"` is real vLLM,
 started from a Hugging Face directory written by `save_hf` and synced in memory with
@@ -34,18 +39,48 @@ from rl_fp16.names import ENGINES  # re-exported (rl_fp16.names)
 
 
 class Engine(Protocol):
+  """What the RL loop and the studies call on a sampler."""
+
   name: str
   policy: DtypePolicy
 
   def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int,
                sampling: SamplingConfig, seed: int, first_row: int = 0) -> Rollout:
+    """`n` samples per prompt, rows grouped by prompt. `first_row`: this batch's first row in a
+    larger one sampled with the same seed; each row gets the tokens it would get there."""
     ...
 
-  def update_params(self, params: Any) -> float:
+  def sync_weights(self, params: Any) -> float:
+    """Serves `params` (our pytree, sharded or not) from the next `generate` on; returns seconds."""
     ...
 
   def close(self) -> None:
     ...
+
+
+class EngineWrapper:
+  """An `Engine` around an `Engine`: forwards the three calls, and any attribute it does not
+  define (`name`, `policy`, `sampler`, `sleep`, ...), to `self.engine`. Subclasses override what
+  they change."""
+
+  def __init__(self, engine: Engine):
+    self.engine = engine
+
+  def __getattr__(self, name):
+    if name == "engine":  # not set yet (e.g. during unpickling)
+      raise AttributeError(name)
+    return getattr(self.engine, name)
+
+  def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int,
+               sampling: SamplingConfig, seed: int, first_row: int = 0) -> Rollout:
+    return self.engine.generate(prompt_token_ids, n=n, sampling=sampling, seed=seed,
+                                first_row=first_row)
+
+  def sync_weights(self, params: Any) -> float:
+    return self.engine.sync_weights(params)
+
+  def close(self) -> None:
+    self.engine.close()
 
 
 class JaxEngine:
@@ -61,9 +96,9 @@ class JaxEngine:
     self.eos_token_ids = eos_token_ids
     self.prompt_bucket, self.batch_bucket = prompt_bucket, batch_bucket
     self.params = None
-    self.last_sync_s = self.update_params(params)
+    self.last_sync_s = self.sync_weights(params)
 
-  def update_params(self, params: Any) -> float:
+  def sync_weights(self, params: Any) -> float:
     """Copies the trainer's params (sharded or not; fully addressable) onto this process's first
     device, in the engine's storage dtype; returns seconds."""
     start = time.perf_counter()
@@ -73,8 +108,6 @@ class JaxEngine:
     return self.last_sync_s
 
   def generate(self, prompt_token_ids, *, n, sampling, seed, first_row: int = 0) -> Rollout:
-    """`first_row`: this batch's first row in a larger one sampled with the same seed (a
-    process's share of a step); each row gets the tokens it would get there."""
     return jax_sampler.generate(self.model_config, self.params, prompt_token_ids,
                                 policy=self.policy, n=n, sampling=sampling,
                                 rng=jax.random.key(seed), eos_token_ids=self.eos_token_ids,
@@ -108,14 +141,20 @@ class VllmEngine:
                                                           seed=seed, **vllm_options))
     self.last_sync_s = 0.0
 
-  def update_params(self, params: Any) -> float:
+  def sync_weights(self, params: Any, *, directory: str | os.PathLike | None = None) -> float:
     """Pushes params in memory (`to_hf_device_arrays` -> torch -> vLLM reload); returns seconds.
 
     The HF-layout arrays reach torch by DLPack where JAX and vLLM share the device (no host round
     trip), else through the host (`torch_transfer.jax_to_torch`); `last_transfer` counts each.
+    With `directory` (the fallback), writes an HF directory there and has vLLM re-read it instead.
     """
     from rl_fp16.sampling import torch_transfer  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
+    if directory is not None:
+      save_hf(directory, self.model_config, params, dtype=self.dtype)
+      self.sampler.update_weights_from_dir(os.fspath(directory))
+      self.last_sync_s = time.perf_counter() - start
+      return self.last_sync_s
     # to_hf_device_arrays refuses NaN/inf and values beyond the engine dtype's range (naming the
     # tensor), so the sampler need not read the weights a second time.
     tensors, self.last_transfer = torch_transfer.jax_to_torch_dict(
@@ -125,17 +164,9 @@ class VllmEngine:
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
 
-  def update_params_from_dir(self, params: Any, directory: str | os.PathLike) -> float:
-    """The fallback sync: write an HF directory and have vLLM re-read it; returns seconds."""
-    start = time.perf_counter()
-    save_hf(directory, self.model_config, params, dtype=self.dtype)
-    self.sampler.update_weights_from_dir(os.fspath(directory))
-    self.last_sync_s = time.perf_counter() - start
-    return self.last_sync_s
-
   def generate(self, prompt_token_ids, *, n, sampling, seed, first_row: int = 0) -> Rollout:
-    """`first_row`: as `JaxEngine.generate` (row i is sampled with seed + first_row + i).
-    Truncated sampling (top-k / top-p) is refused by `VllmSampler.generate`."""
+    """Row i is sampled with seed + first_row + i. Truncated sampling (top-k / top-p) is refused
+    by `VllmSampler.generate`."""
     return self.sampler.generate(prompt_token_ids, n=n, max_new_tokens=sampling.max_new_tokens,
                                  temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, seed=seed + first_row,

@@ -7,7 +7,8 @@
                  (`rl_fp16.sampling.directory_sync.DirectorySyncEngine`).
 
 Colocation (`rl_fp16.colocation.ColocationConfig`) adds vLLM's memory share and, in memory mode,
-sleep mode between rollouts (`SleepBetweenRollouts`).
+sleep mode between rollouts (`rl_fp16.sampling.wrappers.SleepBetweenRollouts`). A multi-process run
+puts the result in `rl_fp16.distributed.ProcessShareEngine`; every layer is an `Engine`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from rl_fp16.colocation import ColocationConfig, SleepBetweenRollouts, sampler_engine_options
+from rl_fp16.colocation import ColocationConfig, sampler_engine_options
 from rl_fp16.models import ModelConfig
 from rl_fp16.precision import DtypePolicy
 from rl_fp16.sampling.directory_sync import (WEIGHT_SYNC_MODES, DirectorySyncEngine,
                                              check_weight_sync)
-from rl_fp16.sampling.engines import make_engine
+from rl_fp16.sampling.engines import Engine, make_engine
+from rl_fp16.sampling.wrappers import SleepBetweenRollouts
 
 __all__ = ["WEIGHT_SYNC_MODES", "make_synced_engine"]
 
@@ -28,7 +30,7 @@ __all__ = ["WEIGHT_SYNC_MODES", "make_synced_engine"]
 def make_synced_engine(weight_sync: str, name: str, model_config: ModelConfig, params: Any,
                        policy: DtypePolicy, *, weights_dir: str | os.PathLike | None = None,
                        first_step: int = 0,
-                       colocation: ColocationConfig = ColocationConfig(), **kwargs):
+                       colocation: ColocationConfig = ColocationConfig(), **kwargs) -> Engine:
   """An engine for `rl_iteration`.
 
   Args:
