@@ -1,10 +1,10 @@
 """The speed levers give the results of the paths they replace.
 
-- Packed, length-bucketed trainer sequences + one jitted logp_old pass + the minibatch updates in
-  one jitted `lax.scan` (`RLConfig.sequence_bucket > 0`) vs the unbucketed path
-  (`sequence_bucket=0`: left-padded prompts, responses padded to max_new_tokens, one jitted call
-  per minibatch): the same rollout, rewards and logp_old up to float32 rounding, params within
-  rounding after several iterations, and no compilation after warm-up.
+- Length-bucketed trainer sequences (`RLConfig.sequence_bucket > 0`) vs the unbucketed width
+  (`sequence_bucket=0`: every row padded to the prompt width plus max_new_tokens), both through
+  the one jitted logp_old pass and the minibatch updates in one jitted `lax.scan`: the same
+  rollout, rewards and logp_old up to float32 rounding, params within rounding after several
+  iterations, and no compilation after warm-up.
 - The segmented decode (KV-cache window growing by `decode_segment` steps) vs one window over the
   whole budget: the same tokens for the same seed, log-probs within float rounding (bit-identical
   on the committed tiny base model; on this test model XLA's reductions over the shorter
