@@ -45,14 +45,12 @@ from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, CheckpointsUnreadable, TrainState
 from rl_fp16.data.rl_problems import (load_or_build_subset, load_task, problem_text,
                                       step_problems)
-from rl_fp16.models.lora import init_lora, merge_lora, num_params
+from rl_fp16.learner import Learner, setup
+from rl_fp16.models.lora import num_params
 from rl_fp16.models import probes
-from rl_fp16.precision import (cast_floating, default_loss_scale_config,
-                               get_precision_pair, init_loss_scale)
+from rl_fp16.precision import get_precision_pair
 from rl_fp16.sampling.sync_modes import make_synced_engine
-from rl_fp16.rl_loop import rl_iteration
-from rl_fp16.train import OptimizerConfig, make_optimizer
-
+from rl_fp16.train import OptimizerConfig
 
 def colocation_config(config) -> colocation.ColocationConfig:
   """`config.colocate` (absent: no memory split, no sleep) as a `ColocationConfig`."""
@@ -80,97 +78,130 @@ def run(config) -> dict:
 
 def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
   """`run` past its checks, in the run directory this process owns (or, not process 0, shares)."""
-  rl_config = make_rl_config(config)
-  pair = get_precision_pair(config.precision, bitwise=config.get("bitwise", False))
   model = common.load_policy_model(config.model, seed=config.seed)
   task = load_task(model, config)
-  if primary:  # only process 0 writes config.json, metrics, TensorBoard events and plots
-    changed = run_config.init_run_dir(run_dir, config, allowed=RL_RESUME_ALLOWED)  # 1st start only
-    if changed:
-      print(f"{run_dir}: config.json kept as it is; allowed changes on this start (recorded in "
-            f"{run_config.RESUMES_FILE} once steps are logged): " + "; ".join(map(str, changed)))
-    subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
-  if processes > 1:  # the others read the subset process 0 wrote (or build the same one)
-    distributed.barrier("subset")
-  if not primary:
-    subset, rates, subset_path = load_or_build_subset(config, model, task, run_dir)
+  subset, rates, subset_path = _problems(config, model, task, run_dir, processes, primary)
   eval_config = evaluation.EvalConfig(**config.get("eval", {}))
   held_out = (evaluation.held_out_problems(task, subset, eval_config) if eval_config.every
               else [])
   if len(subset) < 1:
     raise ValueError(f"The perfectible subset is empty ({subset_path}); widen "
                      "--config.perfectible.low/high or use a stronger base model")
-
-  # `config.optimizer` (experiments/configs/paper.py): the other OptimizerConfig fields, if set.
-  optimizer = make_optimizer(OptimizerConfig(learning_rate=config.learning_rate,
-                                             grad_clip=config.grad_clip,
-                                             **config.get("optimizer", {})))
-  base_params, trainable = None, model.params
-  if rl_config.lora is not None:
-    # The frozen base, held like full fine-tuning's master weights (the trainer's param dtype);
-    # the train state (and so every checkpoint) holds only the adapters.
-    base_params = cast_floating(model.params, pair.trainer.param_dtype)
-    trainable = init_lora(rl_config.lora, base_params,
-                          jax.random.key(seeds.lora_init(config.seed)))
-  state = TrainState.create(trainable, optimizer,
-                            loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=2)
-  updates_per_step = rl_config.num_minibatches * rl_config.epochs
-  start_step = 0
+  learner, writer = None, None
+  started = time.time()
+  try:
+    learner = _setup(config, model, task, run_dir, checkpointer, processes, primary)
+    # Metrics are logged at steps 1..steps; a checkpoint after step k keeps lines 1..k.
+    writer = (results.RunWriter(run_dir, config.to_dict(), resume=True,
+                                resume_step=learner.start_step + 1,
+                                allowed_changes=RL_RESUME_ALLOWED)
+              if primary else distributed.NullRunWriter())
+    print(f"run: {config.algorithm} / {config.precision} / engine {config.engine} / seed "
+          f"{config.seed}; {len(subset)} problems (mean base pass rate "
+          f"{np.nanmean(rates) if np.isfinite(rates).any() else float('nan'):.2f}) from "
+          f"{subset_path}")
+    _loop(config, learner, model, task, subset, held_out, eval_config, writer, checkpointer,
+          primary)
+  finally:
+    if learner is not None and learner.engine is not None:
+      learner.engine.close()
+    if writer is not None:
+      writer.close()
+    checkpointer.close()
+  return _summary(config, run_dir, primary, started)
+
+
+def _problems(config, model, task, run_dir: str, processes: int, primary: bool):
+  """The run's perfectible subset, its base pass rates and its file; process 0 builds it (and
+  writes config.json on the first start), the others read it after a barrier."""
+  if primary:  # only process 0 writes config.json, metrics, TensorBoard events and plots
+    changed = run_config.init_run_dir(run_dir, config, allowed=RL_RESUME_ALLOWED)  # 1st start only
+    if changed:
+      print(f"{run_dir}: config.json kept as it is; allowed changes on this start (recorded in "
+            f"{run_config.RESUMES_FILE} once steps are logged): " + "; ".join(map(str, changed)))
+    found = load_or_build_subset(config, model, task, run_dir)
+  if processes > 1:  # the others read the subset process 0 wrote (or build the same one)
+    distributed.barrier("subset")
+  if not primary:
+    found = load_or_build_subset(config, model, task, run_dir)
+  return found
+
+
+def _setup(config, model, task, run_dir: str, checkpointer: Checkpointer, processes: int,
+           primary: bool) -> Learner:
+  """The run's `Learner`: from the config's typed settings, restored from the newest checkpoint
+  that restores, with its engine."""
+  rl_config = make_rl_config(config)
   mesh = None
   if "mesh" in config:  # sharded trainer (experiments/configs/sharded.py)
     mesh = sharding.mesh_from_config(config.mesh)
-    state = sharding.shard_state(state, mesh)  # restore() below keeps these shardings
-    if base_params is not None:  # LoRA: the frozen base, placed on the mesh once
-      base_params = jax.device_put(base_params, sharding.param_shardings(base_params, mesh))
     print(f"sharded trainer on mesh {dict(mesh.shape)}")
-  if checkpointer.latest_step() is not None:
-    try:  # the newest checkpoint that restores completely; damaged newer ones are moved aside
-      state, _, skipped = checkpointer.restore_newest(state, move_aside=primary)
-    except CheckpointsUnreadable:
-      raise
-    except (ValueError, KeyError) as e:
-      # It reads completely and config.json matched (checked above), so the checkpoint was
-      # written by other code or from another model directory's contents.
-      raise ValueError(
-          f"The checkpoint in {checkpointer.directory} does not fit this run's train state "
-          f"although {run_dir}/config.json matches this config ({type(e).__name__}: {e}); was "
-          "the model directory or the code changed since it was written? Use another "
-          "--config.output_dir.") from e
-    for skip in skipped:
-      print(f"{skip}; it does not restore")
-    start_step = int(state.step) // updates_per_step
-    print(f"resuming {run_dir} from the checkpoint after RL step {start_step}")
-  # Metrics are logged at steps 1..steps; a checkpoint after step k keeps lines 1..k.
-  writer = (results.RunWriter(run_dir, config.to_dict(), resume=True, resume_step=start_step + 1,
-                              allowed_changes=RL_RESUME_ALLOWED)
-            if primary else distributed.NullRunWriter())
 
+  def make_engine(policy_params, start_step: int):
+    if processes > 1:  # one engine per process, fed the gathered params; own vLLM files each
+      policy_params = distributed.gather_to_host(policy_params)
+    engine = make_synced_engine(
+        config.get("weight_sync", "memory"), config.engine, model.config, policy_params,
+        pair.sampler, weights_dir=os.path.join(run_dir, "weights"),
+        first_step=start_step, colocation=colocation_config(config),
+        workdir=distributed.engine_workdir(run_dir), tokenizer_dir=model.tokenizer_dir,
+        eos_token_ids=model.eos_token_ids,
+        max_model_len=task.max_prompt_len() + config.max_new_tokens,  # validated to fit
+        seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
+    if processes > 1:
+      engine = distributed.ProcessShareEngine(engine)
+      print(f"process {jax.process_index()} of {processes}: samples prompts "
+            f"{distributed.process_share(config.prompts_per_step)} of each step with its own "
+            f"{config.engine} engine; {jax.local_device_count()} of {jax.device_count()} devices")
+    return engine
+
+  pair = get_precision_pair(config.precision, bitwise=config.get("bitwise", False))
+  # `config.optimizer` (experiments/configs/paper.py): the other OptimizerConfig fields, if set.
+  optimizer_config = OptimizerConfig(learning_rate=config.learning_rate,
+                                     grad_clip=config.grad_clip, **config.get("optimizer", {}))
   print(f"model: {model.description}")
+  built = setup(model.config, model.params, pair=pair, rl_config=rl_config,
+                optimizer_config=optimizer_config, seed=config.seed, mesh=mesh,
+                restore=lambda state: _restore(state, checkpointer, run_dir, rl_config, primary),
+                make_engine=make_engine)
   if rl_config.lora is not None:
     lc = rl_config.lora
     print(f"LoRA: rank {lc.rank}, alpha {lc.alpha}, targets {list(lc.targets)}; "
-          f"{num_params(state.params):,} trainable params (base frozen)")
-  print(f"run: {config.algorithm} / {config.precision} / engine {config.engine} / seed "
-        f"{config.seed}; {len(subset)} problems (mean base pass rate "
-        f"{np.nanmean(rates) if np.isfinite(rates).any() else float('nan'):.2f}) from "
-        f"{subset_path}")
-  policy_params = (state.params if base_params is None
-                   else merge_lora(base_params, state.params, rl_config.lora))
-  if processes > 1:  # one engine per process, fed the gathered params; own vLLM files each
-    policy_params = distributed.gather_to_host(policy_params)
-  engine = make_synced_engine(
-      config.get("weight_sync", "memory"), config.engine, model.config, policy_params,
-      pair.sampler, weights_dir=os.path.join(run_dir, "weights"), first_step=start_step,
-      colocation=colocation_config(config), workdir=distributed.engine_workdir(run_dir),
-      tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
-      max_model_len=task.max_prompt_len() + config.max_new_tokens,  # validated to fit
-      seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
-  if processes > 1:
-    engine = distributed.ProcessShareEngine(engine)
-    print(f"process {jax.process_index()} of {processes}: samples prompts "
-          f"{distributed.process_share(config.prompts_per_step)} of each step with its own "
-          f"{config.engine} engine; {jax.local_device_count()} of {jax.device_count()} devices")
+          f"{num_params(built.state.params):,} trainable params (base frozen)")
+  return built
+
+
+def _restore(state: TrainState, checkpointer: Checkpointer, run_dir: str, rl_config, primary: bool
+             ) -> TrainState:
+  """The newest checkpoint that restores completely (damaged newer ones are moved aside by
+  process 0), or `state` when there is none."""
+  if checkpointer.latest_step() is None:
+    return state
+  try:
+    state, _, skipped = checkpointer.restore_newest(state, move_aside=primary)
+  except CheckpointsUnreadable:
+    raise
+  except (ValueError, KeyError) as e:
+    # It reads completely and config.json matched (checked above), so the checkpoint was
+    # written by other code or from another model directory's contents.
+    raise ValueError(
+        f"The checkpoint in {checkpointer.directory} does not fit this run's train state "
+        f"although {run_dir}/config.json matches this config ({type(e).__name__}: {e}); was "
+        "the model directory or the code changed since it was written? Use another "
+        "--config.output_dir.") from e
+  for skip in skipped:
+    print(f"{skip}; it does not restore")
+  start_step = int(state.step) // (rl_config.num_minibatches * rl_config.epochs)
+  print(f"resuming {run_dir} from the checkpoint after RL step {start_step}")
+  return state
+
+
+def _loop(config, learner: Learner, model, task, subset, held_out, eval_config, writer,
+          checkpointer: Checkpointer, primary: bool) -> None:
+  """RL steps `learner.start_step`..`config.steps`: metrics written at each, checkpoints at
+  `checkpoint_every` and the last."""
+  pair = learner.pair
   every = config.get("expert_mismatch", {}).get("every", 1) if model.config.is_moe else 0
 
   def expert_metrics(rollout, params):
@@ -178,40 +209,34 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
                                           trainer_policy=pair.trainer,
                                           sampler_policy=pair.sampler)
 
-  history = []
-  started = time.time()
-  try:
-    bar = common.progress(range(start_step, config.steps), desc=f"{config.algorithm}/"
-                          f"{config.precision}", initial=start_step, total=config.steps,
-                          disable=not primary)
-    for step in bar:
-      problems = step_problems(subset, step, config.prompts_per_step, config.seed)
-      extra_metrics = expert_metrics if every and step % every == 0 else None
-      state, metrics = rl_iteration(
-          state, model_config=model.config, trainer_policy=pair.trainer, optimizer=optimizer,
-          engine=engine, prompts=task.prompt_ids(problems),
-          reward_fn=lambda rollout, problems=problems: check_rewards(
-              distributed.rewards_by_share(  # each process scores its share's rows
-                  lambda share, rows: task.rewards(problems[share], rows), rollout,
-                  config.samples_per_prompt), config.samples_per_prompt,
-              prompts=[problem_text(p) for p in problems]),
-          rl_config=rl_config, seed=seeds.rl_step(config.seed, step), mesh=mesh,
-          base_params=base_params, extra_metrics=extra_metrics)
-      metrics["train/updates"] = float(state.step)
-      if eval_config.due(step + 1, config.steps):  # the engine serves the updated weights
-        metrics.update(evaluation.evaluate(engine, task, held_out, config=eval_config,
-                                           max_new_tokens=config.max_new_tokens))
-      writer.write(step + 1, metrics)
-      history.append(metrics)
-      bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
-                      mismatch=f"{metrics['mismatch/prob_diff_mean']:.1e}",
-                      len=f"{metrics['response/length_mean']:.0f}")
-      if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-        checkpointer.save(state, extra={"rl_step": step + 1})
-  finally:
-    engine.close()
-    writer.close()
-    checkpointer.close()
+  n = config.samples_per_prompt
+  bar = common.progress(range(learner.start_step, config.steps), desc=f"{config.algorithm}/"
+                        f"{config.precision}", initial=learner.start_step, total=config.steps,
+                        disable=not primary)
+  for step in bar:
+    problems = step_problems(subset, step, config.prompts_per_step, config.seed)
+    metrics = learner.step(
+        task.prompt_ids(problems),
+        lambda rollout, problems=problems: check_rewards(
+            distributed.rewards_by_share(  # each process scores its share's rows
+                lambda share, rows: task.rewards(problems[share], rows), rollout, n), n,
+            prompts=[problem_text(p) for p in problems]),
+        seed=seeds.rl_step(config.seed, step),
+        extra_metrics=expert_metrics if every and step % every == 0 else None)
+    metrics["train/updates"] = float(learner.state.step)
+    if eval_config.due(step + 1, config.steps):  # the engine serves the updated weights
+      metrics.update(evaluation.evaluate(learner.engine, task, held_out, config=eval_config,
+                                         max_new_tokens=config.max_new_tokens))
+    writer.write(step + 1, metrics)
+    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                    mismatch=f"{metrics['mismatch/prob_diff_mean']:.1e}",
+                    len=f"{metrics['response/length_mean']:.0f}")
+    if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+      checkpointer.save(learner.state, extra={"rl_step": step + 1})
+
+
+def _summary(config, run_dir: str, primary: bool, started: float) -> dict:
+  """The run's summary (process 0 reads it back from metrics.jsonl and plots the reward)."""
   if not primary:
     print(f"process {jax.process_index()}: done (process 0 writes the run directory)")
     return {"run_dir": run_dir, "process_index": jax.process_index(),
