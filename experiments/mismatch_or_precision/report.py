@@ -40,11 +40,6 @@ MISMATCH_METRICS = ("mismatch/prob_diff_mean", "mismatch/kl_k3")
 MAX_METRIC = "mismatch/prob_diff_max"
 FINISHED, UNFINISHED, MISSING, FAILS_MODE = "finished", "unfinished", "missing", "fails the mode"
 
-flags.DEFINE_enum("mode", "report", ["keep", "report"], "Keep finished arms, or write the report.")
-flags.DEFINE_string("experiment_dir", "runs/mismatch_or_precision", "The sweep's live runs.")
-flags.DEFINE_string("data", "docs/mismatch_or_precision/data", "Kept arms of this study.")
-flags.DEFINE_string("dose_response_data", "docs/dose_response/data",
-                    "Kept dose-response arms (seeds 0 and 1 of M and C).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +290,16 @@ def keep(experiment_dir: str, data_root: str) -> list[str]:
   return written
 
 
+def define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program (other modules
+  that tests import into the same process define `--mode`, `--experiment_dir` and `--data`)."""
+  flags.DEFINE_enum("mode", "report", ["keep", "report"], "Keep finished arms, or report.")
+  flags.DEFINE_string("experiment_dir", "runs/mismatch_or_precision", "The sweep's live runs.")
+  flags.DEFINE_string("data", "docs/mismatch_or_precision/data", "Kept arms of this study.")
+  flags.DEFINE_string("dose_response_data", "docs/dose_response/data",
+                      "Kept dose-response arms (seeds 0 and 1 of M and C).")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   f = flags.FLAGS
@@ -311,4 +316,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
