@@ -3,7 +3,7 @@ r"""Runs one command as N cooperating JAX processes on this machine (a multi-hos
     python -m launch.local_processes --num_processes=2 --devices_per_process=2 -- \
         python -m experiments.rl --config=experiments/configs/sharded.py --config.engine=jax
 
-Each process gets the environment `rl_fp16.sharding.initialize_distributed` reads:
+Each process gets the environment `rl_fp16.distributed.initialize_distributed` reads:
 JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT (a free port, or --coordinator_port), JAX_NUM_PROCESSES=N
 and JAX_PROCESS_ID=i; with --devices_per_process=D (CPU) also
 XLA_FLAGS=--xla_force_host_platform_device_count=D, so that the N processes form one mesh of N * D
@@ -64,7 +64,7 @@ def free_port(host: str = LOOPBACK) -> int:
 def process_env(base: Mapping[str, str], *, coordinator_address: str, num_processes: int,
                 process_id: int, devices_per_process: int = 0) -> dict[str, str]:
   """The environment of process `process_id`: `base` plus the JAX_* variables of
-  `rl_fp16.sharding.initialize_distributed`, unbuffered Python output and, with
+  `rl_fp16.distributed.initialize_distributed`, unbuffered Python output and, with
   `devices_per_process` > 0, that many forced CPU devices (appended to XLA_FLAGS)."""
   if not 0 <= process_id < num_processes:
     raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
