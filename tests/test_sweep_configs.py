@@ -232,11 +232,12 @@ def test_config_without_sweep_is_refused(tmp_path):
 
 
 def test_dose_response_sweep_through_the_launcher(tmp_path):
-  found = sweep.config_sweep(os.path.join(CONFIGS, "dose_response.py:grpo"),
+  config_file = os.path.join(REPO, "experiments", "dose_response", "config.py")
+  found = sweep.config_sweep(config_file + ":grpo",
                              experiment_dir=str(tmp_path))
   assert len(found.jobs) == 30 and len({j.name for j in found.jobs}) == 30
   job = next(j for j in found.jobs if j.name == "grpo_seq_mis_fp32-e6_seed0")
   settings = dict(job.settings)
   assert settings["precision"] == "fp32-e6" and settings["loss.seq_is_cap"] == "10.0"
-  assert job.flags()[0] == f"--config={CONFIGS}/dose_response.py:grpo"
+  assert job.flags()[0] == f"--config={config_file}:grpo"
   assert shlex.join(job.command()).startswith(f"{sys.executable} -m experiments.rl ")
