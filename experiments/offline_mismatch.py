@@ -49,16 +49,16 @@ def measure_pair(config, model, pair_name: str, prompts, workdir: str) -> dict:
 
 
 def write_tokens_csv(path: str, results: dict[str, dict]) -> None:
-  """One row per response token: pair, row, position, token, logp_trainer, logp_sampler."""
+  """One row per response token: pair, row, position, token, logp_old, logp_sampler."""
   text = io.StringIO(newline="")
   writer = csv.writer(text)
-  writer.writerow(["precision", "row", "position", "token", "logp_trainer", "logp_sampler"])
+  writer.writerow(["precision", "row", "position", "token", "logp_old", "logp_sampler"])
   for name, result in results.items():
-    rollout, logp_trainer = result["rollout"], result["logp_trainer"]
+    rollout, logp_old = result["rollout"], result["logp_old"]
     rows, positions = np.nonzero(rollout.response_mask)
     for r, t in zip(rows, positions):
       writer.writerow([name, int(r), int(t), int(rollout.response_tokens[r, t]),
-                       f"{logp_trainer[r, t]:.9g}", f"{rollout.logp_sampler[r, t]:.9g}"])
+                       f"{logp_old[r, t]:.9g}", f"{rollout.logp_sampler[r, t]:.9g}"])
   fileio.write_text_atomic(path, text.getvalue())
 
 
@@ -77,7 +77,7 @@ def make_plots(plots_dir: str, results: dict[str, dict], view: dict | None) -> l
     r = results[name]
     mask = r["rollout"].response_mask > 0
     p_sampler = np.exp(r["rollout"].logp_sampler[mask])
-    p_trainer = np.exp(r["logp_trainer"][mask])
+    p_trainer = np.exp(r["logp_old"][mask])
     ax.scatter(p_sampler, p_trainer, s=2, alpha=0.3)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_title(f"{name}: mean|pi-mu|={np.abs(p_trainer - p_sampler).mean():.2e}")
@@ -90,7 +90,7 @@ def make_plots(plots_dir: str, results: dict[str, dict], view: dict | None) -> l
                            sharey=True)
   for ax, name in zip(axes[0], names):
     r = results[name]
-    log_ratio, length = mismatch.sequence_log_ratios(r["logp_trainer"], r["rollout"].logp_sampler,
+    log_ratio, length = mismatch.sequence_log_ratios(r["logp_old"], r["rollout"].logp_sampler,
                                                      r["rollout"].response_mask)
     slope = r["metrics"]["mismatch/seq_log_ratio_slope_per_1k"]
     ax.scatter(length, log_ratio, s=6, alpha=0.6)
@@ -108,7 +108,7 @@ def make_plots(plots_dir: str, results: dict[str, dict], view: dict | None) -> l
   fig, ax = plt.subplots(figsize=(6, 3.6))
   for name in names:
     r = results[name]
-    by_pos, count = mismatch.log_ratio_by_position(r["logp_trainer"], r["rollout"].logp_sampler,
+    by_pos, count = mismatch.log_ratio_by_position(r["logp_old"], r["rollout"].logp_sampler,
                                                    r["rollout"].response_mask)
     keep = count > 0
     ax.plot(np.nonzero(keep)[0], by_pos[keep], label=name, lw=1)

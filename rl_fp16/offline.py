@@ -37,8 +37,9 @@ def measure_pair(model, pair_name: str, prompts: Sequence[Sequence[int]], *, eng
   """Samples with `engine` ("jax", "vllm") in the pair's sampler dtype, re-scores with the trainer
   (`bitwise`: both policies bitwise, `DtypePolicy.bitwise`; the JAX engine only).
 
-  Returns {"rollout": the engine's Rollout, "logp_trainer": float32 [B, T], "metrics": flat
-  `mismatch/...` dict plus "time/sample_s" and "response/length_mean"}.
+  Returns {"rollout": the engine's Rollout, "logp_old": float32 [B, T] (the trainer's log pi of
+  each sampled token, the names of `rl_fp16.mismatch`), "metrics": flat `mismatch/...` dict plus
+  "time/sample_s" and "response/length_mean"}.
   """
   pair = get_precision_pair(pair_name, bitwise=bitwise)
   sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
@@ -51,12 +52,12 @@ def measure_pair(model, pair_name: str, prompts: Sequence[Sequence[int]], *, eng
   finally:
     sampler.close()
   sample_s = time.perf_counter() - start
-  logp_trainer = batched_token_logprobs(model.config, model.params, rollout,
-                                        policy=pair.trainer, temperature=temperature)
-  metrics = mismatch.mismatch_metrics(logp_trainer, rollout.logp_sampler, rollout.response_mask)
+  logp_old = batched_token_logprobs(model.config, model.params, rollout,
+                                    policy=pair.trainer, temperature=temperature)
+  metrics = mismatch.mismatch_metrics(logp_old, rollout.logp_sampler, rollout.response_mask)
   metrics["time/sample_s"] = sample_s
   metrics["response/length_mean"] = float(rollout.response_lengths.mean())
-  return {"rollout": rollout, "logp_trainer": logp_trainer, "metrics": metrics}
+  return {"rollout": rollout, "logp_old": logp_old, "metrics": metrics}
 
 
 def layer_view(model, results: dict[str, dict], num_sequences: int) -> dict[str, list[float]]:

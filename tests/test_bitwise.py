@@ -66,11 +66,11 @@ def _trainer(config, params, precision, tokens, mask, temperature=1.0):
                                    temperature=temperature))
 
 
-def _assert_bitwise(logp_trainer, rollout, rows=slice(None)):
+def _assert_bitwise(logp_old, rollout, rows=slice(None)):
   real = rollout.response_mask[rows] > 0
-  equal = logp_trainer[real] == rollout.logp_sampler[rows][real]
+  equal = logp_old[real] == rollout.logp_sampler[rows][real]
   assert equal.all(), (f"{(~equal).sum()} of {equal.size} response tokens differ; max |dlogp| "
-                       f"{np.abs(logp_trainer[real] - rollout.logp_sampler[rows][real]).max()}")
+                       f"{np.abs(logp_old[real] - rollout.logp_sampler[rows][real]).max()}")
 
 
 @pytest.mark.parametrize("model,precision", PAIRS)

@@ -63,8 +63,8 @@ def test_fp32_sampler_matches_trainer(params):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_sampler_differs_but_is_bounded(params, precision):
   rollout = _sample(params, precision)
-  logp_trainer = _trainer_logp(params, rollout, precision)
-  diff = np.abs(logp_trainer - rollout.logp_sampler)[rollout.response_mask > 0]
+  logp_old = _trainer_logp(params, rollout, precision)
+  diff = np.abs(logp_old - rollout.logp_sampler)[rollout.response_mask > 0]
   assert diff.max() > 0  # the mismatch this project studies
   assert diff.mean() < 0.05 and diff.max() < 1.0
   # Both engines in low precision are far from the fp32 reference by more than the fp32 noise.

@@ -21,10 +21,10 @@ MASK = np.array([[1, 1, 1], [1, 1, 0]])
 
 
 def _case():
-  logp_trainer = np.log(PROB_TRAINER)
+  logp_old = np.log(PROB_TRAINER)
   logp_sampler = np.log(PROB_SAMPLER)
-  logp_trainer[1, 2] = -50.0  # Padding.
-  return logp_trainer, logp_sampler, MASK.copy()
+  logp_old[1, 2] = -50.0  # Padding.
+  return logp_old, logp_sampler, MASK.copy()
 
 
 def _expected_case_metrics():
@@ -92,8 +92,8 @@ def test_hand_computed_case():
 
 
 def test_float32_and_bool_mask_inputs():
-  logp_trainer, logp_sampler, mask = _case()
-  metrics = mismatch.mismatch_metrics(logp_trainer.astype(np.float32),
+  logp_old, logp_sampler, mask = _case()
+  metrics = mismatch.mismatch_metrics(logp_old.astype(np.float32),
                                       logp_sampler.astype(np.float32), mask.astype(bool))
   for name, value in _expected_case_metrics().items():
     assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
@@ -114,28 +114,28 @@ def test_identical_inputs():
 
 
 def test_fully_masked_row_is_ignored():
-  logp_trainer, logp_sampler, mask = _case()
-  logp_trainer = np.concatenate([logp_trainer, [[np.nan, -3.0, 7.0]]])
+  logp_old, logp_sampler, mask = _case()
+  logp_old = np.concatenate([logp_old, [[np.nan, -3.0, 7.0]]])
   logp_sampler = np.concatenate([logp_sampler, [[-np.inf, -1.0, 0.0]]])
   mask = np.concatenate([mask, [[0, 0, 0]]])
-  _assert_metrics(mismatch.mismatch_metrics(logp_trainer, logp_sampler, mask),
+  _assert_metrics(mismatch.mismatch_metrics(logp_old, logp_sampler, mask),
                   _expected_case_metrics())
 
 
 def test_nonfinite_values_are_counted_and_excluded():
-  logp_trainer, logp_sampler, mask = _case()
+  logp_old, logp_sampler, mask = _case()
   # Row 2: every masked token has a non-finite value, so the row drops out entirely.
-  logp_trainer = np.concatenate([logp_trainer, [[np.nan, math.log(0.5), -np.inf]]])
+  logp_old = np.concatenate([logp_old, [[np.nan, math.log(0.5), -np.inf]]])
   logp_sampler = np.concatenate([logp_sampler, [[math.log(0.5), np.inf, math.log(0.5)]]])
   mask = np.concatenate([mask, [[1, 1, 1]]])
   # Column 3: NaN at a masked position of row 0 (its length stays 3), inf in padding elsewhere.
-  logp_trainer = np.concatenate([logp_trainer, [[np.nan], [np.inf], [0.0]]], axis=1)
+  logp_old = np.concatenate([logp_old, [[np.nan], [np.inf], [0.0]]], axis=1)
   logp_sampler = np.concatenate([logp_sampler, [[0.0], [0.0], [-np.inf]]], axis=1)
   mask = np.concatenate([mask, [[1], [0], [0]]], axis=1)
   expected = _expected_case_metrics()
   expected["mismatch/nonfinite_trainer"] = 3.0  # nan, -inf in row 2; nan in row 0.
   expected["mismatch/nonfinite_sampler"] = 1.0  # inf in row 2.
-  _assert_metrics(mismatch.mismatch_metrics(logp_trainer, logp_sampler, mask), expected)
+  _assert_metrics(mismatch.mismatch_metrics(logp_old, logp_sampler, mask), expected)
 
 
 @pytest.mark.parametrize("shape", [(2, 3), (0, 3), (2, 0)])
@@ -154,9 +154,9 @@ def test_only_nonfinite_tokens_are_counted_and_the_rest_is_zero():
 
 
 def test_slope_is_zero_with_one_distinct_length():
-  logp_trainer = np.log([[0.5, 0.5], [0.5, 0.5]])
+  logp_old = np.log([[0.5, 0.5], [0.5, 0.5]])
   logp_sampler = np.log([[0.25, 0.5], [0.5, 0.5]])
-  metrics = mismatch.mismatch_metrics(logp_trainer, logp_sampler, np.ones((2, 2)))
+  metrics = mismatch.mismatch_metrics(logp_old, logp_sampler, np.ones((2, 2)))
   assert metrics["mismatch/seq_log_ratio_slope_per_1k"] == 0.0
   assert metrics["mismatch/seq_log_ratio_mean"] == pytest.approx(LN2 / 2)
 
@@ -173,9 +173,9 @@ def test_pearson_with_constant_probabilities():
 
 
 def test_huge_log_ratios_stay_finite():
-  logp_trainer = np.array([[0.0, 0.0, -1.0]])
+  logp_old = np.array([[0.0, 0.0, -1.0]])
   logp_sampler = np.array([[-1000.0, -800.0, -1.0]])
-  metrics = mismatch.mismatch_metrics(logp_trainer, logp_sampler, np.ones((1, 3)))
+  metrics = mismatch.mismatch_metrics(logp_old, logp_sampler, np.ones((1, 3)))
   assert all(math.isfinite(value) for value in metrics.values())
   assert metrics["is/token_weight_max"] == pytest.approx(math.exp(700.0))
   assert metrics["is/seq_weight_max"] == pytest.approx(math.exp(700.0))

@@ -53,13 +53,13 @@ def _write_offline_run(run_dir, pairs=("fp32", "bf16", "fp16")) -> None:
   metrics = {}
   with open(os.path.join(run_dir, "tokens.csv"), "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["precision", "row", "position", "token", "logp_trainer", "logp_sampler"])
+    writer.writerow(["precision", "row", "position", "token", "logp_old", "logp_sampler"])
     for pair in pairs:
       noise = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-2}[pair]
       logp_sampler = np.log(rng.uniform(0.05, 1.0, size=40))
-      logp_trainer = np.minimum(logp_sampler + rng.normal(0, noise, size=40), 0.0)
-      for index, (lt, ls) in enumerate(zip(logp_trainer, logp_sampler)):
-        writer.writerow([pair, index // 8, index % 8, 5, f"{lt:.9g}", f"{ls:.9g}"])
+      logp_old = np.minimum(logp_sampler + rng.normal(0, noise, size=40), 0.0)
+      for index, (lo, ls) in enumerate(zip(logp_old, logp_sampler)):
+        writer.writerow([pair, index // 8, index % 8, 5, f"{lo:.9g}", f"{ls:.9g}"])
       metrics[pair] = {"mismatch/prob_diff_mean": noise, "mismatch/kl_k3": noise**2,
                        "mismatch/kl_k1": noise / 2, "response/length_mean": 8.0}
   with results.RunWriter(run_dir, {"engine": "jax", "model": "fake"}) as writer:
