@@ -82,6 +82,15 @@ def growth(frame: pd.DataFrame, metric: str, window: int = WINDOW) -> float:
   return float(last / first) if first > 0 else math.nan
 
 
+def metric_over_run(frame: pd.DataFrame, metric: str, how: str = "mean") -> float:
+  """`how` ("mean", "max": a pandas Series reduction) of `metric` over the run's steps, its
+  non-finite values left out; NaN when the run does not log it or logs no finite value."""
+  if metric not in frame:
+    return math.nan
+  values = pd.to_numeric(frame[metric], errors="coerce").replace([np.inf, -np.inf], np.nan)
+  return float(getattr(values, how)()) if values.notna().any() else math.nan
+
+
 def run_outcomes(frame: pd.DataFrame, *, window: int = WINDOW) -> dict[str, Any]:
   """The registered per-run outcomes: P, F, time to solve, collapse (and why), G per metric,
   and the last held-out accuracy if the run evaluated one."""

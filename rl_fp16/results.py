@@ -34,13 +34,14 @@ directory is refused before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -363,6 +364,64 @@ def find_runs(experiment_dir: str | os.PathLike) -> list[str]:
       runs.append(dir_path)
       dir_names[:] = []
   return sorted(runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  """A run directory read back: where it is, its config.json and its metrics (`read_metrics`)."""
+
+  run_dir: str
+  config: Mapping[str, Any]
+  frame: pd.DataFrame
+
+  @property
+  def steps_done(self) -> int:
+    """The last logged step (0 for a run with no metrics)."""
+    return int(self.frame[STEP_KEY].max()) if len(self.frame) else 0
+
+
+def read_runs_by(roots: Sequence[str | os.PathLike],
+                 key: Callable[[Mapping[str, Any]], Hashable | None]
+                 ) -> tuple[dict[Hashable, RunData], list[str]]:
+  """Every run directory under each existing directory of `roots`, by `key(config)` (a study's
+  arm; a run whose key is None is left out, its metrics unread).
+
+  A key found more than once keeps the copy with the most logged steps (on a tie, the one from
+  the earlier root). Returns (key -> RunData, the run directories without a config.json, which
+  are left out).
+  """
+  runs: dict[Hashable, RunData] = {}
+  no_config = []
+  for root in roots:
+    if not os.path.isdir(root):
+      continue
+    for run_dir in find_runs(root):
+      if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+        no_config.append(run_dir)
+        continue
+      config = read_config(run_dir)
+      run_key = key(config)
+      if run_key is None:
+        continue
+      data = RunData(run_dir, config, read_metrics(run_dir))
+      if run_key not in runs or data.steps_done > runs[run_key].steps_done:
+        runs[run_key] = data
+  return runs, no_config
+
+
+def keep_runs(runs: Iterable[RunData], kept_root: str | os.PathLike) -> list[str]:
+  """Keeps each run in `kept_root`/<run directory name> (`keep_run`), unless a kept copy there
+  already holds the same metrics; returns the names written."""
+  written = []
+  for data in runs:
+    name = os.path.basename(os.path.normpath(data.run_dir))
+    target = os.path.join(os.fspath(kept_root), name)
+    if (os.path.exists(os.path.join(target, KEPT_METRICS_FILE))
+        and read_metrics(target).equals(data.frame)):
+      continue
+    keep_run(data.run_dir, target)
+    written.append(name)
+  return written
 
 
 def load_runs(experiment_dir: str | os.PathLike, settings: Sequence[str] | None = None, *,

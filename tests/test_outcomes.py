@@ -120,3 +120,12 @@ def test_window_ratios_take_the_seed_median_per_window():
 def test_a_missing_metric_is_named():
   with pytest.raises(KeyError, match="train/loss"):
     outcomes.run_outcomes(run_frame(np.full(30, 0.8)).drop(columns=["train/loss"]))
+
+
+def test_metric_over_run_leaves_out_non_finite_values():
+  frame = pd.DataFrame({"step": [1, 2, 3, 4], "m": [1.0, np.inf, 3.0, np.nan],
+                        "empty": [np.nan, -np.inf, np.nan, np.nan]})
+  assert outcomes.metric_over_run(frame, "m") == 2.0
+  assert outcomes.metric_over_run(frame, "m", "max") == 3.0
+  assert math.isnan(outcomes.metric_over_run(frame, "empty"))
+  assert math.isnan(outcomes.metric_over_run(frame, "absent"))

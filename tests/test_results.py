@@ -342,3 +342,37 @@ def test_a_second_process_is_refused_and_a_killed_holder_blocks_nothing(tmp_path
   assert run_lock.holder(run_dir) is None
   with open(run_dir / run_lock.LOCK_FILE) as f:
     assert json.load(f)["pid"] == os.getpid()  # the last holder, for the message
+
+
+def _run(root, name, config, steps):
+  with results.RunWriter(root / name, config) as writer:
+    for step in range(1, steps + 1):
+      writer.write(step, {"reward/mean": 0.1 * step})
+
+
+def test_read_runs_by_keeps_the_longest_copy_and_skips_unkeyed_runs(tmp_path):
+  kept, live = tmp_path / "kept", tmp_path / "live"
+  _run(kept, "a_seed0", {"arm": "a"}, 3)
+  _run(live, "a_seed0", {"arm": "a"}, 3)  # a tie: the earlier root's copy stays
+  _run(kept, "b_seed0", {"arm": "b"}, 2)
+  _run(live, "b_seed0", {"arm": "b"}, 4)  # more steps: this copy wins
+  _run(live, "other", {"arm": "other"}, 5)
+  os.makedirs(live / "no_config")
+  with open(live / "no_config" / results.METRICS_FILE, "w") as f:
+    f.write('{"step": 1}\n')
+  runs, no_config = results.read_runs_by(
+      [str(kept), str(live), str(tmp_path / "absent")],
+      lambda config: None if config["arm"] == "other" else config["arm"])
+  assert sorted(runs) == ["a", "b"]
+  assert runs["a"].run_dir == str(kept / "a_seed0") and runs["a"].steps_done == 3
+  assert runs["b"].run_dir == str(live / "b_seed0") and runs["b"].steps_done == 4
+  assert runs["b"].config["arm"] == "b" and len(runs["b"].frame) == 4
+  assert no_config == [str(live / "no_config")]
+
+
+def test_keep_runs_writes_each_run_once(tmp_path):
+  _run(tmp_path / "live", "a_seed0", {"arm": "a"}, 3)
+  runs, _ = results.read_runs_by([str(tmp_path / "live")], lambda config: config["arm"])
+  assert results.keep_runs(runs.values(), tmp_path / "data") == ["a_seed0"]
+  assert results.keep_runs(runs.values(), tmp_path / "data") == []  # same metrics: skipped
+  assert results.read_metrics(tmp_path / "data" / "a_seed0").equals(runs["a"].frame)

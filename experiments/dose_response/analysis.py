@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from rl_fp16 import names
@@ -46,19 +44,6 @@ class Arm:
   algorithm: str
   precision: str
   seed: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ArmData:
-  """A run directory of an arm: where it is, its config.json and its metrics."""
-
-  run_dir: str
-  config: Mapping[str, Any]
-  frame: pd.DataFrame
-
-  @property
-  def steps_done(self) -> int:
-    return int(self.frame["step"].max()) if len(self.frame) else 0
 
 
 def sampler_bits(precision: str) -> int | None:
@@ -82,37 +67,15 @@ def arm_of(config: Mapping[str, Any]) -> Arm:
   return Arm(str(config["algorithm"]), str(config["precision"]), int(config["seed"]))
 
 
-def read_arms(roots: Sequence[str]) -> tuple[dict[Arm, ArmData], list[str]]:
+def read_arms(roots: Sequence[str]) -> tuple[dict[Arm, results.RunData], list[str]]:
   """Every run directory under each existing directory of `roots` (live runs, kept copies),
-  by the arm its config.json names. An arm found more than once keeps the copy with the most
-  logged steps (on a tie, the one from the earlier root). Returns (arms, run directories without
-  a config.json, which are ignored)."""
-  arms: dict[Arm, ArmData] = {}
-  ignored = []
-  for root in roots:
-    if not os.path.isdir(root):
-      continue
-    for run_dir in results.find_runs(root):
-      if not os.path.exists(os.path.join(run_dir, results.CONFIG_FILE)):
-        ignored.append(run_dir)
-        continue
-      config = results.read_config(run_dir)
-      data = ArmData(run_dir, config, results.read_metrics(run_dir))
-      arm = arm_of(config)
-      if arm not in arms or data.steps_done > arms[arm].steps_done:
-        arms[arm] = data
-  return arms, ignored
+  by the arm its config.json names (`results.read_runs_by`: an arm found more than once keeps
+  the copy with the most logged steps, on a tie the one from the earlier root). Returns (arms,
+  run directories without a config.json, which are ignored)."""
+  return results.read_runs_by(roots, arm_of)
 
 
-def mean_metric(frame: pd.DataFrame, metric: str) -> float:
-  """Mean of `metric` over the run's steps (non-finite values left out; NaN if none)."""
-  if metric not in frame:
-    return math.nan
-  values = pd.to_numeric(frame[metric], errors="coerce").replace([np.inf, -np.inf], np.nan)
-  return float(values.mean()) if values.notna().any() else math.nan
-
-
-def arm_row(arm: Arm, data: ArmData | None, default_steps: int) -> dict[str, Any]:
+def arm_row(arm: Arm, data: results.RunData | None, default_steps: int) -> dict[str, Any]:
   """One arm's row: identity, status and, for a finished arm only, its outcomes (over its first
   `steps` steps) and mean mismatch. `steps` is the arm's config's, else `default_steps`."""
   planned = int(data.config.get("steps", default_steps)) if data is not None else default_steps
@@ -127,11 +90,11 @@ def arm_row(arm: Arm, data: ArmData | None, default_steps: int) -> dict[str, Any
   frame = data.frame[data.frame["step"] <= planned]
   row.update(outcomes.run_outcomes(frame), status=FINISHED)
   for metric in MISMATCH_METRICS:
-    row[f"mean[{metric}]"] = mean_metric(frame, metric)
+    row[f"mean[{metric}]"] = outcomes.metric_over_run(frame, metric)
   return row
 
 
-def arm_rows(expected: Iterable[Arm], found: Mapping[Arm, ArmData],
+def arm_rows(expected: Iterable[Arm], found: Mapping[Arm, results.RunData],
              default_steps: int) -> list[dict[str, Any]]:
   """A row per expected arm, in order, then one per found arm that is not expected."""
   expected = list(dict.fromkeys(expected))

@@ -10,7 +10,7 @@ registered command, docs/long_runs_preregistration.md), with
 `--skip_kept=docs/dose_response/data` so that arms kept here are not rerun when `runs/` is gone.
 
 `keep` copies every finished arm under `--experiment_dir` (as many logged steps as its config's
-`steps`) to `--data`/<run name>/ (`results.keep_run`: config.json and metrics.jsonl.gz; commit
+`steps`) to `--data`/<run name>/ (`results.keep_runs`: config.json and metrics.jsonl.gz; commit
 them), replacing a kept copy whose metrics differ. Unfinished arms are not kept.
 
 `report` reads the arms from `--data` and `--experiment_dir` (either may be absent: on a fresh
@@ -64,18 +64,9 @@ def keep(experiment_dir: str, data_root: str) -> list[str]:
   """Keeps every finished arm under `experiment_dir` in `data_root`/<run name>; returns the
   names of the copies written (those already kept with the same metrics are skipped)."""
   found, _ = analysis.read_arms([experiment_dir])
-  written = []
-  for arm, data in found.items():
-    if analysis.arm_row(arm, data, config.STEPS)["status"] != analysis.FINISHED:
-      continue
-    name = os.path.basename(os.path.normpath(data.run_dir))
-    target = os.path.join(data_root, name)
-    if (os.path.exists(os.path.join(target, results.KEPT_METRICS_FILE))
-        and results.read_metrics(target).equals(data.frame)):
-      continue
-    results.keep_run(data.run_dir, target)
-    written.append(name)
-  return written
+  finished = [data for arm, data in found.items()
+              if analysis.arm_row(arm, data, config.STEPS)["status"] == analysis.FINISHED]
+  return results.keep_runs(finished, data_root)
 
 
 def _bits_cell(row: dict) -> str:

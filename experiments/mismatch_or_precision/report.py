@@ -17,7 +17,6 @@ registered rules to the seed means and to each seed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -25,7 +24,6 @@ from typing import Any
 from absl import app
 from absl import flags
 import numpy as np
-import pandas as pd
 
 from experiments.mismatch_or_precision import config as study
 from rl_fp16 import outcomes
@@ -65,52 +63,26 @@ def expected_arms() -> list[Arm]:
           for seed in study.SEEDS]
 
 
-def read_arms(roots: Sequence[str]) -> dict[Arm, tuple[str, dict, pd.DataFrame]]:
-  """(run_dir, config, metrics) per study arm found under the existing `roots`; an arm found
-  more than once keeps the copy with the most logged steps (on a tie, the earlier root's)."""
-  found: dict[Arm, tuple[str, dict, pd.DataFrame]] = {}
-  for root in roots:
-    if not os.path.isdir(root):
-      continue
-    for run_dir in results.find_runs(root):
-      if not os.path.exists(os.path.join(run_dir, results.CONFIG_FILE)):
-        continue
-      config = results.read_config(run_dir)
-      arm = arm_of(config)
-      if arm is None:
-        continue
-      frame = results.read_metrics(run_dir)
-      if arm not in found or _steps(frame) > _steps(found[arm][2]):
-        found[arm] = (run_dir, config, frame)
-  return found
+def read_arms(roots: Sequence[str]) -> dict[Arm, results.RunData]:
+  """The run of each study arm found under the existing `roots` (`results.read_runs_by`: an arm
+  found more than once keeps the copy with the most logged steps, on a tie the earlier root's)."""
+  return results.read_runs_by(roots, arm_of)[0]
 
 
-def _steps(frame: pd.DataFrame) -> int:
-  return int(frame["step"].max()) if len(frame) else 0
-
-
-def _metric(frame: pd.DataFrame, metric: str, how: str) -> float:
-  if metric not in frame:
-    return math.nan
-  values = pd.to_numeric(frame[metric], errors="coerce").replace([np.inf, -np.inf], np.nan)
-  return float(getattr(values, how)()) if values.notna().any() else math.nan
-
-
-def arm_row(arm: Arm, data: tuple[str, dict, pd.DataFrame] | None) -> dict[str, Any]:
+def arm_row(arm: Arm, data: results.RunData | None) -> dict[str, Any]:
   """One arm's row: identity, status and, when finished, F, P, collapse and its mismatch."""
   row = {"arm": arm, "run_dir": None, "steps_done": 0, "planned_steps": study.STEPS}
   if data is None:
     return dict(row, status=MISSING)
-  run_dir, config, frame = data
-  row.update(run_dir=run_dir, steps_done=_steps(frame),
-             planned_steps=int(config.get("steps", study.STEPS)))
+  row.update(run_dir=data.run_dir, steps_done=data.steps_done,
+             planned_steps=int(data.config.get("steps", study.STEPS)))
   if row["steps_done"] < row["planned_steps"]:
     return dict(row, status=UNFINISHED)
-  frame = frame[frame["step"] <= row["planned_steps"]]
+  frame = data.frame[data.frame["step"] <= row["planned_steps"]]
   row.update(outcomes.run_outcomes(frame), status=FINISHED)
   for metric in MISMATCH_METRICS:
-    row[f"mean[{metric}]"] = _metric(frame, metric, "mean")
-  row[f"max[{MAX_METRIC}]"] = _metric(frame, MAX_METRIC, "max")
+    row[f"mean[{metric}]"] = outcomes.metric_over_run(frame, metric, "mean")
+  row[f"max[{MAX_METRIC}]"] = outcomes.metric_over_run(frame, MAX_METRIC, "max")
   if arm.label in BITWISE_LABELS and row[f"max[{MAX_METRIC}]"] != 0:
     row["status"] = FAILS_MODE
   return row
@@ -277,17 +249,9 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str,
 def keep(experiment_dir: str, data_root: str) -> list[str]:
   """Keeps each finished arm under `experiment_dir` in `data_root`/<run name>; returns the names
   written (a copy already kept with the same metrics is skipped)."""
-  written = []
-  for arm, data in read_arms([experiment_dir]).items():
-    if arm_row(arm, data)["status"] not in (FINISHED, FAILS_MODE):
-      continue
-    target = os.path.join(data_root, os.path.basename(os.path.normpath(data[0])))
-    if (os.path.exists(os.path.join(target, results.KEPT_METRICS_FILE))
-        and results.read_metrics(target).equals(data[2])):
-      continue
-    results.keep_run(data[0], target)
-    written.append(os.path.basename(target))
-  return written
+  done = [data for arm, data in read_arms([experiment_dir]).items()
+          if arm_row(arm, data)["status"] in (FINISHED, FAILS_MODE)]
+  return results.keep_runs(done, data_root)
 
 
 def define_flags() -> None:
