@@ -41,7 +41,7 @@ PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # Perturbation of each tensor, relative to its RMS: big enough that a stale LM head (serving the
 # load-time weights; docs/design.md, "Environment notes") is far outside bf16/fp16 rounding noise.
 PERTURBATION = 0.15
-# Mean and max |logp_vllm - logp_trainer| over the sampled tokens after a sync, per engine dtype.
+# Mean and max |logp_vllm - logp_old| over the sampled tokens after a sync, per engine dtype.
 # fp32: the kernel floor. bf16/fp16: rounding. Each test also checks that a stale head would
 # exceed both bounds on the same tokens (see README numbers in the test's printout).
 MEAN_BOUND = {"float32": 1e-5, "bfloat16": 0.02, "float16": 0.004}
@@ -177,11 +177,11 @@ def test_bad_weights_are_refused_and_the_engine_keeps_serving(served):
   nan_state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"].copy()
   nan_state["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
   with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has 1 non-finite"):
-    sampler.update_weights(nan_state)
+    sampler.sync_weights(nan_state)
   inf_state = {k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}
   inf_state["model.norm.weight"][0] = float("inf")
   with pytest.raises(ValueError, match=r"'model.norm.weight' has 1 non-finite"):
-    sampler.update_weights(inf_state)
+    sampler.sync_weights(inf_state)
 
   # Our params: non-finite values, or values the engine dtype cannot hold, are refused by name in
   # the conversion, before anything reaches the engine.
@@ -203,7 +203,7 @@ def test_bad_weights_are_refused_and_the_engine_keeps_serving(served):
     f32_state["model.embed_tokens.weight"][7, 7] = -1e5
     with pytest.raises(ValueError, match=r"'model.embed_tokens.weight' has max \|value\| 100000, "
                        r"outside the float16 range"):
-      sampler.update_weights(f32_state)
+      sampler.sync_weights(f32_state)
 
   rollout = served.sample(seed=11)
   assert np.isfinite(rollout.logp_sampler).all()

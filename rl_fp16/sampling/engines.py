@@ -152,14 +152,14 @@ class VllmEngine:
     start = time.perf_counter()
     if directory is not None:
       save_hf(directory, self.model_config, params, dtype=self.dtype)
-      self.sampler.update_weights_from_dir(os.fspath(directory))
+      self.sampler.sync_weights_from_dir(os.fspath(directory))
       self.last_sync_s = time.perf_counter() - start
       return self.last_sync_s
     # to_hf_device_arrays refuses NaN/inf and values beyond the engine dtype's range (naming the
     # tensor), so the sampler need not read the weights a second time.
     tensors, self.last_transfer = torch_transfer.jax_to_torch_dict(
         to_hf_device_arrays(self.model_config, params, self.dtype), self.sampler.torch_device)
-    self.sampler.update_weights(tensors, check_values=False)
+    self.sampler.sync_weights(tensors, check_values=False)
     del tensors  # they may share the trainer's buffers (DLPack); vLLM has copied them
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s

@@ -3,7 +3,7 @@
 The sampler starts ``vllm.LLM`` on a Hugging Face model directory (``config.json`` plus
 safetensors), samples from token-id prompts and returns a ``Rollout`` whose ``logp_sampler`` is
 vLLM's own log-probability of each sampled token. Weights are then pushed in memory
-(``update_weights``) or re-read from a directory (``update_weights_from_dir``).
+(``sync_weights``) or re-read from a directory (``sync_weights_from_dir``).
 
 Log-probabilities. The engine runs with ``logprobs_mode="processed_logprobs"``: vLLM's sampler
 (``vllm/v1/sample/sampler.py``) divides the float32 logits by the temperature, applies top-k/top-p,
@@ -24,7 +24,7 @@ or garbage collection) tears down vLLM's process-global distributed groups under
 next ``generate`` then fails with "AssertionError: pipeline model parallel group is not
 initialized". Hence one open ``VllmSampler`` per process: close the first before starting another.
 
-Weight syncs. ``update_weights`` / ``update_weights_from_dir`` check the update against the model
+Weight syncs. ``sync_weights`` / ``sync_weights_from_dir`` check the update against the model
 directory (`rl_fp16.sampling.vllm_weights.WeightSpec`: names, shapes, dtypes, values) before
 anything is sent, so a refused update leaves the engine serving its previous weights; after vLLM's
 ``reload_weights`` they redo the weight processing it skips (`vllm_weights.after_reload`).
@@ -283,8 +283,8 @@ class VllmSampler:
     return vllm_requests.to_rollout(outputs, prompts, n=n, max_new_tokens=max_new_tokens,
                                     temperature=temperature, eos_token_id=eos_token_id)
 
-  def update_weights(self, hf_state_dict: Mapping[str, np.ndarray | torch.Tensor], *,
-                     check_values: bool = True) -> float:
+  def sync_weights(self, hf_state_dict: Mapping[str, np.ndarray | torch.Tensor], *,
+                   check_values: bool = True) -> float:
     """Pushes Hugging Face-named weights into the engine in memory.
 
     Every tensor of the model directory must be given with its shape, and nothing else (with tied
@@ -317,7 +317,7 @@ class VllmSampler:
       iterator = list(iterator)
     return self._reload(llm, start, weights_iterator=iterator)
 
-  def update_weights_from_dir(self, model_dir: str | os.PathLike[str]) -> float:
+  def sync_weights_from_dir(self, model_dir: str | os.PathLike[str]) -> float:
     """Reloads the engine's weights from a Hugging Face directory (same tensor names and shapes).
 
     Uses vLLM's ``reload_weights(weights_path=...)``, which reads the directory's safetensors
@@ -350,7 +350,7 @@ class VllmSampler:
     """Frees accelerator memory (needs ``enable_sleep_mode``).
 
     Level 1 offloads weights to host memory and drops the KV cache; level 2 drops both, so
-    ``update_weights`` must follow ``wake_up``.
+    ``sync_weights`` must follow ``wake_up``.
     """
     if not self.config.enable_sleep_mode:
       raise RuntimeError("sleep() needs VllmConfig.enable_sleep_mode=True")
