@@ -228,7 +228,7 @@ def bench_sync(engine, model: BenchModel, directory: str, *, warmup: int,
   """Seconds per vLLM weight sync, in memory and through a Hugging Face directory.
 
   The in-memory sync is also timed in its two parts: our conversion (`to_hf_state_dict`) and
-  vLLM's reload of ready host arrays (`VllmSampler.update_weights`).
+  vLLM's reload of ready host arrays (`VllmSampler.sync_weights`).
   """
   params = jax.device_put(model.params)  # the trainer's float32 device params, as in RL
   memory = time_calls(lambda i: engine.sync_weights(params), warmup=warmup,
@@ -236,7 +236,7 @@ def bench_sync(engine, model: BenchModel, directory: str, *, warmup: int,
   convert = time_calls(lambda i: to_hf_state_dict(model.config, params, engine.dtype),
                        warmup=warmup, repetitions=repetitions).seconds
   state = to_hf_state_dict(model.config, params, engine.dtype)
-  reload = time_calls(lambda i: engine.sampler.update_weights(state), warmup=warmup,
+  reload = time_calls(lambda i: engine.sampler.sync_weights(state), warmup=warmup,
                       repetitions=repetitions).seconds
   disk = time_calls(lambda i: engine.sync_weights(params, directory=directory), warmup=warmup,
                     repetitions=repetitions).seconds
@@ -633,6 +633,26 @@ def run(config) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   # resume_step=0: a rerun with the same config replaces the earlier measurement.
   writer = RunWriter(run_dir, config.to_dict(), resume=True, resume_step=0)
+  _check_vllm(config, sections)
+  started = time.perf_counter()
+  results: dict[str, Any] = {"machine": machine_info(), "quick": bool(config.quick),
+                             "sections": sections}
+  _print_header(config, results)
+  models = load_models(config, sorted(_needed_models(config, sections)), _max_len(config))
+  results["models"] = _describe_models(models)
+  clocks = results["section_seconds"] = {}
+  _run_sections(config, sections, models, results, clocks, run_dir, workdir)
+  results["peak_rss_mib"] = peak_rss_mib()
+  results["targets"] = evaluate_targets(results)
+  results["seconds"] = time.perf_counter() - started
+  results["machine"]["load_average_end"] = os.getloadavg()
+  shutil.rmtree(workdir, ignore_errors=True)
+  return _write_and_print(results, clocks, writer, run_dir)
+
+
+def _check_vllm(config, sections: Sequence[str]) -> None:
+  """ImportError when a selected section needs vLLM and it is missing; ValueError for e2e with
+  the vLLM engine under vllm=False."""
   compare_vllm = "compare" in sections and any(
       case.startswith("vllm") for case in config.compare.cases)
   if config.vllm and ({"samplers", "sync"} & set(sections) or compare_vllm or
@@ -643,16 +663,25 @@ def run(config) -> dict[str, Any]:
   if not config.vllm and config.e2e.engine == "vllm" and "e2e" in sections:
     raise ValueError("--config.vllm=False needs --config.e2e.engine=jax")
 
-  started = time.perf_counter()
-  results: dict[str, Any] = {"machine": machine_info(), "quick": bool(config.quick),
-                             "sections": sections}
-  print(f"benchmark{' (quick)' if config.quick else ''}: sections {', '.join(sections)}; "
+
+def _print_header(config, results: dict[str, Any]) -> None:
+  """One line: the sections, repetitions and the machine's load."""
+  print(f"benchmark{' (quick)' if config.quick else ''}: sections "
+        f"{', '.join(results['sections'])}; "
         f"{config.warmup} warm-up + {config.repetitions} timed repetitions each; "
         f"load average {results['machine']['load_average'][0]:.2f} on "
         f"{results['machine']['cpus']} CPUs")
-  max_len = max([config.trainer_prompt_len + max(config.trainer_response_lengths)]
-                + [64 + max(config.sampler_response_lengths)]
-                + [64 + config.e2e.max_new_tokens, 64 + config.compare.max_new_tokens])
+
+
+def _max_len(config) -> int:
+  """The longest sequence any section runs (prompts of the samplers and RL runs: 64 tokens)."""
+  return max([config.trainer_prompt_len + max(config.trainer_response_lengths)]
+             + [64 + max(config.sampler_response_lengths)]
+             + [64 + config.e2e.max_new_tokens, 64 + config.compare.max_new_tokens])
+
+
+def _needed_models(config, sections: Sequence[str]) -> set[str]:
+  """The model names ("small", "medium") the selected sections use."""
   needed = set()
   if "trainer" in sections:
     needed |= set(config.trainer_models)
@@ -664,46 +693,59 @@ def run(config) -> dict[str, Any]:
     needed.add("small")
   if "bitwise" in sections:
     needed |= set(config.bitwise_models)
-  models = load_models(config, sorted(needed), max_len)
-  results["models"] = {name: {"description": m.description, "params": m.num_params,
-                              "config": dataclasses.asdict(m.config)}
-                       for name, m in models.items()}
+  return needed
+
+
+def _describe_models(models: dict[str, Any]) -> dict[str, Any]:
+  """Prints each model's description; returns name -> {description, params, config}."""
+  described = {name: {"description": m.description, "params": m.num_params,
+                      "config": dataclasses.asdict(m.config)}
+               for name, m in models.items()}
   for name, m in models.items():
     print(f"  {name}: {m.description}")
+  return described
 
-  clocks = results["section_seconds"] = {}
 
-  def timed(name: str, fn: Callable[[], Any]) -> Any:
-    with SectionClock() as clock:
-      value = fn()
-    clocks[name] = clock.to_dict()
-    return value
+def _timed(clocks: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
+  """fn(), with its wall and process CPU seconds kept in clocks[name]."""
+  with SectionClock() as clock:
+    value = fn()
+  clocks[name] = clock.to_dict()
+  return value
 
+
+def _run_sections(config, sections: Sequence[str], models: dict[str, Any],
+                  results: dict[str, Any], clocks: dict[str, Any], run_dir: str,
+                  workdir: str) -> None:
+  """Runs each selected section in order (peak first: the trainer and compare use it) and puts
+  its figures in `results` under the section's name."""
   if "peak" in sections or "trainer" in sections or "compare" in sections:
-    results["peak"] = timed("peak", lambda: bench_peak(config))
+    results["peak"] = _timed(clocks, "peak", lambda: bench_peak(config))
   if "trainer" in sections:
     profile_root = os.path.join(run_dir, "profile") if config.profile else None
-    results["trainer"] = timed("trainer", lambda: bench_trainer(config, models, results["peak"],
-                                                                profile_root))
+    results["trainer"] = _timed(clocks, "trainer", lambda: bench_trainer(
+        config, models, results["peak"], profile_root))
   if "samplers" in sections or ("sync" in sections and config.vllm):
-    samplers, syncs = timed("samplers+sync", lambda: bench_samplers_and_sync(
+    samplers, syncs = _timed(clocks, "samplers+sync", lambda: bench_samplers_and_sync(
         config, models, workdir, sections))
     if "samplers" in sections:
       results["samplers"] = samplers
     if "sync" in sections and config.vllm:
       results["sync"] = syncs
   if "e2e" in sections:
-    results["e2e"] = timed("e2e", lambda: bench_e2e(config, models["small"], workdir))
+    results["e2e"] = _timed(clocks, "e2e", lambda: bench_e2e(config, models["small"], workdir))
   if "bitwise" in sections:
-    results["bitwise"] = timed("bitwise", lambda: bench_bitwise(config, models, workdir))
+    results["bitwise"] = _timed(clocks, "bitwise",
+                                lambda: bench_bitwise(config, models, workdir))
   if "compare" in sections:
-    results["compare"] = timed("compare", lambda: bench_compare(config, models["small"], workdir,
-                                                               results.get("peak")))
-  results["peak_rss_mib"] = peak_rss_mib()
-  results["targets"] = evaluate_targets(results)
-  results["seconds"] = time.perf_counter() - started
-  results["machine"]["load_average_end"] = os.getloadavg()
-  shutil.rmtree(workdir, ignore_errors=True)
+    results["compare"] = _timed(clocks, "compare", lambda: bench_compare(
+        config, models["small"], workdir, results.get("peak")))
+
+
+def _write_and_print(results: dict[str, Any], clocks: dict[str, Any], writer: RunWriter,
+                     run_dir: str) -> dict[str, Any]:
+  """Writes metrics.jsonl and benchmark.json, prints the report and the timings; returns the
+  results with "run_dir" and "report"."""
   with writer:
     writer.write(0, run_metrics(results))
   fileio.write_json_atomic(os.path.join(run_dir, "benchmark.json"), results)

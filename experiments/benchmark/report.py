@@ -264,92 +264,137 @@ def _stat(stat: dict[str, Any], fmt: str = "{:.3g}", factor: float = 1.0) -> str
 
 def format_report(results: dict[str, Any]) -> str:
   """Markdown tables of every measured section, then the targets. Cells: median [min, max]."""
-  out = []
-  peak = results.get("peak")
-  if peak:
-    out.append(f"### Peak: jitted {peak['matmul_size']}^2 matmul")
-    out.append(markdown_table(["dtype", "GFLOP/s", "seconds"], [
-        [d, _stat(peak[d]["flops_per_s"], "{:.1f}", 1e-9), _stat(peak[d]["seconds"])]
-        for d in ("float32", "bfloat16", "float16")]))
-  if results.get("trainer"):
-    out.append("### Trainer: train step (MFU against the float32 matmul peak; MFU* against "
-               "the peak of the step's compute dtype)")
-    out.append(markdown_table(
-        ["model", "params", "resp len", "rows x seq", "precision", "step s", "tokens/s", "MFU",
-         "MFU*", "compiles/step", "warm-up compile s"],
-        [[r["model"], f"{r['params'] / 1e6:.2f}M", r["response_len"],
-          f"{r['rows']}x{r['prompt_len'] + r['response_len']}", r["precision"],
-          _stat(r["seconds"]), _stat(r["tokens_per_s"], "{:.0f}"),
-          _stat(r["mfu"], "{:.1f}", 100.0) + "%",
-          _stat(r["mfu_compute_dtype"], "{:.1f}", 100.0) + "%", r["compiles_per_step"],
-          f"{r['warmup_compile_s']:.1f}"]
-         for r in results["trainer"]]))
-  profiled = [r for r in results.get("trainer") or [] if r.get("profile")]
-  if profiled:
-    out.append("### Trainer profiles: op time by kind (share of the step's XLA op time)")
-    out.append("\n".join(
-        f"- {r['model']} resp {r['response_len']} {r['precision']}: " + ", ".join(
-            f"{p['op']} {p['share']:.0%}" for p in r["profile"][:6])
-        for r in profiled))
-  if results.get("samplers"):
-    out.append("### Samplers: generated tokens/s (no EOS)")
-    out.append(markdown_table(
-        ["model", "engine", "precision", "rows", "new tokens", "seconds", "tokens/s",
-         "compiles/call"],
-        [[r["model"], r["engine"], r["precision"], r["rows"], r["new_tokens"],
-          _stat(r["seconds"]), _stat(r["tokens_per_s"], "{:.0f}"),
-          r["compiles_per_call"] if r["engine"] == "jax" else "-"]
-         for r in results["samplers"]]))
-  if results.get("sync"):
-    out.append("### Weight sync into vLLM")
-    out.append(markdown_table(
-        ["model", "dtype", "MiB", "in-memory s", "of it: convert s", "of it: vLLM reload s",
-         "directory s", "in-memory MiB/s", "directory MiB/s", "dir/mem"],
-        [[r["model"], r["precision"], f"{r['param_mib']:.1f}", _stat(r["memory_s"]),
-          _stat(r["memory_convert_s"]), _stat(r["memory_reload_s"]),
-          _stat(r["directory_s"]), _stat(r["memory_mib_per_s"], "{:.0f}"),
-          _stat(r["directory_mib_per_s"], "{:.0f}"), f"{r['directory_over_memory']:.1f}x"]
-         for r in results["sync"]]))
-  worker_rows = [r for r in results.get("sync") or [] if "worker_s" in r]
-  if worker_rows:
-    out.append("### Weight sync to a sampler in another process (weight_sync=directory)")
-    out.append(markdown_table(
-        ["model", "dtype", "MiB", "in-memory s", "versioned write s", "worker reload s",
-         "directory mode s", "directory mode/in-memory", "worker start s"],
-        [[r["model"], r["precision"], f"{r['param_mib']:.1f}", _stat(r["memory_s"]),
-          _stat(r["worker_write_s"]), _stat(r["worker_reload_s"]), _stat(r["worker_s"]),
-          f"{r['worker_over_memory']:.1f}x", f"{r['worker_start_s']:.1f}"]
-         for r in worker_rows]))
-  e2e = results.get("e2e")
-  if e2e:
-    out.append(f"### End to end: one RL iteration ({e2e['engine']} {e2e['precision']}, "
-               f"{e2e['rows']} rows, up to {e2e['max_new_tokens']} new tokens; "
-               f"reward: {e2e['reward']})")
-    parts = ("sample", "score", "logp", "update", "sync", "step")
-    step = e2e["step_s"]["median"]
-    out.append(markdown_table(["part", "seconds", "share"], [
-        [p if p != "step" else "total", _stat(e2e[f"{p}_s"]),
-         f"{e2e[f'{p}_s']['median'] / step:.1%}"] for p in parts]))
-    out.append(f"score+logp+sync share: {_stat(e2e['other_fraction'], '{:.1f}', 100.0)}%; "
-               f"mean response length {e2e['response_length_mean']['median']:.0f}; "
-               f"compilations per iteration after warm-up: {e2e['compiles_per_iteration']}; "
-               f"warm-up iteration {sum(e2e['warmup_iteration_s']):.1f} s (XLA compiling "
-               f"{e2e['warmup_compile_s']:.1f} s: " + ", ".join(
-                   f"{k} {v:.1f}" for k, v in list(
-                       e2e["warmup_compile_s_by_function"].items())[:4])
-               + f"); peak RSS {e2e['peak_rss_mib']:.0f} MiB")
+  out = (_peak_section(results) + _trainer_section(results) + _profile_section(results)
+         + _samplers_section(results) + _sync_section(results) + _worker_sync_section(results)
+         + _e2e_section(results))
   if results.get("bitwise"):
     out.append(format_bitwise(results["bitwise"]))
   compare = results.get("compare")
   if compare:
     out.append(format_compare(compare))
-  if results.get("targets"):
-    out.append("### Targets")
-    out.append(markdown_table(["target", "wanted", "measured", "result"], [
-        [t["name"], t["target"], t["measured"],
-         "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")]
-        for t in results["targets"]]))
+  out += _targets_section(results)
   return "\n\n".join(out)
+
+
+def _peak_section(results: dict[str, Any]) -> list[str]:
+  """The matmul peak per dtype (no parts without a peak)."""
+  peak = results.get("peak")
+  if not peak:
+    return []
+  return [f"### Peak: jitted {peak['matmul_size']}^2 matmul",
+          markdown_table(["dtype", "GFLOP/s", "seconds"], [
+              [d, _stat(peak[d]["flops_per_s"], "{:.1f}", 1e-9), _stat(peak[d]["seconds"])]
+              for d in ("float32", "bfloat16", "float16")])]
+
+
+def _trainer_section(results: dict[str, Any]) -> list[str]:
+  """The train step per (model, response length, precision)."""
+  if not results.get("trainer"):
+    return []
+  return ["### Trainer: train step (MFU against the float32 matmul peak; MFU* against "
+          "the peak of the step's compute dtype)",
+          markdown_table(
+              ["model", "params", "resp len", "rows x seq", "precision", "step s", "tokens/s",
+               "MFU", "MFU*", "compiles/step", "warm-up compile s"],
+              [[r["model"], f"{r['params'] / 1e6:.2f}M", r["response_len"],
+                f"{r['rows']}x{r['prompt_len'] + r['response_len']}", r["precision"],
+                _stat(r["seconds"]), _stat(r["tokens_per_s"], "{:.0f}"),
+                _stat(r["mfu"], "{:.1f}", 100.0) + "%",
+                _stat(r["mfu_compute_dtype"], "{:.1f}", 100.0) + "%", r["compiles_per_step"],
+                f"{r['warmup_compile_s']:.1f}"]
+               for r in results["trainer"]])]
+
+
+def _profile_section(results: dict[str, Any]) -> list[str]:
+  """The op time by kind of each profiled trainer case."""
+  profiled = [r for r in results.get("trainer") or [] if r.get("profile")]
+  if not profiled:
+    return []
+  return ["### Trainer profiles: op time by kind (share of the step's XLA op time)",
+          "\n".join(
+              f"- {r['model']} resp {r['response_len']} {r['precision']}: " + ", ".join(
+                  f"{p['op']} {p['share']:.0%}" for p in r["profile"][:6])
+              for r in profiled)]
+
+
+def _samplers_section(results: dict[str, Any]) -> list[str]:
+  """Generated tokens/s per (model, engine, precision)."""
+  if not results.get("samplers"):
+    return []
+  return ["### Samplers: generated tokens/s (no EOS)",
+          markdown_table(
+              ["model", "engine", "precision", "rows", "new tokens", "seconds", "tokens/s",
+               "compiles/call"],
+              [[r["model"], r["engine"], r["precision"], r["rows"], r["new_tokens"],
+                _stat(r["seconds"]), _stat(r["tokens_per_s"], "{:.0f}"),
+                r["compiles_per_call"] if r["engine"] == "jax" else "-"]
+               for r in results["samplers"]])]
+
+
+def _sync_section(results: dict[str, Any]) -> list[str]:
+  """The in-memory and directory weight syncs into vLLM."""
+  if not results.get("sync"):
+    return []
+  return ["### Weight sync into vLLM",
+          markdown_table(
+              ["model", "dtype", "MiB", "in-memory s", "of it: convert s",
+               "of it: vLLM reload s", "directory s", "in-memory MiB/s", "directory MiB/s",
+               "dir/mem"],
+              [[r["model"], r["precision"], f"{r['param_mib']:.1f}", _stat(r["memory_s"]),
+                _stat(r["memory_convert_s"]), _stat(r["memory_reload_s"]),
+                _stat(r["directory_s"]), _stat(r["memory_mib_per_s"], "{:.0f}"),
+                _stat(r["directory_mib_per_s"], "{:.0f}"),
+                f"{r['directory_over_memory']:.1f}x"]
+               for r in results["sync"]])]
+
+
+def _worker_sync_section(results: dict[str, Any]) -> list[str]:
+  """The directory-mode sync to a sampler worker process, where measured."""
+  worker_rows = [r for r in results.get("sync") or [] if "worker_s" in r]
+  if not worker_rows:
+    return []
+  return ["### Weight sync to a sampler in another process (weight_sync=directory)",
+          markdown_table(
+              ["model", "dtype", "MiB", "in-memory s", "versioned write s", "worker reload s",
+               "directory mode s", "directory mode/in-memory", "worker start s"],
+              [[r["model"], r["precision"], f"{r['param_mib']:.1f}", _stat(r["memory_s"]),
+                _stat(r["worker_write_s"]), _stat(r["worker_reload_s"]), _stat(r["worker_s"]),
+                f"{r['worker_over_memory']:.1f}x", f"{r['worker_start_s']:.1f}"]
+               for r in worker_rows])]
+
+
+def _e2e_section(results: dict[str, Any]) -> list[str]:
+  """One RL iteration's parts and their shares, then its compile and memory notes."""
+  e2e = results.get("e2e")
+  if not e2e:
+    return []
+  parts = ("sample", "score", "logp", "update", "sync", "step")
+  step = e2e["step_s"]["median"]
+  return [f"### End to end: one RL iteration ({e2e['engine']} {e2e['precision']}, "
+          f"{e2e['rows']} rows, up to {e2e['max_new_tokens']} new tokens; "
+          f"reward: {e2e['reward']})",
+          markdown_table(["part", "seconds", "share"], [
+              [p if p != "step" else "total", _stat(e2e[f"{p}_s"]),
+               f"{e2e[f'{p}_s']['median'] / step:.1%}"] for p in parts]),
+          f"score+logp+sync share: {_stat(e2e['other_fraction'], '{:.1f}', 100.0)}%; "
+          f"mean response length {e2e['response_length_mean']['median']:.0f}; "
+          f"compilations per iteration after warm-up: {e2e['compiles_per_iteration']}; "
+          f"warm-up iteration {sum(e2e['warmup_iteration_s']):.1f} s (XLA compiling "
+          f"{e2e['warmup_compile_s']:.1f} s: " + ", ".join(
+              f"{k} {v:.1f}" for k, v in list(
+                  e2e["warmup_compile_s_by_function"].items())[:4])
+          + f"); peak RSS {e2e['peak_rss_mib']:.0f} MiB"]
+
+
+def _targets_section(results: dict[str, Any]) -> list[str]:
+  """Each target: wanted, measured, PASS / FAIL / n/a."""
+  if not results.get("targets"):
+    return []
+  return ["### Targets",
+          markdown_table(["target", "wanted", "measured", "result"], [
+              [t["name"], t["target"], t["measured"],
+               "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")]
+              for t in results["targets"]])]
 
 
 def format_bitwise(cases: list[dict[str, Any]]) -> str:
@@ -372,23 +417,36 @@ def format_bitwise(cases: list[dict[str, Any]]) -> str:
 
 def format_compare(compare: dict[str, Any]) -> str:
   """The side-by-side table (TRL and rl_fp16), then memory, the physical floor and padding."""
-  st = compare["settings"]
-  out = [f"### RL iteration side by side: TRL vs rl_fp16 ({st['prompts_per_step']} prompts x "
-         f"{st['samples_per_prompt']} samples, up to {st['max_new_tokens']} new tokens, "
-         f"{st['num_minibatches']} optimizer steps per batch, lr {st['learning_rate']:g}; median "
-         f"[min, max] of {st['repetitions']} iterations after {st['warmup']} warm-up; seconds)"]
+  out = [_compare_title(compare["settings"]), _compare_table(compare),
+         _compare_notes(compare)]
+  out += _memory_lines(compare) + _floor_section(compare) + _padding_section(compare)
+  return "\n\n".join(out)
+
+
+def _compare_title(st: dict[str, Any]) -> str:
+  """The side-by-side table's heading with the settings it ran at."""
+  return (f"### RL iteration side by side: TRL vs rl_fp16 ({st['prompts_per_step']} prompts x "
+          f"{st['samples_per_prompt']} samples, up to {st['max_new_tokens']} new tokens, "
+          f"{st['num_minibatches']} optimizer steps per batch, lr {st['learning_rate']:g}; median "
+          f"[min, max] of {st['repetitions']} iterations after {st['warmup']} warm-up; seconds)")
+
+
+def _trl_row(trl: dict[str, Any]) -> list[Any]:
+  """TRL's row of the side-by-side table ("skipped" when it did not run)."""
+  if "skipped" in trl:
+    return ["TRL 1.16 GRPOTrainer (HF generate), fp32", "skipped", "-", "-", "-", "-",
+            "1.00x", "-", "-", "-"]
+  return ["TRL 1.16 GRPOTrainer (HF generate), fp32", _stat(trl["iteration_s"]),
+          *[(_stat(trl[f"{p}_s"]) if f"{p}_s" in trl else "-")
+            for p in ("sample", "logp", "update")], "-", "1.00x", "-",
+          f"{trl['mean_completion_tokens']}", "-"]
+
+
+def _compare_table(compare: dict[str, Any]) -> str:
+  """TRL's row, then one per rl_fp16 case."""
   header = ["system", "s / iteration", "sample", "logp", "update", "sync", "TRL / this",
             "compiles after warm-up", "mean resp len", "train seq len"]
-  rows = []
-  trl = compare["trl"]
-  if "skipped" in trl:
-    rows.append(["TRL 1.16 GRPOTrainer (HF generate), fp32", "skipped", "-", "-", "-", "-",
-                 "1.00x", "-", "-", "-"])
-  else:
-    rows.append(["TRL 1.16 GRPOTrainer (HF generate), fp32", _stat(trl["iteration_s"]),
-                 *[(_stat(trl[f"{p}_s"]) if f"{p}_s" in trl else "-")
-                   for p in ("sample", "logp", "update")], "-", "1.00x", "-",
-                 f"{trl['mean_completion_tokens']}", "-"])
+  rows = [_trl_row(compare["trl"])]
   for r in compare["cases"]:
     ratio = r["speedup_vs_trl"]
     rows.append([f"rl_fp16, {r['engine']} engine, {r['precision']}", _stat(r["iteration_s"]),
@@ -396,7 +454,12 @@ def format_compare(compare: dict[str, Any]) -> str:
                  "-" if ratio is None else f"{ratio:.2f}x", r["compiles_after_warmup"],
                  f"{r['response_length_mean']['median']:.0f}",
                  f"{r['train_seq_len']['median']:.0f}"])
-  out.append(markdown_table(header, rows))
+  return markdown_table(header, rows)
+
+
+def _compare_notes(compare: dict[str, Any]) -> str:
+  """Bullets: what TRL's and rl_fp16's columns hold, warm-up and precompiled widths."""
+  trl = compare["trl"]
   notes = []
   if "skipped" in trl:
     notes.append(f"TRL skipped: {trl['skipped']}.")
@@ -412,44 +475,58 @@ def format_compare(compare: dict[str, Any]) -> str:
                "widths " + "; ".join(f"{r['engine']} {r['precision']} {r['precompiled_widths']} "
                                      f"({r['precompile_s']:.1f} s)" for r in compare["cases"])
                + " (every bucket from the smallest seen to the longest possible).")
-  out.append("\n".join(f"- {n}" for n in notes))
+  return "\n".join(f"- {n}" for n in notes)
+
+
+def _memory_lines(compare: dict[str, Any]) -> list[str]:
+  """Resident memory over the iterations of the cases that tracked it."""
   mem = [r for r in compare["cases"] if "rss_growth_mib" in r]
-  if mem:
-    out.append("Resident memory (RSS, MiB) after each iteration: " + "; ".join(
-        f"{r['engine']} {r['precision']}: first {r['rss_mib'][0]:.0f}, after warm-up "
-        f"{r['rss_mib'][len(r['warmup_s'])]:.0f}, last ({r['iterations_run']} iterations) "
-        f"{r['rss_mib'][-1]:.0f}, growth (median of the second half of the "
-        f"{r['rss_growth_iterations']} iterations after warm-up minus median of the first half)"
-        f" {r['rss_growth_mib']:+.1f}, largest one-iteration spike above the median "
-        f"{r.get('rss_spike_mib', float('nan')):+.0f}; process peak {r['peak_rss_mib']:.0f}"
-        for r in mem))
+  if not mem:
+    return []
+  return ["Resident memory (RSS, MiB) after each iteration: " + "; ".join(
+      f"{r['engine']} {r['precision']}: first {r['rss_mib'][0]:.0f}, after warm-up "
+      f"{r['rss_mib'][len(r['warmup_s'])]:.0f}, last ({r['iterations_run']} iterations) "
+      f"{r['rss_mib'][-1]:.0f}, growth (median of the second half of the "
+      f"{r['rss_growth_iterations']} iterations after warm-up minus median of the first half)"
+      f" {r['rss_growth_mib']:+.1f}, largest one-iteration spike above the median "
+      f"{r.get('rss_spike_mib', float('nan')):+.0f}; process peak {r['peak_rss_mib']:.0f}"
+      for r in mem)]
+
+
+def _floor_section(compare: dict[str, Any]) -> list[str]:
+  """The physical floor (FLOPs / measured peak) of each case's update, logp and decode."""
   floors = [(r, r["floor"]) for r in compare["cases"] if "update_floor_s" in r["floor"]]
-  if floors:
-    out.append("Physical floor at the measured matmul peak of the compute dtype (FLOPs / peak; "
-               "the share of the measured time that is at peak):")
-    out.append(markdown_table(
-        ["case", "peak GFLOP/s", "train seq", "update GFLOP", "update floor s (share)",
-         "logp GFLOP", "logp floor s (share)", "decode GFLOP", "decode floor s (share)",
-         "decode step ms (floor)"],
-        [[f"{r['engine']} {r['precision']}", f"{f['peak_flops_per_s'] / 1e9:.0f}",
-          f["train_seq_len"], f"{f['update_flops'] / 1e9:.1f}",
-          f"{f['update_floor_s']:.3f} ({f['update_fraction_of_peak']:.0%})",
-          f"{f['logp_flops'] / 1e9:.1f}",
-          f"{f['logp_floor_s']:.3f} ({f['logp_fraction_of_peak']:.0%})",
-          f"{f['decode_flops'] / 1e9:.1f}",
-          f"{f['decode_floor_s']:.3f} ({f['sample_fraction_of_peak']:.0%})",
-          f"{f['decode_step_ms']:.1f} ({f['decode_step_floor_ms']:.2f})"]
-         for r, f in floors]))
+  if not floors:
+    return []
+  return ["Physical floor at the measured matmul peak of the compute dtype (FLOPs / peak; "
+          "the share of the measured time that is at peak):",
+          markdown_table(
+              ["case", "peak GFLOP/s", "train seq", "update GFLOP", "update floor s (share)",
+               "logp GFLOP", "logp floor s (share)", "decode GFLOP", "decode floor s (share)",
+               "decode step ms (floor)"],
+              [[f"{r['engine']} {r['precision']}", f"{f['peak_flops_per_s'] / 1e9:.0f}",
+                f["train_seq_len"], f"{f['update_flops'] / 1e9:.1f}",
+                f"{f['update_floor_s']:.3f} ({f['update_fraction_of_peak']:.0%})",
+                f"{f['logp_flops'] / 1e9:.1f}",
+                f"{f['logp_floor_s']:.3f} ({f['logp_fraction_of_peak']:.0%})",
+                f"{f['decode_flops'] / 1e9:.1f}",
+                f"{f['decode_floor_s']:.3f} ({f['sample_fraction_of_peak']:.0%})",
+                f"{f['decode_step_ms']:.1f} ({f['decode_step_floor_ms']:.2f})"]
+               for r, f in floors])]
+
+
+def _padding_section(compare: dict[str, Any]) -> list[str]:
+  """Padding waste per layout at paper scale, under the assumed length distribution."""
   pad = compare.get("padding")
-  if pad:
-    a = pad["assumption"]
-    out.append(f"Padding at paper scale (assumed: response lengths lognormal, mean {a['mean']:.0f}"
-               f", sigma {a['sigma']}, clipped at the {a['budget']} budget: sampled mean "
-               f"{pad['measured_mean_length']:.0f}, {pad['truncated_fraction']:.1%} truncated, "
-               f"{pad['minibatches_with_a_truncated_row']:.0%} of {a['minibatch']}-row "
-               f"minibatches hold a truncated row; buckets of {a['bucket']} tokens):")
-    out.append(markdown_table(
-        ["layout", "padded token slots", "padded attention cells"],
-        [[name, f"{v['token_waste']:.1%}", f"{v['attention_waste']:.1%}"]
-         for name, v in pad["layouts"].items()]))
-  return "\n\n".join(out)
+  if not pad:
+    return []
+  a = pad["assumption"]
+  return [f"Padding at paper scale (assumed: response lengths lognormal, mean {a['mean']:.0f}"
+          f", sigma {a['sigma']}, clipped at the {a['budget']} budget: sampled mean "
+          f"{pad['measured_mean_length']:.0f}, {pad['truncated_fraction']:.1%} truncated, "
+          f"{pad['minibatches_with_a_truncated_row']:.0%} of {a['minibatch']}-row "
+          f"minibatches hold a truncated row; buckets of {a['bucket']} tokens):",
+          markdown_table(
+              ["layout", "padded token slots", "padded attention cells"],
+              [[name, f"{v['token_waste']:.1%}", f"{v['attention_waste']:.1%}"]
+               for name, v in pad["layouts"].items()])]

@@ -31,6 +31,7 @@ Stages run in the order `stages` names them. Each stage is a run directory under
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import time
@@ -367,91 +368,131 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def run(config) -> dict[str, Any]:
   """Runs the stages (module doc); returns the summary. Raises after writing it if one failed."""
-  config = ml_collections.ConfigDict(config.to_dict())  # its lists cleaned, the input untouched
-  common.clean_lists(config, NAME_LISTS, INT_LISTS)
-  stages = config.stages
-  if set(stages) - set(STAGES):
-    raise ValueError(f"config.stages={stages!r}; allowed: a subset of {list(STAGES)}")
+  config = _checked_config(config)
   out = os.path.abspath(config.output_dir)
   os.makedirs(out, exist_ok=True)
   fileio.write_json_atomic(os.path.join(out, "config.json"), config.to_dict())
-  summary: dict[str, Any] = {"device": device_info(), "mismatch": [], "trainer": [], "peaks": {},
-                             "paper_train": [], "paper_decode": [], "layer_view": {},
-                             "errors": {},
-                             "seconds": {}}
+  summary = _empty_summary()
   print(f"gpu_check: {summary['device']}", flush=True)
+  for title, fn in _stage_plan(config, out, summary):
+    _run_stage(title, fn, summary, out)
+  return _finish(summary, out)
+
+
+def _checked_config(config) -> ml_collections.ConfigDict:
+  """A copy of `config` with its lists cleaned (the input untouched); ValueError for an unknown
+  stage."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  common.clean_lists(config, NAME_LISTS, INT_LISTS)
+  if set(config.stages) - set(STAGES):
+    raise ValueError(f"config.stages={config.stages!r}; allowed: a subset of {list(STAGES)}")
+  return config
+
+
+def _empty_summary() -> dict[str, Any]:
+  """The summary before any stage ran: this device, and an empty slot per result."""
+  return {"device": device_info(), "mismatch": [], "trainer": [], "peaks": {},
+          "paper_train": [], "paper_decode": [], "layer_view": {},
+          "errors": {},
+          "seconds": {}}
+
+
+def _stage_plan(config, out: str, summary: dict[str, Any]) -> list[tuple[str, Callable[[], None]]]:
+  """(title, thunk) per stage run, in order: the paper stage once, the others once per matmul
+  precision ("default", and "highest" with `fp32_highest`)."""
   precisions = ["default"] + (["highest"] if config.fp32_highest else [])
-
-  def stage(name: str, fn: Callable[[], None]) -> None:
-    print(f"\n=== {name}", flush=True)
-    start = time.perf_counter()
-    try:
-      fn()
-    except Exception:  # pylint: disable=broad-except
-      summary["errors"][name] = traceback.format_exc()
-      print(summary["errors"][name], flush=True)
-    summary["seconds"][name] = time.perf_counter() - start
-    fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
-
-  def mismatch_stage(matmul_precision: str) -> None:
-    fields = dict(model=config.model, seed=config.seed,
-                  output_dir=os.path.join(out, f"mismatch_{matmul_precision}"))
-    if matmul_precision != "default":
-      fields["precisions"] = config.highest_pairs
-    sub = _sub_config(offline_mismatch, config.mismatch.to_dict(), **fields)
-    with _matmul_precision(matmul_precision):
-      result = measure_mismatch(sub, fields["output_dir"])
-    summary["mismatch"] += _mismatch_rows(result, matmul_precision)
-    if result.get("layer_view"):
-      summary["layer_view"][matmul_precision] = result["layer_view"]
-
-  def trainer_stage(matmul_precision: str) -> None:
-    fields = dict(model=config.model, seed=config.seed,
-                  output_dir=os.path.join(out, f"benchmark_{matmul_precision}"))
-    if matmul_precision != "default":
-      fields["precisions"] = ("fp32",)
-    sub = _sub_config(benchmark_config, config.benchmark.to_dict(), **fields)
-    with _matmul_precision(matmul_precision):
-      result = measure_trainer(sub, fields["output_dir"])
-    summary["peaks"][matmul_precision] = result["peak"]
-    summary["trainer"] += _trainer_rows(result, matmul_precision)
-
-  def paper_stage() -> None:
-    paper = config.paper
-    model_config = paper_model_config(paper)
-    if "default" not in summary["peaks"]:
-      bench = _sub_config(benchmark_config, config.benchmark.to_dict(), seed=config.seed)
-      summary["peaks"]["default"] = profiling.matmul_peak(
-          bench.peak_matmul_size, seed=bench.seed, warmup=bench.warmup,
-          repetitions=bench.repetitions)
-    params = init_params(model_config, jax.random.key(config.seed))
-    with results.RunWriter(os.path.join(out, "paper"), paper.to_dict(), resume=True,
-                           resume_step=0) as writer:  # rows "train/{precision}/...", "decode/..."
-      for precision in paper.precisions:
-        print(f"paper train step: {precision}", flush=True)
-        row = paper_train_case(model_config, params, precision, paper,
-                               summary["peaks"]["default"], config.seed)
-        summary["paper_train"].append(row)
-        writer.write(0, results.flatten_metrics({precision: row}, prefix="train"))
-        fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
-      if int(paper.decode_rows) > 0:
-        print("paper decode", flush=True)
-        row = paper_decode_case(model_config, params, paper, config.seed)
-        summary["paper_decode"].append(row)
-        writer.write(0, results.flatten_metrics({row["precision"]: row}, prefix="decode"))
-
-  for name in stages:
+  plan = []
+  for name in config.stages:
     if name == "paper":
-      stage("paper-scale train step and decode", paper_stage)
+      plan.append(("paper-scale train step and decode",
+                   functools.partial(_paper_stage, config, out, summary)))
       continue
     for matmul_precision in precisions:
       if name == "mismatch":
-        stage(f"mismatch ({matmul_precision} matmul precision)",
-              lambda p=matmul_precision: mismatch_stage(p))
+        plan.append((f"mismatch ({matmul_precision} matmul precision)",
+                     functools.partial(_mismatch_stage, config, out, summary, matmul_precision)))
       else:
-        stage(f"trainer speed ({matmul_precision} matmul precision)",
-              lambda p=matmul_precision: trainer_stage(p))
+        plan.append((f"trainer speed ({matmul_precision} matmul precision)",
+                     functools.partial(_trainer_stage, config, out, summary, matmul_precision)))
+  return plan
 
+
+def _run_stage(name: str, fn: Callable[[], None], summary: dict[str, Any], out: str) -> None:
+  """Runs one stage: a failure is kept as its traceback in summary["errors"]; the seconds are
+  kept and summary.json rewritten either way."""
+  print(f"\n=== {name}", flush=True)
+  start = time.perf_counter()
+  try:
+    fn()
+  except Exception:  # pylint: disable=broad-except
+    summary["errors"][name] = traceback.format_exc()
+    print(summary["errors"][name], flush=True)
+  summary["seconds"][name] = time.perf_counter() - start
+  fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
+
+
+def _mismatch_stage(config, out: str, summary: dict[str, Any], matmul_precision: str) -> None:
+  """The offline mismatch at one matmul precision; adds its rows (and layer view) to `summary`."""
+  fields = dict(model=config.model, seed=config.seed,
+                output_dir=os.path.join(out, f"mismatch_{matmul_precision}"))
+  if matmul_precision != "default":
+    fields["precisions"] = config.highest_pairs
+  sub = _sub_config(offline_mismatch, config.mismatch.to_dict(), **fields)
+  with _matmul_precision(matmul_precision):
+    result = measure_mismatch(sub, fields["output_dir"])
+  summary["mismatch"] += _mismatch_rows(result, matmul_precision)
+  if result.get("layer_view"):
+    summary["layer_view"][matmul_precision] = result["layer_view"]
+
+
+def _trainer_stage(config, out: str, summary: dict[str, Any], matmul_precision: str) -> None:
+  """The trainer speed at one matmul precision; adds its peak and rows to `summary`."""
+  fields = dict(model=config.model, seed=config.seed,
+                output_dir=os.path.join(out, f"benchmark_{matmul_precision}"))
+  if matmul_precision != "default":
+    fields["precisions"] = ("fp32",)
+  sub = _sub_config(benchmark_config, config.benchmark.to_dict(), **fields)
+  with _matmul_precision(matmul_precision):
+    result = measure_trainer(sub, fields["output_dir"])
+  summary["peaks"][matmul_precision] = result["peak"]
+  summary["trainer"] += _trainer_rows(result, matmul_precision)
+
+
+def _default_peak(config, summary: dict[str, Any]) -> float:
+  """The default-precision matmul peak: the trainer stage's, else measured now (and kept)."""
+  if "default" not in summary["peaks"]:
+    bench = _sub_config(benchmark_config, config.benchmark.to_dict(), seed=config.seed)
+    summary["peaks"]["default"] = profiling.matmul_peak(
+        bench.peak_matmul_size, seed=bench.seed, warmup=bench.warmup,
+        repetitions=bench.repetitions)
+  return summary["peaks"]["default"]
+
+
+def _paper_stage(config, out: str, summary: dict[str, Any]) -> None:
+  """The paper-scale train step per precision, then the decode; rows go to `summary` and to the
+  run directory <out>/paper."""
+  paper = config.paper
+  model_config = paper_model_config(paper)
+  peak = _default_peak(config, summary)
+  params = init_params(model_config, jax.random.key(config.seed))
+  with results.RunWriter(os.path.join(out, "paper"), paper.to_dict(), resume=True,
+                         resume_step=0) as writer:  # rows "train/{precision}/...", "decode/..."
+    for precision in paper.precisions:
+      print(f"paper train step: {precision}", flush=True)
+      row = paper_train_case(model_config, params, precision, paper, peak, config.seed)
+      summary["paper_train"].append(row)
+      writer.write(0, results.flatten_metrics({precision: row}, prefix="train"))
+      fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
+    if int(paper.decode_rows) > 0:
+      print("paper decode", flush=True)
+      row = paper_decode_case(model_config, params, paper, config.seed)
+      summary["paper_decode"].append(row)
+      writer.write(0, results.flatten_metrics({row["precision"]: row}, prefix="decode"))
+
+
+def _finish(summary: dict[str, Any], out: str) -> dict[str, Any]:
+  """Writes summary.json and summary.md and prints the report; RuntimeError if a stage failed,
+  else the summary with its "run_dir"."""
   report = format_summary(summary)
   fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
   fileio.write_text_atomic(os.path.join(out, "summary.md"), report + "\n")
