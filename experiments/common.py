@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import numbers
 import os
 import re
 import sys
@@ -17,11 +15,12 @@ import tqdm
 
 from rl_fp16.checkpoints import load_hf
 from rl_fp16.checkpoints.train_state import CheckpointsUnreadable
+from rl_fp16.config_checks import ConfigError, choice_problem, integer_problem, number_problem
 from rl_fp16.models import ModelConfig
-from rl_fp16.models.lora import LoraConfig
 from rl_fp16.models.presets import peaked_random_model
-from rl_fp16 import run_config
+from rl_fp16 import rl_experiment
 from rl_fp16.names import config_list
+from rl_fp16.rl_experiment import LOG_LEVELS, RLExperimentConfig
 from rl_fp16.run_config import ConfigMismatchError
 from rl_fp16.run_lock import RunDirectoryLocked
 
@@ -29,8 +28,7 @@ __all__ = ["PolicyModel", "load_policy_model", "progress", "max_model_len",
            "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "clean_lists",
            "run_main", "unknown_override_problems",
            "ConfigError", "ConfigChecker", "check_shared_keys",
-           "RL_OUTPUT_DIR_FIELDS", "RL_RESUME_ALLOWED", "rl_run_dir", "validate_rl_config",
-           "make_rl_config", "make_lora_config"]
+           "validate_rl_config"]
 
 # The tiny base model trained by experiments/pretrain_base.py and committed with the repo.
 BASE_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
@@ -128,26 +126,6 @@ def clean_lists(config, names: Sequence[str] = (), ints: Sequence[str] = ()) -> 
     node[leaf] = config_list(node[leaf], key, item=item)
 
 
-class ConfigError(ValueError):
-  """An experiment config that cannot work, found before any model is loaded or file written.
-
-  `problems` holds its lines (`--config.key=value: what is allowed`), one per problem.
-  """
-
-  def __init__(self, message: str, problems: Sequence[str] = ()):
-    super().__init__(message)
-    self.problems = list(problems) or [message]
-
-  @classmethod
-  def listing(cls, problems: Sequence[str], what: str = "config") -> "ConfigError":
-    """One error listing every problem: "Invalid {what} (N problems):" then a line each."""
-    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-    return cls(f"Invalid {what} ({count}):\n" + "\n".join(f"  {p}" for p in problems), problems)
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
 class ConfigChecker:
   """Collects every problem of a config, then raises them together as one `ConfigError`.
 
@@ -181,31 +159,21 @@ class ConfigChecker:
     self.errors.append(f"--config.{key}={value!r}: {message}")
 
   def choice(self, key: str, allowed: Sequence[Any]) -> None:
-    if self.has(key) and self.get(key) not in allowed:
-      self.fail(key, f"allowed: {', '.join(map(str, allowed))}")
+    problem = self.has(key) and choice_problem(self.get(key), allowed)
+    if problem:
+      self.fail(key, problem)
 
   def integer(self, key: str, minimum: int = 1) -> None:
     """An int >= minimum (positive by default)."""
-    if not self.has(key):
-      return
-    value = self.get(key)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-      self.fail(key, f"must be an integer >= {minimum}")
+    problem = self.has(key) and integer_problem(self.get(key), minimum)
+    if problem:
+      self.fail(key, problem)
 
-  def number(self, key: str, *, above: float | None = None, at_least: float | None = None,
-             at_most: float | None = None) -> None:
-    """A finite real number in the given bounds (`above` is exclusive)."""
-    if not self.has(key):
-      return
-    value = self.get(key)
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-          and math.isfinite(value) and (above is None or value > above)
-          and (at_least is None or value >= at_least) and (at_most is None or value <= at_most))
-    if not ok:
-      bounds = [f"> {above}" if above is not None else "",
-                f">= {at_least}" if at_least is not None else "",
-                f"<= {at_most}" if at_most is not None else ""]
-      self.fail(key, "must be a finite number " + " and ".join(b for b in bounds if b))
+  def number(self, key: str, **bounds: float) -> None:
+    """A finite real number; `bounds`: above (exclusive), at_least, at_most."""
+    problem = self.has(key) and number_problem(self.get(key), **bounds)
+    if problem:
+      self.fail(key, problem)
 
   def text(self, key: str, what: str) -> None:
     """A non-empty string (unset placeholders are None)."""
@@ -451,182 +419,25 @@ def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
 
 
 # -------------------------------------------- the RL experiment's config (rl, sanity) ----
-# Shared by experiments.rl (which runs it) and experiments.sanity (which checks every run's config
-# before the first starts, then runs `python -m experiments.rl` per precision).
-
-RL_OUTPUT_DIR_FIELDS = ("algorithm", "precision", "seed", "engine", "advantage", "bitwise")
-# Keys a resume may change (see rl_fp16.run_config.check_run_config): the length of the run,
-# how often it checkpoints, where its directory is, how much vLLM logs, and the multi-host
-# coordinator.
-RL_RESUME_ALLOWED = run_config.RESUME_ALLOWED_KEYS + ("distributed",)
-
-
-def rl_run_dir(config) -> str:
-  """The run directory of an RL config: `output_dir` with its {field}s filled in, absolute."""
-  fields = {k: config.get(k) for k in RL_OUTPUT_DIR_FIELDS}
-  return os.path.abspath(config.output_dir.format(**fields))
-
-
-def validate_rl_config(config) -> None:
-  """Checks every value of an RL experiment config; reads no model and writes nothing.
-
-  Raises:
-    ConfigError: listing every bad value (as `--config.key=value`) with what is allowed.
-  """
-  from rl_fp16 import objectives  # pylint: disable=g-import-not-at-top
-  from rl_fp16.data.rl_problems import TASKS  # pylint: disable=g-import-not-at-top
-  from rl_fp16.models.lora import LORA_TARGETS  # pylint: disable=g-import-not-at-top
-  check = ConfigChecker(config)
-  check_shared_keys(check)
-  for key in ("engine", "precision", "algorithm", "advantage", "steps", "prompts_per_step",
-              "samples_per_prompt", "num_minibatches", "epochs", "max_new_tokens", "temperature",
-              "learning_rate", "seed", "checkpoint_every", "output_dir", "model"):
-    check.check(check.has(key), key, "missing from the config")
-  check.integer("samples_per_prompt", 2)  # group-relative advantages need groups
-  counts = [config.get(k) for k in ("prompts_per_step", "samples_per_prompt", "num_minibatches")]
-  if all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
-    rows = config.prompts_per_step * config.samples_per_prompt
-    check.check(rows % config.num_minibatches == 0, "num_minibatches",
-                f"must divide the {rows} rollouts of a step (prompts_per_step "
-                f"{config.prompts_per_step} x samples_per_prompt {config.samples_per_prompt})")
-  if check.has("grad_clip") and config.grad_clip is not None:
-    check.number("grad_clip", above=0)
-  check.choice("task", TASKS)
-  if config.get("task", "synthetic") == "math":
-    check.text("data_path", "the MATH problems (JSONL / parquet / tfds directory) for task 'math'")
-    if isinstance(config.get("data_path"), str) and config.data_path:
-      check.check(os.path.exists(config.data_path), "data_path", "no such file or directory")
-  if check.has("loss"):
-    check.choice("loss.aggregation", objectives.AGGREGATIONS)
-    for key in ("token_is_cap", "seq_is_cap"):
-      check.number(f"loss.{key}", above=0)
-    for key in ("clip_eps_low", "clip_eps_high", "gspo_eps_low", "gspo_eps_high"):
-      check.number(f"loss.{key}", at_least=0)
-  if check.has("perfectible"):
-    check.integer("perfectible.pool", 1)
-    check.integer("perfectible.k", 1)
-    check.number("perfectible.low", at_least=0, at_most=1)
-    check.number("perfectible.high", at_least=0, at_most=1)
-    low, high = config.perfectible.get("low"), config.perfectible.get("high")
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
-      check.check(low <= high, "perfectible.low", f"must be <= perfectible.high ({high})")
-  if check.has("lora") and config.lora.get("enabled", False):
-    check.integer("lora.rank", 1)
-    check.number("lora.alpha", above=0)
-    targets = config.lora.get("targets")
-    check.check(not isinstance(targets, str) and bool(targets)
-                and all(t in LORA_TARGETS for t in targets), "lora.targets",
-                f"must be a non-empty list of: {', '.join(LORA_TARGETS)}")
-  check.integer("prompt_bucket", 1)  # both optional (`RL_BUCKET_KEYS`)
-  check.integer("sequence_bucket", 0)
-  if check.has("expert_mismatch"):
-    check.integer("expert_mismatch.every", 0)
-  if check.has("eval"):
-    check.integer("eval.every", 0)
-    check.integer("eval.num_problems", 1)
-    check.integer("eval.samples_per_problem", 1)
-    check.number("eval.temperature", above=0)
-    check.integer("eval.seed", 0)
-    check.check(not config.eval.get("every") or config.get("task", "synthetic") == "synthetic",
-                "eval.every", "held-out evaluation draws fresh problems from the synthetic task's "
-                "generator; allowed with task 'math': 0")
-  if check.has("mesh"):
-    for axis in ("data", "fsdp", "tensor"):
-      value = config.mesh.get(axis)
-      check.check(isinstance(value, int) and (value >= 1 or value == -1), f"mesh.{axis}",
-                  "must be a positive device count, or -1 for the rest of the devices")
-  if check.has("output_dir") and isinstance(config.output_dir, str) and not check.errors:
-    try:
-      rl_run_dir(config)
-    except (KeyError, IndexError, ValueError) as e:
-      check.fail("output_dir", f"may use only the fields {{{'}, {'.join(RL_OUTPUT_DIR_FIELDS)}}} "
-                 f"({type(e).__name__}: {e})")
-  if not check.errors:  # anything the library's own checks still refuse
-    try:
-      make_rl_config(config)
-    except ValueError as e:
-      check.errors.append(str(e))
-  if not check.errors:
-    check_response_budget(check)
-  check.raise_if_failed("RL experiment config")
 
 
 def model_dir_of(spec: str) -> str | None:
   """The Hugging Face directory `load_policy_model(spec)` reads, or None (random, or missing)."""
   if spec == "default":
     spec = BASE_MODEL_DIR
-  if spec == "random" or not os.path.isfile(os.path.join(spec, "config.json")):
+  if not isinstance(spec, str) or spec == "random":
     return None
-  return spec
+  return spec if os.path.isfile(os.path.join(spec, "config.json")) else None
 
 
-def response_budget_problem(longest_prompt: int, max_new_tokens: int, max_positions: int,
-                            prompt: str) -> str | None:
-  """Why a prompt of `longest_prompt` tokens plus `max_new_tokens` does not fit a context of
-  `max_positions`, or None when it fits. `prompt` names the prompt bound. Pure."""
-  need = longest_prompt + max_new_tokens
-  if need <= max_positions:
-    return None
-  allowed = (f"at most {max_positions - longest_prompt}" if longest_prompt < max_positions
-             else "none: the prompts alone fill the context")
-  return (f"{prompt} plus the response budget needs {need} positions, which exceeds the model's "
-          f"max_position_embeddings={max_positions}; allowed: {allowed}")
+def validate_rl_config(config) -> RLExperimentConfig:
+  """The typed RL experiment of a config (`rl_experiment.from_config_dict`), whose prompts plus
+  response budget fit the model's context; reads the model directory's config and task files, no
+  weights, and writes nothing.
 
-
-def check_response_budget(check: ConfigChecker) -> None:
-  """The longest prompt of the problem set plus `max_new_tokens` fits the model's context.
-
-  Reads the model directory's config.json and, for the synthetic task, its task config and
-  tokenizer (the task's longest prompt: every subset and held-out problem is drawn from it); for
-  MATH the prompt bound is `max_prompt_tokens` (longer prompts are refused). Skipped when the
-  model directory or its task files are missing (loading the model then says so).
+  Raises:
+    ConfigError: listing every bad value (as `--config.key=value`) with what is allowed.
   """
-  from rl_fp16.data import synthetic, tokenizer  # pylint: disable=g-import-not-at-top
-  from rl_fp16.data.tasks import MathTask, SyntheticTask  # pylint: disable=g-import-not-at-top
-  config = check.config
-  model_dir = model_dir_of(config.model)
-  if model_dir is None:
-    return
-  try:
-    max_positions = ModelConfig.from_hf(model_dir).max_position_embeddings
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    check.fail("model", f"its config.json cannot be read ({type(e).__name__}: {e})")
-    return
-  if config.get("task", "synthetic") == "math":
-    longest = config.get("max_prompt_tokens", MathTask.max_prompt_tokens)
-    prompt = f"--config.max_prompt_tokens ({longest})"
-  else:
-    if not os.path.exists(os.path.join(model_dir, synthetic.TASK_CONFIG_FILE)):
-      return
-    task = SyntheticTask(synthetic.load_task_config(model_dir),
-                         tokenizer.load_tokenizer(model_dir))
-    longest = task.max_prompt_len()
-    prompt = f"the longest prompt ({longest} tokens)"
-  problem = response_budget_problem(longest, config.max_new_tokens, max_positions, prompt)
-  if problem:
-    check.fail("max_new_tokens", problem)
-
-
-def make_lora_config(config) -> LoraConfig | None:
-  """`config.lora` as a `LoraConfig`, or None when absent or not enabled."""
-  lora = config.get("lora")
-  if lora is None or not lora.enabled:
-    return None
-  return LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
-
-
-# Optional RL config keys passed as they are to `RLConfig` (absent: its defaults).
-RL_BUCKET_KEYS = ("prompt_bucket", "sequence_bucket")
-
-
-def make_rl_config(config) -> RLConfig:
-  """The library's `RLConfig` of an RL experiment config (raises ValueError on what it refuses)."""
-  from rl_fp16 import objectives  # pylint: disable=g-import-not-at-top
-  from rl_fp16.train import RLConfig  # pylint: disable=g-import-not-at-top
-  loss = objectives.LossConfig(max_response_len=config.max_new_tokens, **config.loss.to_dict())
-  return RLConfig(algorithm=config.algorithm, advantage=config.advantage, loss=loss,
-                  samples_per_prompt=config.samples_per_prompt,
-                  num_minibatches=config.num_minibatches, epochs=config.epochs,
-                  temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                  lora=make_lora_config(config),
-                  **{key: config[key] for key in RL_BUCKET_KEYS if key in config})
+  experiment = rl_experiment.from_config_dict(config)
+  rl_experiment.check_response_budget(experiment, model_dir_of(experiment.model))
+  return experiment

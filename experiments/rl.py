@@ -7,11 +7,11 @@ Each step: sample with the engine in the sampler's precision -> rewards -> advan
 logp_old -> minibatch updates -> weight sync. Writes one run directory (config.json,
 metrics.jsonl, TensorBoard events, orbax checkpoints, plots/).
 
-Before it loads a model or creates a directory, `run` checks the whole config
-(`validate_rl_config`: every problem is listed, with the value and what is allowed) and the run
-directory: a directory another process holds (`rl_fp16.run_lock`, taken by process 0) is
+Before it loads a model or creates a directory, `run` turns the config into its typed form
+(`rl_fp16.rl_experiment.RLExperimentConfig`, which documents every key; every problem is listed,
+with the value and what is allowed) and checks the run directory: a directory another process holds (`rl_fp16.run_lock`, taken by process 0) is
 refused; re-running into a directory that holds a run resumes it from its last checkpoint only if
-the config is the same one, but for the keys of `RL_RESUME_ALLOWED` (steps, checkpoint_every,
+the config is the same one, but for the keys of `rl_experiment.RESUME_ALLOWED` (steps, checkpoint_every,
 output_dir, vllm_log_level, distributed). Any other difference is refused, key by key (stored ->
 new); start a new run with another --config.output_dir. config.json is written by the first start
 and never rewritten; allowed changes made on a resume are recorded in resumes.jsonl
@@ -37,10 +37,8 @@ import jax
 import numpy as np
 
 from experiments import common
-# The RL config's checks and conversions (in common: experiments.sanity checks them too).
-from experiments.common import RL_RESUME_ALLOWED, make_rl_config, rl_run_dir, validate_rl_config
-from rl_fp16 import (colocation, distributed, evaluation, plots, results, run_config, run_lock,
-                     seeds, sharding)
+from rl_fp16 import (colocation, distributed, evaluation, plots, results, rl_experiment,
+                     run_config, run_lock, seeds, sharding)
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, CheckpointsUnreadable, TrainState
 from rl_fp16.data.rl_problems import (load_or_build_subset, load_task, problem_text,
@@ -49,40 +47,40 @@ from rl_fp16.learner import Learner, setup
 from rl_fp16.models.lora import num_params
 from rl_fp16.models import probes
 from rl_fp16.precision import get_precision_pair
+from rl_fp16.rl_experiment import RESUME_ALLOWED, RLExperimentConfig
 from rl_fp16.sampling.sync_modes import make_synced_engine
-from rl_fp16.train import OptimizerConfig
-
-def colocation_config(config) -> colocation.ColocationConfig:
-  """`config.colocate` (absent: no memory split, no sleep) as a `ColocationConfig`."""
-  return colocation.ColocationConfig(**config.get("colocate", {}))
+from rl_fp16.sampling.wrappers import ProcessShareEngine
 
 
 def run(config) -> dict:
-  validate_rl_config(config)
+  """Runs the RL experiment of the ConfigDict `config` (its config.json is `config` as given)."""
+  experiment = common.validate_rl_config(config)
   # JAX's share of a GPU shared with vLLM, before anything starts JAX's backend.
-  colocation.apply_colocation_env(colocation.colocation_env(colocation_config(config)))
-  run_dir = rl_run_dir(config)
+  colocation.apply_colocation_env(colocation.colocation_env(experiment.colocate))
+  run_dir = rl_experiment.run_dir(experiment)
   # Refuse a run directory holding another experiment before loading anything.
-  run_config.check_run_config(run_dir, config, allowed=RL_RESUME_ALLOWED)
+  run_config.check_run_config(run_dir, config, allowed=RESUME_ALLOWED)
   processes, primary = jax.process_count(), distributed.is_primary()
   if processes > 1:
-    check_multiprocess_config(config, processes)
+    check_multiprocess_config(experiment, processes)
   # One owner per run directory: process 0 holds it (the RunWriter below takes it once more).
   lock = run_lock.acquire(run_dir) if primary else None
   try:
-    return _run(config, run_dir, processes, primary)
+    return _run(experiment, config.to_dict(), run_dir, processes, primary)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
-  """`run` past its checks, in the run directory this process owns (or, not process 0, shares)."""
+def _run(config: RLExperimentConfig, config_json: dict, run_dir: str, processes: int,
+         primary: bool) -> dict:
+  """`run` past its checks, in the run directory this process owns (or, not process 0, shares);
+  `config_json` is what config.json holds."""
   model = common.load_policy_model(config.model, seed=config.seed)
-  task = load_task(model, config)
-  subset, rates, subset_path = _problems(config, model, task, run_dir, processes, primary)
-  eval_config = evaluation.EvalConfig(**config.get("eval", {}))
-  held_out = (evaluation.held_out_problems(task, subset, eval_config) if eval_config.every
+  task = load_task(model, config.problems)
+  subset, rates, subset_path = _problems(config, config_json, model, task, run_dir, processes,
+                                         primary)
+  held_out = (evaluation.held_out_problems(task, subset, config.eval) if config.eval.every
               else [])
   if len(subset) < 1:
     raise ValueError(f"The perfectible subset is empty ({subset_path}); widen "
@@ -93,16 +91,15 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
   try:
     learner = _setup(config, model, task, run_dir, checkpointer, processes, primary)
     # Metrics are logged at steps 1..steps; a checkpoint after step k keeps lines 1..k.
-    writer = (results.RunWriter(run_dir, config.to_dict(), resume=True,
+    writer = (results.RunWriter(run_dir, config_json, resume=True,
                                 resume_step=learner.start_step + 1,
-                                allowed_changes=RL_RESUME_ALLOWED)
+                                allowed_changes=RESUME_ALLOWED)
               if primary else distributed.NullRunWriter())
-    print(f"run: {config.algorithm} / {config.precision} / engine {config.engine} / seed "
+    print(f"run: {config.rl.algorithm} / {config.precision} / engine {config.engine} / seed "
           f"{config.seed}; {len(subset)} problems (mean base pass rate "
           f"{np.nanmean(rates) if np.isfinite(rates).any() else float('nan'):.2f}) from "
           f"{subset_path}")
-    _loop(config, learner, model, task, subset, held_out, eval_config, writer, checkpointer,
-          primary)
+    _loop(config, learner, model, task, subset, held_out, writer, checkpointer, primary)
   finally:
     if learner is not None and learner.engine is not None:
       learner.engine.close()
@@ -112,29 +109,34 @@ def _run(config, run_dir: str, processes: int, primary: bool) -> dict:
   return _summary(config, run_dir, primary, started)
 
 
-def _problems(config, model, task, run_dir: str, processes: int, primary: bool):
+def _problems(config: RLExperimentConfig, config_json: dict, model, task, run_dir: str,
+              processes: int, primary: bool):
   """The run's perfectible subset, its base pass rates and its file; process 0 builds it (and
   writes config.json on the first start), the others read it after a barrier."""
+
+  def load():
+    return load_or_build_subset(config.problems, model, task, run_dir,
+                                max_new_tokens=config.rl.max_new_tokens, seed=config.seed)
+
   if primary:  # only process 0 writes config.json, metrics, TensorBoard events and plots
-    changed = run_config.init_run_dir(run_dir, config, allowed=RL_RESUME_ALLOWED)  # 1st start only
+    changed = run_config.init_run_dir(run_dir, config_json, allowed=RESUME_ALLOWED)
     if changed:
       print(f"{run_dir}: config.json kept as it is; allowed changes on this start (recorded in "
             f"{run_config.RESUMES_FILE} once steps are logged): " + "; ".join(map(str, changed)))
-    found = load_or_build_subset(config, model, task, run_dir)
+    found = load()
   if processes > 1:  # the others read the subset process 0 wrote (or build the same one)
     distributed.barrier("subset")
   if not primary:
-    found = load_or_build_subset(config, model, task, run_dir)
+    found = load()
   return found
 
 
-def _setup(config, model, task, run_dir: str, checkpointer: Checkpointer, processes: int,
-           primary: bool) -> Learner:
-  """The run's `Learner`: from the config's typed settings, restored from the newest checkpoint
-  that restores, with its engine."""
-  rl_config = make_rl_config(config)
+def _setup(config: RLExperimentConfig, model, task, run_dir: str, checkpointer: Checkpointer,
+           processes: int, primary: bool) -> Learner:
+  """The run's `Learner`, restored from the newest checkpoint that restores, with its engine."""
+  rl_config = config.rl
   mesh = None
-  if "mesh" in config:  # sharded trainer (experiments/configs/sharded.py)
+  if config.mesh is not None:  # sharded trainer (experiments/configs/sharded.py)
     mesh = sharding.mesh_from_config(config.mesh)
     print(f"sharded trainer on mesh {dict(mesh.shape)}")
 
@@ -142,27 +144,24 @@ def _setup(config, model, task, run_dir: str, checkpointer: Checkpointer, proces
     if processes > 1:  # one engine per process, fed the gathered params; own vLLM files each
       policy_params = distributed.gather_to_host(policy_params)
     engine = make_synced_engine(
-        config.get("weight_sync", "memory"), config.engine, model.config, policy_params,
+        config.weight_sync, config.engine, model.config, policy_params,
         pair.sampler, weights_dir=os.path.join(run_dir, "weights"),
-        first_step=start_step, colocation=colocation_config(config),
+        first_step=start_step, colocation=config.colocate,
         workdir=distributed.engine_workdir(run_dir), tokenizer_dir=model.tokenizer_dir,
         eos_token_ids=model.eos_token_ids,
-        max_model_len=task.max_prompt_len() + config.max_new_tokens,  # validated to fit
-        seed=config.seed, vllm_log_level=config.get("vllm_log_level", "WARNING"))
+        max_model_len=task.max_prompt_len() + rl_config.max_new_tokens,  # validated to fit
+        seed=config.seed, vllm_log_level=config.vllm_log_level)
     if processes > 1:
-      engine = distributed.ProcessShareEngine(engine)
+      engine = ProcessShareEngine(engine)
       print(f"process {jax.process_index()} of {processes}: samples prompts "
             f"{distributed.process_share(config.prompts_per_step)} of each step with its own "
             f"{config.engine} engine; {jax.local_device_count()} of {jax.device_count()} devices")
     return engine
 
-  pair = get_precision_pair(config.precision, bitwise=config.get("bitwise", False))
-  # `config.optimizer` (experiments/configs/paper.py): the other OptimizerConfig fields, if set.
-  optimizer_config = OptimizerConfig(learning_rate=config.learning_rate,
-                                     grad_clip=config.grad_clip, **config.get("optimizer", {}))
+  pair = get_precision_pair(config.precision, bitwise=config.bitwise)
   print(f"model: {model.description}")
   built = setup(model.config, model.params, pair=pair, rl_config=rl_config,
-                optimizer_config=optimizer_config, seed=config.seed, mesh=mesh,
+                optimizer_config=config.optimizer, seed=config.seed, mesh=mesh,
                 restore=lambda state: _restore(state, checkpointer, run_dir, rl_config, primary),
                 make_engine=make_engine)
   if rl_config.lora is not None:
@@ -197,20 +196,20 @@ def _restore(state: TrainState, checkpointer: Checkpointer, run_dir: str, rl_con
   return state
 
 
-def _loop(config, learner: Learner, model, task, subset, held_out, eval_config, writer,
+def _loop(config: RLExperimentConfig, learner: Learner, model, task, subset, held_out, writer,
           checkpointer: Checkpointer, primary: bool) -> None:
   """RL steps `learner.start_step`..`config.steps`: metrics written at each, checkpoints at
   `checkpoint_every` and the last."""
   pair = learner.pair
-  every = config.get("expert_mismatch", {}).get("every", 1) if model.config.is_moe else 0
+  every = config.expert_mismatch_every if model.config.is_moe else 0
 
   def expert_metrics(rollout, params):
     return probes.rollout_expert_mismatch(model.config, params, rollout,
                                           trainer_policy=pair.trainer,
                                           sampler_policy=pair.sampler)
 
-  n = config.samples_per_prompt
-  bar = common.progress(range(learner.start_step, config.steps), desc=f"{config.algorithm}/"
+  n = config.rl.samples_per_prompt
+  bar = common.progress(range(learner.start_step, config.steps), desc=f"{config.rl.algorithm}/"
                         f"{config.precision}", initial=learner.start_step, total=config.steps,
                         disable=not primary)
   for step in bar:
@@ -224,9 +223,9 @@ def _loop(config, learner: Learner, model, task, subset, held_out, eval_config, 
         seed=seeds.rl_step(config.seed, step),
         extra_metrics=expert_metrics if every and step % every == 0 else None)
     metrics["train/updates"] = float(learner.state.step)
-    if eval_config.due(step + 1, config.steps):  # the engine serves the updated weights
-      metrics.update(evaluation.evaluate(learner.engine, task, held_out, config=eval_config,
-                                         max_new_tokens=config.max_new_tokens))
+    if config.eval.due(step + 1, config.steps):  # the engine serves the updated weights
+      metrics.update(evaluation.evaluate(learner.engine, task, held_out, config=config.eval,
+                                         max_new_tokens=config.rl.max_new_tokens))
     writer.write(step + 1, metrics)
     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
                     mismatch=f"{metrics['mismatch/prob_diff_mean']:.1e}",
@@ -235,7 +234,7 @@ def _loop(config, learner: Learner, model, task, subset, held_out, eval_config, 
       checkpointer.save(learner.state, extra={"rl_step": step + 1})
 
 
-def _summary(config, run_dir: str, primary: bool, started: float) -> dict:
+def _summary(config: RLExperimentConfig, run_dir: str, primary: bool, started: float) -> dict:
   """The run's summary (process 0 reads it back from metrics.jsonl and plots the reward)."""
   if not primary:
     print(f"process {jax.process_index()}: done (process 0 writes the run directory)")
@@ -249,7 +248,7 @@ def _summary(config, run_dir: str, primary: bool, started: float) -> dict:
       "mean_prob_diff": float(frame["mismatch/prob_diff_mean"].mean()),
       "minutes": (time.time() - started) / 60,
   }
-  plots.plot_curves(frame.assign(precision=config.precision, algorithm=config.algorithm),
+  plots.plot_curves(frame.assign(precision=config.precision, algorithm=config.rl.algorithm),
                     "reward/mean", path=os.path.join(run_dir, "plots", "reward.png"))
   print(f"done: final reward {summary['final_reward']:.3f}, best {summary['best_reward']:.3f}, "
         f"mean |pi-mu| {summary['mean_prob_diff']:.2e} ({summary['minutes']:.1f} min) -> "
@@ -257,25 +256,23 @@ def _summary(config, run_dir: str, primary: bool, started: float) -> dict:
   return summary
 
 
-def check_multiprocess_config(config, processes: int) -> None:
-  """What a run over `processes` processes needs beyond `validate_rl_config`."""
+def check_multiprocess_config(config: RLExperimentConfig, processes: int) -> None:
+  """What a run over `processes` processes needs beyond a valid `RLExperimentConfig`."""
   problems = []
-  if "mesh" not in config:
+  if config.mesh is None:
     problems.append("a multi-process run needs the sharded trainer: use "
                     "--config=experiments/configs/sharded.py (config.mesh)")
   if config.prompts_per_step % processes:
     problems.append(f"--config.prompts_per_step={config.prompts_per_step}: must be a multiple of "
                     f"the {processes} processes (each samples an equal share)")
-  every = config.get("eval", {}).get("every", 0)
-  if every and config.eval.num_problems % processes:
+  if config.eval.every and config.eval.num_problems % processes:
     problems.append(f"--config.eval.num_problems={config.eval.num_problems}: must be a multiple "
                     f"of the {processes} processes (each samples an equal share)")
-  if config.get("weight_sync", "memory") != "memory":
+  if config.weight_sync != "memory":
     problems.append(f"--config.weight_sync={config.weight_sync!r}: a multi-process run syncs each "
                     "process's engine in memory; allowed: 'memory'")
   if problems:
-    raise common.ConfigError(f"Invalid multi-process RL config ({processes} processes):\n"
-                             + "\n".join(f"  {p}" for p in problems))
+    raise common.ConfigError.listing(problems, f"multi-process RL config ({processes} processes)")
 
 
 def main(config) -> dict:
@@ -286,4 +283,4 @@ def main(config) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(main, validate=validate_rl_config)
+  common.run_main(main, validate=common.validate_rl_config)

@@ -24,7 +24,7 @@ import time
 from absl import flags
 
 from experiments import common
-from rl_fp16 import plots, results, run_lock
+from rl_fp16 import plots, results, rl_experiment, run_lock
 from rl_fp16.run_config import check_run_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +45,8 @@ def run_configs(config, precisions) -> list:
   for precision in precisions:
     run_config = copy.deepcopy(config)
     run_config.precision = precision
-    common.validate_rl_config(run_config)
-    run_dir = common.rl_run_dir(run_config)
-    check_run_config(run_dir, run_config, allowed=common.RL_RESUME_ALLOWED)
+    run_dir = rl_experiment.run_dir(common.validate_rl_config(run_config))
+    check_run_config(run_dir, run_config, allowed=rl_experiment.RESUME_ALLOWED)
     holder = run_lock.holder(run_dir)
     if holder is not None:
       raise run_lock.RunDirectoryLocked(
@@ -83,7 +82,8 @@ def run_rl(run_config) -> dict:
   if done.returncode:
     raise RuntimeError(f"The {run_config.precision} run failed (exit status {done.returncode}): "
                        f"{' '.join(command)}")
-  return run_summary(common.rl_run_dir(run_config), (time.time() - started) / 60)
+  run_dir = rl_experiment.run_dir(rl_experiment.from_config_dict(run_config))
+  return run_summary(run_dir, (time.time() - started) / 60)
 
 
 def compare(config, precisions) -> dict:

@@ -23,6 +23,8 @@ import dataclasses
 import os
 from typing import Any, Mapping, MutableMapping
 
+from rl_fp16.config_checks import FieldChecks
+
 HEADROOM = 0.05
 MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 SLEEP_LEVELS = (0, 1, 2)
@@ -43,13 +45,11 @@ class ColocationConfig:
   sleep_level: int = 0
 
   def __post_init__(self):
-    f = self.sampler_memory_fraction
-    if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
-                          or not 0 < f <= MAX_SAMPLER_FRACTION):
-      raise ValueError(f"sampler_memory_fraction must be in (0, {MAX_SAMPLER_FRACTION}] or None, "
-                       f"got {f!r}")
-    if self.sleep_level not in SLEEP_LEVELS:
-      raise ValueError(f"sleep_level must be one of {SLEEP_LEVELS}, got {self.sleep_level!r}")
+    checks = FieldChecks(self)
+    if self.sampler_memory_fraction is not None:
+      checks.number("sampler_memory_fraction", above=0, at_most=MAX_SAMPLER_FRACTION)
+    checks.choice("sleep_level", SLEEP_LEVELS)
+    checks.done()
 
 
 def colocation_env(config: ColocationConfig) -> dict[str, str]:

@@ -6,8 +6,8 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID set, e.g. by `launch.local_processes`), whi
 
 1. every process knows the step's prompts (same seed, same subset); process p takes the
    contiguous share `process_share(num_prompts)` and samples it with its own engine
-   (`ProcessShareEngine`), passing `first_row` so that each row is sampled as in the
-   single-process run (the JAX sampler's per-row noise, vLLM's per-row seeds);
+   (`sampling.wrappers.ProcessShareEngine`), passing `first_row` so that each row is sampled as
+   in the single-process run (the JAX sampler's per-row noise, vLLM's per-row seeds);
 2. the shares are concatenated on every process (`allgather_rollout`, an all-gather of a few
    [B, P + T] arrays), so the minibatch shuffle, advantages and metrics are those of the
    single-process run; each process scores only its own rows (`rewards_by_share`);
@@ -26,14 +26,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rl_fp16.sampling.engines import EngineWrapper
 from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
 
 _FINISH_CODES = (FINISH_EOS, FINISH_LENGTH)
@@ -186,29 +184,6 @@ def allgather_rollout(local: Rollout, first_prompt: int) -> Rollout:
   whole = {name: concat_across_processes(value) for name, value in fields.items()}
   finish = whole.pop("finish")
   return Rollout(finish_reasons=tuple(_FINISH_CODES[int(c)] for c in finish), **whole)
-
-
-class ProcessShareEngine(EngineWrapper):
-  """An engine per process behind the one-engine interface (an `EngineWrapper`).
-
-  `generate` takes the step's whole prompt list, samples this process's share with the local
-  engine and returns the whole rollout (every process gets the same one); `sync_weights` takes
-  the trainer's (sharded) params, gathers them and pushes them into the local engine. Both are
-  collective: every process calls them in the same order.
-  """
-
-  def generate(self, prompt_token_ids, *, n: int, sampling, seed: int,
-               first_row: int = 0) -> Rollout:
-    start, stop = process_share(len(prompt_token_ids))
-    local = self.engine.generate(list(prompt_token_ids[start:stop]), n=n, sampling=sampling,
-                                 seed=seed, first_row=first_row + start * n)
-    return allgather_rollout(local, first_prompt=start)
-
-  def sync_weights(self, params: Any) -> float:
-    """Gathers `params` and syncs the local engine; returns seconds (gather included)."""
-    started = time.perf_counter()
-    self.engine.sync_weights(gather_to_host(params))
-    return time.perf_counter() - started
 
 
 def rewards_by_share(rewards_of: Callable[[slice, Rollout], np.ndarray], rollout: Rollout,

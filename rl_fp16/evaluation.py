@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rl_fp16.config_checks import FieldChecks
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 from rl_fp16.sampling.rollout import FINISH_LENGTH
 
@@ -38,13 +39,13 @@ class EvalConfig:
   seed: int = 20_251_130
 
   def __post_init__(self):
-    if self.every < 0:
-      raise ValueError(f"EvalConfig.every must be >= 0 (0 = off), got {self.every}")
-    if self.num_problems < 1 or self.samples_per_problem < 1:
-      raise ValueError("EvalConfig.num_problems and samples_per_problem must be >= 1, got "
-                       f"{self.num_problems}, {self.samples_per_problem}")
-    if not self.temperature > 0:
-      raise ValueError(f"EvalConfig.temperature must be > 0, got {self.temperature}")
+    checks = FieldChecks(self)
+    checks.integer("every", 0)
+    checks.integer("num_problems", 1)
+    checks.integer("samples_per_problem", 1)
+    checks.number("temperature", above=0)
+    checks.integer("seed", 0)
+    checks.done()
 
   def due(self, rl_step: int, last_step: int) -> bool:
     """Whether to evaluate after RL step `rl_step` (1-based) of a run of `last_step` steps."""

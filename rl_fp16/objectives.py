@@ -27,6 +27,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from rl_fp16.config_checks import FieldChecks
 from rl_fp16.names import ALGORITHMS  # pylint: disable=unused-import (re-exported)
 
 AGGREGATIONS = (
@@ -94,15 +95,17 @@ class LossConfig:
   max_response_len: int | None = None
 
   def __post_init__(self):
-    _check_aggregation(self.aggregation, self.max_response_len)
+    checks = FieldChecks(self)
+    checks.choice("aggregation", AGGREGATIONS)
     for name in ("token_is_cap", "seq_is_cap"):
-      value = getattr(self, name)
-      if not value > 0:
-        raise ValueError(f"LossConfig.{name} must be > 0, got {value}")
+      checks.number(name, above=0)
     for name in ("clip_eps_low", "clip_eps_high", "gspo_eps_low", "gspo_eps_high"):
-      value = getattr(self, name)
-      if not value >= 0:
-        raise ValueError(f"LossConfig.{name} must be >= 0, got {value}")
+      checks.number(name, at_least=0)
+    if self.max_response_len is not None:
+      checks.integer("max_response_len", 1)
+    checks.check(self.aggregation != "token_sum_norm" or self.max_response_len is not None,
+                 "max_response_len", "aggregation 'token_sum_norm' (Dr.GRPO) needs it")
+    checks.done()
 
 
 def _check_aggregation(aggregation, max_response_len):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rl_fp16 import advantages as advantages_lib
+from rl_fp16.advantages import check_rewards, compute_advantages
 from rl_fp16 import distributed, mismatch, sharding
 from rl_fp16.batch import TrainBatch, batch_width, make_batch, rollout_batch
 from rl_fp16.checkpoints.train_state import TrainState
@@ -110,8 +110,8 @@ def sample_and_score(engine, prompts: list[list[int]], reward_fn, rl_config: RLC
   times["time/sample_s"] = time.perf_counter() - start
 
   start = time.perf_counter()
-  rewards = advantages_lib.check_rewards(reward_fn(rollout), n)  # float32 [B], all finite
-  advantages = np.asarray(advantages_lib.compute_advantages(rl_config.advantage,
+  rewards = check_rewards(reward_fn(rollout), n)  # float32 [B], all finite
+  advantages = np.asarray(compute_advantages(rl_config.advantage,
                                                             jnp.asarray(rewards), n))
   times["time/score_s"] = time.perf_counter() - start
   return rollout, rewards, advantages, times

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rl_fp16 import advantages as advantages_lib
+from rl_fp16 import advantages
 from rl_fp16 import objectives, precision, sharding
 from rl_fp16.batch import TrainBatch
 from rl_fp16.checkpoints.train_state import TrainState
+from rl_fp16.config_checks import FieldChecks
 from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
 from rl_fp16.models import apply_logits, apply_token_logprobs, token_logprobs
 from rl_fp16.models.lora import LoraConfig, merge_lora
@@ -50,10 +51,16 @@ class OptimizerConfig:
   warmup_steps: int = 0
 
   def __post_init__(self):
-    if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-    if self.grad_clip is not None and self.grad_clip <= 0:
-      raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+    checks = FieldChecks(self)
+    checks.number("learning_rate", above=0)
+    if self.grad_clip is not None:
+      checks.number("grad_clip", above=0)
+    for name in ("b1", "b2"):
+      checks.number(name, at_least=0, at_most=1)
+    checks.number("eps", above=0)
+    checks.number("weight_decay", at_least=0)
+    checks.integer("warmup_steps", 0)
+    checks.done()
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
@@ -177,19 +184,15 @@ class RLConfig:
   sequence_bucket: int = 64
 
   def __post_init__(self):
-    if self.algorithm not in objectives.ALGORITHMS:
-      raise ValueError(f"Unknown algorithm {self.algorithm!r}; allowed: "
-                       f"{list(objectives.ALGORITHMS)}")
-    if self.advantage not in advantages_lib.ADVANTAGE_ESTIMATORS:
-      raise ValueError(f"Unknown advantage {self.advantage!r}; allowed: "
-                       f"{list(advantages_lib.ADVANTAGE_ESTIMATORS)}")
-    if self.prompt_bucket < 1:
-      raise ValueError(f"prompt_bucket must be >= 1, got {self.prompt_bucket}")
-    if self.sequence_bucket < 0:
-      raise ValueError(f"sequence_bucket must be >= 0 (0 = off), got {self.sequence_bucket}")
-    if self.num_minibatches < 1 or self.epochs < 1 or self.samples_per_prompt < 2:
-      raise ValueError(f"Need num_minibatches >= 1, epochs >= 1 and samples_per_prompt >= 2; got "
-                       f"{self.num_minibatches}, {self.epochs}, {self.samples_per_prompt}")
+    checks = FieldChecks(self)
+    checks.choice("algorithm", objectives.ALGORITHMS)
+    checks.choice("advantage", advantages.ADVANTAGE_ESTIMATORS)
+    checks.integer("samples_per_prompt", 2)  # group-relative advantages need groups
+    for name in ("num_minibatches", "epochs", "max_new_tokens", "prompt_bucket"):
+      checks.integer(name, 1)
+    checks.integer("sequence_bucket", 0)
+    checks.number("temperature", above=0)
+    checks.done()
 
 
 @functools.partial(policy_jit,

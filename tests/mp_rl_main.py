@@ -27,4 +27,4 @@ def token_sum_reward(self, problems, rollout) -> np.ndarray:
 
 if __name__ == "__main__":
   SyntheticTask.rewards = token_sum_reward
-  common.run_main(rl.main, validate=rl.validate_rl_config)
+  common.run_main(rl.main, validate=common.validate_rl_config)

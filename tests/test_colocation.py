@@ -30,9 +30,10 @@ def test_one_entry_sets_the_jax_and_vllm_shares():
   assert colocation.sampler_engine_options(ColocationConfig(sleep_level=2)) == {
       "enable_sleep_mode": True}
   for bad in (0.0, 0.95, -0.1, True):
-    with pytest.raises(ValueError, match="sampler_memory_fraction must be in"):
+    with pytest.raises(ValueError, match="sampler_memory_fraction=.*: must be a finite number > 0 "
+                       "and <= 0.9"):
       ColocationConfig(sampler_memory_fraction=bad)
-  with pytest.raises(ValueError, match="sleep_level must be one of"):
+  with pytest.raises(ValueError, match="sleep_level=3: allowed: 0, 1, 2"):
     ColocationConfig(sleep_level=3)
 
 
@@ -94,7 +95,7 @@ def test_config_checker_names_bad_sync_and_colocation_values(tmp_path):
   config.colocate.sampler_memory_fraction = 1.5
   config.colocate.sleep_level = 1
   with pytest.raises(common.ConfigError) as error:
-    rl.validate_rl_config(config)
+    common.validate_rl_config(config)
   message = str(error.value)
   assert "--config.weight_sync='disk': allowed: memory, directory" in message
   assert "--config.colocate.sampler_memory_fraction=1.5: must be a finite number > 0" in message
@@ -102,11 +103,11 @@ def test_config_checker_names_bad_sync_and_colocation_values(tmp_path):
           "--config.weight_sync=memory") in message
   config.colocate.sleep_level = 5
   with pytest.raises(common.ConfigError, match=r"sleep_level=5: allowed: 0, 1, 2"):
-    rl.validate_rl_config(config)
+    common.validate_rl_config(config)
   config.update(dict(weight_sync="directory"))
   config.colocate.sleep_level = 0
   config.colocate.sampler_memory_fraction = 0.5
-  rl.validate_rl_config(config)
+  common.validate_rl_config(config)
 
 
 class _Recorder:

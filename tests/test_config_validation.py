@@ -63,7 +63,7 @@ def test_nested_and_combined_problems_are_listed_together(tmp_path):
   config.lora.rank = 0
   config.perfectible.low = 0.9
   with pytest.raises(common.ConfigError) as error:
-    rl.validate_rl_config(config)
+    common.validate_rl_config(config)
   message = str(error.value)
   assert "(4 problems)" in message
   for fragment in ("--config.steps=0", "--config.loss.aggregation='mean': allowed: token_mean",
@@ -77,13 +77,14 @@ def test_every_rl_config_file_validates_and_has_vllm_log_level():
   for name in ("sanity", "moe", "lora", "sharded", "precision_ablation"):
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
     assert config.vllm_log_level == "WARNING", name
-    rl.validate_rl_config(config)
+    common.validate_rl_config(config)
   # The paper-scale config needs a model and data: it says so instead of failing later.
   from experiments.configs import sanity_r1_distill_1p5b  # pylint: disable=g-import-not-at-top
   with pytest.raises(common.ConfigError, match=r"(?s)--config.model=None: must be set.*"
                      r"--config.data_path=None: must be set"):
-    rl.validate_rl_config(sanity_r1_distill_1p5b.get_config())
-  assert "vllm_log_level" in rl.RL_RESUME_ALLOWED
+    common.validate_rl_config(sanity_r1_distill_1p5b.get_config())
+  from rl_fp16 import rl_experiment  # pylint: disable=g-import-not-at-top
+  assert "vllm_log_level" in rl_experiment.RESUME_ALLOWED
 
 
 def test_rl_passes_vllm_log_level_to_the_engine(tiny_task_model_dir, tmp_path, monkeypatch):
@@ -189,7 +190,7 @@ def test_response_budget_beyond_the_context_is_refused_before_the_run_directory(
                      r"max_position_embeddings=512; allowed: at most \d+"):
     rl.run(config)
   assert not os.path.exists(tmp_path / "run")
-  rl.validate_rl_config(_config(tmp_path, model=tiny_task_model_dir, max_new_tokens=400))
+  common.validate_rl_config(_config(tmp_path, model=tiny_task_model_dir, max_new_tokens=400))
 
 
 def test_math_prompt_budget_beyond_the_context_is_refused(tiny_task_model_dir, tmp_path):
@@ -216,17 +217,54 @@ def test_command_line_refuses_a_budget_beyond_the_default_models_context(tmp_pat
 
 
 def test_rl_config_can_set_the_buckets(tmp_path):
-  from experiments import common, rl  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
   from rl_fp16.train import RLConfig  # pylint: disable=g-import-not-at-top
-  defaults = rl.make_rl_config(_config(tmp_path))
+  defaults = common.validate_rl_config(_config(tmp_path)).rl
   assert (defaults.prompt_bucket, defaults.sequence_bucket) == (
       RLConfig.prompt_bucket, RLConfig.sequence_bucket)
-  config = _config(tmp_path, prompt_bucket=8, sequence_bucket=0)
-  rl.validate_rl_config(config)
-  rl_config = rl.make_rl_config(config)
+  rl_config = common.validate_rl_config(_config(tmp_path, prompt_bucket=8, sequence_bucket=0)).rl
   assert (rl_config.prompt_bucket, rl_config.sequence_bucket) == (8, 0)
   for key, value, message in (("prompt_bucket", 0, "--config.prompt_bucket=0: must be an integer"
                                " >= 1"), ("sequence_bucket", -1, "--config.sequence_bucket=-1: "
                                           "must be an integer >= 0")):
     with pytest.raises(common.ConfigError, match=message.replace("(", r"\(")):
-      rl.validate_rl_config(_config(tmp_path, **{key: value}))
+      common.validate_rl_config(_config(tmp_path, **{key: value}))
+
+
+def test_config_file_and_typed_config_are_one_layout():
+  """Every field of the typed config has one key in the config file, the defaults of a config
+  file are the dataclasses', and a config round-trips through its file layout."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from experiments.configs import paper, sanity  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import rl_experiment  # pylint: disable=g-import-not-at-top
+  from rl_fp16.models.lora import LoraConfig  # pylint: disable=g-import-not-at-top
+  experiment = sanity.experiment()
+  assert rl_experiment.from_config_dict(sanity.get_config()) == dataclasses.replace(
+      experiment, rl=dataclasses.replace(experiment.rl, loss=dataclasses.replace(
+          experiment.rl.loss, max_response_len=experiment.rl.max_new_tokens)))
+  assert len(set(rl_experiment.LAYOUT.values())) == len(rl_experiment.LAYOUT)
+  changed = dataclasses.replace(
+      paper.experiment("gspo"), precision="fp16", bitwise=True, engine="jax",
+      mesh={"data": 1, "fsdp": -1, "tensor": 1},
+      rl=dataclasses.replace(paper.experiment("gspo").rl, lora=LoraConfig(rank=4, alpha=8.0,
+                                                                          targets=("q_proj",))))
+  assert rl_experiment.from_config_dict(rl_experiment.config_dict(changed)) == changed
+  config = sanity.get_config()
+  config.colocate.sampler_memory_fraction = 0.5  # a typed placeholder takes a float
+  assert rl_experiment.from_config_dict(config).colocate.sampler_memory_fraction == 0.5
+
+
+def test_unknown_config_file_keys_and_part_problems_are_listed(tmp_path):
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import rl_experiment  # pylint: disable=g-import-not-at-top
+  config = _config(tmp_path, samples_per_prompt=1).to_dict()
+  config["learning_rat"] = 1e-3
+  config["optimizer"]["b2"] = 2.0
+  config["eval"]["every"] = -1
+  with pytest.raises(common.ConfigError) as error:
+    rl_experiment.from_config_dict(config)
+  assert error.value.problems == [
+      "--config.learning_rat: no such key of an RL config",
+      "--config.samples_per_prompt=1: must be an integer >= 2",
+      "--config.optimizer.b2=2.0: must be a finite number >= 0 and <= 1",
+      "--config.eval.every=-1: must be an integer >= 0"], error.value.problems

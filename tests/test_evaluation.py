@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from experiments import common
-from rl_fp16 import evaluation
+from rl_fp16 import evaluation, rl_experiment
 from rl_fp16.data import synthetic, tokenizer
+from rl_fp16.data.rl_problems import load_or_build_subset
 from rl_fp16.data.tasks import SyntheticTask
 from rl_fp16.precision import get_policy
 from rl_fp16.sampling.engines import JaxEngine
@@ -79,7 +80,9 @@ def test_rl_run_logs_the_held_out_accuracy_of_the_updated_policy(tiny, tmp_path)
   engine = JaxEngine(model.config, state["params"], get_policy("fp32", "sampler"),
                      eos_token_ids=model.eos_token_ids)
   eval_config = evaluation.EvalConfig(**config.eval.to_dict())
-  problems = evaluation.held_out_problems(task, rl.load_or_build_subset(
-      config, model, task, str(tmp_path / "run"))[0], eval_config)
+  experiment = rl_experiment.from_config_dict(config)
+  problems = evaluation.held_out_problems(task, load_or_build_subset(
+      experiment.problems, model, task, str(tmp_path / "run"), max_new_tokens=256, seed=0)[0],
+      eval_config)
   expected = evaluation.evaluate(engine, task, problems, config=eval_config, max_new_tokens=256)
   assert {k: rows[-1][k] for k in expected} == pytest.approx(expected, abs=1e-6)

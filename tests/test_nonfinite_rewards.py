@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from rl_fp16 import objectives
+from rl_fp16 import objectives, rl_experiment
 from rl_fp16.checkpoints import load_hf
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.data import synthetic, tokenizer
+from rl_fp16.data.rl_problems import load_or_build_subset
 from rl_fp16.data.tasks import SyntheticTask
 from rl_fp16.precision import default_loss_scale_config, get_precision_pair, init_loss_scale
 from rl_fp16.sampling.engines import JaxEngine
@@ -87,8 +88,9 @@ def test_rl_experiment_quotes_the_prompt_of_a_nan_reward(tiny_task_model_dir, tm
                      max_new_tokens=16, checkpoint_every=1, output_dir=str(tmp_path / "run")))
   with pytest.raises(ValueError) as error:
     rl.run(config)
-  subset, _, _ = rl.load_or_build_subset(config, rl.common.load_policy_model(config.model),
-                                         None, str(tmp_path / "run"))
+  subset, _, _ = load_or_build_subset(rl_experiment.from_config_dict(config).problems,
+                                      rl.common.load_policy_model(config.model), None,
+                                      str(tmp_path / "run"), max_new_tokens=16, seed=config.seed)
   prompt = rl.step_problems(subset, 0, 2, config.seed)[1].prompt
   assert f"prompt 1 (rows 2-3) {prompt!r}: row 3: inf" in str(error.value)
   # Nothing was logged or checkpointed for the step.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rl_fp16 import objectives
+from rl_fp16.config_checks import FieldProblems
 
 jax.config.update("jax_enable_x64", False)
 
@@ -371,18 +372,25 @@ def test_config_is_hashable_and_defaults():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(aggregation="mean"), r"Unknown aggregation 'mean'; allowed: token_mean, "
+    (dict(aggregation="mean"), r"aggregation='mean': allowed: token_mean, "
                                r"seq_mean_token_sum, seq_mean_token_mean, token_sum_norm"),
-    (dict(aggregation="token_sum_norm"), r"'token_sum_norm' .*needs max_response_len"),
-    (dict(max_response_len=0), r"max_response_len must be a positive int .* got 0"),
-    (dict(token_is_cap=0.0), r"token_is_cap must be > 0, got 0.0"),
-    (dict(seq_is_cap=-1.0), r"seq_is_cap must be > 0, got -1.0"),
-    (dict(clip_eps_low=-0.1), r"clip_eps_low must be >= 0, got -0.1"),
-    (dict(gspo_eps_high=-1e-4), r"gspo_eps_high must be >= 0, got -0.0001"),
+    (dict(aggregation="token_sum_norm"), r"max_response_len=None: aggregation 'token_sum_norm' "
+                                         r"\(Dr.GRPO\) needs it"),
+    (dict(max_response_len=0), r"max_response_len=0: must be an integer >= 1"),
+    (dict(token_is_cap=0.0), r"token_is_cap=0.0: must be a finite number > 0"),
+    (dict(seq_is_cap=-1.0), r"seq_is_cap=-1.0: must be a finite number > 0"),
+    (dict(clip_eps_low=-0.1), r"clip_eps_low=-0.1: must be a finite number >= 0"),
+    (dict(gspo_eps_high=-1e-4), r"gspo_eps_high=-0.0001: must be a finite number >= 0"),
 ])
 def test_config_errors(kwargs, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(FieldProblems, match=message):
     objectives.LossConfig(**kwargs)
+
+
+def test_config_lists_every_bad_field():
+  with pytest.raises(FieldProblems) as error:
+    objectives.LossConfig(token_is_cap=0.0, clip_eps_low=-0.1)
+  assert [p.field for p in error.value.problems] == ["token_is_cap", "clip_eps_low"]
 
 
 def test_unknown_algorithm_lists_allowed():

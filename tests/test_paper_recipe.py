@@ -5,7 +5,7 @@ import pytest
 
 from experiments import rl
 from experiments.configs import paper
-from rl_fp16 import advantages, objectives
+from rl_fp16 import advantages, objectives, rl_experiment
 from rl_fp16.train import OptimizerConfig
 
 # What each run name must resolve to: (algorithm, advantage, aggregation, caps that matter).
@@ -31,8 +31,7 @@ def test_every_algorithm_has_a_variant():
 def test_variant_resolves_to_the_recipe(name):
   algorithm, advantage, aggregation, caps = EXPECTED[name]
   config = paper.get_config(name)
-  rl.validate_rl_config(config)
-  rl_config = rl.make_rl_config(config)
+  rl_config = rl_experiment.from_config_dict(config).rl
   assert (rl_config.algorithm, rl_config.advantage) == (algorithm, advantage)
   assert rl_config.loss.aggregation == aggregation
   # Dr.GRPO divides the token sum by the generation budget.
@@ -54,9 +53,7 @@ def test_variant_resolves_to_the_recipe(name):
 
 
 def test_optimizer_is_the_papers():
-  config = paper.get_config("grpo")
-  opt = OptimizerConfig(learning_rate=config.learning_rate, grad_clip=config.grad_clip,
-                        **config.optimizer.to_dict())
+  opt = rl_experiment.from_config_dict(paper.get_config("grpo")).optimizer
   assert (opt.b1, opt.b2, opt.weight_decay, opt.grad_clip, opt.warmup_steps) == (
       0.9, 0.95, 0.0, 1.0, 0)
 
@@ -64,7 +61,7 @@ def test_optimizer_is_the_papers():
 def test_resolved_advantages_and_aggregation_compute_the_recipe():
   # Dr.GRPO: R - group mean, no std; token sum / (B * generation budget).
   rewards = np.array([1, 0, 0, 0, 1, 1, 1, 0], np.float32)
-  config = rl.make_rl_config(paper.get_config("grpo"))
+  config = rl_experiment.from_config_dict(paper.get_config("grpo")).rl
   adv = np.asarray(advantages.compute_advantages(config.advantage, rewards, 4))
   np.testing.assert_allclose(adv, [0.75, -0.25, -0.25, -0.25, 0.25, 0.25, 0.25, -0.75])
   loss = np.ones((2, 5), np.float32)
@@ -73,7 +70,7 @@ def test_resolved_advantages_and_aggregation_compute_the_recipe():
   got = objectives.aggregate(loss, mask, config.loss.aggregation, max_response_len=budget)
   np.testing.assert_allclose(float(got), 4 / (2 * budget))
   # GSPO: std-normalised advantages; mean over sequences of each sequence's token mean.
-  gspo = rl.make_rl_config(paper.get_config("gspo"))
+  gspo = rl_experiment.from_config_dict(paper.get_config("gspo")).rl
   adv = np.asarray(advantages.compute_advantages(gspo.advantage, rewards, 4))
   np.testing.assert_allclose(adv[:4], np.array([0.75, -0.25, -0.25, -0.25]) / np.std(
       [1, 0, 0, 0], ddof=1), rtol=1e-5)
@@ -88,22 +85,24 @@ def test_unknown_run_is_refused():
 
 
 def test_rl_builds_the_optimizer_from_the_config(tiny_task_model_dir, tmp_path, monkeypatch):
-  """experiments.rl passes `config.optimizer` on to OptimizerConfig (so overrides take effect)."""
+  """experiments.rl hands the learner the config's optimizer (so overrides take effect)."""
   captured = {}
 
   class Stop(Exception):
     pass
 
-  def capture(**kwargs):
+  def capture(*args, **kwargs):
+    del args
     captured.update(kwargs)
     raise Stop
 
-  monkeypatch.setattr(rl, "OptimizerConfig", capture)
+  monkeypatch.setattr(rl, "setup", capture)
   config = paper.get_config("grpo")
   config.update(dict(model=tiny_task_model_dir, engine="jax", prompts_per_step=2,
                      samples_per_prompt=4, num_minibatches=2, output_dir=str(tmp_path / "run")))
   config.optimizer.b2 = 0.999
   with pytest.raises(Stop):
     rl.run(config)
-  assert captured == dict(learning_rate=config.learning_rate, grad_clip=1.0, b1=0.9, b2=0.999,
-                          eps=OptimizerConfig().eps, weight_decay=0.0, warmup_steps=0)
+  assert captured["optimizer_config"] == OptimizerConfig(
+      learning_rate=config.learning_rate, grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0,
+      warmup_steps=0)

@@ -28,9 +28,8 @@ tiny model (each overridable): the lr (sanity's 1e-4, not 1e-6), the generation 
 (`max_new_tokens` 256, not 8192), the number of steps (300, not ~2,000-2,500); the task is the
 tiny base's synthetic perfectible set, not MATH.
 
-`config.optimizer` holds the `OptimizerConfig` fields besides the lr and grad clip, from its
-defaults (which are the paper's); experiments/rl.py passes them on, so overrides such as
-`--config.optimizer.b2=0.999` take effect.
+The optimizer is `OptimizerConfig`'s defaults, which are the paper's; `--config.optimizer.b2=0.999`
+and the like override them.
 """
 
 import dataclasses
@@ -39,7 +38,7 @@ import ml_collections
 
 from experiments.configs import sanity
 from rl_fp16 import objectives
-from rl_fp16.train import OptimizerConfig
+from rl_fp16.rl_experiment import RLExperimentConfig, config_dict
 
 # The paper's literal values where our scale changes them (docs/paper_recipe.md).
 PAPER_LEARNING_RATE = 1e-6
@@ -75,44 +74,33 @@ RECIPES = {
 }
 assert set(RECIPES) == set(objectives.ALGORITHMS), "a paper variant for every algorithm"
 
-_LOSS_KEYS = tuple(f.name for f in dataclasses.fields(objectives.LossConfig)
-                   if f.name != "max_response_len")  # set from max_new_tokens by experiments.rl
+
+def experiment(name: str = "grpo") -> RLExperimentConfig:
+  """The sanity run with the paper's recipe for the run `name` (see the module docstring)."""
+  if name not in RECIPES:
+    raise ValueError(f"Unknown paper run {name!r}; allowed: {', '.join(RECIPES)}")
+  recipe = {k: v for k, v in RECIPES[name].items() if k not in ("algorithm", "advantage",
+                                                                  "script")}
+  base = sanity.experiment()
+  # The loss: LossConfig's defaults (PPO clip 0.2 / 0.2 = oat's clip_low / clip_high, GSPO 3e-4 /
+  # 4e-4) with the recipe's aggregation and caps. The lr stays sanity's 1e-4 (the paper's 1e-6 is
+  # for a 1.5B model; the tiny base barely moves at it), the budget sanity's 256 tokens.
+  loss = objectives.LossConfig(max_response_len=base.rl.max_new_tokens, **recipe)
+  rl = dataclasses.replace(base.rl, algorithm=RECIPES[name]["algorithm"],
+                           advantage=RECIPES[name]["advantage"], loss=loss,
+                           samples_per_prompt=SAMPLES_PER_PROMPT,
+                           num_minibatches=PROMPTS_PER_STEP * SAMPLES_PER_PROMPT // MINIBATCH_SIZE,
+                           epochs=1, temperature=1.0)
+  # Held-out accuracy every 25 RL steps and after the last (docs/long_runs_preregistration.md).
+  return dataclasses.replace(base, rl=rl, prompts_per_step=PROMPTS_PER_STEP, steps=STEPS,
+                             eval=dataclasses.replace(base.eval, every=25),
+                             output_dir="runs/paper/{algorithm}_{precision}_seed{seed}")
 
 
 def get_config(name: str = "grpo") -> ml_collections.ConfigDict:
-  """The sanity config with the paper's recipe for the run `name` (see the module docstring)."""
+  """`experiment(name)` as a config, with the run's name and its released script."""
   name = name or "grpo"
-  if name not in RECIPES:
-    raise ValueError(f"Unknown paper run {name!r}; allowed: {', '.join(RECIPES)}")
-  recipe = dict(RECIPES[name])
-  config = sanity.get_config()
-  config.algorithm = recipe.pop("algorithm")
-  config.advantage = recipe.pop("advantage")
+  config = config_dict(experiment(name))
   config.paper_run = name
-  config.paper_script = recipe.pop("script") or ""
-  # Loss: LossConfig's defaults (PPO clip 0.2 / 0.2 = oat's clip_low / clip_high, GSPO 3e-4 /
-  # 4e-4) with the recipe's aggregation and caps.
-  loss_defaults = objectives.LossConfig()
-  config.loss = ml_collections.ConfigDict(
-      {key: recipe.pop(key, getattr(loss_defaults, key)) for key in _LOSS_KEYS})
-  assert not recipe, f"unused recipe keys {recipe}"
-
-  config.prompts_per_step = PROMPTS_PER_STEP
-  config.samples_per_prompt = SAMPLES_PER_PROMPT
-  config.num_minibatches = PROMPTS_PER_STEP * SAMPLES_PER_PROMPT // MINIBATCH_SIZE  # 4
-  config.epochs = 1
-  config.temperature = 1.0
-  config.steps = STEPS
-  # Optimizer: constant lr (no warmup), Adam betas (0.9, 0.95), no weight decay, grad clip 1.0:
-  # OptimizerConfig's defaults are the paper's, so they are taken from it, not restated.
-  optimizer_defaults = OptimizerConfig()
-  config.grad_clip = optimizer_defaults.grad_clip
-  config.optimizer = ml_collections.ConfigDict(
-      {f.name: getattr(optimizer_defaults, f.name) for f in dataclasses.fields(OptimizerConfig)
-       if f.name not in ("learning_rate", "grad_clip")})
-  # config.learning_rate: sanity's 1e-4 (the paper's 1e-6 is for a 1.5B model; the tiny base
-  # barely moves at it). config.max_new_tokens: sanity's 256 (the paper's budget is 8192).
-  # Held-out accuracy every 25 RL steps and after the last (docs/long_runs_preregistration.md).
-  config.eval.every = 25
-  config.output_dir = "runs/paper/{algorithm}_{precision}_seed{seed}"
+  config.paper_script = RECIPES[name]["script"] or ""
   return config

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 
+from rl_fp16.config_checks import FieldChecks
 from rl_fp16.models.config import ModelConfig
 from rl_fp16.models import decoder
 from rl_fp16.models.decoder import Params
@@ -52,21 +53,19 @@ class LoraConfig:
   targets: tuple[str, ...] = LORA_TARGETS
 
   def __post_init__(self):
+    checks = FieldChecks(self)
     if isinstance(self.targets, str):
-      raise ValueError(f"targets must be a sequence of names, got the string {self.targets!r}; "
-                       f"allowed names: {list(LORA_TARGETS)}")
-    object.__setattr__(self, "targets", tuple(self.targets))
-    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
-    if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)
-            and self.alpha > 0):
-      raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
-    unknown = [t for t in self.targets if t not in LORA_TARGETS]
-    if unknown or not self.targets:
-      raise ValueError(f"Unknown LoRA targets {unknown or list(self.targets)}; allowed: a "
-                       f"non-empty subset of {list(LORA_TARGETS)}")
-    if len(set(self.targets)) != len(self.targets):
-      raise ValueError(f"Duplicate LoRA targets in {list(self.targets)}")
+      checks.fail("targets", f"must be a sequence of names, not a string; allowed names: "
+                  f"{', '.join(LORA_TARGETS)}")
+    else:
+      object.__setattr__(self, "targets", tuple(self.targets))
+      unknown = [t for t in self.targets if t not in LORA_TARGETS]
+      checks.check(bool(self.targets) and not unknown, "targets",
+                   f"unknown {unknown}; allowed: a non-empty subset of {list(LORA_TARGETS)}")
+      checks.check(len(set(self.targets)) == len(self.targets), "targets", "duplicate names")
+    checks.integer("rank", 1)
+    checks.number("alpha", above=0)
+    checks.done()
 
   @property
   def scale(self) -> float:

@@ -10,7 +10,7 @@ params at every weight sync; `sync_weights` is the one sync verb:
 
 Wrappers are engines around an engine (`EngineWrapper`) and compose: the directory sync
 (`directory_sync.DirectorySyncEngine`, the engine in a worker process), sleep between rollouts
-(`wrappers.SleepBetweenRollouts`) and one engine per process (`distributed.ProcessShareEngine`);
+(`wrappers.SleepBetweenRollouts`) and one engine per process (`wrappers.ProcessShareEngine`);
 `sync_modes.make_synced_engine` stacks them for a run.
 
 `"jax"` is the in-process JAX sampler (KV-cache forward of our decoder); `"vllm"` is real vLLM,

@@ -8,7 +8,7 @@
 
 Colocation (`rl_fp16.colocation.ColocationConfig`) adds vLLM's memory share and, in memory mode,
 sleep mode between rollouts (`rl_fp16.sampling.wrappers.SleepBetweenRollouts`). A multi-process run
-puts the result in `rl_fp16.distributed.ProcessShareEngine`; every layer is an `Engine`.
+puts the result in `wrappers.ProcessShareEngine`; every layer is an `Engine`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""Engine wrappers that any engine can be put in (`rl_fp16.sampling.engines.EngineWrapper`).
-
-The multi-process wrapper lives with the multi-process code (`rl_fp16.distributed.
-ProcessShareEngine`); `sync_modes.make_synced_engine` composes the wrappers for a run.
+"""Engine wrappers that any engine can be put in (`rl_fp16.sampling.engines.EngineWrapper`):
+sleep between rollouts (vLLM on a shared GPU) and one engine per process (multi-process runs).
+`sync_modes.make_synced_engine` composes the sync wrappers for a run.
 """
 
 from __future__ import annotations
@@ -9,7 +8,9 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+from rl_fp16 import distributed
 from rl_fp16.sampling.engines import EngineWrapper
+from rl_fp16.sampling.rollout import Rollout
 
 
 class SleepBetweenRollouts(EngineWrapper):
@@ -63,3 +64,26 @@ class SleepBetweenRollouts(EngineWrapper):
       self.engine.sync_weights(params)
     self.last_sync_s = time.perf_counter() - start
     return self.last_sync_s
+
+
+class ProcessShareEngine(EngineWrapper):
+  """An engine per process behind the one-engine interface (an `EngineWrapper`).
+
+  `generate` takes the step's whole prompt list, samples this process's share with the local
+  engine and returns the whole rollout (every process gets the same one); `sync_weights` takes
+  the trainer's (sharded) params, gathers them and pushes them into the local engine. Both are
+  collective: every process calls them in the same order.
+  """
+
+  def generate(self, prompt_token_ids, *, n: int, sampling, seed: int,
+               first_row: int = 0) -> Rollout:
+    start, stop = distributed.process_share(len(prompt_token_ids))
+    local = self.engine.generate(list(prompt_token_ids[start:stop]), n=n, sampling=sampling,
+                                 seed=seed, first_row=first_row + start * n)
+    return distributed.allgather_rollout(local, first_prompt=start)
+
+  def sync_weights(self, params: Any) -> float:
+    """Gathers `params` and syncs the local engine; returns seconds (gather included)."""
+    started = time.perf_counter()
+    self.engine.sync_weights(distributed.gather_to_host(params))
+    return time.perf_counter() - started
