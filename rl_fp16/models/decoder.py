@@ -123,10 +123,13 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Causal LM. `__call__` returns (logits [B, T, V] in the output dtype, new cache, residuals)."""
+  """Causal LM. `__call__` returns (logits [B, T, V] in the output dtype, new cache, residuals);
+  with `with_head=False`, the final normed hidden states [B, T, D] in the compute dtype instead of
+  the logits (the LM head is then `lm_head_weight`'s)."""
 
   config: ModelConfig
   policy: DtypePolicy
+  with_head: bool = True
 
   @nn.compact
   def __call__(self, tokens, positions, mask, cache=None, cache_index=None):
@@ -147,15 +150,33 @@ class Decoder(nn.Module):
       residuals.append(x)
       new_layers.append(new_layer_cache)
     x = RMSNorm(cfg.rms_norm_eps, pol, name="norm")(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = tuple(new_layers)
+    if not self.with_head:
+      return x, new_cache, residuals
     if cfg.tie_word_embeddings:
       head = engine_weight(embed.embedding, pol).T
     else:
       head = engine_weight(LMHead(cfg, name="lm_head")(), pol)
-    logits = jnp.matmul(x, head, preferred_element_type=pol.output_dtype).astype(pol.output_dtype)
-    new_cache = None
-    if cache is not None:
-      new_cache = tuple(new_layers)
-    return logits, new_cache, residuals
+    return lm_head_logits(x, head, pol), new_cache, residuals
+
+
+def lm_head_logits(x: jax.Array, head: jax.Array, policy: DtypePolicy) -> jax.Array:
+  """Logits [..., V] in `policy.output_dtype` (the matmul accumulates in it) of hidden states
+  x [..., D] and the head [D, V], both in the compute dtype."""
+  return jnp.matmul(x, head, preferred_element_type=policy.output_dtype).astype(
+      policy.output_dtype)
+
+
+def lm_head_weight(config: ModelConfig, policy: DtypePolicy, params: Params) -> jax.Array:
+  """The LM head [D, V] as the decoder computes with it: the tied embedding transposed or
+  `lm_head/kernel`, through `engine_weight` (float32 `params`)."""
+  if config.tie_word_embeddings:
+    kernel = params["embed_tokens"]["embedding"].T
+  else:
+    kernel = params["lm_head"]["kernel"]
+  return engine_weight(kernel, policy)
 
 
 # ------------------------------------------------------------------------- public functions ----
@@ -190,20 +211,22 @@ def causal_mask(attention_mask: jax.Array) -> jax.Array:
 
 def apply_decoder(config: ModelConfig, policy: DtypePolicy, params: Params, tokens: jax.Array,
                   positions: jax.Array, mask: jax.Array, cache: Cache | None = None,
-                  cache_index: jax.Array | None = None, *, mutable=False):
+                  cache_index: jax.Array | None = None, *, mutable=False, with_head=True):
   """`Decoder.apply` on float32 `params` rounded to `policy.param_dtype` (not jitted).
 
   Args:
     tokens, positions: int32 [B, t]; mask: bool [B, t, S] (S = t without a cache).
     cache, cache_index: as in `forward_cached` (None for the full-sequence path).
     mutable: flax collections to return (e.g. ["intermediates"]); False for none.
+    with_head: False returns the final normed hidden states [B, t, D] (compute dtype) in place of
+      the logits.
   Returns:
     (logits [B, t, V] in `policy.output_dtype`, new cache or None, residuals [L + 1] x [B, t, D]),
     and the mutated collections when `mutable` names any.
   """
   params = cast_floating(params, policy.param_dtype)
-  return Decoder(config, policy).apply({"params": params}, tokens, positions, mask, cache,
-                                       cache_index, mutable=mutable)
+  return Decoder(config, policy, with_head).apply({"params": params}, tokens, positions, mask,
+                                                  cache, cache_index, mutable=mutable)
 
 
 @functools.partial(policy_jit, static_argnames=("config", "policy"))
@@ -308,32 +331,149 @@ def shifted_logprobs(logits: jax.Array, tokens: jax.Array, attention_mask: jax.A
 
   Entry 0 and padded entries are 0. Returns logp [B, T] float32 (and entropy [B, T] when asked).
   """
-  logp = logprobs_from_logits(logits[:, :-1], tokens[:, 1:], dtype=dtype, temperature=temperature)
+  stats = _align_next_token(_next_token_stats(
+      logits[:, :-1], tokens[:, 1:], dtype=dtype, temperature=temperature,
+      with_entropy=with_entropy, with_argmax=False), attention_mask)
+  return (stats["logp"], stats["entropy"]) if with_entropy else stats["logp"]
+
+
+# Tokens (rows x columns) per chunk of the trainer's LM head and log-softmax
+# (`chunked_token_stats`): one chunk's [rows, columns, V] logits are the most it holds at once.
+LOGPROB_CHUNK_TOKENS = 1024
+
+
+def _next_token_stats(logits: jax.Array, targets: jax.Array, *, dtype, temperature: float,
+                      with_entropy: bool, with_argmax: bool) -> dict[str, jax.Array]:
+  """Per position of logits [..., V] (output dtype) and targets int32 [...]: "logp" (float32
+  log softmax(logits / temperature)[target] in `dtype`, as `logprobs_from_logits`), "entropy"
+  (float32, as `entropy_from_logits`) and "argmax" (int32, of the logits) when asked."""
+  scaled = logits.astype(dtype)
+  if temperature != 1.0:
+    scaled = scaled / jnp.asarray(temperature, dtype)
+  logp_all = jax.nn.log_softmax(scaled, axis=-1)
+  stats = {"logp": jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+           .astype(jnp.float32)}
+  if with_entropy:
+    stats["entropy"] = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1).astype(jnp.float32)
+  if with_argmax:
+    stats["argmax"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return stats
+
+
+def _align_next_token(stats: dict[str, jax.Array], attention_mask: jax.Array
+                      ) -> dict[str, jax.Array]:
+  """[B, T - 1] stats of positions 0..T-2 predicting tokens 1..T-1 -> [B, T] aligned with the
+  tokens; entry 0 and entries whose token or predecessor is padding are 0 (argmax: -1 at entry 0
+  only)."""
   valid = (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)
-  logp = jnp.pad(jnp.where(valid, logp, 0.0), ((0, 0), (1, 0)))
-  if not with_entropy:
-    return logp
-  entropy = entropy_from_logits(logits[:, :-1], dtype=dtype, temperature=temperature)
-  entropy = jnp.pad(jnp.where(valid, entropy, 0.0), ((0, 0), (1, 0)))
-  return logp, entropy
+  out = {}
+  for name, value in stats.items():
+    if name == "argmax":
+      out[name] = jnp.pad(value, ((0, 0), (1, 0)), constant_values=-1)
+    else:
+      out[name] = jnp.pad(jnp.where(valid, value, 0.0), ((0, 0), (1, 0)))
+  return out
 
 
-@functools.partial(policy_jit, static_argnames=("config", "policy", "temperature"))
+def chunked_token_stats(hidden: jax.Array, head: jax.Array, tokens: jax.Array,
+                        attention_mask: jax.Array, *, policy: DtypePolicy,
+                        temperature: float = 1.0, with_entropy: bool = False,
+                        with_argmax: bool = False,
+                        chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> dict[str, jax.Array]:
+  """Next-token log-probs (and entropy, argmax) from the final hidden states, the LM head and its
+  log-softmax computed one chunk of columns at a time.
+
+  Args:
+    hidden: [B, T, D] final normed hidden states (compute dtype); head: [D, V] (compute dtype,
+      `lm_head_weight`); tokens, attention_mask: int32 [B, T].
+    chunk_tokens: a chunk holds max(1, chunk_tokens // B) columns of every row (static).
+  Returns:
+    {"logp": float32 [B, T]} (+ "entropy" float32 [B, T], "argmax" int32 [B, T]): entry t is
+    about position t - 1's prediction of tokens[t], as `shifted_logprobs`; entry 0 and padded
+    entries are 0 (argmax: -1 at entry 0 only). Logits in `policy.output_dtype`, log-softmax in
+    `policy.logsoftmax_dtype`, per position the same computation as on the full logits.
+
+  Each chunk runs under `jax.checkpoint` in a `lax.map`: the forward and the backward hold one
+  chunk's [B, columns, V] logits at a time, never all [B, T, V].
+  """
+  rows, width = tokens.shape[0], tokens.shape[1] - 1
+  columns = max(1, min(width, chunk_tokens // rows))
+  chunks = -(-width // columns)
+  pad = chunks * columns - width
+
+  def split(x):  # [B, T - 1, ...] -> [chunks, B, columns, ...]
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape((rows, chunks, columns) + x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def per_chunk(chunk):
+    h, targets = chunk
+    return _next_token_stats(lm_head_logits(h, head, policy), targets,
+                             dtype=policy.logsoftmax_dtype, temperature=temperature,
+                             with_entropy=with_entropy, with_argmax=with_argmax)
+
+  stats = jax.lax.map(per_chunk, (split(hidden[:, :-1]), split(tokens[:, 1:])))
+  stats = {name: jnp.swapaxes(value, 0, 1).reshape(rows, chunks * columns)[:, :width]
+           for name, value in stats.items()}
+  return _align_next_token(stats, attention_mask)
+
+
+def apply_token_stats(config: ModelConfig, policy: DtypePolicy, params: Params,
+                      tokens: jax.Array, attention_mask: jax.Array, positions: jax.Array, *,
+                      temperature: float = 1.0, with_entropy: bool = False,
+                      with_argmax: bool = False,
+                      chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> dict[str, jax.Array]:
+  """The trainer's forward to per-token statistics (not jitted; no input checks).
+
+  Args:
+    tokens, attention_mask, positions: int32 [B, T]; temperature, chunk_tokens: static.
+  Returns:
+    as `chunked_token_stats`: {"logp"} (+ "entropy", "argmax"), each [B, T].
+
+  A non-bitwise policy runs the LM head and log-softmax in chunks (`chunked_token_stats`). A
+  bitwise policy runs them on the full [B, T, V] logits of `apply_logits` (its compacted,
+  row-padded layout is what makes the trainer's numbers equal the sampler's).
+  """
+  if tokens.shape[1] < 2:
+    zeros = jnp.zeros(tokens.shape, jnp.float32)
+    stats = {"logp": zeros}
+    if with_entropy:
+      stats["entropy"] = zeros
+    if with_argmax:
+      stats["argmax"] = jnp.full(tokens.shape, -1, jnp.int32)
+    return stats
+  if policy.bitwise:
+    logits = apply_logits(config, policy, params, tokens, attention_mask, positions)
+    stats = _next_token_stats(logits[:, :-1], tokens[:, 1:], dtype=policy.logsoftmax_dtype,
+                              temperature=temperature, with_entropy=with_entropy,
+                              with_argmax=with_argmax)
+    return _align_next_token(stats, attention_mask)
+  hidden, _, _ = apply_decoder(config, policy, params, tokens, positions,
+                               causal_mask(attention_mask), with_head=False)
+  return chunked_token_stats(hidden, lm_head_weight(config, policy, params), tokens,
+                             attention_mask, policy=policy, temperature=temperature,
+                             with_entropy=with_entropy, with_argmax=with_argmax,
+                             chunk_tokens=chunk_tokens)
+
+
+@functools.partial(policy_jit,
+                   static_argnames=("config", "policy", "temperature", "chunk_tokens"))
 def apply_token_logprobs(config: ModelConfig, policy: DtypePolicy, params: Params,
                          tokens: jax.Array, attention_mask: jax.Array, positions: jax.Array,
-                         temperature: float) -> jax.Array:
-  """The pure, jitted `token_logprobs` (`config`, `policy`, `temperature` static; no checks).
+                         temperature: float,
+                         chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> jax.Array:
+  """The pure, jitted `token_logprobs` (`config`, `policy`, `temperature`, `chunk_tokens` static;
+  no checks).
 
   Args:
     tokens: int32 [B, T]; attention_mask: int32 [B, T]; positions: int32 [B, T].
     temperature: a Python float.
   Returns:
     float32 [B, T] log p(tokens[t] | tokens[<t]) (0 at t = 0 and at padding), log-softmax in
-    `policy.logsoftmax_dtype`.
+    `policy.logsoftmax_dtype` (`apply_token_stats`: chunked unless the policy is bitwise).
   """
-  logits = apply_logits(config, policy, params, tokens, attention_mask, positions)
-  return shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype,
-                          temperature=temperature)
+  return apply_token_stats(config, policy, params, tokens, attention_mask, positions,
+                           temperature=temperature, chunk_tokens=chunk_tokens)["logp"]
 
 
 def _check_max_position(config: ModelConfig, tokens, attention_mask, positions) -> None:

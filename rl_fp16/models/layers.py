@@ -112,19 +112,54 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
   return rnd(x * cos + rotated * sin)
 
 
+# Queries per block of the non-bitwise attention (`attend`): one block's [B, H, block, S] scores
+# are the most it holds at once.
+ATTENTION_QUERY_BLOCK = 512
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: DtypePolicy,
-           positions: jax.Array | None = None) -> jax.Array:
+           positions: jax.Array | None = None, *,
+           query_block: int = ATTENTION_QUERY_BLOCK) -> jax.Array:
   """Grouped-query attention.
 
   Args:
     q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] (compute dtype).
     mask: bool [B, T, S], True where query t may attend to key s.
     positions: int32 [B, T], the queries' positions; used by a bitwise policy with T == 1.
+    query_block: a non-bitwise policy attends `query_block` queries at a time (static).
   Returns:
     [B, T, H, Dh] in the compute dtype. Scores and softmax run in `policy.softmax_dtype`.
+
+  A bitwise policy runs `_attend_tiled`. Otherwise T > query_block runs `_attend_dense` per block
+  of queries in a `lax.map`, each under `jax.checkpoint`: the forward and the backward hold one
+  block's scores at a time, never all [B, H, T, S]; every query's softmax is over all its keys, as
+  in one block.
   """
   if policy.bitwise:
     return _attend_tiled(q, k, v, mask, policy, positions)
+  b, t, h, dh = q.shape
+  if t <= query_block:
+    return _attend_dense(q, k, v, mask, policy)
+  blocks = -(-t // query_block)
+  pad = blocks * query_block - t
+
+  def split(x):  # [B, T, ...] -> [blocks, B, query_block, ...]
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape((b, blocks, query_block) + x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def per_block(block):
+    q_block, mask_block = block
+    return _attend_dense(q_block, k, v, mask_block, policy)
+
+  out = jax.lax.map(per_block, (split(q), split(mask)))
+  return jnp.swapaxes(out, 0, 1).reshape(b, blocks * query_block, h, dh)[:, :t]
+
+
+def _attend_dense(q, k, v, mask, policy: DtypePolicy):
+  """`attend` of a non-bitwise policy on all of q's queries at once: masked scores
+  [B, Hkv, H // Hkv, T, S] in `policy.softmax_dtype`, softmax, probabilities rounded to the
+  compute dtype, weighted values."""
   b, t, h, dh = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
