@@ -31,8 +31,8 @@ from rl_fp16 import objectives, precision, sharding
 from rl_fp16.batch import TrainBatch
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.config_checks import FieldChecks
-from rl_fp16.models import ModelConfig, default_positions, shifted_logprobs
-from rl_fp16.models import apply_logits, apply_token_logprobs, token_logprobs
+from rl_fp16.models import ModelConfig, apply_token_logprobs, default_positions, token_logprobs
+from rl_fp16.models.decoder import LOGPROB_CHUNK_TOKENS, apply_token_stats
 from rl_fp16.models.lora import LoraConfig, merge_lora
 from rl_fp16.precision import DtypePolicy, policy_jit
 from rl_fp16.sampling.rollout import Rollout
@@ -103,21 +103,23 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
   return new_state, metrics
 
 
-def sft_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy: DtypePolicy):
+def sft_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy: DtypePolicy,
+             logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
   """Mean next-token cross-entropy over `batch["loss_mask"]` positions.
 
   batch: tokens int32 [B, T], attention_mask int32 [B, T], loss_mask [B, T] (1 where the token is
-  a target, e.g. the response; entry t scores log p(tokens[t] | tokens[<t])).
+  a target, e.g. the response; entry t scores log p(tokens[t] | tokens[<t])). The LM head and
+  log-softmax run in chunks of `logprob_chunk_tokens` tokens (`apply_token_stats`).
   """
   tokens, attention_mask = batch["tokens"], batch["attention_mask"]
-  logits = apply_logits(config, policy, params, tokens, attention_mask,
-                        default_positions(attention_mask))
-  logp = shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype)
+  stats = apply_token_stats(config, policy, params, tokens, attention_mask,
+                            default_positions(attention_mask), with_argmax=True,
+                            chunk_tokens=logprob_chunk_tokens)
   mask = batch["loss_mask"].astype(jnp.float32).at[:, 0].set(0.0)
   num_tokens = jnp.maximum(mask.sum(), 1.0)
-  loss = -(logp * mask).sum() / num_tokens
-  correct = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]).astype(jnp.float32)
-  accuracy = (correct * mask[:, 1:]).sum() / num_tokens
+  loss = -(stats["logp"] * mask).sum() / num_tokens
+  correct = (stats["argmax"] == tokens).astype(jnp.float32)
+  accuracy = (correct * mask).sum() / num_tokens
   return loss, {"sft/token_accuracy": accuracy, "sft/num_tokens": mask.sum()}
 
 
@@ -129,7 +131,8 @@ FORWARD_LOGP = "forward_logp"
 
 def rl_loss(params, batch: TrainBatch, base_params=None, *, config: ModelConfig,
             policy: DtypePolicy, algorithm: str, loss_config: objectives.LossConfig,
-            temperature: float, lora_config: LoraConfig | None = None):
+            temperature: float, lora_config: LoraConfig | None = None,
+            logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
   """The policy loss of `objectives.policy_loss` on one minibatch, plus entropy.
 
   batch: a `TrainBatch` with logp_old set (refused without it). With `lora_config`, `params` are
@@ -137,17 +140,18 @@ def rl_loss(params, batch: TrainBatch, base_params=None, *, config: ModelConfig,
   explicit, undifferentiated argument). Under a bitwise policy the metrics also hold
   `FORWARD_LOGP`: this forward's log-probs, float32 [B, S] (0 off the loss mask); for the first
   minibatch, before any update, they are its logp_old, which the RL loop compares with the
-  sampler's.
+  sampler's. The LM head and log-softmax run in chunks of `logprob_chunk_tokens` tokens
+  (`apply_token_stats`).
   """
   if batch.logp_old is None:
     raise ValueError("rl_loss needs batch.logp_old (TrainBatch.replace(logp_old=...))")
   if lora_config is not None:
     params = merge_lora(base_params, params, lora_config)
   tokens, attention_mask = batch.tokens, batch.attention_mask
-  logits = apply_logits(config, policy, params, tokens, attention_mask,
-                        default_positions(attention_mask))
-  logp, entropy = shifted_logprobs(logits, tokens, attention_mask, dtype=policy.logsoftmax_dtype,
-                                   temperature=temperature, with_entropy=True)
+  stats = apply_token_stats(config, policy, params, tokens, attention_mask,
+                            default_positions(attention_mask), temperature=temperature,
+                            with_entropy=True, chunk_tokens=logprob_chunk_tokens)
+  logp, entropy = stats["logp"], stats["entropy"]
   mask = batch.loss_mask
   if policy.bitwise:  # this forward's log-probs, for the mismatch of the first minibatch
     forward_logp = {FORWARD_LOGP: jax.lax.stop_gradient(logp) * mask.astype(jnp.float32)}
