@@ -7,6 +7,7 @@ import pytest
 
 from experiments.gpu_check import config as gpu_check_config
 from experiments.gpu_check import gpu_check
+from experiments.gpu_check import scale
 from rl_fp16 import results
 
 
@@ -80,3 +81,63 @@ def test_gpu_check_rejects_unknown_stages_and_variants(tmp_path):
     gpu_check.run(_config(tmp_path, stages=("mismatch", "trainr")))
   with pytest.raises(ValueError, match="tpu"):
     gpu_check_config.get_config("tpu")
+
+
+def _scale_config(tmp_path):
+  config = gpu_check_config.get_config("scale_cpu")
+  config.output_dir = str(tmp_path / "scale")
+  config.budget_s = 1200.0  # a loaded CPU must not skip; the skip path is tested below
+  return config
+
+
+@pytest.mark.slow
+def test_gpu_check_scale_reports_every_section_at_a_tiny_shape(tmp_path):
+  summary = gpu_check.run(_scale_config(tmp_path))
+  assert summary["errors"] == {} and summary["skipped"] == []
+  train = summary["paper_train"]
+  assert [r["precision"] for r in train] == ["bf16", "fp16"]
+  for row in train:
+    assert row["tokens"] == 128 and row["compiles_per_step"] == 0
+    assert 0 < row["mfu_compute_dtype_peak"] and isinstance(row["meets_mfu_goal"], bool)
+    assert row["compute_dtype_peak_flops_per_s"] > 0  # measured in this run
+    assert row["xla_plan_gib"]["arguments"] > 0
+  assert summary["bandwidth"]["bytes_per_s"]["median"] > 0
+  assert [r["rows"] for r in summary["paper_decode"]] == [4, 16]
+  for row in summary["paper_decode"]:
+    assert row["tokens_per_s"] > 0 and 0 < row["floor_ms_per_decode_step"]
+    assert row["x_floor"] == pytest.approx(
+        row["ms_per_decode_step"] / row["floor_ms_per_decode_step"])
+  iterations = summary["rl_iterations"]
+  assert [r["iteration"] for r in iterations] == [0, 1]
+  for row in iterations:
+    phases = [row[name.split("/")[1]] for name in scale.RL_PHASES]
+    assert all(p >= 0 for p in phases) and row["step_s"] == pytest.approx(sum(phases))
+    assert abs(row["wall_s"] - row["step_s"]) <= 0.05 * row["wall_s"] + 0.2
+    assert row["rows"] == 8 and row["response_tokens"] == 8 * 16  # no EOS: the whole budget
+    assert row["host_peak_rss_gib"] > 0
+  written = json.loads((tmp_path / "scale" / "summary.json").read_text())
+  assert [r["wall_s"] for r in written["rl_iterations"]] == [r["wall_s"] for r in iterations]
+  assert written["paper_decode"][1]["x_floor"] == summary["paper_decode"][1]["x_floor"]
+  report = (tmp_path / "scale" / "summary.md").read_text()
+  for title in ("Paper-scale train step", "Paper-scale JAX sampler decode",
+                "End-to-end RL iteration"):
+    assert title in report
+  assert sorted(results.load_runs(tmp_path / "scale")["run"]) == ["paper", "rl"]
+
+
+def test_budget_skips_a_case_that_does_not_fit_and_says_why():
+  now = [0.0]
+  budget = scale.Budget(100.0, clock=lambda: now[0])
+  assert budget.allows("a", 60.0)
+  now[0] = 50.0
+  assert not budget.allows("b", 60.0)
+  assert budget.skipped == [{"case": "b", "reason": "estimated 60 s, only 50 s left of the "
+                                                    "100 s budget"}]
+  assert scale.Budget(0.0).allows("c", 1e9)  # no budget
+
+
+def test_decode_floor_counts_weights_once_per_step_and_the_growing_cache():
+  model = gpu_check.paper_model_config(gpu_check_config.get_config("cpu").paper)
+  floor = scale.decode_floor_s(model, rows=2, prompt_len=3, steps=2, itemsize=2, bytes_per_s=1.0)
+  kv_token = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim * 2
+  assert floor == pytest.approx(2 * model.num_params() * 2 + 2 * kv_token * (3 + 4))

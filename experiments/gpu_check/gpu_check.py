@@ -18,8 +18,15 @@ command still exits non-zero and names the failed stage):
      the RL train step on `paper.rows` sequences of `paper.seq_len` tokens per precision (fp16 with
      dynamic loss scaling), compiled ahead of time: seconds, tokens/s, MFU against the measured
      matmul peak of the compute dtype, XLA's memory plan and the device's peak memory; then the
-     JAX sampler's decode at `paper.decode_rows` rows: tokens/s, seconds per decode step and the
-     weight bytes it streams per second.
+     JAX sampler's decode at each of `paper.decode_rows` rows: tokens/s, seconds per decode step,
+     the weight bytes it streams per second, and its bandwidth floor (weights and KV cache read
+     once per step at the device's copy bandwidth, measured first: `scale.copy_bandwidth`).
+  rl: one end-to-end RL iteration (`Learner.step`, JAX engine) per `rl.iterations` at the paper
+     model's shape, random weights and prompts, a reward on token ids: wall seconds and the loop's
+     split (sample, score, logp_old, update, sync; `scale.rl_iteration_row`).
+With `budget_s`, each paper and rl case is first checked against the time left
+(`scale.Budget`): a case whose estimate does not fit is skipped, its reason printed and kept in
+the summary's "skipped".
 Stages run in the order `stages` names them. Each stage is a run directory under `output_dir`
 (mismatch_default, benchmark_default, ..._highest, paper), written through
 `rl_fp16.results.RunWriter`: config.json and one metrics.jsonl row at step 0
@@ -46,6 +53,8 @@ import numpy as np
 from experiments import common
 from experiments.benchmark import config as benchmark_config
 from experiments.configs import offline_mismatch
+from experiments.gpu_check import scale
+from experiments.gpu_check.scale import device_peak_bytes
 from rl_fp16 import fileio, objectives, offline, profiling, results
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig, init_params
@@ -57,13 +66,14 @@ from rl_fp16.sampling.engines import make_engine
 from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, make_train_step
 
 
-STAGES = ("mismatch", "trainer", "paper")
+STAGES = ("mismatch", "trainer", "paper", "rl")
 # The config fields that list names or integers: tuples in the config file; on the command line
 # `--config.stages=paper,mismatch` (`run` reads them with rl_fp16.names.config_list).
 NAME_LISTS = ("stages", "highest_pairs", "mismatch.precisions", "paper.precisions",
               "benchmark.sections", "benchmark.precisions", "benchmark.trainer_models")
-INT_LISTS = ("benchmark.trainer_response_lengths",)
+INT_LISTS = ("benchmark.trainer_response_lengths", "paper.decode_rows")
 GIB = 1024**3
+MFU_GOAL = 0.40  # the paper-scale train step's MFU goal, against the dtype's measured peak
 MISMATCH_COLUMNS = (
     ("mean abs dlogp", "mismatch/logp_diff_mean"),
     ("max abs dlogp", "mismatch/logp_diff_max"),
@@ -218,12 +228,6 @@ def paper_model_config(paper) -> ModelConfig:
   return model_config.replace(remat=bool(paper.remat), **overrides)
 
 
-def device_peak_bytes() -> float:
-  """The device's peak allocated bytes so far (NaN where the backend does not report it)."""
-  stats = jax.devices()[0].memory_stats() or {}
-  return float(stats.get("peak_bytes_in_use", float("nan")))
-
-
 def paper_train_case(model_config: ModelConfig, params, precision: str, paper, peak,
                      seed: int) -> dict[str, Any]:
   """One precision's train step at the paper's shape: compiled once ahead of time (so its
@@ -249,7 +253,7 @@ def paper_train_case(model_config: ModelConfig, params, precision: str, paper, p
   def step(_):
     new_state, metrics = compiled(holder["state"], batch, train_step.base_params)
     holder["state"] = jax.block_until_ready(new_state)
-    skipped.append(float(jax.device_get(metrics["train/skipped"])))
+    skipped.append(float(jax.device_get(metrics["train/skipped_steps"])))
 
   timing = profiling.time_calls(step, warmup=1, repetitions=int(paper.repetitions))
   del holder, state
@@ -262,6 +266,7 @@ def paper_train_case(model_config: ModelConfig, params, precision: str, paper, p
       "step_s": seconds["median"], "step_s_min": seconds["min"], "step_s_max": seconds["max"],
       "tokens_per_s": rows * seq / seconds["median"], "model_flops": flops["total"],
       "mfu_compute_dtype_peak": flops["total"] / seconds["median"] / dtype_peak,
+      "meets_mfu_goal": bool(flops["total"] / seconds["median"] / dtype_peak >= MFU_GOAL),
       "compute_dtype_peak_flops_per_s": dtype_peak, "compile_s": compile_s,
       "compiles_per_step": max(timing.compiles),
       "xla_plan_gib": {"arguments": plan.argument_size_in_bytes / GIB,
@@ -273,15 +278,16 @@ def paper_train_case(model_config: ModelConfig, params, precision: str, paper, p
   }
 
 
-def paper_decode_case(model_config: ModelConfig, params, paper, seed: int) -> dict[str, Any]:
-  """The JAX sampler's batched decode at the paper's model shape (no EOS: every row runs to
-  `decode_new_tokens`); weight GB/s = the sampler's weight bytes streamed once per decode step."""
+def paper_decode_case(model_config: ModelConfig, params, paper, seed: int, rows: int,
+                      bytes_per_s: float) -> dict[str, Any]:
+  """The JAX sampler's batched decode of `rows` rows at the paper's model shape (no EOS: every
+  row runs to `decode_new_tokens`); weight GB/s = the sampler's weight bytes streamed once per
+  decode step; "x_floor" = the measured seconds (prefill included) over `scale.decode_floor_s`
+  at `bytes_per_s`."""
   policy = get_policy(paper.decode_precision, "sampler")
   engine = make_engine("jax", model_config.replace(remat=False), params, policy,
                        eos_token_ids=[])
-  rng = np.random.default_rng(seed)
-  prompts = rng.integers(0, model_config.vocab_size,
-                         (int(paper.decode_rows), int(paper.decode_prompt_len))).tolist()
+  prompts = scale.random_prompts(model_config.vocab_size, rows, paper.decode_prompt_len, seed)
   try:
     row = profiling.generate_speed(engine, prompts, n=1,
                                    max_new_tokens=int(paper.decode_new_tokens), warmup=1,
@@ -290,12 +296,18 @@ def paper_decode_case(model_config: ModelConfig, params, paper, seed: int) -> di
     engine.close()
   steps = int(paper.decode_new_tokens)
   seconds = row["seconds"]["median"]
-  weight_bytes = model_config.num_params() * np.dtype(policy.param_dtype).itemsize
+  itemsize = np.dtype(policy.param_dtype).itemsize
+  weight_bytes = model_config.num_params() * itemsize
+  floor_s = scale.decode_floor_s(model_config, rows=row["rows"],
+                                 prompt_len=int(paper.decode_prompt_len), steps=steps,
+                                 itemsize=itemsize, bytes_per_s=bytes_per_s)
   return {"model": paper.model, "precision": paper.decode_precision, "rows": row["rows"],
           "prompt_len": int(paper.decode_prompt_len), "new_tokens": steps,
           "seconds": seconds, "tokens_per_s": row["tokens_per_s"]["median"],
           "ms_per_decode_step": 1e3 * seconds / steps,
           "weight_gb_per_s": weight_bytes * steps / seconds / 1e9,
+          "floor_ms_per_decode_step": 1e3 * floor_s / steps, "x_floor": seconds / floor_s,
+          "bandwidth_gb_per_s": bytes_per_s / 1e9,
           "decode_model_flops": profiling.decode_flops(model_config, row["rows"],
                                                        int(paper.decode_prompt_len), steps),
           "compiles_per_call": row["compiles_per_call"],
@@ -336,34 +348,77 @@ def format_summary(summary: dict[str, Any]) -> str:
           f"{r['step_s_max'] * 1e3:.2f}]", f"{r['tokens_per_s']:.0f}",
           f"{r['mfu_fp32_peak']:.1%}", f"{r['mfu_compute_dtype_peak']:.1%}",
           f"{r['warmup_compile_s']:.1f}"] for r in summary["trainer"]]))
-  if summary["paper_train"]:
-    out.append("### Paper-scale train step (random weights; MFU = model FLOPs / step s / the "
-               "measured matmul peak of the compute dtype; remat recomputes each layer's forward "
-               "on top)")
-    out.append(results.markdown_table(
-        ["model", "params", "remat", "precision", "rows x seq", "step s", "tokens/s",
-         "MFU dtype", "XLA temp GiB", "device peak GiB (so far)", "compile s", "skipped"],
-        [[r["model"], f"{r['params'] / 1e9:.2f}B", r["remat"], r["precision"],
-          f"{r['rows']} x {r['seq_len']}",
-          f"{r['step_s']:.3f} [{r['step_s_min']:.3f}, {r['step_s_max']:.3f}]",
-          f"{r['tokens_per_s']:.0f}", f"{r['mfu_compute_dtype_peak']:.1%}",
-          f"{r['xla_plan_gib']['temporaries']:.1f}", f"{r['device_peak_gib_so_far']:.1f}",
-          f"{r['compile_s']:.0f}", ",".join(f"{v:.0f}" for v in r["skipped_steps"])]
-         for r in summary["paper_train"]]))
-  if summary["paper_decode"]:
-    out.append("### Paper-scale JAX sampler decode (no EOS; prefill included)")
-    out.append(results.markdown_table(
-        ["model", "precision", "rows", "prompt", "new tokens", "tokens/s", "ms / decode step",
-         "weight GB/s", "compile s"],
-        [[r["model"], r["precision"], r["rows"], r["prompt_len"], r["new_tokens"],
-          f"{r['tokens_per_s']:.0f}", f"{r['ms_per_decode_step']:.2f}",
-          f"{r['weight_gb_per_s']:.0f}", f"{r['warmup_compile_s']:.0f}"]
-         for r in summary["paper_decode"]]))
+  out += _paper_tables(summary)
   if summary["errors"]:
     out.append("### FAILED stages\n" + "\n".join(
         f"- {name}: {error.strip().splitlines()[-1]}" for name, error in summary["errors"].items()))
+  if summary["skipped"]:
+    out.append("### Skipped (budget)\n" + "\n".join(
+        f"- {row['case']}: {row['reason']}" for row in summary["skipped"]))
   out.append("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()))
   return "\n\n".join(out)
+
+
+def _paper_tables(summary: dict[str, Any]) -> list[str]:
+  """The paper-scale train-step, decode and RL-iteration tables (those with rows)."""
+  out = []
+  if summary["paper_train"]:
+    out.append("### Paper-scale train step (random weights; MFU = model FLOPs / step s / the "
+               "matmul peak of the compute dtype measured in this run; remat recomputes each "
+               f"layer's forward on top; goal {MFU_GOAL:.0%})")
+    out.append(_paper_train_table(summary["paper_train"]))
+  if summary["paper_decode"]:
+    bandwidth = summary["bandwidth"]["bytes_per_s"]["median"] / 1e9
+    out.append("### Paper-scale JAX sampler decode (no EOS; prefill included; floor = weights + "
+               f"KV cache read once per step at the measured copy bandwidth, {bandwidth:.0f} GB/s)")
+    out.append(_paper_decode_table(summary["paper_decode"]))
+  if summary["rl_iterations"]:
+    out.append("### End-to-end RL iteration (Learner.step, JAX engine, random weights; the first "
+               "compiles; seconds; other = wall - the phases)")
+    out.append(_rl_table(summary["rl_iterations"]))
+  return out
+
+
+def _paper_train_table(rows: list[dict[str, Any]]) -> str:
+  return results.markdown_table(
+      ["model", "params", "remat", "precision", "rows x seq", "step s", "tokens/s",
+       "MFU dtype", "goal met", "XLA temp GiB", "device peak GiB (so far)", "compile s",
+       "skipped"],
+      [[r["model"], _params_text(r["params"]), r["remat"], r["precision"],
+        f"{r['rows']} x {r['seq_len']}",
+        f"{r['step_s']:.3f} [{r['step_s_min']:.3f}, {r['step_s_max']:.3f}]",
+        f"{r['tokens_per_s']:.0f}", f"{r['mfu_compute_dtype_peak']:.1%}",
+        "yes" if r["meets_mfu_goal"] else "no",
+        f"{r['xla_plan_gib']['temporaries']:.1f}", f"{r['device_peak_gib_so_far']:.1f}",
+        f"{r['compile_s']:.0f}", ",".join(f"{v:.0f}" for v in r["skipped_steps"])]
+       for r in rows])
+
+
+def _params_text(params: float) -> str:
+  """"1.78B", or "0.2M" below a billion (the smoke sizes)."""
+  return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+
+
+def _paper_decode_table(rows: list[dict[str, Any]]) -> str:
+  return results.markdown_table(
+      ["model", "precision", "rows", "prompt", "new tokens", "tokens/s", "ms / decode step",
+       "floor ms / step", "x floor", "weight GB/s", "device peak GiB (so far)", "compile s"],
+      [[r["model"], r["precision"], r["rows"], r["prompt_len"], r["new_tokens"],
+        f"{r['tokens_per_s']:.0f}", f"{r['ms_per_decode_step']:.3g}",
+        f"{r['floor_ms_per_decode_step']:.3g}", f"{r['x_floor']:.1f}",
+        f"{r['weight_gb_per_s']:.0f}", f"{r['device_peak_gib_so_far']:.1f}",
+        f"{r['warmup_compile_s']:.0f}"] for r in rows])
+
+
+def _rl_table(rows: list[dict[str, Any]]) -> str:
+  return results.markdown_table(
+      ["iteration", "precision", "rows", "wall", "sample", "score", "logp_old", "update", "sync",
+       "other", "response tokens", "tokens/s", "device peak GiB (so far)", "host peak GiB"],
+      [[r["iteration"], r["precision"], r["rows"], f"{r['wall_s']:.2f}", f"{r['sample_s']:.2f}",
+        f"{r['score_s']:.3f}", f"{r['logp_s']:.2f}", f"{r['update_s']:.2f}",
+        f"{r['sync_s']:.2f}", f"{r['other_s']:.2f}", f"{r['response_tokens']:.0f}",
+        f"{r['tokens_per_s']:.0f}", f"{r['device_peak_gib_so_far']:.1f}",
+        f"{r['host_peak_rss_gib']:.1f}"] for r in rows])
 
 
 def run(config) -> dict[str, Any]:
@@ -373,9 +428,12 @@ def run(config) -> dict[str, Any]:
   os.makedirs(out, exist_ok=True)
   fileio.write_json_atomic(os.path.join(out, "config.json"), config.to_dict())
   summary = _empty_summary()
+  budget = scale.Budget(config.budget_s)
+  summary["budget_s"], summary["skipped"] = config.budget_s, budget.skipped
   print(f"gpu_check: {summary['device']}", flush=True)
-  for title, fn in _stage_plan(config, out, summary):
+  for title, fn in _stage_plan(config, out, summary, budget):
     _run_stage(title, fn, summary, out)
+  summary["elapsed_s"] = budget.elapsed()
   return _finish(summary, out)
 
 
@@ -392,20 +450,27 @@ def _checked_config(config) -> ml_collections.ConfigDict:
 def _empty_summary() -> dict[str, Any]:
   """The summary before any stage ran: this device, and an empty slot per result."""
   return {"device": device_info(), "mismatch": [], "trainer": [], "peaks": {},
-          "paper_train": [], "paper_decode": [], "layer_view": {},
+          "paper_train": [], "paper_decode": [], "bandwidth": {}, "rl_iterations": [],
+          "layer_view": {}, "skipped": [],
           "errors": {},
           "seconds": {}}
 
 
-def _stage_plan(config, out: str, summary: dict[str, Any]) -> list[tuple[str, Callable[[], None]]]:
-  """(title, thunk) per stage run, in order: the paper stage once, the others once per matmul
-  precision ("default", and "highest" with `fp32_highest`)."""
+def _stage_plan(config, out: str, summary: dict[str, Any], budget: scale.Budget
+                ) -> list[tuple[str, Callable[[], None]]]:
+  """(title, thunk) per stage run, in order: the paper and rl stages once (their cases checked
+  against `budget`), the others once per matmul precision ("default", and "highest" with
+  `fp32_highest`)."""
   precisions = ["default"] + (["highest"] if config.fp32_highest else [])
   plan = []
   for name in config.stages:
     if name == "paper":
       plan.append(("paper-scale train step and decode",
-                   functools.partial(_paper_stage, config, out, summary)))
+                   functools.partial(_paper_stage, config, out, summary, budget)))
+      continue
+    if name == "rl":
+      plan.append(("paper-scale RL iteration",
+                   functools.partial(_rl_stage, config, out, summary, budget)))
       continue
     for matmul_precision in precisions:
       if name == "mismatch":
@@ -468,26 +533,93 @@ def _default_peak(config, summary: dict[str, Any]) -> float:
   return summary["peaks"]["default"]
 
 
-def _paper_stage(config, out: str, summary: dict[str, Any]) -> None:
-  """The paper-scale train step per precision, then the decode; rows go to `summary` and to the
-  run directory <out>/paper."""
+def _paper_stage(config, out: str, summary: dict[str, Any], budget: scale.Budget) -> None:
+  """The paper-scale train step per precision, then the copy bandwidth and the decode per row
+  count, each case within `budget`; rows go to `summary` and to the run directory <out>/paper."""
   paper = config.paper
   model_config = paper_model_config(paper)
   peak = _default_peak(config, summary)
   params = init_params(model_config, jax.random.key(config.seed))
+  estimates = dict(paper.estimates_s)
   with results.RunWriter(os.path.join(out, "paper"), paper.to_dict(), resume=True,
                          resume_step=0) as writer:  # rows "train/{precision}/...", "decode/..."
     for precision in paper.precisions:
-      print(f"paper train step: {precision}", flush=True)
-      row = paper_train_case(model_config, params, precision, paper, peak, config.seed)
-      summary["paper_train"].append(row)
-      writer.write(0, results.flatten_metrics({precision: row}, prefix="train"))
-      fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
-    if int(paper.decode_rows) > 0:
-      print("paper decode", flush=True)
-      row = paper_decode_case(model_config, params, paper, config.seed)
-      summary["paper_decode"].append(row)
-      writer.write(0, results.flatten_metrics({row["precision"]: row}, prefix="decode"))
+      case = f"paper train step {precision}"
+      if not budget.allows(case, estimates["train"]):
+        continue
+      row, estimates["train"] = _timed(summary, case, paper_train_case, model_config, params,
+                                       precision, paper, peak, config.seed)
+      if row is not None:
+        _keep(summary, "paper_train", row, writer, "train", precision, out)
+    for rows in paper.decode_rows:
+      case = f"paper decode {rows} rows"
+      if not budget.allows(case, estimates["decode"]):
+        continue
+      bandwidth = _bandwidth(paper, summary)
+      row, seconds = _timed(summary, case, paper_decode_case, model_config, params, paper,
+                            config.seed, rows, bandwidth)
+      estimates["decode"] = max(estimates["decode"], seconds)  # more rows take no less
+      if row is not None:
+        _keep(summary, "paper_decode", row, writer, "decode", f"rows{rows}", out)
+
+
+def _timed(summary: dict[str, Any], case: str, fn: Callable[..., Any], *args
+           ) -> tuple[Any, float]:
+  """(fn(*args), its wall seconds); a failure gives (None, seconds), its traceback kept in
+  summary["errors"][case] (the stage goes on to its next case)."""
+  start = time.perf_counter()
+  try:
+    result = fn(*args)
+  except Exception:  # pylint: disable=broad-except
+    summary["errors"][case] = traceback.format_exc()
+    print(summary["errors"][case], flush=True)
+    result = None
+  return result, time.perf_counter() - start
+
+
+def _keep(summary: dict[str, Any], key: str, row: dict[str, Any], writer, prefix: str,
+          name: str, out: str) -> None:
+  """Adds `row` to summary[key], writes it as the run's metrics "{prefix}/{name}/..." and
+  rewrites summary.json (a later crash keeps what was measured)."""
+  summary[key].append(row)
+  writer.write(0, results.flatten_metrics({name: row}, prefix=prefix))
+  fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
+
+
+def _bandwidth(paper, summary: dict[str, Any]) -> float:
+  """The device's copy bandwidth in bytes/s: measured once per run (kept in summary)."""
+  if not summary["bandwidth"]:
+    summary["bandwidth"] = scale.copy_bandwidth(paper.bandwidth_bytes,
+                                                repetitions=paper.repetitions)
+  return summary["bandwidth"]["bytes_per_s"]["median"]
+
+
+def _rl_stage(config, out: str, summary: dict[str, Any], budget: scale.Budget) -> None:
+  """`rl.iterations` end-to-end RL iterations at the paper model's shape, each within `budget`;
+  rows go to `summary` and to the run directory <out>/rl."""
+  rl = config.rl
+  first_s, later_s = (float(v) for v in rl.estimates_s)
+  if not budget.allows("RL setup and iteration 0", first_s):
+    return
+  model_config = paper_model_config(config.paper)
+  learner = scale.rl_setup(model_config, init_params(model_config, jax.random.key(config.seed)),
+                           rl, config.seed)
+  prompts = scale.random_prompts(model_config.vocab_size, rl.num_prompts, rl.prompt_len,
+                                 config.seed)
+  try:
+    with results.RunWriter(os.path.join(out, "rl"), rl.to_dict(), resume=True,
+                           resume_step=0) as writer:
+      for iteration in range(int(rl.iterations)):
+        if iteration and not budget.allows(f"RL iteration {iteration}", later_s):
+          break
+        row, _ = _timed(summary, f"RL iteration {iteration}", scale.rl_iteration_row, learner,
+                        prompts, config.seed, iteration)
+        if row is None:
+          break
+        print(f"  iteration {iteration}: {row['wall_s']:.1f} s", flush=True)
+        _keep(summary, "rl_iterations", row, writer, "rl", f"iteration{iteration}", out)
+  finally:
+    learner.engine.close()
 
 
 def _finish(summary: dict[str, Any], out: str) -> dict[str, Any]:
