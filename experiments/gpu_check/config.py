@@ -81,7 +81,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         decode_new_tokens=8, bandwidth_bytes=1024**2, estimates_s=dict(train=10.0, decode=5.0)))
     config.rl.update(dict(num_prompts=2, samples_per_prompt=4, prompt_len=16, max_new_tokens=16,
                           num_minibatches=2, prompt_bucket=16, estimates_s=(20.0, 5.0)))
-    config.budget_s = 120.0 if variant == "scale_cpu" else 0.0
+    config.budget_s = 300.0 if variant == "scale_cpu" else 0.0
   if variant not in ("", "cpu", "scale", "scale_cpu"):
     raise ValueError(f"Unknown gpu_check variant {variant!r}; allowed: '', 'cpu', 'scale', "
                      "'scale_cpu'")

@@ -3,6 +3,7 @@ r"""The accelerator check: trainer-vs-JAX-sampler mismatch and RL train-step spe
 One command for a short lease on a GPU machine (it runs on CPU too, at smoke size):
 
     python -m experiments.gpu_check --config=experiments/gpu_check/config.py
+    python -m experiments.gpu_check --config=experiments/gpu_check/config.py:scale  # paper scale
 
 Stages, each in this process, each kept going past another's failure (device time is scarce; the
 command still exits non-zero and names the failed stage):
