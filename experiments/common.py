@@ -1,33 +1,28 @@
 """Pieces every experiment module shares: the policy model to start from, progress output, and
-the config checks every entry point runs before it loads a model or creates a directory."""
+the config checks its entry point (`rl_fp16.cli.run_main`) runs before it loads a model or
+creates a directory: `validate_rl_config` for the RL experiment's typed config, `check_config`
+for the other experiments' keys."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import re
-import sys
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import tqdm
 
 from rl_fp16.checkpoints import load_hf
-from rl_fp16.checkpoints.train_state import CheckpointsUnreadable
 from rl_fp16.config_checks import ConfigError, choice_problem, integer_problem, number_problem
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.presets import peaked_random_model
 from rl_fp16 import rl_experiment
 from rl_fp16.names import config_list
-from rl_fp16.rl_experiment import LOG_LEVELS, RLExperimentConfig
-from rl_fp16.run_config import ConfigMismatchError
-from rl_fp16.run_lock import RunDirectoryLocked
+from rl_fp16.rl_experiment import RLExperimentConfig
 
 __all__ = ["PolicyModel", "load_policy_model", "progress", "max_model_len",
-           "BASE_MODEL_DIR", "quiet_logs", "random_prompts", "merge_overrides", "clean_lists",
-           "run_main", "unknown_override_problems",
-           "ConfigError", "ConfigChecker", "check_shared_keys",
+           "BASE_MODEL_DIR", "random_prompts", "merge_overrides", "clean_lists",
+           "ConfigError", "ConfigChecker", "check_shared_keys", "check_config",
            "validate_rl_config"]
 
 # The tiny base model trained by experiments/pretrain_base.py and committed with the repo.
@@ -92,12 +87,6 @@ def max_model_len(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
   """Context length an engine needs for these prompts plus the response budget (rounded up)."""
   need = max(len(p) for p in prompts) + max_new_tokens
   return int(-(-need // 64) * 64)
-
-
-def quiet_logs() -> None:
-  """Keeps absl INFO chatter (orbax's per-save lines) out of the experiment's output."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)
 
 
 def progress(items: Iterable, **kwargs) -> Iterable:
@@ -237,18 +226,17 @@ class ConfigChecker:
       raise ConfigError.listing(self.errors, what)
 
 
-# Top-level keys with the same meaning in every experiment config that has them.
-POSITIVE_INT_KEYS = ("steps", "prompts_per_step", "num_prompts", "samples_per_prompt",
-                     "num_minibatches", "epochs", "max_new_tokens", "checkpoint_every",
-                     "max_prompt_tokens", "max_steps", "batch_size", "eval_every",
-                     "eval_problems", "layer_view_sequences")
+# Top-level keys with the same meaning in every experiment config that has them (the RL
+# experiment's config is typed: `rl_fp16.rl_experiment`).
+POSITIVE_INT_KEYS = ("num_prompts", "samples_per_prompt", "max_new_tokens", "max_steps",
+                     "batch_size", "eval_every", "eval_problems", "layer_view_sequences")
 
 
 def check_shared_keys(checker: ConfigChecker) -> None:
-  """The checks of keys shared by the experiment configs (skipped for keys a config lacks):
-  engine, bitwise, precision(s), algorithm, advantage, positive counts, temperature, learning
-  rate, seed, model, output_dir and vllm_log_level."""
-  from rl_fp16 import advantages, objectives  # pylint: disable=g-import-not-at-top
+  """The checks of keys shared by the other experiments' configs (skipped for keys a config
+  lacks): engine, bitwise, precision(s), algorithm, positive counts, temperature, learning rate,
+  seed, model and output_dir."""
+  from rl_fp16 import objectives  # pylint: disable=g-import-not-at-top
   from rl_fp16.sampling.engines import ENGINES  # pylint: disable=g-import-not-at-top
   checker.choice("engine", ENGINES)
   checker.precision_pair("precision")
@@ -256,7 +244,6 @@ def check_shared_keys(checker: ConfigChecker) -> None:
   checker.choice("bitwise", (False, True))
   checker.engine_precisions("engine", ("precision", "precisions"))
   checker.choice("algorithm", objectives.ALGORITHMS)
-  checker.choice("advantage", advantages.ADVANTAGE_ESTIMATORS)
   for key in POSITIVE_INT_KEYS:
     checker.integer(key, 1)
   checker.integer("seed", 0)
@@ -264,26 +251,6 @@ def check_shared_keys(checker: ConfigChecker) -> None:
   checker.number("learning_rate", above=0)
   checker.text("model", "'default', 'random' or a Hugging Face model directory")
   checker.text("output_dir", "the run directory")
-  checker.choice("vllm_log_level", LOG_LEVELS)
-  check_sync_and_colocation(checker)
-
-
-def check_sync_and_colocation(checker: ConfigChecker) -> None:
-  """`weight_sync` (memory / directory) and `colocate` (vLLM's memory share, sleep level)."""
-  from rl_fp16 import colocation  # pylint: disable=g-import-not-at-top
-  from rl_fp16.sampling.directory_sync import WEIGHT_SYNC_MODES  # pylint: disable=g-import-not-at-top
-  checker.choice("weight_sync", WEIGHT_SYNC_MODES)
-  key = "colocate.sampler_memory_fraction"
-  if checker.has(key) and checker.get(key) is not None:
-    checker.number(key, above=0, at_most=colocation.MAX_SAMPLER_FRACTION)
-  checker.choice("colocate.sleep_level", colocation.SLEEP_LEVELS)
-  level = checker.get("colocate.sleep_level") if checker.has("colocate.sleep_level") else 0
-  if level in (1, 2):
-    engine = checker.get("engine") if checker.has("engine") else None
-    sync = checker.get("weight_sync") if checker.has("weight_sync") else "memory"
-    checker.check(engine == "vllm" and sync == "memory", "colocate.sleep_level",
-                  f"sleep mode needs --config.engine=vllm with --config.weight_sync=memory (the "
-                  f"sampler in this process); got engine {engine!r}, weight_sync {sync!r}")
 
 
 def check_config(config) -> None:
@@ -291,131 +258,6 @@ def check_config(config) -> None:
   checker = ConfigChecker(config)
   check_shared_keys(checker)
   checker.raise_if_failed()
-
-
-# A config override on the command line: --config.key=value, --config.key or --noconfig.key.
-_OVERRIDE = re.compile(r"-{1,2}(?:no)?config\.([^=]+)(?:=.*)?", re.DOTALL)
-
-
-def _unknown_override(config, key: str) -> str | None:
-  """What is wrong with the dotted `key` of `config`, or None when every part of it exists."""
-  node = config
-  parts = key.split(".")
-  for depth, part in enumerate(parts):
-    parent = ".".join(parts[:depth])
-    if not hasattr(node, "keys"):
-      return f"no such key; --config.{parent} is a value, not a group of keys"
-    if part in node:
-      node = node[part]
-      continue
-    keys = sorted(map(str, node.keys()))
-    prefix = f"--config.{parent}." if parent else "--config."
-    close = difflib.get_close_matches(part, keys, n=1)
-    if close:
-      return f"no such key; did you mean {prefix}{close[0]}?"
-    where = f"the keys of --config.{parent}" if parent else "the keys"
-    return f"no such key; {where} are: {', '.join(keys)}"
-  return None
-
-
-def _unknown_overrides(config, argv: Sequence[str]) -> dict[int, str]:
-  """{index in argv: problem line} for each override of a key that `config` lacks."""
-  found = {}
-  for index, arg in enumerate(argv):
-    match = _OVERRIDE.fullmatch(arg)
-    problem = match and _unknown_override(config, match.group(1))
-    if problem:
-      found[index] = f"{arg}: {problem}"
-  return found
-
-
-def unknown_override_problems(config, argv: Sequence[str]) -> list[str]:
-  """One line per command-line override in `argv` (`--config.key=value`, `--config.key`,
-  `--noconfig.key`) whose key the ConfigDict `config` lacks: the argument as typed, then
-  "no such key" with the nearest key (difflib), or the keys there are. Pure."""
-  return list(_unknown_overrides(config, argv).values())
-
-
-def _config_file_arg(argv: Sequence[str]) -> str | None:
-  """The value of `--config=FILE` (or `--config FILE`) in `argv`, or None."""
-  for index, arg in enumerate(argv):
-    if arg.startswith(("--config=", "-config=")):
-      return arg.split("=", 1)[1]
-    if arg in ("--config", "-config") and index + 1 < len(argv):
-      return argv[index + 1]
-  return None
-
-
-def _split_unknown_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(argv without the overrides of unknown keys, their problem lines). The keys are looked up
-  in the config file named by `--config` as it is, before any override; when that file cannot be
-  read, argv is returned whole (the flag parser then reports it)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  path = _config_file_arg(argv)
-  if path is None:
-    return list(argv), []
-  only_file = [argv[0], f"--config={path}"]
-  file_flags = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", flag_values=file_flags, lock_config=False,
-                                  sys_argv=only_file)
-  try:
-    file_flags(only_file)
-    base = file_flags.config
-  except Exception:  # pylint: disable=broad-except
-    return list(argv), []
-  if not isinstance(base, config_dict.ConfigDict):
-    return list(argv), []
-  unknown = _unknown_overrides(base, argv)
-  return [arg for i, arg in enumerate(argv) if i not in unknown], list(unknown.values())
-
-
-def run_main(run: Callable[[Any], Any], *, lock_config: bool = True,
-             validate: Callable[[Any], None] = check_config) -> None:
-  """An experiment module's entry point, called under `if __name__ == "__main__":`.
-
-  Defines the required `--config` flag (an ml_collections config file; overrides as
-  `--config.key=value`), checks the config with `validate` (by default `check_config`: the keys
-  every experiment shares; a module with a full check of its own passes it), then runs
-  `run(config)` under absl with quiet logs. An override of a key the config file lacks
-  (`--config.num_minibatch=4`) is listed with the nearest key, together with `validate`'s
-  problems. A `ConfigError` (a bad value or key), a `ConfigMismatchError` (a run directory
-  holding another config) or a `RunDirectoryLocked` (a run directory another process holds) ends
-  the program with its message and exit status 2, without a traceback; `CheckpointsUnreadable`
-  (no checkpoint of the run restores) with its message and status 1. Flags are defined here,
-  not at import, so that experiments can import each other.
-  """
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  argv, unknown = _split_unknown_overrides(sys.argv)
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                  lock_config=lock_config, sys_argv=argv)
-  flags.mark_flags_as_required(["config"])
-
-  def main(unused_argv):
-    del unused_argv
-    quiet_logs()
-    try:
-      if unknown:
-        problems = list(unknown)
-        try:
-          validate(flags.FLAGS.config)
-        except ConfigError as e:
-          problems += e.problems
-        raise ConfigError.listing(problems)
-      validate(flags.FLAGS.config)
-      run(flags.FLAGS.config)
-    except (ConfigError, ConfigMismatchError, RunDirectoryLocked) as e:
-      print(f"error: {e}", file=sys.stderr)
-      raise SystemExit(2) from None
-    except CheckpointsUnreadable as e:  # the run's data, not its config: status 1
-      print(f"error: {e}", file=sys.stderr)
-      raise SystemExit(1) from None
-
-  app.run(main, argv=argv)
 
 
 # -------------------------------------------- the RL experiment's config (rl, sanity) ----

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from experiments import common
-from rl_fp16 import fileio, mismatch, offline
+from rl_fp16 import cli, fileio, mismatch, offline
 from rl_fp16.names import config_list
 from rl_fp16.results import RunWriter, markdown_table
 from rl_fp16.precision import get_precision_pair
@@ -199,4 +199,4 @@ def run(config) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(run)
+  cli.run_main(run, validate=common.check_config)

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from experiments import common
+from rl_fp16 import cli
 from rl_fp16.data import perfectible
 from rl_fp16.data.rl_problems import PERFECTIBLE_FILE, build_subset, load_task
 
@@ -35,4 +36,4 @@ def build(config) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(build)
+  cli.run_main(build, validate=common.check_config)

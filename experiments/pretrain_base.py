@@ -19,7 +19,7 @@ import time
 import jax
 
 from experiments import common
-from rl_fp16 import results, seeds
+from rl_fp16 import cli, results, seeds
 from rl_fp16.checkpoints import load_hf, save_hf
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.data import synthetic
@@ -140,4 +140,4 @@ def train(config) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(train)
+  cli.run_main(train, validate=common.check_config)

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from rl_fp16 import (colocation, distributed, evaluation, plots, results, rl_experiment,
+from rl_fp16 import (cli, colocation, distributed, evaluation, plots, results, rl_experiment,
                      run_config, run_lock, seeds, sharding)
 from rl_fp16.advantages import check_rewards
 from rl_fp16.checkpoints.train_state import Checkpointer, CheckpointsUnreadable, TrainState
@@ -283,4 +283,4 @@ def main(config) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(main, validate=common.validate_rl_config)
+  cli.run_main(main, validate=common.validate_rl_config)

@@ -24,7 +24,7 @@ import time
 from absl import flags
 
 from experiments import common
-from rl_fp16 import plots, results, rl_experiment, run_lock
+from rl_fp16 import cli, plots, results, rl_experiment, run_lock
 from rl_fp16.run_config import check_run_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,5 +118,5 @@ def compare(config, precisions) -> dict:
 
 if __name__ == "__main__":
   flags.DEFINE_list("compare", ["bf16", "fp16"], "Precisions to run and compare.")
-  common.run_main(lambda config: compare(config, flags.FLAGS.compare), lock_config=False,
+  cli.run_main(lambda config: compare(config, flags.FLAGS.compare), lock_config=False,
                   validate=common.validate_rl_config)

@@ -16,6 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import common, rl  # noqa: E402
+from rl_fp16 import cli  # noqa: E402
 from rl_fp16.data.tasks import SyntheticTask  # noqa: E402
 
 
@@ -27,4 +28,4 @@ def token_sum_reward(self, problems, rollout) -> np.ndarray:
 
 if __name__ == "__main__":
   SyntheticTask.rewards = token_sum_reward
-  common.run_main(rl.main, validate=common.validate_rl_config)
+  cli.run_main(rl.main, validate=common.validate_rl_config)

@@ -166,18 +166,18 @@ def test_misspelt_key_is_listed_with_a_suggestion(tmp_path, module, overrides, f
 
 
 def test_unknown_override_problems_suggest_the_nearest_key():
-  from experiments import common  # pylint: disable=g-import-not-at-top
   from experiments.configs import sanity  # pylint: disable=g-import-not-at-top
+  from rl_fp16 import cli  # pylint: disable=g-import-not-at-top
   config = sanity.get_config()
   argv = ["prog", "--config=x.py", "--config.steps=3", "--config.num_minibatch=4",
           "--config.eval.evry=2", "--config.qqq", "--noconfig.lora.enabeld"]
-  problems = common.unknown_override_problems(config, argv)
+  problems = cli.unknown_override_problems(config, argv)
   assert problems == [
       "--config.num_minibatch=4: no such key; did you mean --config.num_minibatches?",
       "--config.eval.evry=2: no such key; did you mean --config.eval.every?",
       f"--config.qqq: no such key; the keys are: {', '.join(sorted(config.keys()))}",
       "--noconfig.lora.enabeld: no such key; did you mean --config.lora.enabled?"]
-  assert common.unknown_override_problems(config, ["prog", "--config.steps=3"]) == []
+  assert cli.unknown_override_problems(config, ["prog", "--config.steps=3"]) == []
 
 
 def test_response_budget_beyond_the_context_is_refused_before_the_run_directory(

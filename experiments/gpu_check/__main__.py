@@ -2,6 +2,7 @@
 
 from experiments import common
 from experiments.gpu_check import gpu_check
+from rl_fp16 import cli
 
 if __name__ == "__main__":
-  common.run_main(gpu_check.run)
+  cli.run_main(gpu_check.run, validate=common.check_config)
