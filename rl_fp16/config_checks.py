@@ -1,5 +1,8 @@
 """Checks of config values that name every bad field at once.
 
+Two checkers share one wording: `FieldChecks` for a typed config (a dataclass), `ConfigChecker`
+for the keys of an untyped ml_collections config.
+
 A config dataclass checks itself in `__post_init__` with a `FieldChecks`: each check records
 (field, value, what is allowed), and `done()` raises one `FieldProblems` listing them all. The
 predicates (`integer_problem`, `number_problem`) are the only wording of "an integer >= 1" or "a
@@ -14,6 +17,8 @@ import dataclasses
 import math
 import numbers
 from typing import Any, Sequence
+
+from rl_fp16.names import config_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,3 +130,114 @@ class FieldChecks:
     """Raises `FieldProblems` when any check failed."""
     if self.problems:
       raise FieldProblems(type(self.instance).__name__, self.problems)
+
+
+class ConfigChecker:
+  """Collects every problem of a config, then raises them together as one `ConfigError`.
+
+  Each check names the key as the user sets it (`--config.loss.aggregation=...`), the bad value
+  and what is allowed. Checks of a key the config does not have are skipped.
+  """
+
+  def __init__(self, config):
+    self.config = config
+    self.errors: list[str] = []
+
+  def has(self, key: str) -> bool:
+    node = self.config
+    for part in key.split("."):
+      try:
+        if part not in node:
+          return False
+      except TypeError:
+        return False
+      node = node[part]
+    return True
+
+  def get(self, key: str) -> Any:
+    node = self.config
+    for part in key.split("."):
+      node = node[part]
+    return node
+
+  def fail(self, key: str, message: str) -> None:
+    value = self.get(key) if self.has(key) else None
+    self.errors.append(f"--config.{key}={value!r}: {message}")
+
+  def choice(self, key: str, allowed: Sequence[Any]) -> None:
+    problem = self.has(key) and choice_problem(self.get(key), allowed)
+    if problem:
+      self.fail(key, problem)
+
+  def integer(self, key: str, minimum: int = 1) -> None:
+    """An int >= minimum (positive by default)."""
+    problem = self.has(key) and integer_problem(self.get(key), minimum)
+    if problem:
+      self.fail(key, problem)
+
+  def number(self, key: str, **bounds: float) -> None:
+    """A finite real number; `bounds`: above (exclusive), at_least, at_most."""
+    problem = self.has(key) and number_problem(self.get(key), **bounds)
+    if problem:
+      self.fail(key, problem)
+
+  def text(self, key: str, what: str) -> None:
+    """A non-empty string (unset placeholders are None)."""
+    if self.has(key):
+      value = self.get(key)
+      if not isinstance(value, str) or not value.strip():
+        self.fail(key, f"must be set: {what}")
+
+  def precision_pair(self, key: str) -> None:
+    from rl_fp16.precision import get_precision_pair  # pylint: disable=g-import-not-at-top
+    if self.has(key):
+      try:
+        get_precision_pair(self.get(key))
+      except (ValueError, AttributeError, TypeError) as e:
+        self.fail(key, str(e))
+
+  def precision_pairs(self, key: str) -> None:
+    """A non-empty list of precision pairs (`rl_fp16.names.config_list`)."""
+    from rl_fp16.precision import get_precision_pair  # pylint: disable=g-import-not-at-top
+    if not self.has(key):
+      return
+    try:
+      names = config_list(self.get(key), key)
+    except ValueError:
+      names = ()
+      self.fail(key, "must list at least one precision pair, e.g. 'fp32,bf16,fp16'")
+    for name in names:
+      try:
+        get_precision_pair(name)
+      except ValueError as e:
+        self.fail(key, str(e))
+
+  def engine_precisions(self, engine_key: str, precision_keys: Sequence[str]) -> None:
+    """The engine can sample in each (valid) precision pair's sampler policy (bitwise when the
+    config's `bitwise` is True)."""
+    from rl_fp16.precision import get_precision_pair  # pylint: disable=g-import-not-at-top
+    from rl_fp16.sampling.engines import check_engine_policy  # pylint: disable=g-import-not-at-top
+    if not self.has(engine_key):
+      return
+    for key in precision_keys:
+      if not self.has(key):
+        continue
+      try:  # "precision" is one name, "precisions" a list of them.
+        listed = config_list(self.get(key), key)
+      except ValueError:
+        continue  # reported by precision_pair(s)
+      bitwise = self.has("bitwise") and self.get("bitwise") is True
+      for name in listed:
+        try:
+          check_engine_policy(self.get(engine_key),
+                              get_precision_pair(name, bitwise=bitwise).sampler)
+        except ValueError as e:
+          self.fail(key, f"{name}: {e}")
+
+  def check(self, condition: bool, key: str, message: str) -> None:
+    if not condition:
+      self.fail(key, message)
+
+  def raise_if_failed(self, what: str = "config") -> None:
+    if self.errors:
+      raise ConfigError.listing(self.errors, what)
