@@ -32,7 +32,7 @@ from rl_fp16.batch import TrainBatch
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.config_checks import FieldChecks
 from rl_fp16.models import ModelConfig, apply_token_logprobs, default_positions, token_logprobs
-from rl_fp16.models.decoder import LOGPROB_CHUNK_TOKENS, apply_token_stats
+from rl_fp16.models.decoder import apply_token_stats
 from rl_fp16.models.lora import LoraConfig, merge_lora
 from rl_fp16.precision import DtypePolicy, policy_jit
 from rl_fp16.sampling.rollout import Rollout
@@ -104,12 +104,13 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
 
 
 def sft_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy: DtypePolicy,
-             logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
+             logprob_chunk_tokens: int | None = None):
   """Mean next-token cross-entropy over `batch["loss_mask"]` positions.
 
   batch: tokens int32 [B, T], attention_mask int32 [B, T], loss_mask [B, T] (1 where the token is
   a target, e.g. the response; entry t scores log p(tokens[t] | tokens[<t])). The LM head and
-  log-softmax run in chunks of `logprob_chunk_tokens` tokens (`apply_token_stats`).
+  log-softmax run in chunks of `logprob_chunk_tokens` tokens, by default once the logits are
+  large (`apply_token_stats`).
   """
   tokens, attention_mask = batch["tokens"], batch["attention_mask"]
   stats = apply_token_stats(config, policy, params, tokens, attention_mask,
@@ -132,7 +133,7 @@ FORWARD_LOGP = "forward_logp"
 def rl_loss(params, batch: TrainBatch, base_params=None, *, config: ModelConfig,
             policy: DtypePolicy, algorithm: str, loss_config: objectives.LossConfig,
             temperature: float, lora_config: LoraConfig | None = None,
-            logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
+            logprob_chunk_tokens: int | None = None):
   """The policy loss of `objectives.policy_loss` on one minibatch, plus entropy.
 
   batch: a `TrainBatch` with logp_old set (refused without it). With `lora_config`, `params` are
@@ -140,8 +141,8 @@ def rl_loss(params, batch: TrainBatch, base_params=None, *, config: ModelConfig,
   explicit, undifferentiated argument). Under a bitwise policy the metrics also hold
   `FORWARD_LOGP`: this forward's log-probs, float32 [B, S] (0 off the loss mask); for the first
   minibatch, before any update, they are its logp_old, which the RL loop compares with the
-  sampler's. The LM head and log-softmax run in chunks of `logprob_chunk_tokens` tokens
-  (`apply_token_stats`).
+  sampler's. The LM head and log-softmax run in chunks of `logprob_chunk_tokens` tokens, by
+  default once the logits are large (`apply_token_stats`).
   """
   if batch.logp_old is None:
     raise ValueError("rl_loss needs batch.logp_old (TrainBatch.replace(logp_old=...))")

@@ -227,12 +227,13 @@ def test_attention_backward_never_holds_all_scores():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_long_sequence_logprobs_match_transformers(tied, tmp_path):
-  """token_logprobs over 2 x 600 tokens (two query blocks of attention, two LM-head chunks)
+  """Log-probs over 2 x 600 tokens (two query blocks of attention, two LM-head chunks)
   against transformers' log-softmax of its logits, float32."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from rl_fp16.checkpoints import load_hf
-  from rl_fp16.models import token_logprobs
+  from rl_fp16.models import apply_token_logprobs, default_positions
+  from rl_fp16.models.decoder import LOGPROB_CHUNK_TOKENS
   from rl_fp16.models.layers import ATTENTION_QUERY_BLOCK
   width = 600
   assert width > ATTENTION_QUERY_BLOCK
@@ -244,7 +245,10 @@ def test_long_sequence_logprobs_match_transformers(tied, tmp_path):
   model.save_pretrained(tmp_path / "hf")
   config, params = load_hf(tmp_path / "hf")
   tokens = np.random.default_rng(1).integers(0, 96, (2, width)).astype(np.int32)
-  ours = np.asarray(token_logprobs(config, params, tokens, policy=get_policy("fp32")))
+  mask = np.ones_like(tokens)
+  ours = np.asarray(apply_token_logprobs(config, get_policy("fp32"), params, tokens, mask,
+                                         default_positions(mask), 1.0,
+                                         chunk_tokens=LOGPROB_CHUNK_TOKENS))
   with torch.no_grad():
     logits = model(input_ids=torch.tensor(tokens)).logits.float()
   theirs = torch.log_softmax(logits, dim=-1)[:, :-1].gather(

@@ -340,6 +340,8 @@ def shifted_logprobs(logits: jax.Array, tokens: jax.Array, attention_mask: jax.A
 # Tokens (rows x columns) per chunk of the trainer's LM head and log-softmax
 # (`chunked_token_stats`): one chunk's [rows, columns, V] logits are the most it holds at once.
 LOGPROB_CHUNK_TOKENS = 1024
+# Float32 logits up to this size are computed whole (`apply_token_stats` with chunk_tokens None).
+FULL_LOGITS_MAX_BYTES = 64 * 2**20
 
 
 def _next_token_stats(logits: jax.Array, targets: jax.Array, *, dtype, temperature: float,
@@ -422,7 +424,7 @@ def apply_token_stats(config: ModelConfig, policy: DtypePolicy, params: Params,
                       tokens: jax.Array, attention_mask: jax.Array, positions: jax.Array, *,
                       temperature: float = 1.0, with_entropy: bool = False,
                       with_argmax: bool = False,
-                      chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> dict[str, jax.Array]:
+                      chunk_tokens: int | None = None) -> dict[str, jax.Array]:
   """The trainer's forward to per-token statistics (not jitted; no input checks).
 
   Args:
@@ -430,9 +432,11 @@ def apply_token_stats(config: ModelConfig, policy: DtypePolicy, params: Params,
   Returns:
     as `chunked_token_stats`: {"logp"} (+ "entropy", "argmax"), each [B, T].
 
-  A non-bitwise policy runs the LM head and log-softmax in chunks (`chunked_token_stats`). A
-  bitwise policy runs them on the full [B, T, V] logits of `apply_logits` (its compacted,
-  row-padded layout is what makes the trainer's numbers equal the sampler's).
+  The LM head and log-softmax run in chunks of `chunk_tokens` tokens (`chunked_token_stats`);
+  with chunk_tokens None, in chunks of `LOGPROB_CHUNK_TOKENS` once the float32 [B, T, V] logits
+  would exceed `FULL_LOGITS_MAX_BYTES`, on the full logits of `apply_logits` below that. A
+  bitwise policy always runs on the full logits (its compacted, row-padded layout is what makes
+  the trainer's numbers equal the sampler's).
   """
   if tokens.shape[1] < 2:
     zeros = jnp.zeros(tokens.shape, jnp.float32)
@@ -442,7 +446,8 @@ def apply_token_stats(config: ModelConfig, policy: DtypePolicy, params: Params,
     if with_argmax:
       stats["argmax"] = jnp.full(tokens.shape, -1, jnp.int32)
     return stats
-  if policy.bitwise:
+  logits_bytes = 4 * tokens.shape[0] * tokens.shape[1] * config.vocab_size
+  if policy.bitwise or (chunk_tokens is None and logits_bytes <= FULL_LOGITS_MAX_BYTES):
     logits = apply_logits(config, policy, params, tokens, attention_mask, positions)
     stats = _next_token_stats(logits[:, :-1], tokens[:, 1:], dtype=policy.logsoftmax_dtype,
                               temperature=temperature, with_entropy=with_entropy,
@@ -453,7 +458,7 @@ def apply_token_stats(config: ModelConfig, policy: DtypePolicy, params: Params,
   return chunked_token_stats(hidden, lm_head_weight(config, policy, params), tokens,
                              attention_mask, policy=policy, temperature=temperature,
                              with_entropy=with_entropy, with_argmax=with_argmax,
-                             chunk_tokens=chunk_tokens)
+                             chunk_tokens=chunk_tokens or LOGPROB_CHUNK_TOKENS)
 
 
 @functools.partial(policy_jit,
@@ -461,7 +466,7 @@ def apply_token_stats(config: ModelConfig, policy: DtypePolicy, params: Params,
 def apply_token_logprobs(config: ModelConfig, policy: DtypePolicy, params: Params,
                          tokens: jax.Array, attention_mask: jax.Array, positions: jax.Array,
                          temperature: float,
-                         chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> jax.Array:
+                         chunk_tokens: int | None = None) -> jax.Array:
   """The pure, jitted `token_logprobs` (`config`, `policy`, `temperature`, `chunk_tokens` static;
   no checks).
 
@@ -470,7 +475,7 @@ def apply_token_logprobs(config: ModelConfig, policy: DtypePolicy, params: Param
     temperature: a Python float.
   Returns:
     float32 [B, T] log p(tokens[t] | tokens[<t]) (0 at t = 0 and at padding), log-softmax in
-    `policy.logsoftmax_dtype` (`apply_token_stats`: chunked unless the policy is bitwise).
+    `policy.logsoftmax_dtype` (`apply_token_stats`: chunked once the logits are large).
   """
   return apply_token_stats(config, policy, params, tokens, attention_mask, positions,
                            temperature=temperature, chunk_tokens=chunk_tokens)["logp"]
