@@ -9,6 +9,9 @@
   whole budget: the same tokens for the same seed, log-probs within float rounding (bit-identical
   on the committed tiny base model; on this test model XLA's reductions over the shorter
   attention window round differently in the last bit).
+- One prefill per distinct prompt, copied to its n samples, vs a prefill per row: the same tokens.
+- The attention over a head-major KV cache (`layers.attend`) vs grouped-query attention written
+  out in float64 NumPy: equal within float32 rounding, for a decode query and a full sequence.
 """
 
 import jax
@@ -85,6 +88,50 @@ def test_segmented_decode_samples_the_same_tokens(precision, tol):
   np.testing.assert_array_equal(a.response_mask, b.response_mask)
   np.testing.assert_allclose(b.logp_sampler, a.logp_sampler, rtol=tol, atol=tol)
   assert a.finish_reasons == b.finish_reasons
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_shared_prefill_samples_the_tokens_of_a_prefill_per_row(precision, tol):
+  """n=3 samples per prompt share one prefill; the reference lists every prompt 3 times with n=1
+  (a prefill per row). Row i draws the same noise in both (it depends on the row's index)."""
+  params = init_params(CONFIG, jax.random.key(1))
+  policy = get_precision_pair(precision).sampler
+  kwargs = dict(policy=policy, sampling=SamplingConfig(max_new_tokens=12), rng=jax.random.key(5),
+                eos_token_ids=(2,), batch_bucket=8)  # 12 rows padded to 16
+  shared = jax_sampler.generate(CONFIG, params, PROMPTS, n=3, **kwargs)
+  per_row = jax_sampler.generate(CONFIG, params, [p for p in PROMPTS for _ in range(3)], n=1,
+                                 **kwargs)
+  assert len(set(map(tuple, shared.response_tokens.tolist()))) > 4  # the rows really differ
+  np.testing.assert_array_equal(shared.response_tokens, per_row.response_tokens)
+  np.testing.assert_array_equal(shared.response_mask, per_row.response_mask)
+  np.testing.assert_allclose(shared.logp_sampler, per_row.logp_sampler, rtol=tol, atol=tol)
+  np.testing.assert_array_equal(shared.prompt_tokens, per_row.prompt_tokens)
+
+
+def _reference_attention(q, k, v, mask):
+  """float64 grouped-query attention: q [B, T, H, D], k, v [B, Hkv, S, D], mask [B, T, S]."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  groups = q.shape[2] // k.shape[1]
+  k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)  # [B, H, S, D]
+  scores = np.einsum("bthd,bhsd->bhts", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(np.asarray(mask)[:, None], scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bhts,bhsd->bthd", probs, v)
+
+
+@pytest.mark.parametrize("queries", [1, 7])
+def test_head_major_attention_matches_a_plain_reference(queries):
+  from rl_fp16.models.layers import attend
+  b, h, kv, s, d = 3, 4, 2, 9, 8
+  keys = jax.random.split(jax.random.key(2), 3)
+  q = jax.random.normal(keys[0], (b, queries, h, d))
+  k, v = (jax.random.normal(key, (b, kv, s, d)) for key in keys[1:])
+  slot = np.arange(s)[None, None, :]
+  query_slot = (s - queries + np.arange(queries))[None, :, None]
+  mask = (slot <= query_slot) & (slot >= np.array([0, 1, 2])[:, None, None])  # left padding
+  out = jax.jit(lambda *a: attend(*a, policy=get_precision_pair("fp32").trainer))(q, k, v, mask)
+  np.testing.assert_allclose(out, _reference_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
 def _run(sequence_bucket, precision, iterations, precompile=False):

@@ -127,8 +127,9 @@ def test_blocked_attention_matches_dense(precision):
   policy = get_policy(precision)
   b, t, h, kv, dh = 2, 45, 8, 2, 16
   keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v = (jax.random.normal(key, (b, t, heads, dh)).astype(policy.compute_dtype)
-             for key, heads in zip(keys, (h, kv, kv)))
+  q = jax.random.normal(keys[0], (b, t, h, dh)).astype(policy.compute_dtype)
+  k, v = (jax.random.normal(key, (b, kv, t, dh)).astype(policy.compute_dtype)
+          for key in keys[1:3])
   causal = jnp.tril(jnp.ones((t, t), bool))
   keep = jax.random.bernoulli(keys[3], 0.8, (b, 1, t))
   mask = causal[None] & keep  # arbitrary boolean mask, some queries see no key
@@ -153,7 +154,7 @@ def test_decode_query_attends_as_before():
   policy = get_policy("bf16")
   keys = jax.random.split(jax.random.key(1), 3)
   q = jax.random.normal(keys[0], (3, 1, 4, 8)).astype(jnp.bfloat16)
-  k, v = (jax.random.normal(key, (3, 20, 2, 8)).astype(jnp.bfloat16) for key in keys[1:])
+  k, v = (jax.random.normal(key, (3, 2, 20, 8)).astype(jnp.bfloat16) for key in keys[1:])
   mask = jnp.arange(20)[None, None, :] < jnp.array([5, 12, 20])[:, None, None]
   np.testing.assert_array_equal(attend(q, k, v, mask, policy, query_block=8),
                                 _attend_dense(q, k, v, mask, policy))
@@ -210,7 +211,7 @@ def test_attention_backward_never_holds_all_scores():
   policy = get_policy("fp32")
   b, t, h, kv, dh = 1, 8192, 8, 2, 16
   q = jax.ShapeDtypeStruct((b, t, h, dh), jnp.float32)
-  k = jax.ShapeDtypeStruct((b, t, kv, dh), jnp.float32)
+  k = jax.ShapeDtypeStruct((b, kv, t, dh), jnp.float32)
   mask = jax.ShapeDtypeStruct((b, t, t), jnp.bool_)
   scores_bytes = b * h * t * t * 4
 

@@ -68,6 +68,7 @@ class Attention(nn.Module):
       k = RMSNorm(cfg.rms_norm_eps, pol, name="k_norm")(k)
     inv_freq = rope_inv_freq(cfg)
     q, k = apply_rope(q, positions, inv_freq, pol), apply_rope(k, positions, inv_freq, pol)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # head-major [B, Hkv, t, Dh]
     new_cache = None
     if layer_cache is not None:
       cache_k = write_cache(layer_cache["k"], k, cache_index)
@@ -80,12 +81,12 @@ class Attention(nn.Module):
 
 
 def write_cache(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-  """buffer [B, S, Hkv, Dh] with new [B, t, Hkv, Dh] written at slots [index, index + t): one
+  """buffer [B, Hkv, S, Dh] with new [B, Hkv, t, Dh] written at slots [index, index + t): one
   int32 scalar for every row, or int32 [B], one per row."""
   new = new.astype(buffer.dtype)
   if jnp.ndim(index) == 0:
-    return jax.lax.dynamic_update_slice(buffer, new, (0, index, 0, 0))
-  return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (i, 0, 0)))(
+    return jax.lax.dynamic_update_slice(buffer, new, (0, 0, index, 0))
+  return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (0, i, 0)))(
       buffer, new, index)
 
 
@@ -514,12 +515,13 @@ def token_logprobs(config: ModelConfig, params: Params, tokens, *, policy: Dtype
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype) -> Cache:
-  """Zeroed KV cache: one {"k", "v"} dict per layer, each [B, max_len, kv_heads, head_dim].
+  """Zeroed KV cache: one {"k", "v"} dict per layer, each [B, kv_heads, max_len, head_dim].
 
   One buffer per layer (not a stacked [layers, ...] array), so that a decode step updates each
-  layer's slots in place instead of re-stacking the whole cache.
+  layer's slots in place instead of re-stacking the whole cache; head-major, the layout the
+  attention's dots read (`layers.attend`), so that a step copies no cache.
   """
-  shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+  shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
   return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                for _ in range(config.num_hidden_layers))
 
@@ -545,7 +547,7 @@ def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, posit
   if policy.bitwise and batch * t < BITWISE_MIN_ROWS:
     raise ValueError(f"A bitwise forward needs at least {BITWISE_MIN_ROWS} tokens per call, got "
                      f"{batch} rows x {t}; pad the batch (the JAX sampler does)")
-  max_len = cache[0]["k"].shape[1]
+  max_len = cache[0]["k"].shape[2]
   query_slot = jnp.asarray(cache_index)[..., None] + jnp.arange(t)  # [t] or [B, t]
   visible = jnp.arange(max_len) <= query_slot[..., None]  # [t, S] or [B, t, S]
   mask = jnp.broadcast_to(visible, (batch, t, max_len)) & kv_mask.astype(bool)[:, None, :]

@@ -123,7 +123,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
   """Grouped-query attention.
 
   Args:
-    q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] (compute dtype).
+    q: [B, T, H, Dh]; k, v: head-major [B, Hkv, S, Dh] (compute dtype).
     mask: bool [B, T, S], True where query t may attend to key s.
     positions: int32 [B, T], the queries' positions; used by a bitwise policy with T == 1.
     query_block: a non-bitwise policy attends `query_block` queries at a time (static).
@@ -158,18 +158,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
 
 def _attend_dense(q, k, v, mask, policy: DtypePolicy):
   """`attend` of a non-bitwise policy on all of q's queries at once: masked scores
-  [B, Hkv, H // Hkv, T, S] in `policy.softmax_dtype`, softmax, probabilities rounded to the
-  compute dtype, weighted values."""
+  [B, Hkv, H // Hkv * T, S] in `policy.softmax_dtype`, softmax, probabilities rounded to the
+  compute dtype, weighted values.
+
+  Each key head's queries (its H // Hkv query heads times T) are the rows of one plain batched
+  matmul against the head-major keys and values, the layout XLA:CPU's matmul kernels take as is.
+  """
   b, t, h, dh = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=policy.softmax_dtype)
+  kv_heads = k.shape[1]
+  groups = h // kv_heads
+  q = q.reshape(b, t, kv_heads, groups, dh).transpose(0, 2, 3, 1, 4).reshape(
+      b, kv_heads, groups * t, dh)
+  scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=policy.softmax_dtype)
   scores = scores.astype(policy.softmax_dtype) * jnp.asarray(dh ** -0.5, policy.softmax_dtype)
   big_negative = jnp.finfo(policy.softmax_dtype).min
-  scores = jnp.where(mask[:, None, None, :, :], scores, big_negative)
+  row_mask = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, groups) + mask.shape[1:])
+  scores = jnp.where(row_mask.reshape(b, kv_heads, groups * t, -1), scores, big_negative)
   probs = policy.round(jax.nn.softmax(scores, axis=-1).astype(policy.compute_dtype))
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=policy.softmax_dtype)
-  return policy.round(out.astype(policy.compute_dtype)).reshape(b, t, h, dh)
+  out = jnp.einsum("bkms,bksd->bkmd", probs, v, preferred_element_type=policy.softmax_dtype)
+  out = policy.round(out.astype(policy.compute_dtype)).reshape(b, kv_heads, groups, t, dh)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
@@ -184,6 +192,7 @@ def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
   dot; the blocks' products are added in order (a block masked for every query adds exact zeros).
   """
   b, t, h, dh = q.shape
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, Hkv, Dh]
   kv_heads = k.shape[2]
   groups = h // kv_heads
   tile = -(-BITWISE_QUERY_ROWS // groups)

@@ -77,11 +77,16 @@ def decode_segments(max_new_tokens: int, segment: int) -> list[int]:
 @functools.partial(policy_jit, static_argnames=("config", "policy", "max_new_tokens", "top_k",
                                              "use_top_p", "eos_ids", "segment", "row_offset",
                                              "logp_temperature"))
-def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, prompt_mask, rng,
-            temperature, top_p, *, max_new_tokens: int, top_k: int, use_top_p: bool,
-            eos_ids: tuple[int, ...], segment: int = 0, row_offset: int = 0,
+def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, prompt_mask,
+            row_source, rng, temperature, top_p, *, max_new_tokens: int, top_k: int,
+            use_top_p: bool, eos_ids: tuple[int, ...], segment: int = 0, row_offset: int = 0,
             logp_temperature: float | None = None):
   """Prefill + while-loop decode. Returns (response_tokens, logp, response_mask, hit_eos).
+
+  prompt_tokens, prompt_mask: int32 [U, P], the distinct prompts; row_source: int32 [B], the
+  prompt each of the B decoded rows continues. The prefill runs once per distinct prompt and its
+  KV cache and last logits are copied to the rows (a row's prefill does not depend on the other
+  rows, so its tokens are those of a prefill of its own, up to float rounding).
 
   `row_offset` > 0: these rows are rows [row_offset, row_offset + B) of a larger batch sampled
   with the same `rng` (one process's share of a step): each decode step draws the Gumbel noise of
@@ -99,17 +104,24 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
   token's log-prob is `logprobs_from_logits` of its logits at `logp_temperature` (a Python
   float, the same value as `temperature`), as in `token_logprobs`; top-k / top-p must be off.
   """
-  batch, prompt_len = prompt_tokens.shape
+  distinct, prompt_len = prompt_tokens.shape
+  batch = row_source.shape[0]
   compact = policy.bitwise
   ends = decode_segments(max_new_tokens, segment)
-  cache = init_cache(config, batch, prompt_len + ends[0], policy.compute_dtype)
+
+  def slot_mask(mask):  # [rows, P] -> [rows, P + max_new_tokens]
+    rows = mask.shape[0]
+    return (jnp.ones((rows, prompt_len + max_new_tokens), jnp.int32) if compact else
+            jnp.concatenate([mask, jnp.ones((rows, max_new_tokens), jnp.int32)], axis=1))
+
+  cache = init_cache(config, distinct, prompt_len + ends[0], policy.compute_dtype)
+  logits, cache = forward_cached(config, params, prompt_tokens, default_positions(prompt_mask),
+                                 cache, jnp.asarray(0, jnp.int32),
+                                 slot_mask(prompt_mask)[:, :prompt_len + ends[0]], policy=policy)
+  prompt_mask = prompt_mask[row_source]
+  logits, cache = jax.tree_util.tree_map(lambda x: x[row_source], (logits, cache))
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
-  kv_mask = (jnp.ones((batch, prompt_len + max_new_tokens), jnp.int32) if compact else
-             jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1))
-  positions = default_positions(prompt_mask)
-  logits, cache = forward_cached(config, params, prompt_tokens, positions, cache,
-                                 jnp.asarray(0, jnp.int32), kv_mask[:, :prompt_len + ends[0]],
-                                 policy=policy)
+  kv_mask = slot_mask(prompt_mask)
   if compact:  # the logits after each row's last prompt token
     logits = jnp.take_along_axis(logits, (next_position - 1)[:, None, None], axis=1)
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -159,7 +171,7 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
   for j, end in enumerate(ends):
     width = prompt_len + end
     if j:  # grow the cache to this segment's window
-      grow = ((0, 0), (0, width - carry[1][0]["k"].shape[1]), (0, 0), (0, 0))
+      grow = ((0, 0), (0, 0), (0, width - carry[1][0]["k"].shape[2]), (0, 0))
       carry = carry[:1] + (jax.tree_util.tree_map(lambda c: jnp.pad(c, grow), carry[1]),
                            ) + carry[2:]
     carry = jax.lax.while_loop(make_cond(end), make_body(kv_mask[:, :width]), carry)
@@ -251,17 +263,21 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
   prompt_tokens, prompt_mask, prompt_index = pad_prompts(
       prompt_token_ids, n, prompt_bucket=prompt_bucket, batch_bucket=batch_bucket,
       min_rows=BITWISE_MIN_ROWS if policy.bitwise else 1)
-  decode_tokens, decode_mask = prompt_tokens, prompt_mask
-  if policy.bitwise:
+  rows = len(prompt_index)
+  if policy.bitwise:  # every row prefilled on its own: the trainer's layout, row for row
     decode_tokens, decode_mask = right_align(prompt_tokens, prompt_mask)
+    row_source = np.arange(len(prompt_tokens), dtype=np.int32)
+  else:  # one prefill per distinct prompt (padding rows copy the last row's)
+    decode_tokens, decode_mask = prompt_tokens[:rows:n], prompt_mask[:rows:n]
+    row_source = prompt_index[np.minimum(np.arange(len(prompt_tokens)), rows - 1)]
   out_tokens, out_logp, out_mask, hit_eos = _decode(
-      config, policy, params, jnp.asarray(decode_tokens), jnp.asarray(decode_mask), rng,
+      config, policy, params, jnp.asarray(decode_tokens), jnp.asarray(decode_mask),
+      jnp.asarray(row_source), rng,
       jnp.asarray(sampling.temperature, jnp.float32), jnp.asarray(sampling.top_p, jnp.float32),
       max_new_tokens=sampling.max_new_tokens, top_k=sampling.top_k,
       use_top_p=sampling.top_p < 1.0, eos_ids=eos, segment=decode_segment,
       row_offset=int(row_offset),
       logp_temperature=float(sampling.temperature) if policy.bitwise else None)
-  rows = len(prompt_index)
   out_tokens, out_logp, out_mask, hit_eos = jax.device_get((out_tokens, out_logp, out_mask,
                                                             hit_eos))
   return Rollout(
