@@ -25,6 +25,9 @@ class TrainBatch:
     logp_old: float32 [B, S], the trainer's log-prob of each response token under the params
       that sampled the batch; 0 elsewhere. None until set (`replace(logp_old=...)`): the loss
       refuses a batch without it.
+    logp_old_from_forward: int32 [B] or None: 1 where the row's logp_old is not computed yet and
+      is to be its first update's own forward (that update runs at the params that sampled the
+      batch); `make_update` fills those rows in as it goes (`rl_fp16.rl_loop.with_logp_old`).
   """
 
   tokens: Any
@@ -33,6 +36,7 @@ class TrainBatch:
   logp_sampler: Any
   advantages: Any
   logp_old: Any = None
+  logp_old_from_forward: Any = None
 
   @property
   def width(self) -> int:

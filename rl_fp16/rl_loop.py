@@ -2,9 +2,11 @@
 
 `rl_iteration` composes three pieces around `rl_fp16.train`'s one jitted update:
 - `collect`: sample with the engine, score, compute advantages, lay the rows out as the step's
-  `TrainBatch` with the trainer's logp_old (`with_logp_old`) and the mismatch metrics;
+  `TrainBatch` with the trainer's logp_old (`with_logp_old`: the first minibatch's come from its
+  own update's forward);
 - `update`: every minibatch update of that batch in `make_update`'s one jitted scan (plain,
-  LoRA, on a mesh, over several processes); its metrics stay on device;
+  LoRA, on a mesh, over several processes); its metrics stay on device; the mismatch metrics
+  follow it (`mismatch_after_update`);
 - `summarize`: the step's flat metrics dict (names: docs/design.md), from the training metrics
   brought to the host once (one `jax.device_get`) at the end of the iteration.
 """
@@ -56,16 +58,15 @@ def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,
   update_fn = make_update(model_config, trainer_policy, optimizer, rl_config=rl_config,
                           base_params=base_params)
   size = rows // rl_config.num_minibatches
-  order = jnp.arange(rows * rl_config.epochs, dtype=jnp.int32).reshape(-1, size) % rows
+  order = np.arange(rows * rl_config.epochs).reshape(-1, size) % rows
   done = []
   for width in sorted({int(w) for w in widths}):
     zeros = np.zeros((rows, width), np.int32)
-    batch = jax.device_put(make_batch(zeros, zeros, zeros, zeros, np.zeros((rows,))))
-    batch = batch.replace(logp_old=trainer_logprobs(
-        model_config, trainer_policy, state.params, batch, rl_config=rl_config,
-        base_params=base_params))
+    batch, _ = with_logp_old(state, make_batch(zeros, zeros, zeros, zeros, np.zeros((rows,))),
+                             order, model_config=model_config, trainer_policy=trainer_policy,
+                             rl_config=rl_config, base_params=base_params)
     scratch = jax.tree_util.tree_map(jnp.copy, state)  # the update donates its state
-    jax.block_until_ready(update_fn(scratch, batch, order))
+    jax.block_until_ready(update_fn(scratch, batch, jnp.asarray(order, jnp.int32)))
     done.append(width)
   return done
 
@@ -84,8 +85,10 @@ class Collected:
       axes), logp_old set.
     host_batch: the same batch as NumPy arrays, logp_old unset: for host-side metrics.
     order: int [K, M], the rows of the K minibatches in update order (epochs included).
-    metrics: mismatch metrics (and `extra_metrics`' on the sampling params), host floats; under
-      a bitwise trainer policy the mismatch comes later, from `update` (`bitwise_mismatch`).
+    logp_old: float32 [B, S] host copy of the batch's logp_old as far as known before the update
+      (`with_logp_old`: the first minibatch's rows are 0 until its update).
+    metrics: `extra_metrics`' on the sampling params, host floats; the mismatch metrics come
+      after the update (`mismatch_after_update`, `bitwise_mismatch`).
     times: `time/sample_s`, `time/score_s`, `time/logp_s`.
   """
 
@@ -94,6 +97,7 @@ class Collected:
   batch: TrainBatch
   host_batch: TrainBatch
   order: np.ndarray
+  logp_old: np.ndarray
   metrics: dict[str, float]
   times: dict[str, float]
 
@@ -145,33 +149,46 @@ def collect(state: TrainState, *, model_config: ModelConfig, trainer_policy: Dty
   start = time.perf_counter()
   host_batch = rollout_batch(rollout, advantages,
                              batch_width(rollout, rl_config.sequence_bucket))
-  batch = with_logp_old(state, host_batch, model_config=model_config,
-                        trainer_policy=trainer_policy, rl_config=rl_config,
-                        base_params=base_params, mesh=mesh)
+  batch, logp_old = with_logp_old(state, host_batch, order, model_config=model_config,
+                                  trainer_policy=trainer_policy, rl_config=rl_config,
+                                  base_params=base_params, mesh=mesh)
   times["time/logp_s"] = time.perf_counter() - start
-  # Under a bitwise policy logp_old is the sampler's: the mismatch comes from `bitwise_mismatch`.
-  metrics = {} if trainer_policy.bitwise else mismatch.mismatch_metrics(
-      rollout.unpack_response(np.asarray(distributed.gather_to_host(batch.logp_old))),
-      rollout.logp_sampler, rollout.response_mask)
+  metrics = {}
   if extra_metrics is not None:
     metrics.update(sampling_metrics)
   return Collected(rollout=rollout, rewards=rewards, batch=batch, host_batch=host_batch,
-                   order=order, metrics=metrics, times=times)
+                   order=order, logp_old=logp_old, metrics=metrics, times=times)
 
 
-def with_logp_old(state: TrainState, host_batch: TrainBatch, *, model_config: ModelConfig,
-                  trainer_policy: DtypePolicy, rl_config: RLConfig, base_params=None,
-                  mesh=None) -> TrainBatch:
-  """`host_batch` on device (with `mesh`: rows split over its batch axes) with its logp_old:
-  the trainer's one jitted forward over all rows at `state.params` (`trainer_logprobs`), or
-  under a bitwise trainer policy the sampler's log-probs, which equal it bit for bit."""
-  batch = (jax.device_put(host_batch) if mesh is None
-           else sharding.shard_global_batch(host_batch, mesh))
+def with_logp_old(state: TrainState, host_batch: TrainBatch, order: np.ndarray, *,
+                  model_config: ModelConfig, trainer_policy: DtypePolicy, rl_config: RLConfig,
+                  base_params=None, mesh=None) -> tuple[TrainBatch, np.ndarray]:
+  """`host_batch` on device (with `mesh`: rows split over its batch axes) with its logp_old, and
+  the logp_old known before the update on the host (float32 [B, S]).
+
+  The rows of the first minibatch (`order[0]`) get `logp_old_from_forward`: their first update
+  runs at `state.params`, the params that sampled them, so its forward is their logp_old
+  (`make_update`); their host rows are 0 until then. The other rows' logp_old is the trainer's
+  jitted forward over them at `state.params` (`trainer_logprobs`). Under a bitwise trainer
+  policy every row's logp_old is the sampler's, which equals the trainer's bit for bit.
+  """
+  def place(batch):
+    return (jax.device_put(batch) if mesh is None
+            else sharding.shard_global_batch(batch, mesh))
+
   if trainer_policy.bitwise:
-    return batch.replace(logp_old=batch.logp_sampler)
-  return batch.replace(logp_old=jax.block_until_ready(trainer_logprobs(
-      model_config, trainer_policy, state.params, batch, rl_config=rl_config,
-      base_params=base_params, mesh=mesh)))
+    return place(host_batch.replace(logp_old=host_batch.logp_sampler)), host_batch.logp_sampler
+  rows = host_batch.tokens.shape[0]
+  first = np.zeros((rows,), np.int32)
+  first[np.asarray(order[0])] = 1
+  rest = np.flatnonzero(first == 0)
+  logp_old = np.zeros(host_batch.tokens.shape, np.float32)
+  if rest.size:
+    sub_batch = jax.tree_util.tree_map(lambda value: value[rest], host_batch)
+    logp_old[rest] = distributed.gather_to_host(trainer_logprobs(
+        model_config, trainer_policy, state.params, place(sub_batch), rl_config=rl_config,
+        base_params=base_params, mesh=mesh))
+  return place(host_batch.replace(logp_old=logp_old, logp_old_from_forward=first)), logp_old
 
 
 def update(state: TrainState, collected: Collected, *, model_config: ModelConfig,
@@ -219,6 +236,22 @@ def bitwise_mismatch(collected: Collected, train_metrics: dict[str, Any]) -> dic
   logp_old = np.asarray(train_metrics.pop(FORWARD_LOGP)[0], np.float32)
   batch = collected.host_batch
   return mismatch.mismatch_metrics(logp_old, batch.logp_sampler[rows], batch.loss_mask[rows])
+
+
+def mismatch_after_update(collected: Collected, train_metrics: dict[str, Any]
+                          ) -> dict[str, float]:
+  """The mismatch metrics of the step: the trainer's logp_old of every response token (the first
+  minibatch's from its update's forward, `FORWARD_LOGP`, at the sampling params) against the
+  sampler's.
+
+  Pops `FORWARD_LOGP` ([K] x [M, S], on the host) from `train_metrics`.
+  """
+  logp_old = np.array(collected.logp_old, np.float32)
+  logp_old[np.asarray(collected.order[0])] = np.asarray(train_metrics.pop(FORWARD_LOGP)[0],
+                                                        np.float32)
+  rollout = collected.rollout
+  return mismatch.mismatch_metrics(rollout.unpack_response(logp_old), rollout.logp_sampler,
+                                   rollout.response_mask)
 
 
 def summarize(collected: Collected, train_metrics: dict[str, Any], times: dict[str, float], *,
@@ -296,7 +329,7 @@ def rl_iteration(state: TrainState, *, model_config: ModelConfig, trainer_policy
   times["time/sync_s"] = sync_weights(engine, state, rl_config=rl_config, base_params=base_params,
                                       bitwise=trainer_policy.bitwise)
   train_metrics = jax.device_get(train_metrics)  # the iteration's one transfer of them
-  if trainer_policy.bitwise:
-    collected.metrics.update(bitwise_mismatch(collected, train_metrics))
+  collected.metrics.update((bitwise_mismatch if trainer_policy.bitwise else mismatch_after_update)(
+      collected, train_metrics))
   return state, summarize(collected, train_metrics, times,
                           samples_per_prompt=rl_config.samples_per_prompt)

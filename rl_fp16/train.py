@@ -137,11 +137,12 @@ def rl_loss(params, batch: TrainBatch, base_params=None, *, config: ModelConfig,
   """The policy loss of `objectives.policy_loss` on one minibatch, plus entropy.
 
   batch: a `TrainBatch` with logp_old set (refused without it). With `lora_config`, `params` are
-  the LoRA adapters and the model is `merge_lora(base_params, params)` (the frozen base is an
-  explicit, undifferentiated argument). Under a bitwise policy the metrics also hold
-  `FORWARD_LOGP`: this forward's log-probs, float32 [B, S] (0 off the loss mask); for the first
-  minibatch, before any update, they are its logp_old, which the RL loop compares with the
-  sampler's. The LM head and log-softmax run in chunks of `logprob_chunk_tokens` tokens, by
+  the adapters and the model is `merge_lora(base_params, params)` (the frozen base is an
+  explicit, undifferentiated argument). Rows with `batch.logp_old_from_forward` take this
+  forward's log-probs (without gradient) as their logp_old. Under a bitwise policy, or with
+  `logp_old_from_forward`, the metrics also hold `FORWARD_LOGP`: this forward's log-probs,
+  float32 [B, S] (0 off the loss mask); for the first minibatch, before any update, they are its
+  logp_old. The LM head and log-softmax run in chunks of `logprob_chunk_tokens` tokens, by
   default once the logits are large (`apply_token_stats`).
   """
   if batch.logp_old is None:
@@ -154,17 +155,18 @@ def rl_loss(params, batch: TrainBatch, base_params=None, *, config: ModelConfig,
                             with_entropy=True, chunk_tokens=logprob_chunk_tokens)
   logp, entropy = stats["logp"], stats["entropy"]
   mask = batch.loss_mask
-  if policy.bitwise:  # this forward's log-probs, for the mismatch of the first minibatch
-    forward_logp = {FORWARD_LOGP: jax.lax.stop_gradient(logp) * mask.astype(jnp.float32)}
-  else:
-    forward_logp = {}
+  forward_logp = jax.lax.stop_gradient(logp) * mask.astype(jnp.float32)
+  logp_old, from_forward = batch.logp_old, batch.logp_old_from_forward
+  if from_forward is not None:
+    logp_old = jnp.where(from_forward[:, None] > 0, forward_logp, logp_old)
   loss, metrics = objectives.policy_loss(
-      algorithm, logp=logp, logp_old=batch.logp_old, logp_sampler=batch.logp_sampler,
+      algorithm, logp=logp, logp_old=logp_old, logp_sampler=batch.logp_sampler,
       advantages=batch.advantages, mask=mask, config=loss_config)
   maskf = mask.astype(jnp.float32)
   metrics = dict(metrics)
   metrics["train/entropy"] = (entropy * maskf).sum() / jnp.maximum(maskf.sum(), 1.0)
-  metrics.update(forward_logp)
+  if policy.bitwise or from_forward is not None:
+    metrics[FORWARD_LOGP] = forward_logp
   return loss, metrics
 
 
@@ -361,12 +363,26 @@ def _jitted(form: str, model_config: ModelConfig, policy: DtypePolicy,
     return apply_gradients(state, optimizer, loss_fn, batch, base_params)
 
   def update(state, batch, order, base_params):
-    def body(state, rows):
-      minibatch = jax.tree_util.tree_map(lambda value: jnp.take(value, rows, axis=0), batch)
+    def take(tree, rows):
+      minibatch = jax.tree_util.tree_map(lambda value: jnp.take(value, rows, axis=0), tree)
       if shardings is not None:  # each minibatch's rows split over the batch axes, as a step's
         minibatch = jax.lax.with_sharding_constraint(minibatch, _thaw(shardings)[1])
-      return train_step(state, minibatch, base_params)
-    return jax.lax.scan(body, state, order)
+      return minibatch
+
+    if getattr(batch, "logp_old_from_forward", None) is None:
+      return jax.lax.scan(lambda state, rows: train_step(state, take(batch, rows), base_params),
+                          state, order)
+
+    def body(carry, rows):  # logp_old of the rows whose first update is this one: its forward's
+      state, logp_old, from_forward = carry
+      minibatch = take(batch.replace(logp_old=logp_old, logp_old_from_forward=from_forward), rows)
+      state, metrics = train_step(state, minibatch, base_params)
+      logp_old = logp_old.at[rows].set(jnp.where(minibatch.logp_old_from_forward[:, None] > 0,
+                                                 metrics[FORWARD_LOGP], minibatch.logp_old))
+      return (state, logp_old, from_forward.at[rows].set(0)), metrics
+    (state, _, _), metrics = jax.lax.scan(
+        body, (state, batch.logp_old, batch.logp_old_from_forward), order)
+    return state, metrics
 
   fn = train_step if form == "step" else update
   options = precision.compiler_options(policy)
@@ -456,8 +472,10 @@ def make_update(model_config: ModelConfig, policy: DtypePolicy,
   batch: as `make_train_step`'s, for all rows; order: int32 [K, M], the row indices of the K
   minibatches in the order they are applied (with a mesh, replicated; M a multiple of
   data * fsdp). Each scan iteration is `make_train_step`'s update (`apply_gradients`) on rows
-  `order[k]`; metrics come back stacked [K]. One dispatch and one host round trip for all K
-  updates; the state is donated. Arguments as `make_train_step`.
+  `order[k]`; metrics come back stacked [K]. Rows with `batch.logp_old_from_forward` take their
+  first update's forward log-probs as logp_old (`rl_loss`), kept for their later updates (later
+  epochs). One dispatch and one host round trip for all K updates; the state is donated.
+  Arguments as `make_train_step`.
   """
   return _make("update", model_config, policy, optimizer, loss=loss, rl_config=rl_config,
                mesh=mesh, base_params=base_params, state=state, rules=rules)

@@ -10,6 +10,8 @@
   on the committed tiny base model; on this test model XLA's reductions over the shorter
   attention window round differently in the last bit).
 - One prefill per distinct prompt, copied to its n samples, vs a prefill per row: the same tokens.
+- logp_old of the first minibatch from its own update's forward (no separate pass over its rows)
+  vs a logp_old pass over every row: the same updates within float32 rounding, over two epochs.
 - The attention over a head-major KV cache (`layers.attend`) vs grouped-query attention written
   out in float64 NumPy: equal within float32 rounding, for a decode query and a full sequence.
 """
@@ -181,6 +183,53 @@ def test_packed_scan_update_matches_the_unbucketed_path(precision, tol):
     np.testing.assert_allclose(y, x, atol=tol)
   # Nothing compiles after the first iteration and the precompiled buckets.
   assert compiles[1:] == [[], []], compiles
+
+
+def test_first_minibatch_logp_old_from_its_forward_matches_a_full_pass():
+  from rl_fp16.batch import batch_width, rollout_batch
+  from rl_fp16.rl_loop import minibatch_order, with_logp_old
+  from rl_fp16.train import FORWARD_LOGP, make_update, trainer_logprobs
+  params = init_params(CONFIG, jax.random.key(0))
+  pair = get_precision_pair("fp32")
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
+  rl_config = RLConfig(samples_per_prompt=4, num_minibatches=2, epochs=2, max_new_tokens=20,
+                       prompt_bucket=8, loss=objectives.LossConfig(max_response_len=20))
+  rollout = jax_sampler.generate(CONFIG, params, PROMPTS, policy=pair.sampler, n=4,
+                                 sampling=SamplingConfig(max_new_tokens=20),
+                                 rng=jax.random.key(4), eos_token_ids=(2,))
+  advantages = np.linspace(-1.0, 1.0, rollout.batch_size).astype(np.float32)
+  host_batch = rollout_batch(rollout, advantages, batch_width(rollout, 8))
+  order = minibatch_order(rollout.batch_size, rl_config, seed=0)
+  update = make_update(CONFIG, pair.trainer, optimizer, rl_config=rl_config)
+  kwargs = dict(model_config=CONFIG, trainer_policy=pair.trainer, rl_config=rl_config)
+
+  def fresh_state():  # a copy of params: the update donates its state
+    return TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer,
+                             loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
+  batch, known = with_logp_old(fresh_state(), host_batch, order, **kwargs)
+  first = np.asarray(order[0])
+  assert not known[first].any() and known[np.setdiff1d(np.arange(16), first)].any()
+  state, metrics = update(fresh_state(), batch, jnp.asarray(order))
+  full = jax.device_put(host_batch)
+  full = full.replace(logp_old=trainer_logprobs(CONFIG, pair.trainer, params, full,
+                                                rl_config=rl_config))
+  ref_state, ref_metrics = update(fresh_state(), full, jnp.asarray(order))
+  # The first minibatch's forward is the full pass's logp_old on its rows.
+  np.testing.assert_allclose(metrics[FORWARD_LOGP][0], np.asarray(full.logp_old)[first],
+                             rtol=0, atol=1e-5)
+  assert len(order) == 4 and np.isin(first, np.asarray(order[2:])).any()  # rows seen again
+  for key in ("train/loss", "train/clip_frac", "train/grad_norm"):
+    if key in metrics:
+      np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-4, atol=1e-6,
+                                 err_msg=key)
+  assert float(np.abs(np.asarray(metrics["train/grad_norm"])).min()) > 0
+  for x, y in zip(jax.tree_util.tree_leaves(ref_state.params),
+                  jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_allclose(y, x, atol=1e-5)
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                              jax.tree_util.tree_leaves(params)))
+  assert moved > 1e-3  # the updates did something to agree on
 
 
 def test_padding_waste_of_the_layouts():

@@ -31,8 +31,9 @@ TARGET_LOW_PRECISION_SPEEDUP = 1.0
 TARGET_JAX_OVER_VLLM = 0.5
 TARGET_SYNC_SPEEDUP = 5.0
 TARGET_OTHER_FRACTION = 0.15
-TARGET_JAX_OVER_TRL = 3.0  # seconds per RL iteration, TRL / rl_fp16
-TARGET_VLLM_OVER_TRL = 2.0
+TARGET_JAX_OVER_TRL = 1.5  # seconds per RL iteration, TRL / rl_fp16
+TARGET_VLLM_OVER_TRL = 1.2
+TARGET_DECODE_OVER_FLOOR = 3.0  # JAX engine: a decode step's ms / its FLOP floor at the peak
 TARGET_RSS_GROWTH_MIB = 64.0  # resident memory after the last vs the first timed iteration
 
 
@@ -212,8 +213,13 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
       wanted = TARGET_JAX_OVER_TRL if row["engine"] == "jax" else TARGET_VLLM_OVER_TRL
       ratio = row["speedup_vs_trl"]
       if ratio is not None:  # TRL skipped: the compare table says why
-        add(f"RL iteration TRL/rl_fp16 seconds, {name}", f">= {wanted:.0f}x", f"{ratio:.2f}x",
+        add(f"RL iteration TRL/rl_fp16 seconds, {name}", f">= {wanted:.1f}x", f"{ratio:.2f}x",
             ratio >= wanted)
+      floor = row.get("floor") or {}
+      if row["engine"] == "jax" and floor.get("decode_step_floor_ms"):
+        times_floor = floor["decode_step_ms"] / floor["decode_step_floor_ms"]
+        add(f"decode step / its FLOP floor, {name}", f"<= {TARGET_DECODE_OVER_FLOOR:.0f}x",
+            f"{times_floor:.1f}x", times_floor <= TARGET_DECODE_OVER_FLOOR)
       add(f"compilations after warm-up, {name}", "0", str(row["compiles_after_warmup"]),
           row["compiles_after_warmup"] == 0)
       if "rss_growth_mib" in row:

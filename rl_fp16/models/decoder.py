@@ -528,7 +528,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype) -> Cac
 
 def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array,
                    cache: Cache, cache_index: jax.Array, kv_mask: jax.Array, *,
-                   policy: DtypePolicy) -> tuple[jax.Array, Cache]:
+                   policy: DtypePolicy, with_head: bool = True) -> tuple[jax.Array, Cache]:
   """KV-cache forward for incremental decoding (jittable; call it inside a jitted loop).
 
   Args:
@@ -538,6 +538,8 @@ def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, posit
     cache_index: the first slot to write: an int32 scalar, or int32 [B], one per row.
     kv_mask: bool/int [B, S] over all cache slots: 1 where the slot holds a real token (slots not
       yet written may be 1: causality hides them).
+    with_head: False returns the final normed hidden states [B, t, D] in place of the logits
+      (e.g. a prefill that needs the logits of one position: `lm_head_logits` on it).
   Returns:
     (logits [B, t, V] in the output dtype, updated cache).
   Raises:
@@ -552,5 +554,5 @@ def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, posit
   visible = jnp.arange(max_len) <= query_slot[..., None]  # [t, S] or [B, t, S]
   mask = jnp.broadcast_to(visible, (batch, t, max_len)) & kv_mask.astype(bool)[:, None, :]
   logits, new_cache, _ = apply_decoder(config, policy, params, tokens, positions, mask, cache,
-                                       cache_index)
+                                       cache_index, with_head=with_head)
   return logits, new_cache

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_fp16.models import ModelConfig, default_positions, forward_cached, init_cache
-from rl_fp16.models.decoder import logprobs_from_logits
+from rl_fp16.models.decoder import lm_head_logits, lm_head_weight, logprobs_from_logits
 from rl_fp16.models.layers import BITWISE_MIN_ROWS
 from rl_fp16.precision import DtypePolicy, policy_jit
 from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
@@ -115,15 +115,20 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
             jnp.concatenate([mask, jnp.ones((rows, max_new_tokens), jnp.int32)], axis=1))
 
   cache = init_cache(config, distinct, prompt_len + ends[0], policy.compute_dtype)
-  logits, cache = forward_cached(config, params, prompt_tokens, default_positions(prompt_mask),
+  hidden, cache = forward_cached(config, params, prompt_tokens, default_positions(prompt_mask),
                                  cache, jnp.asarray(0, jnp.int32),
-                                 slot_mask(prompt_mask)[:, :prompt_len + ends[0]], policy=policy)
+                                 slot_mask(prompt_mask)[:, :prompt_len + ends[0]], policy=policy,
+                                 with_head=False)
+  # The LM head only after each prompt's last token (the last column, or right-aligned rows'
+  # last real token), not over every prompt position.
+  last = (jnp.sum(prompt_mask, axis=1) - 1 if compact else
+          jnp.full((distinct,), prompt_len - 1)).astype(jnp.int32)
+  hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [U, 1, D]
   prompt_mask = prompt_mask[row_source]
-  logits, cache = jax.tree_util.tree_map(lambda x: x[row_source], (logits, cache))
+  hidden, cache = jax.tree_util.tree_map(lambda x: x[row_source], (hidden, cache))
+  logits = lm_head_logits(hidden, lm_head_weight(config, policy, params), policy)
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
   kv_mask = slot_mask(prompt_mask)
-  if compact:  # the logits after each row's last prompt token
-    logits = jnp.take_along_axis(logits, (next_position - 1)[:, None, None], axis=1)
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   def sample(logits_last, key):
