@@ -14,6 +14,12 @@
   vs a logp_old pass over every row: the same updates within float32 rounding, over two epochs.
 - The attention over a head-major KV cache (`layers.attend`) vs grouped-query attention written
   out in float64 NumPy: equal within float32 rounding, for a decode query and a full sequence.
+- The causal attention in query blocks, each against the keys up to its last query
+  (`attend(causal=True)`), vs one dense block over all keys: values and gradients within
+  rounding, with and without `jax.checkpoint` per block.
+- q/k/v and gate/up as one matmul each (`layers.fused_linear`) vs a matmul per projection: the
+  same outputs within rounding, and bit for bit under a bitwise policy (which keeps one matmul per
+  projection).
 """
 
 import jax
@@ -134,6 +140,64 @@ def test_head_major_attention_matches_a_plain_reference(queries):
   mask = (slot <= query_slot) & (slot >= np.array([0, 1, 2])[:, None, None])  # left padding
   out = jax.jit(lambda *a: attend(*a, policy=get_precision_pair("fp32").trainer))(q, k, v, mask)
   np.testing.assert_allclose(out, _reference_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision,query_block", [("fp32", 512), ("bf16", 512), ("fp32", 32)])
+def test_causal_query_blocks_match_one_dense_block(precision, query_block):
+  """T = 150: blocks of 64 queries (query_block 512) or of 32 under jax.checkpoint (32)."""
+  from rl_fp16.models.layers import _attend_dense, attend, causal_block_size
+  policy = get_precision_pair(precision).trainer
+  b, t, h, kv, d = 2, 150, 4, 2, 16
+  assert causal_block_size(t, query_block) < t
+  keys = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(keys[0], (b, t, h, d)).astype(policy.compute_dtype)
+  k, v = (jax.random.normal(key, (b, kv, t, d)).astype(policy.compute_dtype)
+          for key in keys[1:3])
+  real = jax.random.bernoulli(keys[3], 0.9, (b, 1, t)).at[:, :, 0].set(True)
+  mask = jnp.tril(jnp.ones((t, t), bool))[None] & real
+
+  def total(fn, q, k, v):
+    return jnp.sum(fn(q, k, v).astype(jnp.float32) * jnp.arange(d))
+  blocked = lambda q, k, v: attend(q, k, v, mask, policy, query_block=query_block, causal=True)
+  dense = lambda q, k, v: _attend_dense(q, k, v, mask, policy)
+  tol = 1e-5 if precision == "fp32" else 2e-2
+  np.testing.assert_allclose(np.asarray(jax.jit(blocked)(q, k, v), np.float32),
+                             np.asarray(jax.jit(dense)(q, k, v), np.float32), rtol=0, atol=tol)
+  grads = jax.jit(jax.grad(lambda *a: total(blocked, *a), argnums=(0, 1, 2)))(q, k, v)
+  ref_grads = jax.jit(jax.grad(lambda *a: total(dense, *a), argnums=(0, 1, 2)))(q, k, v)
+  for g, g_ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32),
+                               rtol=0, atol=10 * tol * float(jnp.abs(g_ref).max()))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "e11x5", "fp32_bitwise"])
+def test_fused_projections_match_a_matmul_each(precision):
+  import flax.linen as nn
+  from rl_fp16.models.layers import Linear, fused_linear
+  bitwise = precision.endswith("_bitwise")
+  policy = get_precision_pair(precision.removesuffix("_bitwise"), bitwise=bitwise).trainer
+
+  class Projections(nn.Module):
+    fused: bool
+
+    @nn.compact
+    def __call__(self, x):
+      layers = [Linear(features, True, policy, 0.3, name=f"proj_{i}")
+                for i, features in enumerate((24, 8, 8))]
+      return fused_linear(x, layers, policy) if self.fused else [layer(x) for layer in layers]
+
+  x = jax.random.normal(jax.random.key(4), (64, 16))
+  params = Projections(False).init(jax.random.key(5), x)
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # nonzero biases
+  fused = Projections(True).apply(params, x)
+  separate = Projections(False).apply(params, x)
+  assert [y.shape for y in fused] == [(64, 24), (64, 8), (64, 8)]
+  for y, y_ref in zip(fused, separate):
+    if bitwise:
+      np.testing.assert_array_equal(y, y_ref)
+    else:
+      np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
+                                 rtol=1e-2 if precision == "bf16" else 1e-5, atol=1e-5)
 
 
 def _run(sequence_bucket, precision, iterations, precompile=False):

@@ -43,7 +43,8 @@ import numpy as np
 from rl_fp16.models import moe
 from rl_fp16.models.config import ModelConfig
 from rl_fp16.models.layers import (BITWISE_MIN_ROWS, LMHead, Linear, RMSNorm, apply_rope, attend,
-                                   bitwise_min_rows, engine_weight, rope_inv_freq)
+                                   bitwise_min_rows, engine_weight, fused_linear,
+                                   rope_inv_freq)
 from rl_fp16.precision import DtypePolicy, cast_floating, policy_jit
 
 Params = dict[str, Any]
@@ -60,9 +61,10 @@ class Attention(nn.Module):
     h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     std = cfg.initializer_range
     b, t, _ = x.shape
-    q = Linear(h * dh, cfg.qkv_bias, pol, std, name="q_proj")(x).reshape(b, t, h, dh)
-    k = Linear(kv * dh, cfg.qkv_bias, pol, std, name="k_proj")(x).reshape(b, t, kv, dh)
-    v = Linear(kv * dh, cfg.qkv_bias, pol, std, name="v_proj")(x).reshape(b, t, kv, dh)
+    q, k, v = fused_linear(x, [Linear(h * dh, cfg.qkv_bias, pol, std, name="q_proj"),
+                               Linear(kv * dh, cfg.qkv_bias, pol, std, name="k_proj"),
+                               Linear(kv * dh, cfg.qkv_bias, pol, std, name="v_proj")], pol)
+    q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, kv, dh), v.reshape(b, t, kv, dh)
     if cfg.qk_norm:
       q = RMSNorm(cfg.rms_norm_eps, pol, name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, pol, name="k_norm")(k)
@@ -75,7 +77,8 @@ class Attention(nn.Module):
       cache_v = write_cache(layer_cache["v"], v, cache_index)
       new_cache = {"k": cache_k, "v": cache_v}
       k, v = cache_k.astype(pol.compute_dtype), cache_v.astype(pol.compute_dtype)
-    out = attend(q, k, v, mask, pol, positions).reshape(b, t, h * dh)
+    out = attend(q, k, v, mask, pol, positions, causal=layer_cache is None).reshape(
+        b, t, h * dh)
     out = Linear(cfg.hidden_size, cfg.o_bias, pol, std, name="o_proj")(out)
     return out, new_cache
 
@@ -98,8 +101,8 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg, pol = self.config, self.policy
     std, inter, bias = cfg.initializer_range, cfg.intermediate_size, cfg.mlp_bias
-    gate = Linear(inter, bias, pol, std, name="gate_proj")(x)
-    up = Linear(inter, bias, pol, std, name="up_proj")(x)
+    gate, up = fused_linear(x, [Linear(inter, bias, pol, std, name="gate_proj"),
+                                Linear(inter, bias, pol, std, name="up_proj")], pol)
     return Linear(cfg.hidden_size, bias, pol, std, name="down_proj")(
         pol.round(jax.nn.silu(gate) * up))
 

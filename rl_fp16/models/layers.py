@@ -52,15 +52,42 @@ class Linear(nn.Module):
   init_std: float
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def weights(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+    """(kernel [in_features, features], bias [features] or None) as the engine computes with them
+    (`engine_weight`: compute dtype)."""
     kernel = self.param("kernel", nn.initializers.normal(self.init_std),
-                        (x.shape[-1], self.features), jnp.float32)
-    y = self.policy.round(jnp.matmul(x.astype(self.policy.compute_dtype),
-                                     engine_weight(kernel, self.policy)))
+                        (in_features, self.features), jnp.float32)
+    bias = None
     if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-      y = self.policy.round(y + engine_weight(bias, self.policy))
-    return y
+      bias = engine_weight(self.param("bias", nn.initializers.zeros, (self.features,),
+                                      jnp.float32), self.policy)
+    return engine_weight(kernel, self.policy), bias
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return linear(x, *self.weights(x.shape[-1]), self.policy)
+
+
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+           policy: DtypePolicy) -> jax.Array:
+  """x [..., in] @ kernel [in, out] (+ bias [out]) in the compute dtype, each result rounded by
+  the policy: [..., out]."""
+  y = policy.round(jnp.matmul(x.astype(policy.compute_dtype), kernel))
+  return y if bias is None else policy.round(y + bias)
+
+
+def fused_linear(x: jax.Array, layers: list[Linear], policy: DtypePolicy) -> list[jax.Array]:
+  """`[layer(x) for layer in layers]` as one matmul of x against the layers' kernels side by
+  side (and their biases, which all or none have); each output [..., layer.features].
+
+  A bitwise policy runs one matmul per layer: its dots keep the shapes docs/bitwise.md fixes.
+  """
+  weights = [layer.weights(x.shape[-1]) for layer in layers]
+  if policy.bitwise:
+    return [linear(x, kernel, bias, policy) for kernel, bias in weights]
+  biases = [bias for _, bias in weights]
+  bias = None if biases[0] is None else jnp.concatenate(biases)
+  y = linear(x, jnp.concatenate([kernel for kernel, _ in weights], axis=1), bias, policy)
+  return jnp.split(y, np.cumsum([layer.features for layer in layers])[:-1], axis=-1)
 
 
 class RMSNorm(nn.Module):
@@ -115,11 +142,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
 # Queries per block of the non-bitwise attention (`attend`): one block's [B, H, block, S] scores
 # are the most it holds at once.
 ATTENTION_QUERY_BLOCK = 512
+# A causal attention (`attend(causal=True)`) of T queries runs them in at least this many blocks
+# (of at least ATTENTION_MIN_CAUSAL_BLOCK queries), each against only the keys up to its last query.
+ATTENTION_CAUSAL_BLOCKS = 4
+ATTENTION_MIN_CAUSAL_BLOCK = 64
+
+
+def causal_block_size(t: int, query_block: int = ATTENTION_QUERY_BLOCK) -> int:
+  """Queries per block of a causal `attend` of t queries: t / ATTENTION_CAUSAL_BLOCKS rounded up,
+  clipped to [ATTENTION_MIN_CAUSAL_BLOCK, query_block]."""
+  return min(query_block, max(ATTENTION_MIN_CAUSAL_BLOCK, -(-t // ATTENTION_CAUSAL_BLOCKS)))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: DtypePolicy,
            positions: jax.Array | None = None, *,
-           query_block: int = ATTENTION_QUERY_BLOCK) -> jax.Array:
+           query_block: int = ATTENTION_QUERY_BLOCK, causal: bool = False) -> jax.Array:
   """Grouped-query attention.
 
   Args:
@@ -127,17 +164,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
     mask: bool [B, T, S], True where query t may attend to key s.
     positions: int32 [B, T], the queries' positions; used by a bitwise policy with T == 1.
     query_block: a non-bitwise policy attends `query_block` queries at a time (static).
+    causal: the keys are the queries' own columns (S == T) and mask[:, t, s] is False for s > t,
+      as in the full-sequence forward (`causal_mask`); a non-bitwise policy then skips the keys
+      after each block's last query (static).
   Returns:
     [B, T, H, Dh] in the compute dtype. Scores and softmax run in `policy.softmax_dtype`.
 
-  A bitwise policy runs `_attend_tiled`. Otherwise T > query_block runs `_attend_dense` per block
-  of queries in a `lax.map`, each under `jax.checkpoint`: the forward and the backward hold one
-  block's scores at a time, never all [B, H, T, S]; every query's softmax is over all its keys, as
-  in one block.
+  A bitwise policy runs `_attend_tiled`. Otherwise a causal attention runs `_attend_dense` per
+  block of `causal_block_size(T, query_block)` queries, each against keys [0, block end); a
+  non-causal one with T > query_block per block of query_block queries against all keys, in a
+  `lax.map`. With T > query_block every block runs under `jax.checkpoint`: the forward and the
+  backward hold one block's scores at a time, never all [B, H, T, S]. Every query's softmax is
+  over all the keys its mask lets it see, as in one block.
   """
   if policy.bitwise:
     return _attend_tiled(q, k, v, mask, policy, positions)
   b, t, h, dh = q.shape
+  if causal:
+    if k.shape[2] != t:
+      raise ValueError(f"A causal attention needs as many keys as queries, got {k.shape[2]} keys "
+                       f"for {t} queries")
+    return _attend_causal_blocks(q, k, v, mask, policy, causal_block_size(t, query_block),
+                                 remat=t > query_block)
   if t <= query_block:
     return _attend_dense(q, k, v, mask, policy)
   blocks = -(-t // query_block)
@@ -154,6 +202,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
 
   out = jax.lax.map(per_block, (split(q), split(mask)))
   return jnp.swapaxes(out, 0, 1).reshape(b, blocks * query_block, h, dh)[:, :t]
+
+
+def _attend_causal_blocks(q, k, v, mask, policy: DtypePolicy, block: int, remat: bool):
+  """`attend(causal=True)`: queries [start, end) against keys [0, end), one block after another
+  (static slices; each under `jax.checkpoint` when `remat`), concatenated over T."""
+  t = q.shape[1]
+  dense = jax.checkpoint(_attend_dense, static_argnums=(4,)) if remat else _attend_dense
+  outs = []
+  for start in range(0, t, block):
+    end = min(t, start + block)
+    outs.append(dense(q[:, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end],
+                      policy))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def _attend_dense(q, k, v, mask, policy: DtypePolicy):
