@@ -219,7 +219,9 @@ def apply_decoder(config: ModelConfig, policy: DtypePolicy, params: Params, toke
   """`Decoder.apply` on float32 `params` rounded to `policy.param_dtype` (not jitted).
 
   Args:
-    tokens, positions: int32 [B, t]; mask: bool [B, t, S] (S = t without a cache).
+    tokens, positions: int32 [B, t]; mask: bool [B, t, S]. Without a cache S = t and the mask
+      must be causal (False for key s > query t, as `causal_mask`): the attention skips those
+      keys blockwise.
     cache, cache_index: as in `forward_cached` (None for the full-sequence path).
     mutable: flax collections to return (e.g. ["intermediates"]); False for none.
     with_head: False returns the final normed hidden states [B, t, D] (compute dtype) in place of

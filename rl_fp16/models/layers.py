@@ -142,8 +142,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
 # Queries per block of the non-bitwise attention (`attend`): one block's [B, H, block, S] scores
 # are the most it holds at once.
 ATTENTION_QUERY_BLOCK = 512
-# A causal attention (`attend(causal=True)`) of T queries runs them in at least this many blocks
-# (of at least ATTENTION_MIN_CAUSAL_BLOCK queries), each against only the keys up to its last query.
+# A causal attention (`attend(causal=True)`) of T queries runs them in blocks of
+# T / ATTENTION_CAUSAL_BLOCKS queries (`causal_block_size`), each against the keys up to its last
+# query only.
 ATTENTION_CAUSAL_BLOCKS = 4
 ATTENTION_MIN_CAUSAL_BLOCK = 64
 
