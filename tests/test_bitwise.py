@@ -3,11 +3,13 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl_fp16.models import ModelConfig, init_params, token_logprobs
-from rl_fp16.precision import get_policy
+from rl_fp16.models import ModelConfig, default_positions, init_params, token_logprobs
+from rl_fp16.models.decoder import apply_token_stats
+from rl_fp16.precision import compiler_options, get_policy
 from rl_fp16.sampling.jax_sampler import SamplingConfig, generate
 
 _COMMON = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -98,6 +100,33 @@ def test_sampler_logprobs_equal_token_logprobs(model, precision):
   packed_tokens, packed_mask, _ = rollout.packed_sequence(width)
   logp = _trainer(config, params, precision, packed_tokens, packed_mask)
   _assert_bitwise(rollout.unpack_response(logp), rollout)
+
+
+@pytest.mark.parametrize("model,precision", [("qwen2_untied", "bf16"), ("qwen3_qknorm", "fp16")])
+def test_chunked_lm_head_keeps_sampler_logprobs_bitwise(model, precision):
+  """The LM head and log-softmax in chunks (the trainer's path for large logits): still equal to
+  the sampler bit for bit, in the left-padded and packed layouts, with chunks at their floor of
+  `BITWISE_MIN_ROWS` tokens (chunk_tokens 1) and above it; entropy too equals the full logits'."""
+  config = MODELS[model]
+  params = init_params(config, jax.random.key(0))
+  rollout = _sampled(config, params, precision)
+  policy = get_policy(precision, bitwise=True)
+  prompt_width = rollout.prompt_tokens.shape[1]
+  left = rollout.full_sequence()[:2]
+  packed = rollout.packed_sequence(rollout.packed_width(64))[:2]
+  for chunk_tokens in (1, 160):
+    for (tokens, mask), response in ((left, lambda logp: logp[:, prompt_width:]),
+                                     (packed, rollout.unpack_response)):
+      tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
+      stats = {name: jax.jit(lambda p, c=c: apply_token_stats(
+          config, policy, p, tokens, mask, default_positions(mask), with_entropy=True,
+          with_argmax=True, chunk_tokens=c), compiler_options=compiler_options(policy))(params)
+               for name, c in (("full", None), ("chunked", chunk_tokens))}
+      _assert_bitwise(np.asarray(response(stats["chunked"]["logp"])), rollout)
+      np.testing.assert_array_equal(stats["chunked"]["entropy"], stats["full"]["entropy"])
+      valid = np.asarray(stats["chunked"]["logp"]) != 0
+      np.testing.assert_array_equal(np.asarray(stats["chunked"]["argmax"])[valid],
+                                    np.asarray(stats["full"]["argmax"])[valid])
 
 
 # ------------------------------------------------------------------------ the RL loop ----

@@ -254,15 +254,28 @@ def apply_logits(config: ModelConfig, policy: DtypePolicy, params: Params, token
     logits, _, _ = apply_decoder(config, policy, params, tokens, positions,
                                  causal_mask(attention_mask))
     return logits
+  order, (tokens, attention_mask, positions) = _bitwise_layout(tokens, attention_mask, positions)
+  logits, _, _ = apply_decoder(config, policy, params, tokens, positions,
+                               causal_mask(attention_mask))
+  return _input_layout(logits, order)
+
+
+def _bitwise_layout(tokens: jax.Array, attention_mask: jax.Array, positions: jax.Array):
+  """(order, (tokens, attention_mask, positions)) in the bitwise layout: each row's real tokens
+  moved to the front (`compact_order`, int32 [B, T]) and rows appended until a forward has
+  `BITWISE_MIN_ROWS` tokens ([B', T], B' >= B)."""
   rows, width = tokens.shape
   order = compact_order(attention_mask)
   extra = max(0, bitwise_min_rows(width) - rows)
-  tokens, attention_mask, positions = (
-      jnp.pad(jnp.take_along_axis(x, order, axis=1), ((0, extra), (0, 0)))
-      for x in (tokens, attention_mask, positions))
-  logits, _, _ = apply_decoder(config, policy, params, tokens, positions,
-                               causal_mask(attention_mask))
-  return jnp.take_along_axis(logits[:rows], jnp.argsort(order, axis=1)[..., None], axis=1)
+  return order, tuple(jnp.pad(jnp.take_along_axis(x, order, axis=1), ((0, extra), (0, 0)))
+                      for x in (tokens, attention_mask, positions))
+
+
+def _input_layout(x: jax.Array, order: jax.Array) -> jax.Array:
+  """[B', T, ...] in the bitwise layout of `order` ([B, T]) -> [B, T, ...] in the input's."""
+  inverse = jnp.argsort(order, axis=1)
+  inverse = inverse.reshape(inverse.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x[:order.shape[0]], inverse, axis=1)
 
 
 def compact_order(attention_mask: jax.Array) -> jax.Array:
@@ -387,14 +400,16 @@ def chunked_token_stats(hidden: jax.Array, head: jax.Array, tokens: jax.Array,
                         attention_mask: jax.Array, *, policy: DtypePolicy,
                         temperature: float = 1.0, with_entropy: bool = False,
                         with_argmax: bool = False,
-                        chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> dict[str, jax.Array]:
+                        chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+                        min_chunk_tokens: int = 1) -> dict[str, jax.Array]:
   """Next-token log-probs (and entropy, argmax) from the final hidden states, the LM head and its
   log-softmax computed one chunk of columns at a time.
 
   Args:
     hidden: [B, T, D] final normed hidden states (compute dtype); head: [D, V] (compute dtype,
       `lm_head_weight`); tokens, attention_mask: int32 [B, T].
-    chunk_tokens: a chunk holds max(1, chunk_tokens // B) columns of every row (static).
+    chunk_tokens: a chunk holds max(1, chunk_tokens // B) columns of every row (static), and
+      at least enough columns for `min_chunk_tokens` tokens (at most T - 1).
   Returns:
     {"logp": float32 [B, T]} (+ "entropy" float32 [B, T], "argmax" int32 [B, T]): entry t is
     about position t - 1's prediction of tokens[t], as `shifted_logprobs`; entry 0 and padded
@@ -405,7 +420,7 @@ def chunked_token_stats(hidden: jax.Array, head: jax.Array, tokens: jax.Array,
   chunk's [B, columns, V] logits at a time, never all [B, T, V].
   """
   rows, width = tokens.shape[0], tokens.shape[1] - 1
-  columns = max(1, min(width, chunk_tokens // rows))
+  columns = max(1, min(width, max(chunk_tokens // rows, -(-min_chunk_tokens // rows))))
   chunks = -(-width // columns)
   pad = chunks * columns - width
 
@@ -441,8 +456,9 @@ def apply_token_stats(config: ModelConfig, policy: DtypePolicy, params: Params,
   The LM head and log-softmax run in chunks of `chunk_tokens` tokens (`chunked_token_stats`);
   with chunk_tokens None, in chunks of `LOGPROB_CHUNK_TOKENS` once the float32 [B, T, V] logits
   would exceed `FULL_LOGITS_MAX_BYTES`, on the full logits of `apply_logits` below that. A
-  bitwise policy always runs on the full logits (its compacted, row-padded layout is what makes
-  the trainer's numbers equal the sampler's).
+  bitwise policy chunks its compacted, row-padded layout (`apply_logits`), each chunk at least
+  `BITWISE_MIN_ROWS` tokens, so its numbers are the full logits' bit for bit; there the argmax
+  is -1 wherever the logp is 0 by the padding rule.
   """
   if tokens.shape[1] < 2:
     zeros = jnp.zeros(tokens.shape, jnp.float32)
@@ -453,18 +469,29 @@ def apply_token_stats(config: ModelConfig, policy: DtypePolicy, params: Params,
       stats["argmax"] = jnp.full(tokens.shape, -1, jnp.int32)
     return stats
   logits_bytes = 4 * tokens.shape[0] * tokens.shape[1] * config.vocab_size
-  if policy.bitwise or (chunk_tokens is None and logits_bytes <= FULL_LOGITS_MAX_BYTES):
+  if chunk_tokens is None and logits_bytes <= FULL_LOGITS_MAX_BYTES:
     logits = apply_logits(config, policy, params, tokens, attention_mask, positions)
     stats = _next_token_stats(logits[:, :-1], tokens[:, 1:], dtype=policy.logsoftmax_dtype,
                               temperature=temperature, with_entropy=with_entropy,
                               with_argmax=with_argmax)
     return _align_next_token(stats, attention_mask)
-  hidden, _, _ = apply_decoder(config, policy, params, tokens, positions,
-                               causal_mask(attention_mask), with_head=False)
-  return chunked_token_stats(hidden, lm_head_weight(config, policy, params), tokens,
-                             attention_mask, policy=policy, temperature=temperature,
-                             with_entropy=with_entropy, with_argmax=with_argmax,
-                             chunk_tokens=chunk_tokens or LOGPROB_CHUNK_TOKENS)
+  chunked = functools.partial(
+      chunked_token_stats, head=lm_head_weight(config, policy, params), policy=policy,
+      temperature=temperature, with_entropy=with_entropy, with_argmax=with_argmax,
+      chunk_tokens=chunk_tokens or LOGPROB_CHUNK_TOKENS)
+  if not policy.bitwise:
+    hidden, _, _ = apply_decoder(config, policy, params, tokens, positions,
+                                 causal_mask(attention_mask), with_head=False)
+    return chunked(hidden, tokens=tokens, attention_mask=attention_mask)
+  order, (layout_tokens, layout_mask, layout_positions) = _bitwise_layout(
+      tokens, attention_mask, positions)
+  hidden, _, _ = apply_decoder(config, policy, params, layout_tokens, layout_positions,
+                               causal_mask(layout_mask), with_head=False)
+  stats = chunked(hidden, tokens=layout_tokens, attention_mask=layout_mask,
+                  min_chunk_tokens=BITWISE_MIN_ROWS)
+  valid = jnp.pad((attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0), ((0, 0), (1, 0)))
+  return {name: jnp.where(valid, _input_layout(value, order), -1 if name == "argmax" else 0.0)
+          for name, value in stats.items()}
 
 
 @functools.partial(policy_jit,
