@@ -148,21 +148,45 @@ def aggregate(per_token_loss, mask, aggregation, *, max_response_len=None):
   Returns:
     float32 scalar. Fully masked rows contribute nothing; an all-masked batch gives 0.0.
   """
-  _check_aggregation(aggregation, max_response_len)
   valid = jnp.asarray(mask) > 0
   per_token_loss = jnp.where(valid, jnp.asarray(per_token_loss, jnp.float32), 0.0)
-  tokens_per_seq = jnp.sum(valid.astype(jnp.float32), axis=1)
-  num_nonempty_seqs = jnp.maximum(jnp.sum((tokens_per_seq > 0).astype(jnp.float32)), 1.0)
-  if aggregation == "token_mean":
-    loss = jnp.sum(per_token_loss) / jnp.maximum(jnp.sum(tokens_per_seq), 1.0)
-  elif aggregation == "seq_mean_token_sum":
-    loss = jnp.sum(per_token_loss) / num_nonempty_seqs
-  elif aggregation == "seq_mean_token_mean":
+  denominator = aggregation_denominator(mask, aggregation, max_response_len=max_response_len)
+  if aggregation == "seq_mean_token_mean":
+    tokens_per_seq = jnp.sum(valid.astype(jnp.float32), axis=1)
     seq_means = jnp.sum(per_token_loss, axis=1) / jnp.maximum(tokens_per_seq, 1.0)
-    loss = jnp.sum(seq_means) / num_nonempty_seqs
-  else:  # token_sum_norm
-    loss = jnp.sum(per_token_loss) / (per_token_loss.shape[0] * max_response_len)
-  return loss.astype(jnp.float32)
+    return (jnp.sum(seq_means) / denominator).astype(jnp.float32)
+  return (jnp.sum(per_token_loss) / denominator).astype(jnp.float32)
+
+
+def aggregation_denominator(mask, aggregation, *, max_response_len=None) -> jax.Array:
+  """What `aggregate` divides its sum by, float32 scalar (at least 1): the tokens (token_mean),
+  the sequences with >= 1 token (seq_mean_*), or B * max_response_len (token_sum_norm).
+
+  Rows split into parts: sum over parts of aggregate(part) * denominator(part) / denominator(all)
+  is aggregate(all), up to rounding (an empty part adds 0)."""
+  _check_aggregation(aggregation, max_response_len)
+  valid = jnp.asarray(mask) > 0
+  tokens_per_seq = jnp.sum(valid.astype(jnp.float32), axis=1)
+  if aggregation == "token_mean":
+    return jnp.maximum(jnp.sum(tokens_per_seq), 1.0)
+  if aggregation == "token_sum_norm":
+    return jnp.asarray(valid.shape[0] * max_response_len, jnp.float32)
+  return jnp.maximum(jnp.sum((tokens_per_seq > 0).astype(jnp.float32)), 1.0)
+
+
+def metric_counts(name, mask) -> dict[str, jax.Array]:
+  """How many entries each of `policy_loss(name, ...)`'s metrics averages over, float32 scalars
+  keyed by `METRIC_NAMES`: the valid tokens, or the non-empty sequences for the sequence-level
+  IS metrics. Rows split into parts: the count-weighted mean of the parts' metrics is the
+  whole's."""
+  valid = jnp.asarray(mask) > 0
+  tokens = jnp.sum(valid.astype(jnp.float32))
+  sequences = jnp.sum((jnp.sum(valid, axis=1) > 0).astype(jnp.float32))
+  _, correction = ALGORITHM_PARTS[name]
+  per_sequence = {"is/seq_weight_mean"}
+  if correction.startswith("seq"):
+    per_sequence |= {"is/frac_truncated", "is/frac_masked"}
+  return {key: sequences if key in per_sequence else tokens for key in METRIC_NAMES}
 
 
 def _ppo_term(ratio, advantages, eps_low, eps_high):

@@ -239,16 +239,25 @@ def train_step_flops(model_config: ModelConfig, batch: int, seq_len: int) -> dic
 
 
 def synthetic_rl_batch(vocab_size: int, rows: int, prompt_len: int, response_len: int,
-                       seed: int) -> TrainBatch:
-  """A `TrainBatch` of `rows` rows of prompt_len + response_len random tokens (host arrays)."""
+                       seed: int, response_lengths=None) -> TrainBatch:
+  """A `TrainBatch` of `rows` rows of prompt_len + response_len random tokens (host arrays).
+
+  response_lengths: int [rows] (each in [1, response_len]), or None for response_len in every
+  row; a row's prompt and response then start at column 0 and padding fills the rest."""
   rng = np.random.default_rng(seed)
   seq = prompt_len + response_len
-  loss_mask = np.zeros((rows, seq), np.int32)
-  loss_mask[:, prompt_len:] = 1
+  lengths = np.full(rows, response_len) if response_lengths is None else np.asarray(
+      response_lengths)
+  if lengths.shape != (rows,) or lengths.min() < 1 or lengths.max() > response_len:
+    raise ValueError(f"response_lengths must be [{rows}] ints in [1, {response_len}], got "
+                     f"{response_lengths!r}")
+  columns = np.arange(seq)[None, :]
+  attention_mask = (columns < prompt_len + lengths[:, None]).astype(np.int32)
+  loss_mask = attention_mask * (columns >= prompt_len)
   logp = np.where(loss_mask > 0, -np.log(vocab_size), 0.0).astype(np.float32)
   return make_batch(
-      tokens=rng.integers(0, vocab_size, (rows, seq)).astype(np.int32),
-      attention_mask=np.ones((rows, seq), np.int32),
+      tokens=rng.integers(0, vocab_size, (rows, seq)).astype(np.int32) * attention_mask,
+      attention_mask=attention_mask,
       loss_mask=loss_mask,
       logp_old=logp,
       logp_sampler=logp + (0.01 * rng.standard_normal(logp.shape) * loss_mask

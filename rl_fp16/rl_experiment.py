@@ -118,6 +118,11 @@ class RLExperimentConfig:
       checks.fail("rl.num_minibatches", f"must divide the {rows} rollouts of a step "
                   f"(prompts_per_step {self.prompts_per_step} x samples_per_prompt "
                   f"{self.rl.samples_per_prompt})")
+    minibatch = rows // self.rl.num_minibatches if isinstance(rows, int) else None
+    micro = self.rl.micro_batch_rows
+    if minibatch and isinstance(micro, int) and micro and minibatch % micro:
+      checks.fail("rl.micro_batch_rows", f"must divide the {minibatch} rows of a minibatch "
+                  f"({rows} rollouts / num_minibatches {self.rl.num_minibatches})")
     checks.check(not self.eval.every or self.problems.task == "synthetic", "eval.every",
                  "held-out evaluation draws fresh problems from the synthetic task's generator; "
                  "allowed with task 'math': 0")

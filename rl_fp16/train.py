@@ -34,7 +34,7 @@ from rl_fp16.config_checks import FieldChecks
 from rl_fp16.models import ModelConfig, apply_token_logprobs, default_positions, token_logprobs
 from rl_fp16.models.decoder import apply_token_stats
 from rl_fp16.models.lora import LoraConfig, merge_lora
-from rl_fp16.precision import DtypePolicy, policy_jit
+from rl_fp16.precision import DtypePolicy, cast_floating, policy_jit
 from rl_fp16.sampling.rollout import Rollout
 
 
@@ -128,6 +128,7 @@ def sft_loss(params, batch: dict[str, jax.Array], *, config: ModelConfig, policy
 
 
 FORWARD_LOGP = "forward_logp"
+PADDING_FRAC = "train/padding_frac"  # of the token slots the update's forward computed
 
 
 def rl_loss(params, batch: TrainBatch, base_params=None, *, config: ModelConfig,
@@ -165,6 +166,7 @@ def rl_loss(params, batch: TrainBatch, base_params=None, *, config: ModelConfig,
   maskf = mask.astype(jnp.float32)
   metrics = dict(metrics)
   metrics["train/entropy"] = (entropy * maskf).sum() / jnp.maximum(maskf.sum(), 1.0)
+  metrics[PADDING_FRAC] = 1.0 - attention_mask.astype(jnp.float32).mean()
   if policy.bitwise or from_forward is not None:
     metrics[FORWARD_LOGP] = forward_logp
   return loss, metrics
@@ -189,6 +191,10 @@ class RLConfig:
   # `sequence_bucket` (few widths, so few compilations); 0 pads them to the prompt width
   # (`prompt_bucket`) plus the response width (`max_new_tokens`).
   sequence_bucket: int = 64
+  # > 0: each minibatch's rows are sorted by length and run in micro-batches of this many rows,
+  # each at its own width (its longest row rounded up to `sequence_bucket`), their gradients
+  # summed into the minibatch's one update (`micro_batched_loss`); 0: the minibatch in one.
+  micro_batch_rows: int = 0
 
   def __post_init__(self):
     checks = FieldChecks(self)
@@ -198,6 +204,9 @@ class RLConfig:
     for name in ("num_minibatches", "epochs", "max_new_tokens", "prompt_bucket"):
       checks.integer(name, 1)
     checks.integer("sequence_bucket", 0)
+    checks.integer("micro_batch_rows", 0)
+    checks.check(not self.micro_batch_rows or self.sequence_bucket, "micro_batch_rows",
+                 "micro-batches need sequence_bucket > 0 (their widths are its multiples)")
     checks.number("temperature", above=0)
     checks.done()
 
@@ -276,7 +285,8 @@ class LossSpec:
   """The static settings of a step's loss (hashable: part of the jit cache key).
 
   kind "sft": `sft_loss`. kind "rl": `rl_loss` with `algorithm`, `loss_config`, `temperature`
-  and, for LoRA, `lora` (the adapters train on a frozen base passed to the step).
+  and, for LoRA, `lora` (the adapters train on a frozen base passed to the step); with
+  `micro_batch_rows`, in length-sorted micro-batches (`micro_batched_loss`).
   """
 
   kind: str
@@ -284,6 +294,8 @@ class LossSpec:
   loss_config: objectives.LossConfig | None = None
   temperature: float = 1.0
   lora: LoraConfig | None = None
+  micro_batch_rows: int = 0
+  sequence_bucket: int = 0
 
 
 def loss_spec(loss: str, rl_config: "RLConfig | None" = None, base_params=None) -> LossSpec:
@@ -301,7 +313,7 @@ def loss_spec(loss: str, rl_config: "RLConfig | None" = None, base_params=None) 
                      f"got base_params={'set' if base_params is not None else None}, "
                      f"lora_config={rl_config.lora}")
   return LossSpec("rl", rl_config.algorithm, rl_config.loss, rl_config.temperature,
-                  rl_config.lora)
+                  rl_config.lora, rl_config.micro_batch_rows, rl_config.sequence_bucket)
 
 
 def make_loss_fn(model_config: ModelConfig, policy: DtypePolicy, spec: LossSpec) -> Callable:
@@ -315,9 +327,123 @@ def make_loss_fn(model_config: ModelConfig, policy: DtypePolicy, spec: LossSpec)
       del base_params  # full fine-tuning
       return sft_loss(params, batch, config=model_config, policy=policy)
     return loss_fn
-  return functools.partial(rl_loss, config=model_config, policy=policy, algorithm=spec.algorithm,
-                           loss_config=spec.loss_config, temperature=spec.temperature,
-                           lora_config=spec.lora)
+  loss_fn = functools.partial(rl_loss, config=model_config, policy=policy,
+                              algorithm=spec.algorithm, loss_config=spec.loss_config,
+                              temperature=spec.temperature, lora_config=spec.lora)
+  if not spec.micro_batch_rows:
+    return loss_fn
+  return micro_batched_loss(loss_fn, micro_batch_rows=spec.micro_batch_rows,
+                            sequence_bucket=spec.sequence_bucket, algorithm=spec.algorithm,
+                            loss_config=spec.loss_config)
+
+
+def micro_batched_loss(loss_fn: Callable, *, micro_batch_rows: int, sequence_bucket: int,
+                       algorithm: str, loss_config: objectives.LossConfig) -> Callable:
+  """`loss_fn(params, batch, base_params) -> (loss, metrics)` (`rl_loss`'s) run on length-sorted
+  micro-batches: the same loss and metrics up to rounding, at a fraction of the padding.
+
+  The batch's rows (B, a multiple of `micro_batch_rows`, else ValueError) are sorted by length
+  (their real tokens, which start at column 0) and taken `micro_batch_rows` at a time; a
+  micro-batch runs at its longest row rounded up to `sequence_bucket` columns (a `lax.switch`
+  over the S / sequence_bucket widths, each compiled once). Its loss is weighted by its share
+  of `objectives.aggregation_denominator` and its metrics by their `objectives.metric_counts`
+  (entropy by tokens); `FORWARD_LOGP` comes back [B, S] in the batch's row order and
+  `PADDING_FRAC` counts the slots the micro-batches computed.
+
+  The gradient is a custom VJP: its backward runs each micro-batch's forward again and its
+  backward at the incoming cotangent (a loss scale reaches every micro-batch), so at most one
+  micro-batch's activations are live, and adds the gradients in float32.
+  """
+  aggregation, max_len = loss_config.aggregation, loss_config.max_response_len
+
+  def counts(loss_mask):
+    """What each averaged metric averages over: `metric_counts`, and tokens for the entropy."""
+    out = objectives.metric_counts(algorithm, loss_mask)
+    out["train/entropy"] = jnp.sum(loss_mask > 0).astype(jnp.float32)
+    return out
+
+  def plan(batch: TrainBatch):
+    """The micro-batches' rows int [N, m], width indices int32 [N] and loss weights [N], and the
+    S / sequence_bucket widths (static)."""
+    rows, width = batch.tokens.shape
+    if rows % micro_batch_rows:
+      raise ValueError(f"micro_batch_rows={micro_batch_rows} must divide the minibatch's "
+                       f"{rows} rows")
+    lengths = batch.attention_mask.sum(axis=1)
+    micro_rows = jnp.argsort(-lengths, stable=True).reshape(-1, micro_batch_rows)
+    widths = tuple(min(width, sequence_bucket * (i + 1))
+                   for i in range(-(-width // sequence_bucket)))
+    longest = lengths[micro_rows].max(axis=1)
+    index = jnp.clip(-(-longest // sequence_bucket) - 1, 0, len(widths) - 1).astype(jnp.int32)
+    denominator = functools.partial(objectives.aggregation_denominator,
+                                    aggregation=aggregation, max_response_len=max_len)
+    weight = (jax.vmap(lambda r: denominator(batch.loss_mask[r]))(micro_rows)
+              / denominator(batch.loss_mask))
+    return micro_rows, index, weight, widths
+
+  def run_micro(params, batch, base_params, rows, weight, *, width):
+    """One micro-batch at `width` columns: (weighted loss, metrics, forward logp [m, S] or
+    None)."""
+    micro = jax.tree_util.tree_map(lambda x: x[rows][:, :width] if x.ndim == 2 else x[rows],
+                                   batch)
+    loss, metrics = loss_fn(params, micro, base_params)
+    metrics = dict(metrics)
+    forward_logp = metrics.pop(FORWARD_LOGP, None)
+    if forward_logp is not None:
+      forward_logp = jnp.pad(forward_logp, ((0, 0), (0, batch.width - width)))
+    return loss * weight, metrics, forward_logp
+
+  def forward(params, batch, base_params):
+    micro_rows, index, weight, widths = plan(batch)
+    branches = [functools.partial(run_micro, params, batch, base_params, width=width)
+                for width in widths]
+
+    def body(loss, micro):
+      rows, i, w = micro
+      part, metrics, forward_logp = jax.lax.switch(i, branches, rows, w)
+      return loss + part, (metrics, forward_logp)
+    loss, (metrics, forward_logp) = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                                                 (micro_rows, index, weight))
+    micro_counts = jax.vmap(lambda r: counts(batch.loss_mask[r]))(micro_rows)
+    totals = counts(batch.loss_mask)
+    combined = {key: (metrics[key] * micro_counts[key]).sum() / jnp.maximum(totals[key], 1.0)
+                for key in totals}
+    slots = micro_batch_rows * jnp.asarray(widths, jnp.float32)[index]
+    combined[PADDING_FRAC] = 1.0 - batch.attention_mask.sum().astype(jnp.float32) / slots.sum()
+    if forward_logp is not None:
+      combined[FORWARD_LOGP] = jnp.zeros(batch.tokens.shape, jnp.float32).at[
+          micro_rows.reshape(-1)].set(forward_logp.reshape(-1, batch.width))
+    return loss, combined
+
+  @jax.custom_vjp
+  def micro_loss(params, batch, base_params):
+    return forward(params, batch, base_params)
+
+  def micro_loss_fwd(params, batch, base_params):
+    return forward(params, batch, base_params), (params, batch, base_params)
+
+  def micro_loss_bwd(residuals, cotangents):
+    params, batch, base_params = residuals
+    loss_cotangent = cotangents[0]
+    micro_rows, index, weight, widths = plan(batch)
+
+    def grad_at(width):
+      def fn(rows, w):
+        _, vjp = jax.vjp(lambda p: run_micro(p, batch, base_params, rows, w, width=width)[0],
+                         params)
+        return cast_floating(vjp(loss_cotangent)[0], jnp.float32)
+      return fn
+
+    def body(total, micro):
+      rows, i, w = micro
+      part = jax.lax.switch(i, [grad_at(width) for width in widths], rows, w)
+      return jax.tree_util.tree_map(jnp.add, total, part), None
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    total, _ = jax.lax.scan(body, zeros, (micro_rows, index, weight))
+    return jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), total, params), None, None
+
+  micro_loss.defvjp(micro_loss_fwd, micro_loss_bwd)
+  return micro_loss
 
 
 def _freeze(tree) -> tuple:
@@ -474,8 +600,9 @@ def make_update(model_config: ModelConfig, policy: DtypePolicy,
   data * fsdp). Each scan iteration is `make_train_step`'s update (`apply_gradients`) on rows
   `order[k]`; metrics come back stacked [K]. Rows with `batch.logp_old_from_forward` take their
   first update's forward log-probs as logp_old (`rl_loss`), kept for their later updates (later
-  epochs). One dispatch and one host round trip for all K updates; the state is donated.
-  Arguments as `make_train_step`.
+  epochs). With `rl_config.micro_batch_rows`, each minibatch's loss and gradient run in
+  length-sorted micro-batches (`micro_batched_loss`). One dispatch and one host round trip for
+  all K updates; the state is donated. Arguments as `make_train_step`.
   """
   return _make("update", model_config, policy, optimizer, loss=loss, rl_config=rl_config,
                mesh=mesh, base_params=base_params, state=state, rules=rules)

@@ -115,14 +115,23 @@ def test_gpu_check_scale_reports_every_section_at_a_tiny_shape(tmp_path):
     assert abs(row["wall_s"] - row["step_s"]) <= 0.05 * row["wall_s"] + 0.2
     assert row["rows"] == 8 and row["response_tokens"] == 8 * 16  # no EOS: the whole budget
     assert row["host_peak_rss_gib"] > 0
+  updates = summary["paper_update"]
+  assert [r["micro_batch_rows"] for r in updates] == [0, 2]
+  whole, micro = updates
+  assert whole["real_tokens"] == micro["real_tokens"] > 0 and whole["width"] == micro["width"]
+  assert micro["padding_frac"] < whole["padding_frac"]  # the micro-batches pad less
+  assert whole["padding_frac"] == pytest.approx(
+      1 - whole["real_tokens"] / (whole["rows"] * whole["width"]))
+  for row in updates:
+    assert row["compiles_per_step"] == 0 and row["real_tokens_per_s"] > 0
   written = json.loads((tmp_path / "scale" / "summary.json").read_text())
   assert [r["wall_s"] for r in written["rl_iterations"]] == [r["wall_s"] for r in iterations]
   assert written["paper_decode"][1]["x_floor"] == summary["paper_decode"][1]["x_floor"]
   report = (tmp_path / "scale" / "summary.md").read_text()
   for title in ("Paper-scale train step", "Paper-scale JAX sampler decode",
-                "End-to-end RL iteration"):
+                "End-to-end RL iteration", "Paper-scale minibatch update"):
     assert title in report
-  assert sorted(results.load_runs(tmp_path / "scale")["run"]) == ["paper", "rl"]
+  assert sorted(results.load_runs(tmp_path / "scale")["run"]) == ["minibatch", "paper", "rl"]
 
 
 def test_budget_skips_a_case_that_does_not_fit_and_says_why():

@@ -4,8 +4,8 @@
     python -m experiments.gpu_check --config=experiments/gpu_check/config.py:cpu   # smoke size
     python -m experiments.gpu_check --config=experiments/gpu_check/config.py:scale  # paper scale
 
-`scale` runs only the paper-scale stages (`paper`, `rl`) within `budget_s` (`scale_cpu`: the same
-at a tiny shape, for CPU).
+`scale` runs only the paper-scale stages (`paper`, `rl`, `minibatch`) within `budget_s`
+(`scale_cpu`: the same at a tiny shape, for CPU).
 
 Sized for one GPU and a few minutes (most of it XLA compilation). vLLM is not used: the GPU image
 this was written for has no vLLM wheel, so the sampler is the in-process JAX KV-cache sampler.
@@ -28,7 +28,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.fp32_highest = True
   # Pairs re-measured under "highest" (when fp32_highest), e.g. ("fp32", "bf16", "fp16").
   config.highest_pairs = ("fp32",)
-  # A subset of: mismatch, trainer, paper, rl; run in this order (on the command line
+  # A subset of: mismatch, trainer, paper, rl, minibatch; run in this order (on the command line
   # comma-separated: --config.stages=paper,mismatch).
   config.stages = ("mismatch", "trainer")
   # The paper-scale check: the paper's 1.5B model shape with random weights, train steps on
@@ -41,12 +41,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       model="DeepSeek-R1-Distill-Qwen-1.5B", model_overrides={}, remat=True,
       precisions=("bf16", "fp16"), rows=1, seq_len=8192, prompt_len=256, repetitions=3,
       decode_precision="bf16", decode_rows=(64,), decode_prompt_len=256, decode_new_tokens=256,
-      bandwidth_bytes=2 * 1024**3, estimates_s=dict(train=70.0, decode=45.0)))
+      bandwidth_bytes=2 * 1024**3, estimates_s=dict(train=70.0, minibatch=120.0, decode=45.0),
+      # One minibatch update of `rows` rows with lognormal response lengths (the paper-scale
+      # padding model of docs/performance.md), once per entry of `micro_batch_rows` (0: the
+      # whole minibatch at once; 32 rows of 8K do not fit one GPU that way).
+      minibatch=dict(precision="bf16", rows=32, micro_batch_rows=(4,), bucket=512,
+                  length_mean=3000.0, length_sigma=0.6)))
   # One end-to-end RL iteration (`Learner.step`: JAX engine, GRPO) at the paper model's shape
   # with random weights and prompts, every row running to `max_new_tokens` (no EOS).
   # `iterations`: the first compiles; later ones are the steady state. `num_minibatches`: one
-  # update per minibatch (the library has no gradient accumulation; 16 keeps a minibatch of
-  # 8 x 2.3K tokens in one GPU's memory). `estimates_s`: (first iteration, each later one).
+  # update per minibatch (16 keeps a minibatch of 8 x 2.3K tokens in one GPU's memory; rows of
+  # equal length gain nothing from micro-batches). `estimates_s`: (first iteration, each later
+  # one).
   config.rl = ml_collections.ConfigDict(dict(
       precision="bf16", num_prompts=16, samples_per_prompt=8, prompt_len=256,
       max_new_tokens=2048, num_minibatches=16, prompt_bucket=32, learning_rate=1e-6,
@@ -63,7 +69,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                   num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8)))
   config.output_dir = "runs/gpu_check"
   if variant in ("scale", "scale_cpu"):
-    config.stages = ("paper", "rl")
+    config.stages = ("paper", "rl", "minibatch")
     config.paper.decode_rows = (64, 256)
     config.budget_s = 480.0
   if variant in ("cpu", "scale_cpu"):
@@ -78,7 +84,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         model_overrides=dict(vocab_size=512, hidden_size=64, intermediate_size=128,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
         seq_len=128, prompt_len=32, repetitions=1, decode_rows=(4, 16), decode_prompt_len=16,
-        decode_new_tokens=8, bandwidth_bytes=1024**2, estimates_s=dict(train=10.0, decode=5.0)))
+        decode_new_tokens=8, bandwidth_bytes=1024**2,
+        estimates_s=dict(train=10.0, minibatch=20.0, decode=5.0),
+        minibatch=dict(precision="bf16", rows=8, micro_batch_rows=(0, 2), bucket=32,
+                    length_mean=40.0, length_sigma=0.6)))
     config.rl.update(dict(num_prompts=2, samples_per_prompt=4, prompt_len=16, max_new_tokens=16,
                           num_minibatches=2, prompt_bucket=16, estimates_s=(20.0, 5.0)))
     config.budget_s = 300.0 if variant == "scale_cpu" else 0.0

@@ -25,6 +25,10 @@ command still exits non-zero and names the failed stage):
   rl: one end-to-end RL iteration (`Learner.step`, JAX engine) per `rl.iterations` at the paper
      model's shape, random weights and prompts, a reward on token ids: wall seconds and the loop's
      split (sample, score, logp_old, update, sync; `scale.rl_iteration_row`).
+  minibatch: one minibatch update of `paper.minibatch.rows` rows at the paper model's shape with
+     lognormal response lengths, per entry of `paper.minibatch.micro_batch_rows` (length-sorted
+     micro-batches, `RLConfig.micro_batch_rows`; 0 = the whole minibatch at its longest row):
+     padded slots, real tokens/s and MFU on the real tokens' model FLOPs.
 With `budget_s`, each paper and rl case is first checked against the time left
 (`scale.Budget`): a case whose estimate does not fit is skipped, its reason printed and kept in
 the summary's "skipped".
@@ -64,15 +68,17 @@ from rl_fp16.names import config_list
 from rl_fp16.precision import (default_loss_scale_config, dtype_name, get_policy,
                                get_precision_pair, init_loss_scale)
 from rl_fp16.sampling.engines import make_engine
-from rl_fp16.train import OptimizerConfig, RLConfig, make_optimizer, make_train_step
+from rl_fp16.train import (OptimizerConfig, RLConfig, make_optimizer, make_train_step,
+                           make_update)
 
 
-STAGES = ("mismatch", "trainer", "paper", "rl")
+STAGES = ("mismatch", "trainer", "paper", "rl", "minibatch")
 # The config fields that list names or integers: tuples in the config file; on the command line
 # `--config.stages=paper,mismatch` (`run` reads them with rl_fp16.names.config_list).
 NAME_LISTS = ("stages", "highest_pairs", "mismatch.precisions", "paper.precisions",
               "benchmark.sections", "benchmark.precisions", "benchmark.trainer_models")
-INT_LISTS = ("benchmark.trainer_response_lengths", "paper.decode_rows")
+INT_LISTS = ("benchmark.trainer_response_lengths", "paper.decode_rows",
+             "paper.minibatch.micro_batch_rows")
 GIB = 1024**3
 MFU_GOAL = 0.40  # the paper-scale train step's MFU goal, against the dtype's measured peak
 MISMATCH_COLUMNS = (
@@ -279,6 +285,64 @@ def paper_train_case(model_config: ModelConfig, params, precision: str, paper, p
   }
 
 
+def paper_update_case(model_config: ModelConfig, params, paper, peak, seed: int,
+                      micro_batch_rows: int) -> dict[str, Any]:
+  """One minibatch update (`make_update`, one minibatch) of `paper.minibatch.rows` rows whose
+  response lengths are lognormal (mean `length_mean`, log-space sigma `length_sigma`, clipped to
+  seq_len - prompt_len), in length-sorted micro-batches of `micro_batch_rows` rows at widths that
+  are multiples of `bucket` (0: the whole minibatch at once, padded to its longest row).
+  MFU counts the model FLOPs of the real tokens only, against the compute dtype's peak."""
+  update_config = paper.minibatch
+  policy = get_policy(update_config.precision, "trainer")
+  rows, seq, prompt_len = int(update_config.rows), int(paper.seq_len), int(paper.prompt_len)
+  response_len = seq - prompt_len
+  rng = np.random.default_rng(seed)
+  sigma = float(update_config.length_sigma)
+  lengths = np.clip(np.round(rng.lognormal(np.log(float(update_config.length_mean))
+                                           - sigma**2 / 2, sigma, rows)), 1, response_len)
+  batch = profiling.synthetic_rl_batch(model_config.vocab_size, rows, prompt_len, response_len,
+                                       seed, response_lengths=lengths.astype(np.int64))
+  bucket = int(update_config.bucket)
+  width = min(seq, -(-int(batch.attention_mask.sum(axis=1).max()) // bucket) * bucket)
+  batch = jax.device_put(jax.tree_util.tree_map(
+      lambda x: x[:, :width] if x.ndim == 2 else x, batch))
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-6))
+  state = TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer,
+                            loss_scale=init_loss_scale(default_loss_scale_config(policy)))
+  update = make_update(model_config, policy, optimizer, rl_config=RLConfig(
+      algorithm="grpo", loss=objectives.LossConfig(max_response_len=response_len),
+      num_minibatches=1, sequence_bucket=bucket, micro_batch_rows=micro_batch_rows))
+  order = jnp.arange(rows, dtype=jnp.int32)[None]
+  holder, padding = {"state": state}, []
+
+  def step(_):
+    new_state, metrics = update(holder["state"], batch, order)
+    holder["state"] = jax.block_until_ready(new_state)
+    padding.append(float(jax.device_get(metrics["train/padding_frac"])[0]))
+
+  start = time.perf_counter()
+  step(None)
+  first_s = time.perf_counter() - start
+  timing = profiling.time_calls(step, warmup=0, repetitions=int(paper.repetitions))
+  del holder, state
+  seconds = timing.seconds["median"]
+  real = batch.attention_mask.sum(axis=1)
+  flops = sum(profiling.train_step_flops(model_config, 1, int(n))["total"] for n in real)
+  dtype_peak = peak[dtype_name(policy.compute_dtype)]["flops_per_s"]["median"]
+  return {
+      "model": paper.model, "params": model_config.num_params(), "remat": model_config.remat,
+      "precision": update_config.precision, "rows": rows, "width": width,
+      "micro_batch_rows": micro_batch_rows, "bucket": bucket,
+      "real_tokens": int(real.sum()), "padding_frac": padding[-1],
+      "step_s": seconds, "step_s_min": timing.seconds["min"],
+      "step_s_max": timing.seconds["max"], "first_call_s": first_s,
+      "real_tokens_per_s": float(real.sum()) / seconds,
+      "mfu_real_tokens": flops / seconds / dtype_peak,
+      "compiles_per_step": max(timing.compiles),
+      "device_peak_gib_so_far": device_peak_bytes() / GIB,
+  }
+
+
 def paper_decode_case(model_config: ModelConfig, params, paper, seed: int, rows: int,
                       bytes_per_s: float) -> dict[str, Any]:
   """The JAX sampler's batched decode of `rows` rows at the paper's model shape (no EOS: every
@@ -368,6 +432,11 @@ def _paper_tables(summary: dict[str, Any]) -> list[str]:
                "matmul peak of the compute dtype measured in this run; remat recomputes each "
                f"layer's forward on top; goal {MFU_GOAL:.0%})")
     out.append(_paper_train_table(summary["paper_train"]))
+  if summary.get("paper_update"):
+    out.append("### Paper-scale minibatch update, lognormal response lengths (length-sorted "
+               "micro-batches, each at its own bucketed width, vs the whole minibatch at its "
+               "longest row; MFU on the real tokens' model FLOPs)")
+    out.append(_paper_update_table(summary["paper_update"]))
   if summary["paper_decode"]:
     bandwidth = summary["bandwidth"]["bytes_per_s"]["median"] / 1e9
     out.append("### Paper-scale JAX sampler decode (no EOS; prefill included; floor = weights + "
@@ -393,6 +462,19 @@ def _paper_train_table(rows: list[dict[str, Any]]) -> str:
         f"{r['xla_plan_gib']['temporaries']:.1f}", f"{r['device_peak_gib_so_far']:.1f}",
         f"{r['compile_s']:.0f}", ",".join(f"{v:.0f}" for v in r["skipped_steps"])]
        for r in rows])
+
+
+def _paper_update_table(rows: list[dict[str, Any]]) -> str:
+  return results.markdown_table(
+      ["model", "precision", "rows x width", "micro-batch rows", "bucket", "real tokens",
+       "padded slots", "step s", "real tokens/s", "MFU (real tokens)",
+       "device peak GiB (so far)", "first call s"],
+      [[r["model"], r["precision"], f"{r['rows']} x {r['width']}",
+        r["micro_batch_rows"] or "all", r["bucket"], r["real_tokens"],
+        f"{r['padding_frac']:.1%}",
+        f"{r['step_s']:.3f} [{r['step_s_min']:.3f}, {r['step_s_max']:.3f}]",
+        f"{r['real_tokens_per_s']:.0f}", f"{r['mfu_real_tokens']:.1%}",
+        f"{r['device_peak_gib_so_far']:.1f}", f"{r['first_call_s']:.0f}"] for r in rows])
 
 
 def _params_text(params: float) -> str:
@@ -451,7 +533,8 @@ def _checked_config(config) -> ml_collections.ConfigDict:
 def _empty_summary() -> dict[str, Any]:
   """The summary before any stage ran: this device, and an empty slot per result."""
   return {"device": device_info(), "mismatch": [], "trainer": [], "peaks": {},
-          "paper_train": [], "paper_decode": [], "bandwidth": {}, "rl_iterations": [],
+          "paper_train": [], "paper_update": [], "paper_decode": [], "bandwidth": {},
+          "rl_iterations": [],
           "layer_view": {}, "skipped": [],
           "errors": {},
           "seconds": {}}
@@ -472,6 +555,10 @@ def _stage_plan(config, out: str, summary: dict[str, Any], budget: scale.Budget
     if name == "rl":
       plan.append(("paper-scale RL iteration",
                    functools.partial(_rl_stage, config, out, summary, budget)))
+      continue
+    if name == "minibatch":
+      plan.append(("paper-scale minibatch update in micro-batches",
+                   functools.partial(_minibatch_stage, config, out, summary, budget)))
       continue
     for matmul_precision in precisions:
       if name == "mismatch":
@@ -562,6 +649,29 @@ def _paper_stage(config, out: str, summary: dict[str, Any], budget: scale.Budget
       estimates["decode"] = max(estimates["decode"], seconds)  # more rows take no less
       if row is not None:
         _keep(summary, "paper_decode", row, writer, "decode", f"rows{rows}", out)
+
+
+def _minibatch_stage(config, out: str, summary: dict[str, Any], budget: scale.Budget) -> None:
+  """The paper-scale minibatch update with lognormal response lengths, once per entry of
+  `paper.minibatch.micro_batch_rows`, each within `budget`; rows go to `summary` and to the run
+  directory <out>/minibatch."""
+  paper = config.paper
+  estimate = float(paper.estimates_s["minibatch"])
+  if not budget.allows("paper minibatch setup", estimate):
+    return
+  model_config = paper_model_config(paper)
+  peak = _default_peak(config, summary)
+  params = init_params(model_config, jax.random.key(config.seed))
+  with results.RunWriter(os.path.join(out, "minibatch"), paper.to_dict(), resume=True,
+                         resume_step=0) as writer:  # rows "update/micro{rows}/..."
+    for micro_batch_rows in paper.minibatch.micro_batch_rows:
+      case = f"paper minibatch update, micro-batches of {micro_batch_rows or 'all'} rows"
+      if not budget.allows(case, estimate):
+        continue
+      row, estimate = _timed(summary, case, paper_update_case, model_config, params, paper,
+                             peak, config.seed, micro_batch_rows)
+      if row is not None:
+        _keep(summary, "paper_update", row, writer, "update", f"micro{micro_batch_rows}", out)
 
 
 def _timed(summary: dict[str, Any], case: str, fn: Callable[..., Any], *args
