@@ -342,10 +342,10 @@ def micro_batched_loss(loss_fn: Callable, *, micro_batch_rows: int, sequence_buc
   """`loss_fn(params, batch, base_params) -> (loss, metrics)` (`rl_loss`'s) run on length-sorted
   micro-batches: the same loss and metrics up to rounding, at a fraction of the padding.
 
-  The batch's rows (B, a multiple of `micro_batch_rows`, else ValueError) are sorted by length
-  (their real tokens, which start at column 0) and taken `micro_batch_rows` at a time; a
-  micro-batch runs at its longest row rounded up to `sequence_bucket` columns (a `lax.switch`
-  over the S / sequence_bucket widths, each compiled once). Its loss is weighted by its share
+  The batch's rows (B, a multiple of `micro_batch_rows`, else ValueError) are sorted by their
+  last real column (in the update's packed layout, their length) and taken `micro_batch_rows`
+  at a time; a micro-batch runs at its last real column rounded up to `sequence_bucket` (a
+  `lax.switch` over the S / sequence_bucket widths, each compiled once). Its loss is weighted by its share
   of `objectives.aggregation_denominator` and its metrics by their `objectives.metric_counts`
   (entropy by tokens); `FORWARD_LOGP` comes back [B, S] in the batch's row order and
   `PADDING_FRAC` counts the slots the micro-batches computed.
@@ -369,11 +369,11 @@ def micro_batched_loss(loss_fn: Callable, *, micro_batch_rows: int, sequence_buc
     if rows % micro_batch_rows:
       raise ValueError(f"micro_batch_rows={micro_batch_rows} must divide the minibatch's "
                        f"{rows} rows")
-    lengths = batch.attention_mask.sum(axis=1)
-    micro_rows = jnp.argsort(-lengths, stable=True).reshape(-1, micro_batch_rows)
+    ends = jnp.max(jnp.where(batch.attention_mask > 0, jnp.arange(1, width + 1), 0), axis=1)
+    micro_rows = jnp.argsort(-ends, stable=True).reshape(-1, micro_batch_rows)
     widths = tuple(min(width, sequence_bucket * (i + 1))
                    for i in range(-(-width // sequence_bucket)))
-    longest = lengths[micro_rows].max(axis=1)
+    longest = ends[micro_rows].max(axis=1)
     index = jnp.clip(-(-longest // sequence_bucket) - 1, 0, len(widths) - 1).astype(jnp.int32)
     denominator = functools.partial(objectives.aggregation_denominator,
                                     aggregation=aggregation, max_response_len=max_len)

@@ -6,6 +6,7 @@ so it runs this file as a script in a subprocess (`python tests/test_sharding.py
 reads back a JSON report. The rest runs in the pytest process on its single CPU device.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -128,7 +129,40 @@ def _child() -> dict:
         "seconds": time.perf_counter() - start,
     }
   report["lora"] = _lora_report()
+  report["micro"] = _micro_report()
   return report
+
+
+def _micro_report(steps=2) -> dict:
+  """Micro-batches of 2 rows (bucket 4) on the 2x2x2 mesh against the whole minibatch on one
+  device, both on the batch's rows packed from column 0 (each row's padding moved to its end)
+  with rows 4-7 cut to 10 tokens, so that micro-batches run at widths 12 and 16."""
+  policy, optimizer, params, batch = _setup()
+  shift = -np.argmax(batch.attention_mask > 0, axis=1)
+  kept = np.ones(batch.tokens.shape, np.int32)
+  kept[4:, 10:] = 0
+  batch = jax.tree_util.tree_map(
+      lambda x: np.stack([np.roll(row, s) for row, s in zip(x, shift)]) * kept.astype(x.dtype)
+      if x.ndim == 2 else x, batch)
+  micro_config = dataclasses.replace(RL_CONFIG, micro_batch_rows=2, sequence_bucket=4)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  runs = {}
+  for name, rl_config, run_mesh in (("ref", RL_CONFIG, None), ("micro", micro_config, mesh)):
+    step = make_train_step(TINY, policy, optimizer, rl_config=rl_config, mesh=run_mesh)
+    state = _new_state(params, optimizer)
+    run_batch = batch
+    if run_mesh is not None:
+      state, run_batch = sharding.shard_state(state, mesh), sharding.shard_batch(batch, mesh)
+    losses, padding = [], []
+    for _ in range(steps):
+      state, metrics = step(state, run_batch)
+      losses.append(float(metrics["train/loss"]))
+      padding.append(float(metrics["train/padding_frac"]))
+    runs[name] = (jax.device_get(state.params), losses, padding)
+  return {"param_max_abs_diff": _max_diff(runs["micro"][0], runs["ref"][0]),
+          "param_moved": _max_diff(runs["ref"][0], params),
+          "loss": runs["micro"][1], "ref_loss": runs["ref"][1],
+          "padding_frac": runs["micro"][2], "ref_padding_frac": runs["ref"][2]}
 
 
 def _lora_steps(mesh=None, steps=2):
@@ -199,6 +233,14 @@ def test_sharded_lora_step_matches_single_device(eight_device_report):
   # The frozen base is sharded by the rules; the adapter state spans the mesh.
   assert r["base_q_kernel_spec"] == str(P("fsdp", "tensor"))
   assert r["base_q_kernel_shard"] == [32, 32] and r["lora_b_devices"] == 8
+
+
+def test_sharded_micro_batches_match_the_whole_minibatch(eight_device_report):
+  r = eight_device_report["micro"]
+  assert r["param_moved"] > 1e-4, r
+  assert r["param_max_abs_diff"] <= 1e-5, r
+  np.testing.assert_allclose(r["loss"], r["ref_loss"], atol=1e-5, rtol=0)
+  assert r["padding_frac"][0] < r["ref_padding_frac"][0]  # shorter widths ran
 
 
 def test_one_device_mesh_is_replicated(eight_device_report):
