@@ -104,9 +104,9 @@ def test_sampler_logprobs_equal_token_logprobs(model, precision):
 
 @pytest.mark.parametrize("model,precision", [("qwen2_untied", "bf16"), ("qwen3_qknorm", "fp16")])
 def test_chunked_lm_head_keeps_sampler_logprobs_bitwise(model, precision):
-  """The LM head and log-softmax in chunks (the trainer's path for large logits): still equal to
-  the sampler bit for bit, in the left-padded and packed layouts, with chunks at their floor of
-  `BITWISE_MIN_ROWS` tokens (chunk_tokens 1) and above it; entropy too equals the full logits'."""
+  """The LM head and log-softmax in chunks (the trainer's path for large logits), at their floor
+  of `BITWISE_MIN_ROWS` tokens (chunk_tokens 1): still equal to the sampler bit for bit, in the
+  left-padded and packed layouts; entropy too equals the full logits'."""
   config = MODELS[model]
   params = init_params(config, jax.random.key(0))
   rollout = _sampled(config, params, precision)
@@ -114,19 +114,18 @@ def test_chunked_lm_head_keeps_sampler_logprobs_bitwise(model, precision):
   prompt_width = rollout.prompt_tokens.shape[1]
   left = rollout.full_sequence()[:2]
   packed = rollout.packed_sequence(rollout.packed_width(64))[:2]
-  for chunk_tokens in (1, 160):
-    for (tokens, mask), response in ((left, lambda logp: logp[:, prompt_width:]),
-                                     (packed, rollout.unpack_response)):
-      tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
-      stats = {name: jax.jit(lambda p, c=c: apply_token_stats(
-          config, policy, p, tokens, mask, default_positions(mask), with_entropy=True,
-          with_argmax=True, chunk_tokens=c), compiler_options=compiler_options(policy))(params)
-               for name, c in (("full", None), ("chunked", chunk_tokens))}
-      _assert_bitwise(np.asarray(response(stats["chunked"]["logp"])), rollout)
-      np.testing.assert_array_equal(stats["chunked"]["entropy"], stats["full"]["entropy"])
-      valid = np.asarray(stats["chunked"]["logp"]) != 0
-      np.testing.assert_array_equal(np.asarray(stats["chunked"]["argmax"])[valid],
-                                    np.asarray(stats["full"]["argmax"])[valid])
+  for (tokens, mask), response in ((left, lambda logp: logp[:, prompt_width:]),
+                                   (packed, rollout.unpack_response)):
+    tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
+    stats = {name: jax.jit(lambda p, c=c: apply_token_stats(
+        config, policy, p, tokens, mask, default_positions(mask), with_entropy=True,
+        with_argmax=True, chunk_tokens=c), compiler_options=compiler_options(policy))(params)
+             for name, c in (("full", None), ("chunked", 1))}
+    _assert_bitwise(np.asarray(response(stats["chunked"]["logp"])), rollout)
+    np.testing.assert_array_equal(stats["chunked"]["entropy"], stats["full"]["entropy"])
+    valid = np.asarray(stats["chunked"]["logp"]) != 0
+    np.testing.assert_array_equal(np.asarray(stats["chunked"]["argmax"])[valid],
+                                  np.asarray(stats["full"]["argmax"])[valid])
 
 
 # ------------------------------------------------------------------------ the RL loop ----

@@ -332,11 +332,11 @@ def test_length_sorted_micro_batches_match_the_whole_minibatch(algorithm, precis
   lengths = rollout.response_lengths
   assert lengths.max() - lengths.min() >= 16, lengths  # rows of several widths
   advantages = np.linspace(-1.0, 1.0, rollout.batch_size).astype(np.float32)
-  host_batch = rollout_batch(rollout, advantages, batch_width(rollout, 8))
+  host_batch = rollout_batch(rollout, advantages, batch_width(rollout, 16))
 
   def run(micro_batch_rows):
     rl_config = RLConfig(algorithm=algorithm, samples_per_prompt=4, num_minibatches=2, epochs=2,
-                         max_new_tokens=40, prompt_bucket=8, sequence_bucket=8, loss=loss,
+                         max_new_tokens=40, prompt_bucket=8, sequence_bucket=16, loss=loss,
                          micro_batch_rows=micro_batch_rows)
     state = TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer,
                               loss_scale=init_loss_scale(default_loss_scale_config(pair.trainer)))
