@@ -86,7 +86,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         seq_len=128, prompt_len=32, repetitions=1, decode_rows=(4, 16), decode_prompt_len=16,
         decode_new_tokens=8, bandwidth_bytes=1024**2,
         estimates_s=dict(train=10.0, minibatch=20.0, decode=5.0),
-        minibatch=dict(precision="bf16", rows=8, micro_batch_rows=(0, 2), bucket=32,
+        minibatch=dict(precision="bf16", rows=8, micro_batch_rows=(0, 2), bucket=64,
                     length_mean=40.0, length_sigma=0.6)))
     config.rl.update(dict(num_prompts=2, samples_per_prompt=4, prompt_len=16, max_new_tokens=16,
                           num_minibatches=2, prompt_bucket=16, estimates_s=(20.0, 5.0)))
