@@ -34,7 +34,7 @@ EXTRAS = {
     "data": ["tensorflow-datasets>=4.9.10,<4.10", "math-verify>=0.8,<1", "array-record>=0.8,<1", "importlib-resources>=6",
              "pyarrow>=18"],
     "launch": ["xmanager>=0.8.1,<0.9"],
-    "test": ["pytest>=8,<10", "pytest-timeout>=2.3", "torch==2.13.0", "nbclient>=0.10",
+    "test": ["pytest>=8,<10", "pytest-timeout>=2.3", "pytest-xdist>=3.6,<4", "torch==2.13.0", "nbclient>=0.10",
              "nbformat>=5.10", "ipykernel>=6.29"],
 }
 
