@@ -148,7 +148,7 @@ def _setup(config: RLExperimentConfig, model, task, run_dir: str, checkpointer: 
         pair.sampler, weights_dir=os.path.join(run_dir, "weights"),
         first_step=start_step, colocation=config.colocate,
         workdir=distributed.engine_workdir(run_dir), tokenizer_dir=model.tokenizer_dir,
-        eos_token_ids=model.eos_token_ids,
+        eos_token_ids=model.eos_token_ids, decode_row_group=config.decode_row_group,
         max_model_len=task.max_prompt_len() + rl_config.max_new_tokens,  # validated to fit
         seed=config.seed, vllm_log_level=config.vllm_log_level)
     if processes > 1:

@@ -47,6 +47,9 @@ class RLExperimentConfig:
     precision: a precision pair: "bf16", "fp16", "fp32", "TRAINER-SAMPLER" ("bf16-fp16"), or
       emulated "eK" names (JAX engine only).
     bitwise: the JAX sampler's log-probs equal the trainer's bit for bit (docs/bitwise.md).
+    decode_row_group: JAX engine: decode the rows in groups of this many, one group after the
+      other (0: all at once); the same tokens, faster on a CPU in fp32 when the model's weights
+      are small (docs/performance.md).
     seed: seeds the problems' order, the sampling and any LoRA init.
     steps: RL steps; prompts_per_step: problems per step (x `rl.samples_per_prompt` rows).
     checkpoint_every: RL steps between checkpoints (and the last).
@@ -70,6 +73,7 @@ class RLExperimentConfig:
   engine: str = "vllm"
   precision: str = "bf16"
   bitwise: bool = False
+  decode_row_group: int = 0
   seed: int = 0
   steps: int = 20
   prompts_per_step: int = 8
@@ -102,6 +106,7 @@ class RLExperimentConfig:
       checks.integer(name, 1)
     checks.integer("seed", 0)
     checks.integer("expert_mismatch_every", 0)
+    checks.integer("decode_row_group", 0)
     checks.text("output_dir", "the run directory")
     checks.choice("vllm_log_level", LOG_LEVELS)
     checks.choice("weight_sync", WEIGHT_SYNC_MODES)
@@ -126,6 +131,8 @@ class RLExperimentConfig:
     checks.check(not self.eval.every or self.problems.task == "synthetic", "eval.every",
                  "held-out evaluation draws fresh problems from the synthetic task's generator; "
                  "allowed with task 'math': 0")
+    checks.check(self.engine == "jax" or not self.decode_row_group, "decode_row_group",
+                 f"groups the JAX engine's decode; engine {self.engine!r} takes 0")
     if self.colocate.sleep_level in (1, 2):
       checks.check(self.engine == "vllm" and self.weight_sync == "memory", "colocate.sleep_level",
                    f"sleep mode needs --config.engine=vllm with --config.weight_sync=memory (the "

@@ -35,6 +35,9 @@ BAD_VALUES = [
      "--config.precision='fp32-e8': fp32-e8: The vLLM engine cannot sample in an emulated"),
     (dict(engine="vllm", bitwise=True),
      "--config.precision='bf16': bf16: The vLLM engine cannot sample bitwise"),
+    (dict(decode_row_group=-1), "--config.decode_row_group=-1: must be an integer >= 0"),
+    (dict(engine="vllm", decode_row_group=8),
+     "--config.decode_row_group=8: groups the JAX engine's decode; engine 'vllm' takes 0"),
 ]
 
 

@@ -10,6 +10,8 @@
   on the committed tiny base model; on this test model XLA's reductions over the shorter
   attention window round differently in the last bit).
 - One prefill per distinct prompt, copied to its n samples, vs a prefill per row: the same tokens.
+- The rows decoded in groups, one group after the other (`decode_row_group`), vs all at once: the
+  same tokens, also for one process's share of a batch.
 - logp_old of the first minibatch from its own update's forward (no separate pass over its rows)
   vs a logp_old pass over every row: the same updates within float32 rounding, over two epochs.
 - The attention over a head-major KV cache (`layers.attend`) vs grouped-query attention written
@@ -118,6 +120,31 @@ def test_shared_prefill_samples_the_tokens_of_a_prefill_per_row(precision, tol):
   np.testing.assert_array_equal(shared.response_mask, per_row.response_mask)
   np.testing.assert_allclose(shared.logp_sampler, per_row.logp_sampler, rtol=tol, atol=tol)
   np.testing.assert_array_equal(shared.prompt_tokens, per_row.prompt_tokens)
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_row_grouped_decode_samples_the_tokens_of_the_whole_batch(precision, tol):
+  """decode_row_group: 4 prompts x 3 samples padded to 12 rows; groups of 4 and 8 (8 pads the
+  batch to 16 rows), each group to its own end, vs all rows at once; and one process's share
+  (row_offset) decoded in groups vs its rows of the whole batch."""
+  params = init_params(CONFIG, jax.random.key(1))
+  policy = get_precision_pair(precision).sampler
+  kwargs = dict(policy=policy, n=3, sampling=SamplingConfig(max_new_tokens=20),
+                rng=jax.random.key(5), eos_token_ids=(2,), decode_segment=8)
+  whole = jax_sampler.generate(CONFIG, params, PROMPTS, **kwargs)
+  lengths = whole.response_lengths
+  assert len(set(lengths.tolist())) > 3 and lengths.min() < 20  # rows end at different steps
+  for group in (4, 8):
+    grouped = jax_sampler.generate(CONFIG, params, PROMPTS, decode_row_group=group, **kwargs)
+    np.testing.assert_array_equal(grouped.response_tokens, whole.response_tokens)
+    np.testing.assert_array_equal(grouped.response_mask, whole.response_mask)
+    np.testing.assert_allclose(grouped.logp_sampler, whole.logp_sampler, rtol=tol, atol=tol)
+    assert grouped.finish_reasons == whole.finish_reasons
+  share = jax_sampler.generate(CONFIG, params, PROMPTS[2:], decode_row_group=2, row_offset=6,
+                               **kwargs)
+  np.testing.assert_array_equal(share.response_tokens, whole.response_tokens[6:])
+  with pytest.raises(ValueError, match="decode_row_group must be >= 0"):
+    jax_sampler.generate(CONFIG, params, PROMPTS, decode_row_group=-1, **kwargs)
 
 
 def _reference_attention(q, k, v, mask):

@@ -476,7 +476,7 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
   pair = get_precision_pair(precision, bitwise=engine_name == "jax_bitwise")
   rl_config = RLConfig(algorithm=c.algorithm, samples_per_prompt=c.samples_per_prompt,
                        num_minibatches=c.num_minibatches, max_new_tokens=c.max_new_tokens,
-                       sequence_bucket=c.sequence_bucket,
+                       sequence_bucket=c.sequence_bucket, micro_batch_rows=c.micro_batch_rows,
                        loss=objectives.LossConfig(max_response_len=c.max_new_tokens))
   if optimizer is None:
     optimizer = make_optimizer(OptimizerConfig(learning_rate=c.learning_rate))
@@ -497,6 +497,7 @@ def bench_rl_case(config, model: BenchModel, engine_name: str, precision: str, w
                        tokenizer_dir=model.tokenizer_dir, eos_token_ids=model.eos_token_ids,
                        max_model_len=max_len, seed=config.seed,
                        cpu_kv_cache_space_gib=config.vllm_kv_cache_gib,
+                       decode_row_group=int(c.jax_decode_row_group),
                        **({"enforce_eager": bool(c.vllm_enforce_eager
                                                  and engine_name != "vllm_compiled"),
                            "max_num_seqs": int(c.vllm_max_num_seqs), "vllm_log_level": "ERROR"}
@@ -578,7 +579,8 @@ def bench_compare(config, model: BenchModel, workdir: str, peak: dict[str, Any] 
   c = config.compare
   out: dict[str, Any] = {"settings": {k: c[k] for k in (
       "prompts_per_step", "samples_per_prompt", "max_new_tokens", "num_minibatches",
-      "learning_rate", "algorithm", "sequence_bucket", "warmup", "repetitions")}}
+      "learning_rate", "algorithm", "sequence_bucket", "warmup", "repetitions",
+      "micro_batch_rows", "jax_decode_row_group")}}
   print("compare: TRL (subprocess) ...", flush=True)
   out["trl"] = bench_trl(config, model)
   if "skipped" in out["trl"]:

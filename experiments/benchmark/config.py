@@ -117,7 +117,10 @@ def _compare_fields() -> dict:
           warmup=2, repetitions=5,
           memory_iterations=50, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=256,
           num_minibatches=2, learning_rate=1e-4, algorithm="grpo", sequence_bucket=64,
+          micro_batch_rows=0,  # rl_fp16's length-sorted micro-batches (RLConfig; 0: off)
           trl_iterations=6, trl_timeout_s=900,
+          # JAX engine: rows per decode group (`decode_row_group`; 0: all rows at once).
+          jax_decode_row_group=0,
           # vLLM engine settings (rl_fp16.sampling.vllm_sampler.VllmConfig fields).
           vllm_enforce_eager=True, vllm_max_num_seqs=256,
           # Padding waste at paper scale: response lengths ~ lognormal with this mean and

@@ -433,8 +433,13 @@ def _compare_title(st: dict[str, Any]) -> str:
   """The side-by-side table's heading with the settings it ran at."""
   return (f"### RL iteration side by side: TRL vs rl_fp16 ({st['prompts_per_step']} prompts x "
           f"{st['samples_per_prompt']} samples, up to {st['max_new_tokens']} new tokens, "
-          f"{st['num_minibatches']} optimizer steps per batch, lr {st['learning_rate']:g}; median "
-          f"[min, max] of {st['repetitions']} iterations after {st['warmup']} warm-up; seconds)")
+          f"{st['num_minibatches']} optimizer steps per batch, lr {st['learning_rate']:g}"
+          + (f", JAX decode in groups of {st['jax_decode_row_group']} rows"
+             if st.get("jax_decode_row_group") else "")
+          + (f", micro-batches of {st['micro_batch_rows']} rows"
+             if st.get("micro_batch_rows") else "")
+          + f"; median [min, max] of {st['repetitions']} iterations after {st['warmup']} warm-up;"
+          " seconds)")
 
 
 def _trl_row(trl: dict[str, Any]) -> list[Any]:

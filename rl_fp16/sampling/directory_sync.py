@@ -30,13 +30,11 @@ from typing import Any, Sequence
 from rl_fp16.checkpoints import versions
 from rl_fp16.models import ModelConfig
 from rl_fp16.precision import DtypePolicy, dtype_name
-from rl_fp16.sampling.jax_sampler import SamplingConfig
+from rl_fp16.sampling.jax_sampler import JAX_ENGINE_OPTIONS, JAX_ONLY_OPTIONS, SamplingConfig
 from rl_fp16.sampling.rollout import Rollout
 
 WEIGHT_SYNC_MODES = ("memory", "directory")
 _SERVED_DTYPES = ("float32", "bfloat16", "float16")
-# Options each child engine takes (the rest of make_engine's keywords do not apply to it).
-_JAX_OPTIONS = ("eos_token_ids", "prompt_bucket", "batch_bucket")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +80,7 @@ class _WorkerEngine:
       from rl_fp16.sampling.engines import JaxEngine  # pylint: disable=g-import-not-at-top
       config, params = load_hf(path)
       self.engine = JaxEngine(config, params, spec.policy, eos_token_ids=eos or None,
-                              **{k: v for k, v in options.items() if k in _JAX_OPTIONS})
+                              **{k: v for k, v in options.items() if k in JAX_ENGINE_OPTIONS})
 
   def reload(self, path: str) -> None:
     if self.spec.engine == "vllm":
@@ -185,9 +183,9 @@ class DirectorySyncEngine:
       if name == "vllm":
         options["log_level"] = level
     if name == "jax":
-      options = {k: v for k, v in options.items() if k in _JAX_OPTIONS}
+      options = {k: v for k, v in options.items() if k in JAX_ENGINE_OPTIONS}
     else:
-      options = {k: v for k, v in options.items() if k not in ("prompt_bucket", "batch_bucket")}
+      options = {k: v for k, v in options.items() if k not in JAX_ONLY_OPTIONS}
     self.step = first_step
     self.last_write_s = self.last_reload_s = 0.0
     start = time.perf_counter()

@@ -91,10 +91,11 @@ class JaxEngine:
 
   def __init__(self, model_config: ModelConfig, params: Any, policy: DtypePolicy, *,
                eos_token_ids: Sequence[int] | None = None, prompt_bucket: int = 16,
-               batch_bucket: int = 8):
+               batch_bucket: int = 8, decode_row_group: int = 0):
     self.model_config, self.policy = model_config, policy
     self.eos_token_ids = eos_token_ids
     self.prompt_bucket, self.batch_bucket = prompt_bucket, batch_bucket
+    self.decode_row_group = decode_row_group
     self.params = None
     self.last_sync_s = self.sync_weights(params)
 
@@ -112,7 +113,7 @@ class JaxEngine:
                                 policy=self.policy, n=n, sampling=sampling,
                                 rng=jax.random.key(seed), eos_token_ids=self.eos_token_ids,
                                 prompt_bucket=self.prompt_bucket, batch_bucket=self.batch_bucket,
-                                row_offset=first_row)
+                                decode_row_group=self.decode_row_group, row_offset=first_row)
 
   def close(self) -> None:
     self.params = None
@@ -210,9 +211,7 @@ def make_engine(name: str, model_config: ModelConfig, params: Any, policy: Dtype
   """
   check_engine_policy(name, policy)
   if name == "jax":
-    kwargs = {k: v for k, v in kwargs.items()
-              if k in ("eos_token_ids", "prompt_bucket", "batch_bucket")}
+    kwargs = {k: v for k, v in kwargs.items() if k in jax_sampler.JAX_ENGINE_OPTIONS}
     return JaxEngine(model_config, params, policy, **kwargs)
-  kwargs.pop("prompt_bucket", None)
-  kwargs.pop("batch_bucket", None)
+  kwargs = {k: v for k, v in kwargs.items() if k not in jax_sampler.JAX_ONLY_OPTIONS}
   return VllmEngine(model_config, params, policy, log_level=vllm_log_level, **kwargs)

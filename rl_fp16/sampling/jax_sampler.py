@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -19,6 +20,11 @@ from rl_fp16.models.decoder import lm_head_logits, lm_head_weight, logprobs_from
 from rl_fp16.models.layers import BITWISE_MIN_ROWS
 from rl_fp16.precision import DtypePolicy, policy_jit
 from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
+
+
+# `JaxEngine`'s keywords, and those of them that only the JAX engine takes.
+JAX_ENGINE_OPTIONS = ("eos_token_ids", "prompt_bucket", "batch_bucket", "decode_row_group")
+JAX_ONLY_OPTIONS = ("prompt_bucket", "batch_bucket", "decode_row_group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +82,11 @@ def decode_segments(max_new_tokens: int, segment: int) -> list[int]:
 
 @functools.partial(policy_jit, static_argnames=("config", "policy", "max_new_tokens", "top_k",
                                              "use_top_p", "eos_ids", "segment", "row_offset",
-                                             "logp_temperature"))
+                                             "row_group", "logp_temperature"))
 def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, prompt_mask,
             row_source, rng, temperature, top_p, *, max_new_tokens: int, top_k: int,
             use_top_p: bool, eos_ids: tuple[int, ...], segment: int = 0, row_offset: int = 0,
-            logp_temperature: float | None = None):
+            row_group: int = 0, logp_temperature: float | None = None):
   """Prefill + while-loop decode. Returns (response_tokens, logp, response_mask, hit_eos).
 
   prompt_tokens, prompt_mask: int32 [U, P], the distinct prompts; row_source: int32 [B], the
@@ -98,6 +104,12 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
   decode step's attention) spans prompt_len + e slots instead of prompt_len + max_new_tokens;
   the cache grows (zero-padded) between segments. The slots a segment leaves out are the ones
   causality hides anyway, so the sampled tokens are the same (tests/test_speed_levers.py).
+
+  `row_group` > 0 (it must divide B): the rows decode in groups of `row_group`, one group after
+  the other, each to its own end (all its rows finished, or max_new_tokens). Every row draws the
+  Gumbel noise of its row in the whole batch, so the tokens are the ones of the whole batch
+  decoded at once; a group's KV cache is a fraction of the batch's and stays in the CPU's caches
+  between steps.
 
   Under a bitwise policy the prompts come right-padded and every token's keys sit at the slot of
   its position (the decoder's compacted layout): the cache is written at a per-row slot, and a
@@ -130,13 +142,16 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
   kv_mask = slot_mask(prompt_mask)
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  grouped = 0 < row_group < batch
+  if grouped and batch % row_group:
+    raise ValueError(f"row_group={row_group} must divide the {batch} decoded rows")
 
-  def sample(logits_last, key):
+  def sample(logits_last, key, first_row):
     processed = process_logits(logits_last, temperature=temperature, top_p=top_p, top_k=top_k,
                                use_top_p=use_top_p)
-    if row_offset:
-      noise = jax.random.gumbel(key, (row_offset + processed.shape[0], processed.shape[1]),
-                                processed.dtype)[row_offset:]
+    if row_offset or grouped:  # the noise of rows [first_row, first_row + R) of the batch
+      noise = jax.random.gumbel(key, (row_offset + batch, processed.shape[1]), processed.dtype)
+      noise = jax.lax.dynamic_slice_in_dim(noise, row_offset + first_row, processed.shape[0])
       token = jnp.argmax(processed + noise, axis=-1).astype(jnp.int32)
     else:
       token = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
@@ -146,11 +161,11 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
     logp_all = jax.nn.log_softmax(processed, axis=-1)
     return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
 
-  def make_body(window_mask):
+  def make_body(window_mask, next_position, first_row):
     def body(carry):
       step, cache, logits_last, done, out_tokens, out_logp, out_mask, rng = carry
       rng, key = jax.random.split(rng)
-      token, logp = sample(logits_last, key)
+      token, logp = sample(logits_last, key, first_row)
       active = ~done
       out_tokens = out_tokens.at[:, step].set(jnp.where(active, token, 0))
       out_logp = out_logp.at[:, step].set(jnp.where(active, logp, 0.0))
@@ -169,19 +184,33 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
       return (step < end) & ~jnp.all(done)
     return cond
 
-  carry = (jnp.asarray(0, jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
-           jnp.zeros((batch, max_new_tokens), jnp.int32),
-           jnp.zeros((batch, max_new_tokens), jnp.float32),
-           jnp.zeros((batch, max_new_tokens), jnp.int32), rng)
-  for j, end in enumerate(ends):
-    width = prompt_len + end
-    if j:  # grow the cache to this segment's window
-      grow = ((0, 0), (0, 0), (0, width - carry[1][0]["k"].shape[2]), (0, 0))
-      carry = carry[:1] + (jax.tree_util.tree_map(lambda c: jnp.pad(c, grow), carry[1]),
-                           ) + carry[2:]
-    carry = jax.lax.while_loop(make_cond(end), make_body(kv_mask[:, :width]), carry)
-  _, _, _, done, out_tokens, out_logp, out_mask, _ = carry
-  return out_tokens, out_logp, out_mask, done
+  def decode_rows(cache, logits_last, next_position, kv_mask, first_row):
+    """The segmented decode loop of R rows (rows [first_row, first_row + R) of the batch)."""
+    rows = logits_last.shape[0]
+    carry = (jnp.asarray(0, jnp.int32), cache, logits_last, jnp.zeros((rows,), bool),
+             jnp.zeros((rows, max_new_tokens), jnp.int32),
+             jnp.zeros((rows, max_new_tokens), jnp.float32),
+             jnp.zeros((rows, max_new_tokens), jnp.int32), rng)
+    for j, end in enumerate(ends):
+      width = prompt_len + end
+      if j:  # grow the cache to this segment's window
+        grow = ((0, 0), (0, 0), (0, width - carry[1][0]["k"].shape[2]), (0, 0))
+        carry = carry[:1] + (jax.tree_util.tree_map(lambda c: jnp.pad(c, grow), carry[1]),
+                             ) + carry[2:]
+      carry = jax.lax.while_loop(
+          make_cond(end), make_body(kv_mask[:, :width], next_position, first_row), carry)
+    _, _, _, done, out_tokens, out_logp, out_mask, _ = carry
+    return out_tokens, out_logp, out_mask, done
+
+  rows_state = (cache, logits[:, -1], next_position, kv_mask)
+  if not grouped:
+    return decode_rows(*rows_state, jnp.asarray(0, jnp.int32))
+  groups = batch // row_group
+  per_group = jax.tree_util.tree_map(
+      lambda x: x.reshape((groups, row_group) + x.shape[1:]), rows_state)
+  outs = jax.lax.map(lambda xs: decode_rows(*xs),
+                     per_group + (jnp.arange(groups, dtype=jnp.int32) * row_group,))
+  return jax.tree_util.tree_map(lambda x: x.reshape((batch,) + x.shape[2:]), outs)
 
 
 def right_align(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +253,8 @@ def pad_prompts(prompt_token_ids: Sequence[Sequence[int]], n: int, *, prompt_buc
 def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[int]], *,
              policy: DtypePolicy, n: int, sampling: SamplingConfig, rng: jax.Array,
              eos_token_ids: Sequence[int] | None = None, prompt_bucket: int = 16,
-             batch_bucket: int = 1, decode_segment: int = 64, row_offset: int = 0) -> Rollout:
+             batch_bucket: int = 1, decode_segment: int = 64, decode_row_group: int = 0,
+             row_offset: int = 0) -> Rollout:
   """Samples `n` responses per prompt with the in-process JAX engine.
 
   Runs in the sampler's dtype policy (weights rounded to `policy.param_dtype`, activations and the
@@ -237,6 +267,10 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
     eos_token_ids: tokens that end a response (default: the config's eos ids).
     decode_segment: decode steps per KV-cache window (see `_decode`; 0: the whole response
       budget from the first step). Each segment is one more while loop to compile.
+    decode_row_group: decode the rows in groups of this many, one group after the other (see
+      `_decode`; 0: all at once); more rows than one group are padded to a multiple of it. The
+      tokens are the same; on a CPU a group's smaller KV cache stays in the CPU's caches. Ignored
+      under a bitwise policy, whose dots need BITWISE_MIN_ROWS rows.
     row_offset: the index of this call's first row in a larger batch sampled with the same `rng`
       (a process's share of a step, `rl_fp16.distributed`): the rows get the tokens they would
       get there. Needs `jax_threefry_partitionable` (JAX's default), under which a row's random
@@ -258,6 +292,10 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
   eos = tuple(int(t) for t in (config.eos_token_ids if eos_token_ids is None else eos_token_ids))
   if row_offset < 0:
     raise ValueError(f"row_offset must be >= 0, got {row_offset}")
+  if decode_row_group < 0:
+    raise ValueError(f"decode_row_group must be >= 0 (0: all rows at once), got {decode_row_group}")
+  row_group = 0 if policy.bitwise or len(prompt_token_ids) * n <= decode_row_group else (
+      decode_row_group)
   if row_offset and not jax.config.jax_threefry_partitionable:
     raise ValueError("row_offset > 0 needs jax_threefry_partitionable=True (JAX's default): "
                      "without it a row's random bits depend on the batch size")
@@ -266,7 +304,8 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
                      f"computes; got top_k={sampling.top_k}, top_p={sampling.top_p} (allowed: "
                      "top_k=0, top_p=1.0)")
   prompt_tokens, prompt_mask, prompt_index = pad_prompts(
-      prompt_token_ids, n, prompt_bucket=prompt_bucket, batch_bucket=batch_bucket,
+      prompt_token_ids, n, prompt_bucket=prompt_bucket,
+      batch_bucket=math.lcm(batch_bucket, row_group) if row_group else batch_bucket,
       min_rows=BITWISE_MIN_ROWS if policy.bitwise else 1)
   rows = len(prompt_index)
   if policy.bitwise:  # every row prefilled on its own: the trainer's layout, row for row
@@ -281,7 +320,7 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
       jnp.asarray(sampling.temperature, jnp.float32), jnp.asarray(sampling.top_p, jnp.float32),
       max_new_tokens=sampling.max_new_tokens, top_k=sampling.top_k,
       use_top_p=sampling.top_p < 1.0, eos_ids=eos, segment=decode_segment,
-      row_offset=int(row_offset),
+      row_offset=int(row_offset), row_group=row_group,
       logp_temperature=float(sampling.temperature) if policy.bitwise else None)
   out_tokens, out_logp, out_mask, hit_eos = jax.device_get((out_tokens, out_logp, out_mask,
                                                             hit_eos))
