@@ -44,7 +44,7 @@ from rl_fp16.models import moe
 from rl_fp16.models.config import ModelConfig
 from rl_fp16.models.layers import (BITWISE_MIN_ROWS, LMHead, Linear, RMSNorm, apply_rope, attend,
                                    bitwise_min_rows, engine_weight, fused_linear,
-                                   rope_inv_freq)
+                                   held_in_float32, rope_inv_freq)
 from rl_fp16.precision import DtypePolicy, cast_floating, policy_jit
 
 Params = dict[str, Any]
@@ -71,12 +71,14 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(cfg)
     q, k = apply_rope(q, positions, inv_freq, pol), apply_rope(k, positions, inv_freq, pol)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # head-major [B, Hkv, t, Dh]
+    if pol.bitwise:  # float32 holding compute-dtype values: the cache's and the attention's dtype
+      k, v = held_in_float32(k, pol), held_in_float32(v, pol)
     new_cache = None
     if layer_cache is not None:
       cache_k = write_cache(layer_cache["k"], k, cache_index)
       cache_v = write_cache(layer_cache["v"], v, cache_index)
       new_cache = {"k": cache_k, "v": cache_v}
-      k, v = cache_k.astype(pol.compute_dtype), cache_v.astype(pol.compute_dtype)
+      k, v = cache_k.astype(k.dtype), cache_v.astype(v.dtype)
     out = attend(q, k, v, mask, pol, positions, causal=layer_cache is None).reshape(
         b, t, h * dh)
     out = Linear(cfg.hidden_size, cfg.o_bias, pol, std, name="o_proj")(out)

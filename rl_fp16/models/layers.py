@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_fp16.models.config import ModelConfig
-from rl_fp16.precision import DtypePolicy
+from rl_fp16.precision import DtypePolicy, round_to_bits
 
 
 # The bitwise forward's shapes (docs/bitwise.md): every dot of a Linear has at least
@@ -242,6 +242,17 @@ def _attend_dense(q, k, v, mask, policy: DtypePolicy):
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
+def held_in_float32(x: jax.Array, policy: DtypePolicy) -> jax.Array:
+  """`x` rounded to the compute dtype and held in float32, the rounding pinned (`round_to_bits`:
+  XLA may drop a cast to the compute dtype and back, not this)."""
+  x = x.astype(jnp.float32)
+  compute = jnp.dtype(policy.compute_dtype)
+  if compute == jnp.float32:
+    return x
+  info = jnp.finfo(compute)
+  return round_to_bits(x, info.nmant + 1, info.nexp)
+
+
 def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
   """`attend` of a bitwise policy: every dot has the same shape whatever T and S are, and every
   sum over keys is a dot or an add of dot outputs, never a fused reduction.
@@ -267,7 +278,9 @@ def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
   pad_q = -q.shape[1] % tile
   pad_k = -k.shape[1] % BITWISE_KEY_BLOCK
   q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
-  q = policy.round(q * jnp.asarray(dh ** -0.5, q.dtype))
+  dtype = policy.softmax_dtype
+  q = held_in_float32(policy.round(q * jnp.asarray(dh ** -0.5, q.dtype)), policy)
+  k, v = (x if x.dtype == jnp.float32 else held_in_float32(x, policy) for x in (k, v))
   ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
   k, v = (jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
           for x in (k, jnp.concatenate([v, ones], axis=-1)))
@@ -275,7 +288,6 @@ def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
   tiles = q.shape[1] // tile
   q = q.reshape(b, tiles, tile, kv_heads, groups, dh)
   mask = mask.reshape(b, tiles, tile, -1)[:, None, :, None]  # [B, 1, tiles, 1, tile, S]
-  dtype = policy.softmax_dtype
   big_negative = jnp.finfo(dtype).min
   blocks = [slice(start, start + BITWISE_KEY_BLOCK)
             for start in range(0, k.shape[1], BITWISE_KEY_BLOCK)]
@@ -290,7 +302,8 @@ def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
   row_max = functools.reduce(jnp.maximum, [s.max(axis=-1) for s in scores])[..., None]
   acc = None
   for block, block_scores in zip(blocks, scores):
-    probs = policy.round(jnp.exp(block_scores - row_max).astype(policy.compute_dtype))
+    probs = held_in_float32(
+        policy.round(jnp.exp(block_scores - row_max).astype(policy.compute_dtype)), policy)
     part = jnp.einsum("bkigqs,biskd->bkigqd", probs, per_tile(v, block),
                       preferred_element_type=dtype).astype(dtype)
     acc = part if acc is None else acc + part

@@ -126,7 +126,8 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
     return (jnp.ones((rows, prompt_len + max_new_tokens), jnp.int32) if compact else
             jnp.concatenate([mask, jnp.ones((rows, max_new_tokens), jnp.int32)], axis=1))
 
-  cache = init_cache(config, distinct, prompt_len + ends[0], policy.compute_dtype)
+  cache = init_cache(config, distinct, prompt_len + ends[0],
+                     jnp.float32 if compact else policy.compute_dtype)
   hidden, cache = forward_cached(config, params, prompt_tokens, default_positions(prompt_mask),
                                  cache, jnp.asarray(0, jnp.int32),
                                  slot_mask(prompt_mask)[:, :prompt_len + ends[0]], policy=policy,
