@@ -263,6 +263,8 @@ def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
   the (pre-scaled) scores over all blocks, then per block in order exp(scores - max) in the
   compute dtype times [v, 1], which gives the weighted values and the softmax denominator in one
   dot; the blocks' products are added in order (a block masked for every query adds exact zeros).
+  The dots take float32 operands holding compute-dtype values (`held_in_float32`; k and v may
+  come so already: the decoder's bitwise K, V and cache).
   """
   b, t, h, dh = q.shape
   k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, Hkv, Dh]
