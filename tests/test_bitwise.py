@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rl_fp16.models import ModelConfig, default_positions, init_params, token_logprobs
+from rl_fp16.models import layers
 from rl_fp16.models.decoder import apply_token_stats
 from rl_fp16.precision import compiler_options, get_policy
 from rl_fp16.sampling.jax_sampler import SamplingConfig, generate
@@ -126,6 +127,24 @@ def test_chunked_lm_head_keeps_sampler_logprobs_bitwise(model, precision):
     valid = np.asarray(stats["chunked"]["logp"]) != 0
     np.testing.assert_array_equal(np.asarray(stats["chunked"]["argmax"])[valid],
                                   np.asarray(stats["full"]["argmax"])[valid])
+
+
+@pytest.mark.parametrize("model,precision", [("llama3", "fp32"), ("qwen2_tied_gqa", "bf16")])
+def test_attention_in_key_chunks_keeps_sampler_logprobs_bitwise(model, precision, monkeypatch):
+  """The attention's loop over keys one key block per step (the responses' two blocks: a scan
+  whose second pass recomputes each block's scores) samples the tokens and log-probs of all keys
+  in one step, and the trainer's log-probs still equal the sampler's bit for bit."""
+  config = MODELS[model]
+  params = init_params(config, jax.random.key(0))
+  whole = _sampled(config, params, precision)
+  monkeypatch.setattr(layers, "BITWISE_CHUNK_BLOCKS", 1)
+  jax.clear_caches()
+  chunked = _sampled(config, params, precision)
+  np.testing.assert_array_equal(chunked.response_tokens, whole.response_tokens)
+  np.testing.assert_array_equal(chunked.logp_sampler, whole.logp_sampler)
+  tokens, mask, _ = chunked.full_sequence()
+  logp = _trainer(config, params, precision, tokens, mask)
+  _assert_bitwise(logp[:, chunked.prompt_tokens.shape[1]:], chunked)
 
 
 # ------------------------------------------------------------------------ the RL loop ----

@@ -1,7 +1,7 @@
 """The trainer's forward holds neither all [B, T, V] logits nor all [B, H, T, S] attention scores:
-the chunked LM head + log-softmax (`apply_token_stats`) and the query-blocked attention (`attend`)
-give the full computation's numbers within float rounding, and the compiled step's temporary
-memory stays below what the full tensors would take."""
+the chunked LM head + log-softmax (`apply_token_stats`) and the query-blocked attention (`attend`;
+a bitwise policy's runs key chunks) give the full computation's numbers within float rounding,
+and the compiled step's temporary memory stays below what the full tensors would take."""
 
 import functools
 
@@ -204,11 +204,12 @@ def _full_rl_loss_big(params, batch, *, policy, algorithm, loss_config, temperat
   return loss
 
 
-def test_attention_backward_never_holds_all_scores():
+@pytest.mark.parametrize("bitwise", [False, True])
+def test_attention_backward_never_holds_all_scores(bitwise):
   """The gradient of attention over 8,192 queries and keys, 8 heads: all float32 scores would be
-  2 GiB; the blocked attention's temporaries stay under a third of that, the dense one's exceed
-  it."""
-  policy = get_policy("fp32")
+  2 GiB; the blocked attention's temporaries (the bitwise attention's: key chunks) stay under a
+  third of that, the dense one's exceed it."""
+  policy = get_policy("fp32", bitwise=bitwise)
   b, t, h, kv, dh = 1, 8192, 8, 2, 16
   q = jax.ShapeDtypeStruct((b, t, h, dh), jnp.float32)
   k = jax.ShapeDtypeStruct((b, kv, t, dh), jnp.float32)

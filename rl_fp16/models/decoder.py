@@ -79,7 +79,7 @@ class Attention(nn.Module):
       cache_v = write_cache(layer_cache["v"], v, cache_index)
       new_cache = {"k": cache_k, "v": cache_v}
       k, v = cache_k.astype(k.dtype), cache_v.astype(v.dtype)
-    out = attend(q, k, v, mask, pol, positions, causal=layer_cache is None).reshape(
+    out = attend(q, k, v, mask, pol, causal=layer_cache is None).reshape(
         b, t, h * dh)
     out = Linear(cfg.hidden_size, cfg.o_bias, pol, std, name="o_proj")(out)
     return out, new_cache

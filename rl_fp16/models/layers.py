@@ -20,11 +20,12 @@ from rl_fp16.precision import DtypePolicy, round_to_bits
 
 
 # The bitwise forward's shapes (docs/bitwise.md): every dot of a Linear has at least
-# BITWISE_MIN_ROWS rows; attention runs query tiles of BITWISE_QUERY_ROWS dot rows (queries x
-# query heads per key head) and key blocks of BITWISE_KEY_BLOCK.
+# BITWISE_MIN_ROWS rows; attention runs key blocks of BITWISE_KEY_BLOCK.
 BITWISE_MIN_ROWS = 64
-BITWISE_QUERY_ROWS = 32
 BITWISE_KEY_BLOCK = 64
+# Key blocks per step of the bitwise attention's loop over keys: one step's scores are the most
+# it holds at once.
+BITWISE_CHUNK_BLOCKS = 8
 
 
 def bitwise_min_rows(rows_per_unit: int) -> int:
@@ -128,7 +129,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
   """Rotates x [B, T, H, Dh] by positions [B, T] (half-split layout, as Hugging Face Qwen/Llama).
 
   Angles and cos/sin are computed in float32 and rounded to x's dtype, as transformers does (and
-  to an emulated `policy`'s format, as is the result).
+  to an emulated `policy`'s format, as is the result). Under a bitwise policy in float32 each
+  product is rounded apart from the sum (`_product_not_contracted`).
   """
   rnd = policy.round if policy is not None else lambda v: v
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
@@ -136,7 +138,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
   cos, sin = rnd(jnp.cos(angles).astype(x.dtype)), rnd(jnp.sin(angles).astype(x.dtype))
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  if policy is not None and policy.bitwise and x.dtype == jnp.float32:
+    return _product_not_contracted(x, cos) + _product_not_contracted(rotated, sin)
   return rnd(x * cos + rotated * sin)
+
+
+def _product_not_contracted(x: jax.Array, trig: jax.Array) -> jax.Array:
+  """float32 x * trig (|trig| <= 1) rounded on its own: never contracted with the add it feeds
+  into one fused multiply-add, which XLA:CPU does in some fusions and not in others.
+
+  The product's bits are OR-ed with a zero only known at run time (trig > 2 is never true), an
+  integer step that no compiler sees through.
+  """
+  zero = (trig > 2).astype(jnp.uint32)
+  bits = jax.lax.bitcast_convert_type(x * trig, jnp.uint32) | zero
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 # Queries per block of the non-bitwise attention (`attend`): one block's [B, H, block, S] scores
@@ -155,15 +171,13 @@ def causal_block_size(t: int, query_block: int = ATTENTION_QUERY_BLOCK) -> int:
   return min(query_block, max(ATTENTION_MIN_CAUSAL_BLOCK, -(-t // ATTENTION_CAUSAL_BLOCKS)))
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: DtypePolicy,
-           positions: jax.Array | None = None, *,
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: DtypePolicy, *,
            query_block: int = ATTENTION_QUERY_BLOCK, causal: bool = False) -> jax.Array:
   """Grouped-query attention.
 
   Args:
     q: [B, T, H, Dh]; k, v: head-major [B, Hkv, S, Dh] (compute dtype).
     mask: bool [B, T, S], True where query t may attend to key s.
-    positions: int32 [B, T], the queries' positions; used by a bitwise policy with T == 1.
     query_block: a non-bitwise policy attends `query_block` queries at a time (static).
     causal: the keys are the queries' own columns (S == T) and mask[:, t, s] is False for s > t,
       as in the full-sequence forward (`causal_mask`); a non-bitwise policy then skips the keys
@@ -171,7 +185,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
   Returns:
     [B, T, H, Dh] in the compute dtype. Scores and softmax run in `policy.softmax_dtype`.
 
-  A bitwise policy runs `_attend_tiled`. Otherwise a causal attention runs `_attend_dense` per
+  A bitwise policy runs `_attend_bitwise` (all keys for every query, in key blocks). Otherwise a causal attention runs `_attend_dense` per
   block of `causal_block_size(T, query_block)` queries, each against keys [0, block end); a
   non-causal one with T > query_block per block of query_block queries against all keys, in a
   `lax.map`. With T > query_block every block runs under `jax.checkpoint`: the forward and the
@@ -179,7 +193,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
   over all the keys its mask lets it see, as in one block.
   """
   if policy.bitwise:
-    return _attend_tiled(q, k, v, mask, policy, positions)
+    return _attend_bitwise(q, k, v, mask, policy)
   b, t, h, dh = q.shape
   if causal:
     if k.shape[2] != t:
@@ -253,67 +267,87 @@ def held_in_float32(x: jax.Array, policy: DtypePolicy) -> jax.Array:
   return round_to_bits(x, info.nmant + 1, info.nexp)
 
 
-def _attend_tiled(q, k, v, mask, policy: DtypePolicy, positions):
-  """`attend` of a bitwise policy: every dot has the same shape whatever T and S are, and every
-  sum over keys is a dot or an add of dot outputs, never a fused reduction.
+def _attend_bitwise(q, k, v, mask, policy: DtypePolicy):
+  """`attend` of a bitwise policy: a query's result does not depend on how many queries are
+  computed with it, nor on the number of keys past its own, and every sum over keys is a dot or
+  an add of dot outputs, never a fused reduction.
 
-  Queries go in tiles of BITWISE_QUERY_ROWS / (H // Hkv) (query t at row t % tile, so the keys must
-  sit at the slots of their positions: the decoder's compacted layout; a single query, T == 1, is
-  placed by its position), keys in blocks of `BITWISE_KEY_BLOCK`. Two passes: the row maximum of
-  the (pre-scaled) scores over all blocks, then per block in order exp(scores - max) in the
-  compute dtype times [v, 1], which gives the weighted values and the softmax denominator in one
-  dot; the blocks' products are added in order (a block masked for every query adds exact zeros).
-  The dots take float32 operands holding compute-dtype values (`held_in_float32`; k and v may
-  come so already: the decoder's bitwise K, V and cache).
+  The queries are the columns of the dots (XLA:CPU gives a column the same result for any number
+  of columns from 2 on; a lone column gets a zero column beside it), the keys their rows, in
+  blocks of `BITWISE_KEY_BLOCK` from slot 0 (so a key must sit at the slot of its position: the
+  decoder's compacted layout). Two passes: each query's maximum (pre-scaled) score over all
+  blocks, then per block in order exp(scores - max) in the compute dtype against [v, 1], which
+  gives the weighted values and the softmax denominator in one dot; the blocks' products are
+  added in order (a block masked for every query adds exact zeros). The dots take float32
+  operands holding compute-dtype values (`held_in_float32`; k and v may come so already: the
+  decoder's bitwise K, V and cache).
   """
   b, t, h, dh = q.shape
-  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, Hkv, Dh]
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1]
   groups = h // kv_heads
-  tile = -(-BITWISE_QUERY_ROWS // groups)
-  single = t == 1
-  if single:  # the query at row position % tile of a tile of its own
-    row = (positions[:, 0] % tile) if positions is not None else jnp.zeros((b,), jnp.int32)
-    place = jnp.arange(tile)[None, :] == row[:, None]  # [B, tile]
-    q = jnp.zeros((b, tile, h, dh), q.dtype).at[jnp.arange(b), row].set(q[:, 0])
-    mask = place[:, :, None] & mask
-  pad_q = -q.shape[1] % tile
-  pad_k = -k.shape[1] % BITWISE_KEY_BLOCK
-  q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
   dtype = policy.softmax_dtype
   q = held_in_float32(policy.round(q * jnp.asarray(dh ** -0.5, q.dtype)), policy)
+  # [B, T, Hkv, G, Dh] -> columns [B, Hkv, Dh, T * G], column t * G + g
+  q = q.reshape(b, t, kv_heads, groups, dh).transpose(0, 2, 4, 1, 3).reshape(
+      b, kv_heads, dh, t * groups)
+  pad_n = 1 if t * groups == 1 else 0
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad_n)))
   k, v = (x if x.dtype == jnp.float32 else held_in_float32(x, policy) for x in (k, v))
-  ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
-  k, v = (jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
-          for x in (k, jnp.concatenate([v, ones], axis=-1)))
-  mask = jnp.pad(mask, ((0, 0), (0, pad_q), (0, pad_k)))
-  tiles = q.shape[1] // tile
-  q = q.reshape(b, tiles, tile, kv_heads, groups, dh)
-  mask = mask.reshape(b, tiles, tile, -1)[:, None, :, None]  # [B, 1, tiles, 1, tile, S]
+  v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+  mask = jnp.swapaxes(mask, 1, 2)[:, None]  # [B, 1, S, T]
+
+  def columns(mask_block):  # [B, 1, block, T] -> [B, 1, block, T * G (+ pad)]
+    mask_block = jnp.repeat(mask_block, groups, axis=-1)
+    return jnp.pad(mask_block, ((0, 0), (0, 0), (0, 0), (0, pad_n)))
+
+  blocks = -(-k.shape[2] // BITWISE_KEY_BLOCK)
+  chunk = min(blocks, BITWISE_CHUNK_BLOCKS)
+  chunks = -(-blocks // chunk)
+
+  def key_chunks(x):  # [B, Hkv | 1, S, d] -> [chunks, B, Hkv | 1, chunk, block, d], zero-padded
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, chunks * chunk * BITWISE_KEY_BLOCK - x.shape[2]), (0, 0)))
+    x = x.reshape(x.shape[:2] + (chunks, chunk, BITWISE_KEY_BLOCK) + x.shape[3:])
+    return jnp.moveaxis(x, 2, 0)
+
+  k, v, mask = key_chunks(k), key_chunks(v), key_chunks(mask)
   big_negative = jnp.finfo(dtype).min
-  blocks = [slice(start, start + BITWISE_KEY_BLOCK)
-            for start in range(0, k.shape[1], BITWISE_KEY_BLOCK)]
 
-  def per_tile(x, block):  # [B, S, Hkv, d] -> the block for every query tile
-    return jnp.broadcast_to(x[:, None, block], (b, tiles) + x[:, block].shape[1:])
-
-  scores = [jnp.where(mask[..., block],
-                      jnp.einsum("biqkgd,biskd->bkigqs", q, per_tile(k, block),
+  def chunk_scores(k_chunk, mask_chunk):  # per block of the chunk: [B, Hkv, block, columns]
+    return [jnp.where(columns(mask_chunk[:, :, c]),
+                      jnp.einsum("bksd,bkdn->bksn", k_chunk[:, :, c], q,
                                  preferred_element_type=dtype).astype(dtype), big_negative)
-            for block in blocks]
-  row_max = functools.reduce(jnp.maximum, [s.max(axis=-1) for s in scores])[..., None]
-  acc = None
-  for block, block_scores in zip(blocks, scores):
-    probs = held_in_float32(
-        policy.round(jnp.exp(block_scores - row_max).astype(policy.compute_dtype)), policy)
-    part = jnp.einsum("bkigqs,biskd->bkigqd", probs, per_tile(v, block),
-                      preferred_element_type=dtype).astype(dtype)
-    acc = part if acc is None else acc + part
-  out = policy.round((acc[..., :dh] / acc[..., dh:]).astype(policy.compute_dtype))
-  out = out.transpose(0, 2, 4, 1, 3, 5).reshape(b, tiles * tile, h, dh)
-  if single:
-    return jnp.take_along_axis(out, row[:, None, None, None], axis=1)
-  return out[:, :t]
+            for c in range(chunk)]
+
+  def chunk_max(col_max, scores):
+    return functools.reduce(jnp.maximum, [s.max(axis=2) for s in scores], col_max)
+
+  def weighted(col_max, acc, v_chunk, scores):  # the blocks' products, added in order
+    for c, block_scores in enumerate(scores):
+      probs = held_in_float32(policy.round(
+          jnp.exp(block_scores - col_max).astype(policy.compute_dtype)), policy)
+      acc = acc + jnp.einsum("bksd,bksn->bkdn", v_chunk[:, :, c], probs,
+                             preferred_element_type=dtype).astype(dtype)
+    return acc
+
+  col_max = jnp.full(q.shape[:2] + q.shape[3:], big_negative, dtype)
+  acc = jnp.zeros(q.shape[:2] + (dh + 1, q.shape[3]), dtype)
+  if chunks == 1:
+    scores = chunk_scores(k[0], mask[0])
+    acc = weighted(chunk_max(col_max, scores)[:, :, None], acc, v[0], scores)
+  else:  # one chunk's scores at a time, recomputed in the second pass and the backward
+    col_max = jax.lax.scan(lambda m, keys: (chunk_max(m, chunk_scores(*keys)), None), col_max,
+                           (k, mask))[0]
+    col_max = jax.lax.stop_gradient(col_max)[:, :, None]  # the softmax does not depend on it
+
+    @jax.checkpoint
+    def weighted_step(acc, keys):
+      k_chunk, v_chunk, mask_chunk = keys
+      return weighted(col_max, acc, v_chunk, chunk_scores(k_chunk, mask_chunk)), None
+
+    acc = jax.lax.scan(weighted_step, acc, (k, v, mask))[0]
+  out = policy.round((acc[:, :, :dh] / acc[:, :, dh:]).astype(policy.compute_dtype))
+  out = out[..., :t * groups].reshape(b, kv_heads, dh, t, groups)
+  return out.transpose(0, 3, 1, 4, 2).reshape(b, t, h, dh)
 
 
 class StackedKernel(nn.Module):
