@@ -17,7 +17,7 @@ import numpy as np
 
 from rl_fp16.models import ModelConfig, default_positions, forward_cached, init_cache
 from rl_fp16.models.decoder import lm_head_logits, lm_head_weight, logprobs_from_logits
-from rl_fp16.models.layers import BITWISE_MIN_ROWS
+from rl_fp16.models.layers import BITWISE_MIN_ROWS, bitwise_min_rows
 from rl_fp16.precision import DtypePolicy, policy_jit
 from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
 
@@ -111,8 +111,9 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
   decoded at once; a group's KV cache is a fraction of the batch's and stays in the CPU's caches
   between steps.
 
-  Under a bitwise policy the prompts come right-padded and every token's keys sit at the slot of
-  its position (the decoder's compacted layout): the cache (float32 holding compute-dtype values,
+  Under a bitwise policy the prompts come right-padded (at least `BITWISE_MIN_ROWS` tokens in
+  all) and every token's keys sit at the slot of its position (the decoder's compacted layout):
+  the cache (float32 holding compute-dtype values,
   `layers.held_in_float32`) is written at a per-row slot, and a
   token's log-prob is `logprobs_from_logits` of its logits at `logp_temperature` (a Python
   float, the same value as `temperature`), as in `token_logprobs`; top-k / top-p must be off.
@@ -310,12 +311,15 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
       batch_bucket=math.lcm(batch_bucket, row_group) if row_group else batch_bucket,
       min_rows=BITWISE_MIN_ROWS if policy.bitwise else 1)
   rows = len(prompt_index)
-  if policy.bitwise:  # every row prefilled on its own: the trainer's layout, row for row
-    decode_tokens, decode_mask = right_align(prompt_tokens, prompt_mask)
-    row_source = np.arange(len(prompt_tokens), dtype=np.int32)
-  else:  # one prefill per distinct prompt (padding rows copy the last row's)
-    decode_tokens, decode_mask = prompt_tokens[:rows:n], prompt_mask[:rows:n]
-    row_source = prompt_index[np.minimum(np.arange(len(prompt_tokens)), rows - 1)]
+  # One prefill per distinct prompt (padding rows copy the last row's).
+  decode_tokens, decode_mask = prompt_tokens[:rows:n], prompt_mask[:rows:n]
+  row_source = prompt_index[np.minimum(np.arange(len(prompt_tokens)), rows - 1)]
+  if policy.bitwise:  # the trainer's compacted layout, in at least BITWISE_MIN_ROWS tokens
+    decode_tokens, decode_mask = right_align(decode_tokens, decode_mask)
+    short = bitwise_min_rows(decode_tokens.shape[1]) - len(decode_tokens)
+    if short > 0:
+      decode_tokens, decode_mask = (np.concatenate([x, np.repeat(x[-1:], short, axis=0)])
+                                    for x in (decode_tokens, decode_mask))
   out_tokens, out_logp, out_mask, hit_eos = _decode(
       config, policy, params, jnp.asarray(decode_tokens), jnp.asarray(decode_mask),
       jnp.asarray(row_source), rng,
