@@ -252,11 +252,9 @@ def get_precision_pair(name: str, *, bitwise: bool = False) -> PrecisionPair:
                        sampler=get_policy(parts[1], "sampler", bitwise=bitwise), name=name)
 
 
-# XLA:CPU's fusion emitters compile one elementwise or reduction expression differently in
-# different programs (vectorisation, FMA contraction); the legacy emitters do not
+# XLA:CPU's YNNPACK fusions pull different neighbouring ops into a dot in different programs
 # (docs/bitwise.md). Options of other backends' compilers ignore it.
-BITWISE_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False,
-                            "xla_cpu_experimental_ynn_fusion_type": ""}
+BITWISE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def compiler_options(policy: DtypePolicy) -> dict[str, Any] | None:

@@ -180,27 +180,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
     mask: bool [B, T, S], True where query t may attend to key s.
     query_block: a non-bitwise policy attends `query_block` queries at a time (static).
     causal: the keys are the queries' own columns (S == T) and mask[:, t, s] is False for s > t,
-      as in the full-sequence forward (`causal_mask`); a non-bitwise policy then skips the keys
-      after each block's last query (static).
+      as in the full-sequence forward (`causal_mask`); the attention then skips the keys after
+      each block's last query (static).
   Returns:
     [B, T, H, Dh] in the compute dtype. Scores and softmax run in `policy.softmax_dtype`.
 
-  A bitwise policy runs `_attend_bitwise` (all keys for every query, in key blocks). Otherwise a causal attention runs `_attend_dense` per
-  block of `causal_block_size(T, query_block)` queries, each against keys [0, block end); a
-  non-causal one with T > query_block per block of query_block queries against all keys, in a
-  `lax.map`. With T > query_block every block runs under `jax.checkpoint`: the forward and the
-  backward hold one block's scores at a time, never all [B, H, T, S]. Every query's softmax is
-  over all the keys its mask lets it see, as in one block.
+  A causal attention runs `_attend_dense` (a bitwise policy: `_attend_bitwise`) per block of
+  `causal_block_size(T, query_block)` queries, each against keys [0, block end). Otherwise a
+  bitwise policy runs `_attend_bitwise` on all queries; a non-bitwise one with T > query_block
+  runs `_attend_dense` per block of query_block queries against all keys, in a `lax.map`. With
+  T > query_block every non-bitwise block runs under `jax.checkpoint` (`_attend_bitwise` bounds
+  its own memory): the forward and the backward hold one block's scores at a time, never all
+  [B, H, T, S]. Every query's softmax is over all the keys its mask lets it see, as in one block.
   """
-  if policy.bitwise:
-    return _attend_bitwise(q, k, v, mask, policy)
   b, t, h, dh = q.shape
   if causal:
     if k.shape[2] != t:
       raise ValueError(f"A causal attention needs as many keys as queries, got {k.shape[2]} keys "
                        f"for {t} queries")
     return _attend_causal_blocks(q, k, v, mask, policy, causal_block_size(t, query_block),
-                                 remat=t > query_block)
+                                 remat=t > query_block and not policy.bitwise)
+  if policy.bitwise:
+    return _attend_bitwise(q, k, v, mask, policy)
   if t <= query_block:
     return _attend_dense(q, k, v, mask, policy)
   blocks = -(-t // query_block)
@@ -221,9 +222,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
 
 def _attend_causal_blocks(q, k, v, mask, policy: DtypePolicy, block: int, remat: bool):
   """`attend(causal=True)`: queries [start, end) against keys [0, end), one block after another
-  (static slices; each under `jax.checkpoint` when `remat`), concatenated over T."""
+  (static slices; each under `jax.checkpoint` when `remat`), concatenated over T. Each block is
+  `_attend_bitwise` under a bitwise policy (the keys left out are masked for every query of the
+  block: they would add exact zeros), `_attend_dense` otherwise."""
   t = q.shape[1]
-  dense = jax.checkpoint(_attend_dense, static_argnums=(4,)) if remat else _attend_dense
+  dense = _attend_bitwise if policy.bitwise else _attend_dense
+  dense = jax.checkpoint(dense, static_argnums=(4,)) if remat else dense
   outs = []
   for start in range(0, t, block):
     end = min(t, start + block)
