@@ -147,6 +147,30 @@ def test_attention_in_key_chunks_keeps_sampler_logprobs_bitwise(model, precision
   _assert_bitwise(logp[:, chunked.prompt_tokens.shape[1]:], chunked)
 
 
+@pytest.mark.parametrize("model,precision", [("llama3", "fp32"), ("qwen3_qknorm", "fp32"),
+                                             ("qwen2_tied_gqa", "bf16")])
+def test_bitwise_gradient_matches_the_normal_one(model, precision):
+  """The bitwise forward's gradient (every parameter: projections, q/k norms, embeddings) equals
+  the normal policy's within float rounding, so nothing on its path (RoPE's product pinning, the
+  attention's stop-gradient max) cuts it."""
+  config = MODELS[model]
+  params = init_params(config, jax.random.key(0))
+  tokens = np.random.default_rng(0).integers(2, config.vocab_size, (4, 40))
+
+  def grad(bitwise):
+    policy = get_policy(precision, bitwise=bitwise)
+    return jax.jit(jax.grad(lambda p: -jnp.mean(token_logprobs(config, p, tokens, policy=policy))),
+                   compiler_options=compiler_options(policy))(params)
+
+  tol = 1e-4 if precision == "fp32" else 5e-2
+  for (path, g), g_normal in zip(jax.tree_util.tree_leaves_with_path(grad(True)),
+                                 jax.tree_util.tree_leaves(grad(False))):
+    scale = float(np.abs(g_normal).max())
+    assert scale > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_normal), rtol=0, atol=tol * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
 # ------------------------------------------------------------------------ the RL loop ----
 
 import json  # noqa: E402

@@ -145,14 +145,22 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
 
 def _product_not_contracted(x: jax.Array, trig: jax.Array) -> jax.Array:
   """float32 x * trig (|trig| <= 1) rounded on its own: never contracted with the add it feeds
-  into one fused multiply-add, which XLA:CPU does in some fusions and not in others.
+  into one fused multiply-add, which XLA:CPU does in some fusions and not in others."""
+  return _rounded_apart(x * trig, trig)
 
-  The product's bits are OR-ed with a zero only known at run time (trig > 2 is never true), an
-  integer step that no compiler sees through.
-  """
+
+@jax.custom_jvp
+def _rounded_apart(product: jax.Array, trig: jax.Array) -> jax.Array:
+  """`product` as it is, its bits OR-ed with a zero only known at run time (trig > 2 is never
+  true): an integer step that no compiler sees through. Differentiable as the identity."""
   zero = (trig > 2).astype(jnp.uint32)
-  bits = jax.lax.bitcast_convert_type(x * trig, jnp.uint32) | zero
+  bits = jax.lax.bitcast_convert_type(product, jnp.uint32) | zero
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@_rounded_apart.defjvp
+def _rounded_apart_jvp(primals, tangents):
+  return _rounded_apart(*primals), tangents[0]
 
 
 # Queries per block of the non-bitwise attention (`attend`): one block's [B, H, block, S] scores
