@@ -234,12 +234,13 @@ def _attend_causal_blocks(q, k, v, mask, policy: DtypePolicy, block: int, remat:
   `_attend_bitwise` under a bitwise policy (the keys left out are masked for every query of the
   block: they would add exact zeros), `_attend_dense` otherwise."""
   t = q.shape[1]
-  dense = _attend_bitwise if policy.bitwise else _attend_dense
-  dense = jax.checkpoint(dense, static_argnums=(4,)) if remat else dense
+  block_attention = _attend_bitwise if policy.bitwise else _attend_dense
+  if remat:
+    block_attention = jax.checkpoint(block_attention, static_argnums=(4,))
   outs = []
   for start in range(0, t, block):
     end = min(t, start + block)
-    outs.append(dense(q[:, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end],
+    outs.append(block_attention(q[:, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end],
                       policy))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
@@ -290,7 +291,9 @@ def _attend_bitwise(q, k, v, mask, policy: DtypePolicy):
   decoder's compacted layout). Two passes: each query's maximum (pre-scaled) score over all
   blocks, then per block in order exp(scores - max) in the compute dtype against [v, 1], which
   gives the weighted values and the softmax denominator in one dot; the blocks' products are
-  added in order (a block masked for every query adds exact zeros). The dots take float32
+  added in order (a block masked for every query adds exact zeros). Past `BITWISE_CHUNK_BLOCKS`
+  blocks both passes scan over chunks of that many blocks, the second (under `jax.checkpoint`)
+  recomputing each chunk's scores: one chunk's scores are held at a time. The dots take float32
   operands holding compute-dtype values (`held_in_float32`; k and v may come so already: the
   decoder's bitwise K, V and cache).
   """

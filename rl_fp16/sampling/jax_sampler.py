@@ -113,10 +113,10 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
 
   Under a bitwise policy the prompts come right-padded (at least `BITWISE_MIN_ROWS` tokens in
   all) and every token's keys sit at the slot of its position (the decoder's compacted layout):
-  the cache (float32 holding compute-dtype values,
-  `layers.held_in_float32`) is written at a per-row slot, and a
-  token's log-prob is `logprobs_from_logits` of its logits at `logp_temperature` (a Python
-  float, the same value as `temperature`), as in `token_logprobs`; top-k / top-p must be off.
+  the cache (float32 holding compute-dtype values, `layers.held_in_float32`) is written at a
+  per-row slot, and a token's log-prob is `logprobs_from_logits` of its logits at
+  `logp_temperature` (a Python float, the same value as `temperature`), as in `token_logprobs`;
+  top-k / top-p must be off.
   """
   distinct, prompt_len = prompt_tokens.shape
   batch = row_source.shape[0]
