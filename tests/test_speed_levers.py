@@ -169,7 +169,8 @@ def test_head_major_attention_matches_a_plain_reference(queries):
   slot = np.arange(s)[None, None, :]
   query_slot = (s - queries + np.arange(queries))[None, :, None]
   mask = (slot <= query_slot) & (slot >= np.array([0, 1, 2])[:, None, None])  # left padding
-  out = jax.jit(lambda *a: attend(*a, policy=get_precision_pair("fp32").trainer))(q, k, v, mask)
+  out = jax.jit(lambda *a: attend(*a, policy=get_precision_pair("fp32").trainer))(
+      q, jnp.swapaxes(k, 2, 3), v, mask)
   np.testing.assert_allclose(out, _reference_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
@@ -182,8 +183,8 @@ def test_causal_query_blocks_match_one_dense_block(precision, query_block):
   assert causal_block_size(t, query_block) < t
   keys = jax.random.split(jax.random.key(3), 4)
   q = jax.random.normal(keys[0], (b, t, h, d)).astype(policy.compute_dtype)
-  k, v = (jax.random.normal(key, (b, kv, t, d)).astype(policy.compute_dtype)
-          for key in keys[1:3])
+  k, v = (jax.random.normal(key, shape).astype(policy.compute_dtype)
+          for key, shape in zip(keys[1:3], [(b, kv, d, t), (b, kv, t, d)]))
   real = jax.random.bernoulli(keys[3], 0.9, (b, 1, t)).at[:, :, 0].set(True)
   mask = jnp.tril(jnp.ones((t, t), bool))[None] & real
 

@@ -128,8 +128,8 @@ def test_blocked_attention_matches_dense(precision):
   b, t, h, kv, dh = 2, 45, 8, 2, 16
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (b, t, h, dh)).astype(policy.compute_dtype)
-  k, v = (jax.random.normal(key, (b, kv, t, dh)).astype(policy.compute_dtype)
-          for key in keys[1:3])
+  k, v = (jax.random.normal(key, shape).astype(policy.compute_dtype)
+          for key, shape in zip(keys[1:3], [(b, kv, dh, t), (b, kv, t, dh)]))
   causal = jnp.tril(jnp.ones((t, t), bool))
   keep = jax.random.bernoulli(keys[3], 0.8, (b, 1, t))
   mask = causal[None] & keep  # arbitrary boolean mask, some queries see no key
@@ -154,7 +154,8 @@ def test_decode_query_attends_as_before():
   policy = get_policy("bf16")
   keys = jax.random.split(jax.random.key(1), 3)
   q = jax.random.normal(keys[0], (3, 1, 4, 8)).astype(jnp.bfloat16)
-  k, v = (jax.random.normal(key, (3, 2, 20, 8)).astype(jnp.bfloat16) for key in keys[1:])
+  k, v = (jax.random.normal(key, shape).astype(jnp.bfloat16)
+          for key, shape in zip(keys[1:], [(3, 2, 8, 20), (3, 2, 20, 8)]))
   mask = jnp.arange(20)[None, None, :] < jnp.array([5, 12, 20])[:, None, None]
   np.testing.assert_array_equal(attend(q, k, v, mask, policy, query_block=8),
                                 _attend_dense(q, k, v, mask, policy))
@@ -212,14 +213,16 @@ def test_attention_backward_never_holds_all_scores(bitwise):
   policy = get_policy("fp32", bitwise=bitwise)
   b, t, h, kv, dh = 1, 8192, 8, 2, 16
   q = jax.ShapeDtypeStruct((b, t, h, dh), jnp.float32)
-  k = jax.ShapeDtypeStruct((b, kv, t, dh), jnp.float32)
+  v = jax.ShapeDtypeStruct((b, kv, t, dh), jnp.float32)
+  k = jax.ShapeDtypeStruct((b, kv, dh, t), jnp.float32)  # `_attend_dense`'s layout
+  k_attend = v if bitwise else k  # `attend`'s: `key_slot_axis`
   mask = jax.ShapeDtypeStruct((b, t, t), jnp.bool_)
   scores_bytes = b * h * t * t * 4
 
   def grad_of(fn):
     return jax.grad(lambda q, k, v, m: jnp.sum(fn(q, k, v, m, policy)), argnums=(0, 1, 2))
-  blocked_bytes = _temp_bytes(grad_of(attend), q, k, k, mask)
-  dense_bytes = _temp_bytes(grad_of(_attend_dense), q, k, k, mask)
+  blocked_bytes = _temp_bytes(grad_of(attend), q, k_attend, v, mask)
+  dense_bytes = _temp_bytes(grad_of(_attend_dense), q, k, v, mask)
   assert dense_bytes > scores_bytes, (dense_bytes, scores_bytes)
   assert blocked_bytes < scores_bytes / 3, (blocked_bytes, scores_bytes)
 

@@ -44,11 +44,13 @@ from rl_fp16.models import moe
 from rl_fp16.models.config import ModelConfig
 from rl_fp16.models.layers import (BITWISE_MIN_ROWS, LMHead, Linear, RMSNorm, apply_rope, attend,
                                    bitwise_min_rows, engine_weight, fused_linear,
-                                   held_in_float32, rope_inv_freq)
+                                   held_in_float32, key_slot_axis, rope_inv_freq)
 from rl_fp16.precision import DtypePolicy, cast_floating, policy_jit
 
 Params = dict[str, Any]
 Cache = tuple[dict[str, jax.Array], ...]  # one {"k", "v"} dict per layer (see `init_cache`)
+# The axis of a layer cache's "v" buffer that holds the slots ("k": `layers.key_slot_axis`).
+VALUE_SLOT_AXIS = 2
 
 
 class Attention(nn.Module):
@@ -70,13 +72,15 @@ class Attention(nn.Module):
       k = RMSNorm(cfg.rms_norm_eps, pol, name="k_norm")(k)
     inv_freq = rope_inv_freq(cfg)
     q, k = apply_rope(q, positions, inv_freq, pol), apply_rope(k, positions, inv_freq, pol)
-    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # head-major [B, Hkv, t, Dh]
+    # The keys [B, Hkv, Dh, t] (bitwise: [B, Hkv, t, Dh], `key_slot_axis`); values [B, Hkv, t, Dh]
+    k = k.transpose(0, 2, 1, 3) if pol.bitwise else k.transpose(0, 2, 3, 1)
+    v = jnp.swapaxes(v, 1, 2)
     if pol.bitwise:  # float32 holding compute-dtype values: the cache's and the attention's dtype
       k, v = held_in_float32(k, pol), held_in_float32(v, pol)
     new_cache = None
     if layer_cache is not None:
-      cache_k = write_cache(layer_cache["k"], k, cache_index)
-      cache_v = write_cache(layer_cache["v"], v, cache_index)
+      cache_k = write_cache(layer_cache["k"], k, cache_index, key_slot_axis(pol))
+      cache_v = write_cache(layer_cache["v"], v, cache_index, VALUE_SLOT_AXIS)
       new_cache = {"k": cache_k, "v": cache_v}
       k, v = cache_k.astype(k.dtype), cache_v.astype(v.dtype)
     out = attend(q, k, v, mask, pol, causal=layer_cache is None).reshape(
@@ -85,13 +89,13 @@ class Attention(nn.Module):
     return out, new_cache
 
 
-def write_cache(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-  """buffer [B, Hkv, S, Dh] with new [B, Hkv, t, Dh] written at slots [index, index + t): one
-  int32 scalar for every row, or int32 [B], one per row."""
+def write_cache(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+  """buffer [B, ...] with new [B, ...] written at slots [index, index + t) along `axis` (the
+  slots' axis, `init_cache`); index: one int32 scalar for every row, or int32 [B], one per row."""
   new = new.astype(buffer.dtype)
   if jnp.ndim(index) == 0:
-    return jax.lax.dynamic_update_slice(buffer, new, (0, 0, index, 0))
-  return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (0, i, 0)))(
+    return jax.lax.dynamic_update_slice_in_dim(buffer, new, index, axis)
+  return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis - 1))(
       buffer, new, index)
 
 
@@ -548,16 +552,33 @@ def token_logprobs(config: ModelConfig, params: Params, tokens, *, policy: Dtype
                               float(temperature))
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype) -> Cache:
-  """Zeroed KV cache: one {"k", "v"} dict per layer, each [B, kv_heads, max_len, head_dim].
+def init_cache(config: ModelConfig, batch_size: int, max_len: int,
+               policy: DtypePolicy) -> Cache:
+  """Zeroed KV cache of `policy`: one {"k", "v"} dict per layer, k [B, kv_heads, head_dim,
+  max_len] (each head's keys as columns; bitwise: [B, kv_heads, max_len, head_dim],
+  `key_slot_axis`) and v [B, kv_heads, max_len, head_dim], in the compute dtype (bitwise:
+  float32 holding compute-dtype values, `layers.held_in_float32`).
 
   One buffer per layer (not a stacked [layers, ...] array), so that a decode step updates each
-  layer's slots in place instead of re-stacking the whole cache; head-major, the layout the
-  attention's dots read (`layers.attend`), so that a step copies no cache.
+  layer's slots in place instead of re-stacking the whole cache; the layouts the attention's
+  dots read (`layers.attend`), so that a step copies no cache.
   """
-  shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  kv, dh = config.num_key_value_heads, config.head_dim
+  dtype = jnp.float32 if policy.bitwise else policy.compute_dtype
+  v_shape = (batch_size, kv, max_len, dh)
+  k_shape = v_shape if policy.bitwise else (batch_size, kv, dh, max_len)
+  return tuple({"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)}
                for _ in range(config.num_hidden_layers))
+
+
+def grow_cache(cache: Cache, max_len: int, policy: DtypePolicy) -> Cache:
+  """`policy`'s cache with zeroed slots appended up to `max_len` slots (>= its own)."""
+  def grow(buffer, axis):
+    pad = [(0, 0)] * buffer.ndim
+    pad[axis] = (0, max_len - buffer.shape[axis])
+    return jnp.pad(buffer, pad)
+  return tuple({"k": grow(layer["k"], key_slot_axis(policy)),
+                "v": grow(layer["v"], VALUE_SLOT_AXIS)} for layer in cache)
 
 
 def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array,
@@ -583,7 +604,7 @@ def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, posit
   if policy.bitwise and batch * t < BITWISE_MIN_ROWS:
     raise ValueError(f"A bitwise forward needs at least {BITWISE_MIN_ROWS} tokens per call, got "
                      f"{batch} rows x {t}; pad the batch (the JAX sampler does)")
-  max_len = cache[0]["k"].shape[2]
+  max_len = cache[0]["v"].shape[VALUE_SLOT_AXIS]
   query_slot = jnp.asarray(cache_index)[..., None] + jnp.arange(t)  # [t] or [B, t]
   visible = jnp.arange(max_len) <= query_slot[..., None]  # [t, S] or [B, t, S]
   mask = jnp.broadcast_to(visible, (batch, t, max_len)) & kv_mask.astype(bool)[:, None, :]

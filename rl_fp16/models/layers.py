@@ -173,6 +173,13 @@ ATTENTION_CAUSAL_BLOCKS = 4
 ATTENTION_MIN_CAUSAL_BLOCK = 64
 
 
+def key_slot_axis(policy: DtypePolicy) -> int:
+  """The axis of the keys [B, Hkv, ., .] (`attend`'s k, a layer's KV cache) that holds the slots:
+  3 ([B, Hkv, Dh, S]: the keys are the columns of the scores dot) for a normal policy, 2
+  ([B, Hkv, S, Dh]: its rows, as `_attend_bitwise` takes them) for a bitwise one."""
+  return 2 if policy.bitwise else 3
+
+
 def causal_block_size(t: int, query_block: int = ATTENTION_QUERY_BLOCK) -> int:
   """Queries per block of a causal `attend` of t queries: t / ATTENTION_CAUSAL_BLOCKS rounded up,
   clipped to [ATTENTION_MIN_CAUSAL_BLOCK, query_block]."""
@@ -184,7 +191,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
   """Grouped-query attention.
 
   Args:
-    q: [B, T, H, Dh]; k, v: head-major [B, Hkv, S, Dh] (compute dtype).
+    q: [B, T, H, Dh]; k: [B, Hkv, Dh, S], each head's keys as columns ([B, Hkv, S, Dh] under a
+      bitwise policy: `key_slot_axis`); v: head-major [B, Hkv, S, Dh] (compute dtype).
     mask: bool [B, T, S], True where query t may attend to key s.
     query_block: a non-bitwise policy attends `query_block` queries at a time (static).
     causal: the keys are the queries' own columns (S == T) and mask[:, t, s] is False for s > t,
@@ -203,8 +211,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, policy: Dt
   """
   b, t, h, dh = q.shape
   if causal:
-    if k.shape[2] != t:
-      raise ValueError(f"A causal attention needs as many keys as queries, got {k.shape[2]} keys "
+    if k.shape[key_slot_axis(policy)] != t:
+      raise ValueError(f"A causal attention needs as many keys as queries, got "
+                       f"{k.shape[key_slot_axis(policy)]} keys "
                        f"for {t} queries")
     return _attend_causal_blocks(q, k, v, mask, policy, causal_block_size(t, query_block),
                                  remat=t > query_block and not policy.bitwise)
@@ -240,8 +249,9 @@ def _attend_causal_blocks(q, k, v, mask, policy: DtypePolicy, block: int, remat:
   outs = []
   for start in range(0, t, block):
     end = min(t, start + block)
-    outs.append(block_attention(q[:, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end],
-                      policy))
+    keys = jax.lax.slice_in_dim(k, 0, end, axis=key_slot_axis(policy))
+    outs.append(block_attention(q[:, start:end], keys, v[:, :, :end], mask[:, start:end, :end],
+                                policy))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
@@ -251,14 +261,15 @@ def _attend_dense(q, k, v, mask, policy: DtypePolicy):
   compute dtype, weighted values.
 
   Each key head's queries (its H // Hkv query heads times T) are the rows of one plain batched
-  matmul against the head-major keys and values, the layout XLA:CPU's matmul kernels take as is.
+  matmul against the keys' columns, then against the head-major values: no operand is transposed
+  (XLA:CPU's matmul kernels copy a transposed operand at every call).
   """
   b, t, h, dh = q.shape
   kv_heads = k.shape[1]
   groups = h // kv_heads
   q = q.reshape(b, t, kv_heads, groups, dh).transpose(0, 2, 3, 1, 4).reshape(
       b, kv_heads, groups * t, dh)
-  scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=policy.softmax_dtype)
+  scores = jnp.einsum("bkmd,bkds->bkms", q, k, preferred_element_type=policy.softmax_dtype)
   scores = scores.astype(policy.softmax_dtype) * jnp.asarray(dh ** -0.5, policy.softmax_dtype)
   big_negative = jnp.finfo(policy.softmax_dtype).min
   row_mask = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, groups) + mask.shape[1:])

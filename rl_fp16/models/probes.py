@@ -43,7 +43,7 @@ def residual_stream_cached(config: ModelConfig, policy: DtypePolicy, params: Par
   it decodes these tokens incrementally.
   """
   batch, length = tokens.shape
-  cache = init_cache(config, batch, length, policy.compute_dtype)
+  cache = init_cache(config, batch, length, policy)
   positions = default_positions(attention_mask)
 
   def step(cache, index):
@@ -101,7 +101,7 @@ def expert_choices(config: ModelConfig, params: Params, tokens, *, policy: Dtype
 @functools.partial(jax.jit, static_argnames=("config", "policy", "prefill_len"))
 def _expert_choices_cached(config, policy, params, tokens, attention_mask, prefill_len):
   batch, length = tokens.shape
-  cache = init_cache(config, batch, length, policy.compute_dtype)
+  cache = init_cache(config, batch, length, policy)
   positions = default_positions(attention_mask)
   kv_mask = attention_mask.astype(bool)
   choices, logits = [], []

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_fp16.models import ModelConfig, default_positions, forward_cached, init_cache
-from rl_fp16.models.decoder import lm_head_logits, lm_head_weight, logprobs_from_logits
+from rl_fp16.models.decoder import (grow_cache, lm_head_logits, lm_head_weight,
+                                    logprobs_from_logits)
 from rl_fp16.models.layers import BITWISE_MIN_ROWS, bitwise_min_rows
 from rl_fp16.precision import DtypePolicy, policy_jit
 from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
@@ -128,8 +129,7 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
     return (jnp.ones((rows, prompt_len + max_new_tokens), jnp.int32) if compact else
             jnp.concatenate([mask, jnp.ones((rows, max_new_tokens), jnp.int32)], axis=1))
 
-  cache = init_cache(config, distinct, prompt_len + ends[0],
-                     jnp.float32 if compact else policy.compute_dtype)
+  cache = init_cache(config, distinct, prompt_len + ends[0], policy)
   hidden, cache = forward_cached(config, params, prompt_tokens, default_positions(prompt_mask),
                                  cache, jnp.asarray(0, jnp.int32),
                                  slot_mask(prompt_mask)[:, :prompt_len + ends[0]], policy=policy,
@@ -197,9 +197,7 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
     for j, end in enumerate(ends):
       width = prompt_len + end
       if j:  # grow the cache to this segment's window
-        grow = ((0, 0), (0, 0), (0, width - carry[1][0]["k"].shape[2]), (0, 0))
-        carry = carry[:1] + (jax.tree_util.tree_map(lambda c: jnp.pad(c, grow), carry[1]),
-                             ) + carry[2:]
+        carry = carry[:1] + (grow_cache(carry[1], width, policy),) + carry[2:]
       carry = jax.lax.while_loop(
           make_cond(end), make_body(kv_mask[:, :width], next_position, first_row), carry)
     _, _, _, done, out_tokens, out_logp, out_mask, _ = carry
