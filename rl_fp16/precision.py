@@ -257,6 +257,25 @@ def get_precision_pair(name: str, *, bitwise: bool = False) -> PrecisionPair:
 BITWISE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+@functools.lru_cache(maxsize=None)
+def bitwise_dots_invariant() -> bool:
+  """Whether this machine's dots, compiled with `BITWISE_COMPILER_OPTIONS`, have the two
+  properties the bitwise mode rests on (docs/bitwise.md): a float32 matmul row [128] x [128, 128]
+  gets the same bits in a dot of 64, 128, 320 or 512 rows as in one of 4,096, and a column of a
+  batched [64 x 32] x [32 x N] dot the same for N = 2 as for N = 640. Checked once per process
+  (a few small compiles). False: XLA's kernels on this CPU break one of them, and a bitwise run
+  may log a nonzero mismatch (seen on an AVX2-only CPU; it holds on the AVX-512 one)."""
+  dot = jax.jit(lambda a, b: jnp.matmul(a, b), compiler_options=dict(BITWISE_COMPILER_OPTIONS))
+  keys = jax.random.split(jax.random.key(0), 4)
+  x, w = jax.random.normal(keys[0], (4096, 128)), jax.random.normal(keys[1], (128, 128))
+  full = dot(x, w)
+  rows_invariant = all(bool(jnp.array_equal(dot(x[:rows], w), full[:rows]))
+                       for rows in (64, 128, 320, 512))
+  k, q = jax.random.normal(keys[2], (4, 64, 32)), jax.random.normal(keys[3], (4, 32, 640))
+  columns = dot(k, q)
+  return rows_invariant and bool(jnp.array_equal(dot(k, q[..., :2]), columns[..., :2]))
+
+
 def compiler_options(policy: DtypePolicy) -> dict[str, Any] | None:
   """The XLA options a program that runs `policy` is compiled with (None: the defaults)."""
   return dict(BITWISE_COMPILER_OPTIONS) if policy.bitwise else None

@@ -19,3 +19,14 @@ def require(module: str):
   if on_ci():
     return importlib.import_module(module)
   return pytest.importorskip(module)
+
+
+def bitwise_equality(test):
+  """Marks a test of the bitwise mode's bit-for-bit equality as an expected failure (not strict)
+  on a machine whose dots lack the invariance it rests on (`precision.bitwise_dots_invariant`,
+  docs/bitwise.md): there it still runs and reports XFAIL or XPASS; elsewhere it must pass."""
+  from rl_fp16.precision import bitwise_dots_invariant
+  return pytest.mark.xfail(
+      not bitwise_dots_invariant(), strict=False,
+      reason="this CPU's XLA dot kernels give a row (a column) different bits at different row "
+             "(column) counts: the bitwise mode does not hold here (docs/bitwise.md)")(test)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deps import bitwise_equality
 from rl_fp16.models import ModelConfig, default_positions, init_params, token_logprobs
 from rl_fp16.models import layers
 from rl_fp16.models.decoder import apply_token_stats
@@ -76,6 +77,7 @@ def _assert_bitwise(logp_old, rollout, rows=slice(None)):
 
 
 @pytest.mark.parametrize("model,precision", PAIRS)
+@bitwise_equality
 def test_sampler_logprobs_equal_token_logprobs(model, precision):
   config = MODELS[model]
   params = init_params(config, jax.random.key(0))
@@ -104,6 +106,7 @@ def test_sampler_logprobs_equal_token_logprobs(model, precision):
 
 
 @pytest.mark.parametrize("model,precision", [("qwen2_untied", "bf16"), ("qwen3_qknorm", "fp16")])
+@bitwise_equality
 def test_chunked_lm_head_keeps_sampler_logprobs_bitwise(model, precision):
   """The LM head and log-softmax in chunks (the trainer's path for large logits), at their floor
   of `BITWISE_MIN_ROWS` tokens (chunk_tokens 1): still equal to the sampler bit for bit, in the
@@ -130,6 +133,7 @@ def test_chunked_lm_head_keeps_sampler_logprobs_bitwise(model, precision):
 
 
 @pytest.mark.parametrize("model,precision", [("llama3", "fp32"), ("qwen2_tied_gqa", "bf16")])
+@bitwise_equality
 def test_attention_in_key_chunks_keeps_sampler_logprobs_bitwise(model, precision, monkeypatch):
   """The attention's loop over keys one key block per step (the responses' two blocks: a scan
   whose second pass recomputes each block's scores) samples the tokens and log-probs of all keys
@@ -225,6 +229,7 @@ def _rl_steps(model_dir, precision, *, bitwise, lora, steps=3, mesh=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@bitwise_equality
 def test_rl_in_bitwise_mode_logs_zero_mismatch_at_every_step(tiny_task_model_dir, lora):
   logged = _rl_steps(tiny_task_model_dir, "bf16", bitwise=True, lora=lora)
   for step, metrics in enumerate(logged):
@@ -245,6 +250,7 @@ def _sharded_child(model_dir: str, lora: bool) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@bitwise_equality
 def test_sharded_rl_in_bitwise_mode_logs_zero_mismatch(tiny_task_model_dir, lora):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from deps import bitwise_equality
 from launch import local_processes
 from rl_fp16 import distributed
 from rl_fp16.checkpoints.train_state import read_state_numpy
@@ -259,6 +260,7 @@ def test_killed_process_fails_the_job_and_rerun_resumes(tiny_task_model_dir, tmp
 
 
 @pytest.mark.slow
+@bitwise_equality
 def test_two_processes_in_bitwise_mode_log_zero_mismatch(tiny_task_model_dir, tmp_path):
   """Each process samples its share with the JAX engine; the trainer's forward over the global
   batch (data parallel across the processes) gives the sampler's log-probs bit for bit."""
