@@ -33,7 +33,8 @@ def bitwise_min_rows(rows_per_unit: int) -> int:
   least `BITWISE_MIN_ROWS` rows, given `rows_per_unit` dot rows per unit.
 
   XLA:CPU picks its dot kernel by shape, and below about 64 rows a row's result depends on how
-  many rows share the dot; from 64 rows on it does not (docs/bitwise.md).
+  many rows share the dot; from 64 rows on it does not on an AVX-512 CPU, but does on an
+  AVX2-only one (`precision.bitwise_dots_invariant`, docs/bitwise.md).
   """
   return -(-BITWISE_MIN_ROWS // rows_per_unit)
 
@@ -296,8 +297,9 @@ def _attend_bitwise(q, k, v, mask, policy: DtypePolicy):
   computed with it, nor on the number of keys past its own, and every sum over keys is a dot or
   an add of dot outputs, never a fused reduction.
 
-  The queries are the columns of the dots (XLA:CPU gives a column the same result for any number
-  of columns from 2 on; a lone column gets a zero column beside it), the keys their rows, in
+  The queries are the columns of the dots (XLA:CPU on an AVX-512 CPU gives a column the same
+  result for any number of columns from 2 on, not on an AVX2-only one; a lone column gets a zero
+  column beside it), the keys their rows, in
   blocks of `BITWISE_KEY_BLOCK` from slot 0 (so a key must sit at the slot of its position: the
   decoder's compacted layout). Two passes: each query's maximum (pre-scaled) score over all
   blocks, then per block in order exp(scores - max) in the compute dtype against [v, 1], which
