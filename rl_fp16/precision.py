@@ -264,7 +264,8 @@ def bitwise_dots_invariant() -> bool:
   gets the same bits in a dot of 64, 128, 320 or 512 rows as in one of 4,096, and a column of a
   batched [64 x 32] x [32 x N] dot the same for N = 2 as for N = 640. Checked once per process
   (a few small compiles). False: XLA's kernels on this CPU break one of them, and a bitwise run
-  may log a nonzero mismatch (seen on an AVX2-only CPU; it holds on the AVX-512 one)."""
+  may log a nonzero mismatch (False on an AVX2-only CPU; not yet run on an AVX-512 one, where
+  the mode's tests pass)."""
   dot = jax.jit(lambda a, b: jnp.matmul(a, b), compiler_options=dict(BITWISE_COMPILER_OPTIONS))
   keys = jax.random.split(jax.random.key(0), 4)
   x, w = jax.random.normal(keys[0], (4096, 128)), jax.random.normal(keys[1], (128, 128))
