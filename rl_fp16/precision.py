@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.training.dynamic_scale import DynamicScale
 
 # Re-exported: the precision names live in the JAX-free rl_fp16.names.
@@ -252,47 +253,99 @@ def get_precision_pair(name: str, *, bitwise: bool = False) -> PrecisionPair:
                        sampler=get_policy(parts[1], "sampler", bitwise=bitwise), name=name)
 
 
-# XLA:CPU's YNNPACK fusions pull different neighbouring ops into a dot in different programs
-# (docs/bitwise.md). Options of other backends' compilers ignore it.
-BITWISE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# How a bitwise program may be compiled, in order of preference: XLA:CPU options, and the column
+# counts (multiples of a quantum) to try for the attention's dots under them. YNNPACK runs single
+# dots (never fused with their neighbours, which pulled other ops into a dot in different
+# programs); the second candidate leaves the dots to Eigen. docs/bitwise.md, "Dot shape rules".
+# Options of other backends' compilers ignore them.
+BITWISE_DOT_CANDIDATES = (
+    ({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}, (16, 32, 64)),
+    ({"xla_cpu_experimental_ynn_fusion_type": ""}, (16,)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BitwiseDots:
+  """How this machine's bitwise programs are compiled (`compiler_options`) and shaped: every dot of
+  a Linear has at least `layers.BITWISE_MIN_ROWS` rows, and every attention dot a multiple of
+  `column_quantum` columns. `invariant`: this machine's dots were checked to give a row and a
+  column the same bits at every such count (False: no candidate passed, and a bitwise run may log
+  a nonzero mismatch)."""
+
+  compiler_options: tuple[tuple[str, Any], ...]
+  column_quantum: int
+  invariant: bool
+
+
+def _rows_invariant(options: dict[str, Any]) -> bool:
+  """Float32 matmul rows [128] x [128, 128] and [384] x [384, 128] get the same bits in a dot of
+  64, 100, 320 or 1,000 rows as in one of 4,096."""
+  dot = jax.jit(jnp.matmul, compiler_options=options)
+  rng = np.random.default_rng(0)
+  for features in (128, 384):
+    x = rng.standard_normal((4096, features), np.float32)
+    w = rng.standard_normal((features, 128), np.float32)
+    full = np.asarray(dot(x, w))
+    if not all(np.array_equal(np.asarray(dot(x[:rows], w)), full[:rows])
+               for rows in (64, 100, 320, 1000)):
+      return False
+  return True
+
+
+def _columns_invariant(options: dict[str, Any], quantum: int) -> bool:
+  """The columns of the bitwise attention's two dots (scores `bsd,bdn->bsn`, values
+  `bsd,bsn->bdn`, 64 keys, head dim 32, float32) get the same bits at 1, 2 and 5 quanta of
+  columns as at 40."""
+  rng = np.random.default_rng(1)
+  wide = 40 * quantum
+  for spec, lhs_shape, rhs_shape in (("bsd,bdn->bsn", (4, 64, 32), (4, 32, wide)),
+                                     ("bsd,bsn->bdn", (4, 64, 33), (4, 64, wide))):
+    dot = jax.jit(functools.partial(jnp.einsum, spec), compiler_options=options)
+    lhs = rng.standard_normal(lhs_shape, np.float32)
+    rhs = rng.standard_normal(rhs_shape, np.float32)
+    full = np.asarray(dot(lhs, rhs))
+    if not all(np.array_equal(np.asarray(dot(lhs, rhs[..., :n])), full[..., :n])
+               for n in (quantum, 2 * quantum, 5 * quantum)):
+      return False
+  return True
 
 
 @functools.lru_cache(maxsize=None)
-def bitwise_dots_invariant() -> bool:
-  """Whether this machine's dots, compiled with `BITWISE_COMPILER_OPTIONS`, have the two
-  properties the bitwise mode rests on (docs/bitwise.md): a float32 matmul row [128] x [128, 128]
-  gets the same bits in a dot of 64, 128, 320 or 512 rows as in one of 4,096, and a column of a
-  batched [64 x 32] x [32 x N] dot the same for N = 2 as for N = 640. Checked once per process
-  (a few small compiles). False: XLA's kernels on this CPU break one of them, and a bitwise run
-  may log a nonzero mismatch (False on an AVX2-only CPU; not yet run on an AVX-512 one, where
-  the mode's tests pass)."""
-  dot = jax.jit(lambda a, b: jnp.matmul(a, b), compiler_options=dict(BITWISE_COMPILER_OPTIONS))
-  keys = jax.random.split(jax.random.key(0), 4)
-  x, w = jax.random.normal(keys[0], (4096, 128)), jax.random.normal(keys[1], (128, 128))
-  full = dot(x, w)
-  rows_invariant = all(bool(jnp.array_equal(dot(x[:rows], w), full[:rows]))
-                       for rows in (64, 128, 320, 512))
-  k, q = jax.random.normal(keys[2], (4, 64, 32)), jax.random.normal(keys[3], (4, 32, 640))
-  columns = dot(k, q)
-  return rows_invariant and bool(jnp.array_equal(dot(k, q[..., :2]), columns[..., :2]))
+def bitwise_dots() -> BitwiseDots:
+  """The first of `BITWISE_DOT_CANDIDATES` (options, then the smallest column quantum) under which
+  this machine's dots pass `_rows_invariant` and `_columns_invariant`; if none does, the first
+  candidate with `invariant=False`. Probed once per process on the default backend (a few dozen
+  small compiles, about two seconds on a 2-core CPU)."""
+  for options, quanta in BITWISE_DOT_CANDIDATES:
+    if not _rows_invariant(options):
+      continue
+    for quantum in quanta:
+      if _columns_invariant(options, quantum):
+        return BitwiseDots(tuple(options.items()), quantum, invariant=True)
+  options, quanta = BITWISE_DOT_CANDIDATES[0]
+  return BitwiseDots(tuple(options.items()), quanta[0], invariant=False)
 
 
 def compiler_options(policy: DtypePolicy) -> dict[str, Any] | None:
-  """The XLA options a program that runs `policy` is compiled with (None: the defaults)."""
-  return dict(BITWISE_COMPILER_OPTIONS) if policy.bitwise else None
+  """The XLA options a program that runs `policy` is compiled with (None: the defaults; a bitwise
+  policy: `bitwise_dots().compiler_options`)."""
+  return dict(bitwise_dots().compiler_options) if policy.bitwise else None
 
 
 def policy_jit(fn: Callable, **jit_kwargs) -> Callable:
   """`jax.jit(fn, **jit_kwargs)` for a function with a static `policy` argument, compiled with
   `compiler_options(policy)`. Nested in another jit it is inlined: that jit's options apply."""
   plain = jax.jit(fn, **jit_kwargs)
-  bitwise = jax.jit(fn, compiler_options=BITWISE_COMPILER_OPTIONS, **jit_kwargs)
   signature = inspect.signature(fn)
+
+  @functools.cache
+  def bitwise():  # built at the first bitwise call: its options come from a probe
+    return jax.jit(fn, compiler_options=dict(bitwise_dots().compiler_options), **jit_kwargs)
 
   def pick(args, kwargs):
     policy = signature.bind_partial(*args, **kwargs).arguments["policy"]
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs)))
-    return bitwise if policy.bitwise and not traced else plain
+    return bitwise() if policy.bitwise and not traced else plain
 
   @functools.wraps(fn)
   def call(*args, **kwargs):

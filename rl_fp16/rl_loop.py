@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -28,21 +29,22 @@ from rl_fp16.batch import TrainBatch, batch_width, make_batch, rollout_batch
 from rl_fp16.checkpoints.train_state import TrainState
 from rl_fp16.models import ModelConfig
 from rl_fp16.models.lora import merge_lora
-from rl_fp16.precision import BITWISE_COMPILER_OPTIONS, DtypePolicy
+from rl_fp16.precision import DtypePolicy, bitwise_dots
 from rl_fp16.sampling.jax_sampler import SamplingConfig
 from rl_fp16.train import FORWARD_LOGP, RLConfig, make_update, trainer_logprobs
 
 
-_merge_lora = {bitwise: jax.jit(merge_lora, static_argnames=("lora_config", "dtype"),
-                               compiler_options=BITWISE_COMPILER_OPTIONS if bitwise else None)
-               for bitwise in (False, True)}
+@functools.cache
+def _merge_lora(bitwise: bool):
+  return jax.jit(merge_lora, static_argnames=("lora_config", "dtype"),
+                 compiler_options=dict(bitwise_dots().compiler_options) if bitwise else None)
 
 
 def _policy_params(params, base_params, rl_config: RLConfig, bitwise: bool = False):
   """Full params of the current policy: the adapters merged into the base under LoRA (compiled
   as a bitwise train step compiles it, when `bitwise`)."""
   lora = rl_config.lora
-  return params if lora is None else _merge_lora[bitwise](base_params, params, lora_config=lora)
+  return params if lora is None else _merge_lora(bitwise)(base_params, params, lora_config=lora)
 
 
 def precompile_rl_update(state: TrainState, *, model_config: ModelConfig,

@@ -23,10 +23,10 @@ def require(module: str):
 
 def bitwise_equality(test):
   """Marks a test of the bitwise mode's bit-for-bit equality as an expected failure (not strict)
-  on a machine whose dots lack the invariance it rests on (`precision.bitwise_dots_invariant`,
+  on a machine whose dots lack the invariance it rests on (`precision.bitwise_dots().invariant`,
   docs/bitwise.md): there it still runs and reports XFAIL or XPASS; elsewhere it must pass."""
-  from rl_fp16.precision import bitwise_dots_invariant
+  from rl_fp16.precision import bitwise_dots
   return pytest.mark.xfail(
-      not bitwise_dots_invariant(), strict=False,
+      not bitwise_dots().invariant, strict=False,
       reason="this CPU's XLA dot kernels give a row (a column) different bits at different row "
              "(column) counts: the bitwise mode does not hold here (docs/bitwise.md)")(test)

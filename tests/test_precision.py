@@ -68,6 +68,18 @@ def test_emulated_presets_and_pairs():
   assert get_policy("bf16").round(x) is x and float(get_policy("e8").round(x)[0]) == 1.0
 
 
+def test_bitwise_dots_are_invariant_on_this_cpu():
+  """The bitwise mode's probe finds options and a column quantum under which this CPU's dots give
+  a row and a column the same bits at every count the mode uses (else its equality tests would
+  only xfail here: tests/deps.py)."""
+  dots = precision.bitwise_dots()
+  assert dots.invariant, dots
+  assert dict(dots.compiler_options) in [options for options, _ in
+                                         precision.BITWISE_DOT_CANDIDATES]
+  assert precision.compiler_options(get_policy("bf16", bitwise=True)) == dict(
+      dots.compiler_options)
+
+
 def test_per_op_dtypes_change_the_numbers():
   params = init_params(CONFIG.replace(initializer_range=0.3), jax.random.key(0))
   tokens = np.random.default_rng(0).integers(0, 48, (2, 16))

@@ -16,12 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_fp16.models.config import ModelConfig
-from rl_fp16.precision import DtypePolicy, round_to_bits
+from rl_fp16.precision import DtypePolicy, bitwise_dots, round_to_bits
 
 
 # The bitwise forward's shapes (docs/bitwise.md): every dot of a Linear has at least
-# BITWISE_MIN_ROWS rows; attention runs key blocks of BITWISE_KEY_BLOCK.
+# BITWISE_MIN_ROWS rows and BITWISE_MIN_COLUMNS columns; attention runs key blocks of
+# BITWISE_KEY_BLOCK.
 BITWISE_MIN_ROWS = 64
+BITWISE_MIN_COLUMNS = 16
 BITWISE_KEY_BLOCK = 64
 # Key blocks per step of the bitwise attention's loop over keys: one step's scores are the most
 # it holds at once.
@@ -32,9 +34,8 @@ def bitwise_min_rows(rows_per_unit: int) -> int:
   """Units (queries, tokens) a bitwise forward computes at once so that every dot it runs has at
   least `BITWISE_MIN_ROWS` rows, given `rows_per_unit` dot rows per unit.
 
-  XLA:CPU picks its dot kernel by shape, and below about 64 rows a row's result depends on how
-  many rows share the dot; from 64 rows on it does not on an AVX-512 CPU, but does on an
-  AVX2-only one (`precision.bitwise_dots_invariant`, docs/bitwise.md).
+  XLA:CPU picks its dot kernel by shape: below about 64 rows a row's result depends on how many
+  rows share the dot (`precision.bitwise_dots`, docs/bitwise.md).
   """
   return -(-BITWISE_MIN_ROWS // rows_per_unit)
 
@@ -72,8 +73,12 @@ class Linear(nn.Module):
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
            policy: DtypePolicy) -> jax.Array:
   """x [..., in] @ kernel [in, out] (+ bias [out]) in the compute dtype, each result rounded by
-  the policy: [..., out]."""
-  y = policy.round(jnp.matmul(x.astype(policy.compute_dtype), kernel))
+  the policy: [..., out]. A bitwise policy pads a kernel of fewer than `BITWISE_MIN_COLUMNS`
+  columns with zero columns (the dot's result for a row depends on its rows below that)."""
+  out_features = kernel.shape[-1]
+  if policy.bitwise and out_features < BITWISE_MIN_COLUMNS:
+    kernel = jnp.pad(kernel, ((0, 0), (0, BITWISE_MIN_COLUMNS - out_features)))
+  y = policy.round(jnp.matmul(x.astype(policy.compute_dtype), kernel))[..., :out_features]
   return y if bias is None else policy.round(y + bias)
 
 
@@ -140,7 +145,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   if policy is not None and policy.bitwise and x.dtype == jnp.float32:
-    return _product_not_contracted(x, cos) + _product_not_contracted(rotated, sin)
+    return rnd(_product_not_contracted(x, cos) + _product_not_contracted(rotated, sin))
   return rnd(x * cos + rotated * sin)
 
 
@@ -297,9 +302,9 @@ def _attend_bitwise(q, k, v, mask, policy: DtypePolicy):
   computed with it, nor on the number of keys past its own, and every sum over keys is a dot or
   an add of dot outputs, never a fused reduction.
 
-  The queries are the columns of the dots (XLA:CPU on an AVX-512 CPU gives a column the same
-  result for any number of columns from 2 on, not on an AVX2-only one; a lone column gets a zero
-  column beside it), the keys their rows, in
+  The queries are the columns of the dots, zero columns padding them to a multiple of
+  `precision.bitwise_dots().column_quantum` (at such counts XLA:CPU gives a column the same
+  result whatever the count), the keys their rows, in
   blocks of `BITWISE_KEY_BLOCK` from slot 0 (so a key must sit at the slot of its position: the
   decoder's compacted layout). Two passes: each query's maximum (pre-scaled) score over all
   blocks, then per block in order exp(scores - max) in the compute dtype against [v, 1], which
@@ -318,7 +323,7 @@ def _attend_bitwise(q, k, v, mask, policy: DtypePolicy):
   # [B, T, Hkv, G, Dh] -> columns [B, Hkv, Dh, T * G], column t * G + g
   q = q.reshape(b, t, kv_heads, groups, dh).transpose(0, 2, 4, 1, 3).reshape(
       b, kv_heads, dh, t * groups)
-  pad_n = 1 if t * groups == 1 else 0
+  pad_n = -(t * groups) % bitwise_dots().column_quantum
   q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad_n)))
   k, v = (x if x.dtype == jnp.float32 else held_in_float32(x, policy) for x in (k, v))
   v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)

@@ -8,9 +8,10 @@ The sparse block mirrors Hugging Face's `Qwen3MoeSparseMoeBlock` (transformers 5
    sum to 1; the weights are then rounded to the compute dtype;
 4. y = sum over the k chosen experts of weight * down(silu(gate(x)) * up(x)), in the compute dtype.
 
-Experts are evaluated densely (every expert on every token, one einsum over the expert axis) and
-the k chosen outputs gathered: exact, and cheap at the tiny scales this repository trains on, but
-E / k times the FLOPs of a grouped (sorted-token) kernel at Qwen3-30B-A3B scale.
+Experts are evaluated densely (every expert on every token, one einsum over the expert axis; a
+bitwise policy runs the down projection as one 2-D dot per expert) and the k chosen outputs
+gathered: exact, and cheap at the tiny scales this repository trains on, but E / k times the FLOPs
+of a grouped (sorted-token) kernel at Qwen3-30B-A3B scale.
 
 Parameters of a sparse layer (HF's per-expert `[out, in]` weights transposed and stacked):
 
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_fp16.models.config import ModelConfig
-from rl_fp16.models.layers import StackedKernel, engine_weight
+from rl_fp16.models.layers import StackedKernel, engine_weight, linear
 from rl_fp16.precision import DtypePolicy
 
 EXPERT_CHOICES = "expert_choices"
@@ -66,7 +67,7 @@ class SparseMoE(nn.Module):
     x = x.astype(pol.compute_dtype)
     router = StackedKernel((cfg.hidden_size, cfg.num_experts), cfg.initializer_range,
                            name="gate")()
-    logits = pol.round(jnp.matmul(x, engine_weight(router, pol)))  # [B, T, E], compute dtype
+    logits = linear(x, engine_weight(router, pol), None, pol)  # [B, T, E], compute dtype
     weights, indices = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
     self.sow("intermediates", EXPERT_CHOICES, indices)
 
@@ -74,8 +75,13 @@ class SparseMoE(nn.Module):
     w_gate, w_up, w_down = (engine_weight(w, pol) for w in experts())
     gate = pol.round(jnp.einsum("btd,edi->btei", x, w_gate))
     up = pol.round(jnp.einsum("btd,edi->btei", x, w_up))
-    out = pol.round(jnp.einsum("btei,eid->bted", pol.round(jax.nn.silu(gate) * up),
-                               w_down))  # [B, T, E, D]
+    hidden = pol.round(jax.nn.silu(gate) * up)
+    if pol.bitwise:  # a 2-D dot per expert: batched over experts, a row's bits depend on its rows
+      out = jnp.stack([jnp.matmul(hidden[:, :, e], w_down[e]) for e in range(cfg.num_experts)],
+                      axis=2)
+    else:
+      out = jnp.einsum("btei,eid->bted", hidden, w_down)
+    out = pol.round(out)  # [B, T, E, D]
     chosen = jnp.take_along_axis(out, indices[..., None], axis=2)  # [B, T, k, D]
     return pol.round(jnp.sum(chosen * pol.round(weights.astype(pol.compute_dtype))[..., None],
                              axis=2))
