@@ -315,7 +315,7 @@ def bitwise_dots() -> BitwiseDots:
   """The first of `BITWISE_DOT_CANDIDATES` (options, then the smallest column quantum) under which
   this machine's dots pass `_rows_invariant` and `_columns_invariant`; if none does, the first
   candidate with `invariant=False`. Probed once per process on the default backend (a few dozen
-  small compiles, about two seconds on a 2-core CPU)."""
+  small compiles, about a second on an idle 2-core CPU)."""
   for options, quanta in BITWISE_DOT_CANDIDATES:
     if not _rows_invariant(options):
       continue
