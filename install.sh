@@ -35,10 +35,12 @@ fi
 python3 -m pip install -q "uv>=0.5"
 if [[ "$target" == gpu ]]; then
   unset UV_FIND_LINKS
-  python3 -m uv pip install "${dry[@]}" --python "$PYTHON" --no-deps -r requirements/lock-gpu.txt
+  python3 -m uv pip install "${dry[@]}" --python "$PYTHON" --no-deps --compile-bytecode \
+    -r requirements/lock-gpu.txt
 else
   FIND_LINKS="${PIP_FIND_LINKS:-/opt/wheels}"
-  python3 -m uv pip install "${dry[@]}" --python "$PYTHON" --no-deps --find-links "$FIND_LINKS" \
+  python3 -m uv pip install "${dry[@]}" --python "$PYTHON" --no-deps --compile-bytecode \
+    --find-links "$FIND_LINKS" \
     -r requirements/lock.txt
 fi
 python3 -m uv pip install "${dry[@]}" --python "$PYTHON" --no-deps -e .
