@@ -18,7 +18,7 @@ import numpy as np
 from rl_fp16.models import ModelConfig, default_positions, forward_cached, init_cache
 from rl_fp16.models.decoder import (grow_cache, lm_head_logits, lm_head_weight,
                                     logprobs_from_logits)
-from rl_fp16.models.layers import BITWISE_MIN_ROWS, bitwise_min_rows
+from rl_fp16.models.layers import BITWISE_KEY_BLOCK, BITWISE_MIN_ROWS, bitwise_min_rows
 from rl_fp16.precision import DtypePolicy, policy_jit
 from rl_fp16.sampling.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
 
@@ -124,15 +124,19 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
   compact = policy.bitwise
   ends = decode_segments(max_new_tokens, segment)
 
-  def slot_mask(mask):  # [rows, P] -> [rows, P + max_new_tokens]
+  def cache_width(end):  # a bitwise cache spans whole key blocks, which its attention reads
+    width = prompt_len + end
+    return -(-width // BITWISE_KEY_BLOCK) * BITWISE_KEY_BLOCK if compact else width
+
+  def slot_mask(mask):  # [rows, P] -> [rows, cache_width(max_new_tokens)]
     rows = mask.shape[0]
-    return (jnp.ones((rows, prompt_len + max_new_tokens), jnp.int32) if compact else
+    return (jnp.ones((rows, cache_width(max_new_tokens)), jnp.int32) if compact else
             jnp.concatenate([mask, jnp.ones((rows, max_new_tokens), jnp.int32)], axis=1))
 
-  cache = init_cache(config, distinct, prompt_len + ends[0], policy)
+  cache = init_cache(config, distinct, cache_width(ends[0]), policy)
   hidden, cache = forward_cached(config, params, prompt_tokens, default_positions(prompt_mask),
                                  cache, jnp.asarray(0, jnp.int32),
-                                 slot_mask(prompt_mask)[:, :prompt_len + ends[0]], policy=policy,
+                                 slot_mask(prompt_mask)[:, :cache_width(ends[0])], policy=policy,
                                  with_head=False)
   # The LM head only after each prompt's last token (the last column, or right-aligned rows'
   # last real token), not over every prompt position.
@@ -195,7 +199,7 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
              jnp.zeros((rows, max_new_tokens), jnp.float32),
              jnp.zeros((rows, max_new_tokens), jnp.int32), rng)
     for j, end in enumerate(ends):
-      width = prompt_len + end
+      width = cache_width(end)
       if j:  # grow the cache to this segment's window
         carry = carry[:1] + (grow_cache(carry[1], width, policy),) + carry[2:]
       carry = jax.lax.while_loop(
