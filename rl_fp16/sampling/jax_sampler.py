@@ -102,8 +102,8 @@ def _decode(config: ModelConfig, policy: DtypePolicy, params, prompt_tokens, pro
 
   The decode runs on the device until every row has finished (or max_new_tokens), in segments
   of `segment` steps (0: one): during the segment ending at step e, the KV cache (and so every
-  decode step's attention) spans prompt_len + e slots instead of prompt_len + max_new_tokens;
-  the cache grows (zero-padded) between segments. The slots a segment leaves out are the ones
+  decode step's attention) spans prompt_len + e slots instead of prompt_len + max_new_tokens
+  (a bitwise policy: rounded up to whole `BITWISE_KEY_BLOCK`s); the cache grows (zero-padded) between segments. The slots a segment leaves out are the ones
   causality hides anyway, so the sampled tokens are the same (tests/test_speed_levers.py).
 
   `row_group` > 0 (it must divide B): the rows decode in groups of `row_group`, one group after
