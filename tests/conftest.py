@@ -8,12 +8,14 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One persistent XLA compilation cache for the test run, its pytest-xdist workers and the
 # experiments the tests start (they inherit the environment): many tests and processes compile
-# the same small programs. The cache is keyed by program, compiler options and jax version; its
-# size bound makes JAX lock it, so concurrent writers are safe.
+# the same programs. The cache is keyed by program, compiler options and jax version; its size
+# bound makes JAX lock it, so concurrent writers are safe. That bound also makes every write scan
+# the whole directory, so programs that compile in under 0.1 s (eager ops, thousands of them) are
+# not written: they would cost more to store than to compile again.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
     "jax_compilation_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 import pytest  # noqa: E402
