@@ -14,6 +14,8 @@
   same tokens, also for one process's share of a batch.
 - logp_old of the first minibatch from its own update's forward (no separate pass over its rows)
   vs a logp_old pass over every row: the same updates within float32 rounding, over two epochs.
+- A bfloat16 KV cache written as its bit patterns (`decoder.write_cache`): the same slots, and no
+  float32 copy of the cache in the compiled program.
 - The attention over a head-major KV cache (`layers.attend`) vs grouped-query attention written
   out in float64 NumPy: equal within float32 rounding, for a decode query and a full sequence.
 - The causal attention in query blocks, each against the keys up to its last query
@@ -145,6 +147,32 @@ def test_row_grouped_decode_samples_the_tokens_of_the_whole_batch(precision, tol
   np.testing.assert_array_equal(share.response_tokens, whole.response_tokens[6:])
   with pytest.raises(ValueError, match="decode_row_group must be >= 0"):
     jax_sampler.generate(CONFIG, params, PROMPTS, decode_row_group=-1, **kwargs)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_bf16_cache_write_copies_bits_and_stays_16_bit(per_row):
+  """`write_cache` into a bfloat16 KV cache (values computed in the same program, as a decode
+  step's keys are): the slots hold exactly the new values, every other slot is unchanged, and the
+  compiled program never holds the cache in float32 (XLA:CPU's float32 round trip of a bf16
+  dynamic-update-slice, a whole-cache copy per decode step)."""
+  from rl_fp16.models.decoder import write_cache
+  shape = (4, 2, 32, 40)
+  buffer = jax.random.normal(jax.random.key(0), shape).astype(jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), shape[:3] + (3,))
+  index = jnp.array([0, 5, 37, 12], jnp.int32) if per_row else jnp.int32(9)
+
+  def step(buffer, x, index):
+    return write_cache(buffer, jnp.sin(x).astype(buffer.dtype), index, 3)
+
+  compiled = jax.jit(step).lower(buffer, x, index).compile()
+  assert "f32[4,2,32,40]" not in compiled.as_text()
+  expected = np.asarray(buffer).copy()
+  new = np.asarray(jnp.sin(x).astype(jnp.bfloat16))
+  for row, start in enumerate(np.broadcast_to(np.asarray(index), (shape[0],))):
+    expected[row, ..., start:start + 3] = new[row]
+  out = np.asarray(compiled(buffer, x, index))
+  assert out.dtype == expected.dtype
+  np.testing.assert_array_equal(out.view(np.uint16), expected.view(np.uint16))
 
 
 def _reference_attention(q, k, v, mask):

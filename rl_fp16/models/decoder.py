@@ -91,12 +91,21 @@ class Attention(nn.Module):
 
 def write_cache(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
   """buffer [B, ...] with new [B, ...] written at slots [index, index + t) along `axis` (the
-  slots' axis, `init_cache`); index: one int32 scalar for every row, or int32 [B], one per row."""
-  new = new.astype(buffer.dtype)
+  slots' axis, `init_cache`); index: one int32 scalar for every row, or int32 [B], one per row.
+
+  On CPU a bfloat16 buffer is written as its uint16 bit patterns: XLA:CPU computes a bfloat16
+  dynamic-update-slice in float32, converting the whole buffer there and back.
+  """
+  dtype = buffer.dtype
+  new = new.astype(dtype)
+  if dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    buffer, new = (jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (buffer, new))
   if jnp.ndim(index) == 0:
-    return jax.lax.dynamic_update_slice_in_dim(buffer, new, index, axis)
-  return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis - 1))(
-      buffer, new, index)
+    out = jax.lax.dynamic_update_slice_in_dim(buffer, new, index, axis)
+  else:
+    out = jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis - 1))(
+        buffer, new, index)
+  return jax.lax.bitcast_convert_type(out, dtype)
 
 
 class MLP(nn.Module):
