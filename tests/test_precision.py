@@ -80,6 +80,20 @@ def test_bitwise_dots_are_invariant_on_this_cpu():
       dots.compiler_options)
 
 
+def test_bitwise_dots_probe_runs_inside_a_jit_trace():
+  """The probe runs at the first bitwise program, which may be while another jit traces: it must
+  give the same answer there (a `jax.jit` with compiler options is refused when nested)."""
+  seen = []
+
+  @jax.jit
+  def traced(x):
+    seen.append(precision.bitwise_dots.__wrapped__())
+    return x + 1
+
+  traced(1.0)
+  assert seen == [precision.bitwise_dots()]
+
+
 def test_per_op_dtypes_change_the_numbers():
   params = init_params(CONFIG.replace(initializer_range=0.3), jax.random.key(0))
   tokens = np.random.default_rng(0).integers(0, 48, (2, 16))
