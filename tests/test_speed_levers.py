@@ -15,7 +15,8 @@
 - logp_old of the first minibatch from its own update's forward (no separate pass over its rows)
   vs a logp_old pass over every row: the same updates within float32 rounding, over two epochs.
 - A bfloat16 KV cache written as its bit patterns (`decoder.write_cache`): the same slots, and no
-  float32 copy of the cache in the compiled program.
+  float32 copy of the cache in the compiled program. A float16 cache held in float32 on CPU
+  (`decoder.cache_dtype`): the logits and cached values of a float16 cache, bit for bit.
 - The attention over a head-major KV cache (`layers.attend`) vs grouped-query attention written
   out in float64 NumPy: equal within float32 rounding, for a decode query and a full sequence.
 - The causal attention in query blocks, each against the keys up to its last query
@@ -173,6 +174,37 @@ def test_a_bf16_cache_write_copies_bits_and_stays_16_bit(per_row):
   out = np.asarray(compiled(buffer, x, index))
   assert out.dtype == expected.dtype
   np.testing.assert_array_equal(out.view(np.uint16), expected.view(np.uint16))
+
+
+def test_a_float16_decode_on_cpu_holds_its_cache_in_float32_and_gives_the_same_bits():
+  """On CPU a float16 policy's KV cache is float32 (`decoder.cache_dtype`: XLA:CPU runs float16
+  dots in float32, so a float16 cache was converted whole at every step); a prefill and three
+  decode steps give the logits and cached values of a float16 cache bit for bit."""
+  from rl_fp16.models import forward_cached, init_cache
+  assert jax.default_backend() == "cpu"
+  policy = get_precision_pair("fp16").sampler
+  params = init_params(CONFIG, jax.random.key(1))
+  cache = init_cache(CONFIG, 3, 16, policy)
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(cache)} == {jnp.dtype(jnp.float32)}
+  float16_cache = jax.tree_util.tree_map(lambda a: a.astype(jnp.float16), cache)
+  tokens = jax.random.randint(jax.random.key(2), (3, 8), 3, CONFIG.vocab_size)
+  step = jax.jit(lambda c, t, i: forward_cached(
+      CONFIG, params, t, i + jnp.arange(t.shape[1])[None], c, i, jnp.ones((3, 16), bool),
+      policy=policy))
+
+  def run(cache):
+    outputs = []
+    for start, stop in ((0, 5), (5, 6), (6, 7), (7, 8)):
+      logits, cache = step(cache, tokens[:, start:stop], jnp.int32(start))
+      outputs.append(np.asarray(logits))
+    return outputs, cache
+
+  (logits, cache), (logits16, cache16) = run(cache), run(float16_cache)
+  for a, b in zip(logits, logits16):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(cache16)):
+    assert b.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))
 
 
 def _reference_attention(q, k, v, mask):

@@ -561,19 +561,29 @@ def token_logprobs(config: ModelConfig, params: Params, tokens, *, policy: Dtype
                               float(temperature))
 
 
+def cache_dtype(policy: DtypePolicy) -> jnp.dtype:
+  """The dtype of `policy`'s KV cache: the compute dtype, except float32 holding compute-dtype
+  values for a bitwise policy (`layers.held_in_float32`) and, on CPU, for a float16 one (XLA:CPU
+  runs float16 dots in float32: a float16 cache would be converted whole at every decode step,
+  so it costs twice the memory of a float16 cache instead)."""
+  compute = jnp.dtype(policy.compute_dtype)
+  if policy.bitwise or (compute == jnp.float16 and jax.default_backend() == "cpu"):
+    return jnp.dtype(jnp.float32)
+  return compute
+
+
 def init_cache(config: ModelConfig, batch_size: int, max_len: int,
                policy: DtypePolicy) -> Cache:
   """Zeroed KV cache of `policy`: one {"k", "v"} dict per layer, k [B, kv_heads, head_dim,
   max_len] (each head's keys as columns; bitwise: [B, kv_heads, max_len, head_dim],
-  `key_slot_axis`) and v [B, kv_heads, max_len, head_dim], in the compute dtype (bitwise:
-  float32 holding compute-dtype values, `layers.held_in_float32`).
+  `key_slot_axis`) and v [B, kv_heads, max_len, head_dim], in `cache_dtype(policy)`.
 
   One buffer per layer (not a stacked [layers, ...] array), so that a decode step updates each
   layer's slots in place instead of re-stacking the whole cache; the layouts the attention's
   dots read (`layers.attend`), so that a step copies no cache.
   """
   kv, dh = config.num_key_value_heads, config.head_dim
-  dtype = jnp.float32 if policy.bitwise else policy.compute_dtype
+  dtype = cache_dtype(policy)
   v_shape = (batch_size, kv, max_len, dh)
   k_shape = v_shape if policy.bitwise else (batch_size, kv, dh, max_len)
   return tuple({"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)}

@@ -263,7 +263,7 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
   """Samples `n` responses per prompt with the in-process JAX engine.
 
   Runs in the sampler's dtype policy (weights rounded to `policy.param_dtype`, activations and the
-  KV cache in `policy.compute_dtype`). `logp_sampler` is the log-probability of each sampled token
+  KV cache holding `policy.compute_dtype` values, `decoder.cache_dtype`). `logp_sampler` is the log-probability of each sampled token
   under the distribution it was drawn from: softmax of the temperature-scaled logits, renormalised
   over the top-k / top-p set when those are on. Deterministic for a fixed `rng`.
 
