@@ -98,14 +98,15 @@ def write_cache(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int) 
   """
   dtype = buffer.dtype
   new = new.astype(dtype)
-  if dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+  as_bits = dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+  if as_bits:
     buffer, new = (jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (buffer, new))
   if jnp.ndim(index) == 0:
     out = jax.lax.dynamic_update_slice_in_dim(buffer, new, index, axis)
   else:
     out = jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis - 1))(
         buffer, new, index)
-  return jax.lax.bitcast_convert_type(out, dtype)
+  return jax.lax.bitcast_convert_type(out, dtype) if as_bits else out
 
 
 class MLP(nn.Module):

@@ -263,9 +263,10 @@ def generate(config: ModelConfig, params, prompt_token_ids: Sequence[Sequence[in
   """Samples `n` responses per prompt with the in-process JAX engine.
 
   Runs in the sampler's dtype policy (weights rounded to `policy.param_dtype`, activations and the
-  KV cache holding `policy.compute_dtype` values, `decoder.cache_dtype`). `logp_sampler` is the log-probability of each sampled token
-  under the distribution it was drawn from: softmax of the temperature-scaled logits, renormalised
-  over the top-k / top-p set when those are on. Deterministic for a fixed `rng`.
+  KV cache's values in `policy.compute_dtype`; the cache's storage: `decoder.cache_dtype`).
+  `logp_sampler` is the log-probability of each sampled token under the distribution it was drawn
+  from: softmax of the temperature-scaled logits, renormalised over the top-k / top-p set when
+  those are on. Deterministic for a fixed `rng`.
 
   Args:
     prompt_token_ids: list of token-id lists (unpadded).
